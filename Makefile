@@ -1,0 +1,98 @@
+# labelmatch — the two commands for a fresh machine are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch goes in first, pinned, so nothing later pulls a multi-GB CUDA build. On machines without
+# the local wheel, set TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed-stamp
+RUNS ?= runs
+
+.PHONY: setup demo test lint bench bench-quality bench-tune bench-grpo bench-serve
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+## setup: create .venv and install labelmatch with every extra (CPU torch)
+setup: $(STAMP)
+
+## demo: the main job on the bundled sample data and encoder
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m labelmatch.demo --out $(RUNS)/demo
+
+## test: the default test suite
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+## lint: ruff
+lint: setup
+	$(VENV)/bin/ruff check src tests bench components pipelines
+
+## bench: every benchmark (JSON + Markdown under bench/results/)
+bench: bench-quality bench-tune bench-grpo bench-serve
+
+## bench-quality: dual encoder vs zero-shot vs TF-IDF+LR on Reuters-21578 (needs ../shared/data)
+bench-quality: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_quality.py --out bench/results
+
+# --- kubernetes: charts and images ---
+TOOLS ?= .tools
+CHARTS := charts/labelmatch-serving charts/kfp-launcher
+HELM = $(shell PYTHON=$(PY) charts/get-helm.sh $(TOOLS))
+IMAGE_NAMES ?= base train serve
+
+.PHONY: helm chart-lint images image-smoke-serve
+
+## helm: print the helm binary, extracting one into .tools/ when none is on PATH
+helm: setup
+	@echo $(HELM)
+
+## chart-lint: helm lint --strict, helm template for every ci/*.yaml, strict schema validation
+chart-lint: setup
+	set -e; helm="$(HELM)"; for chart in $(CHARTS); do \
+	  "$$helm" lint --strict "$$chart"; \
+	  for values in "$$chart"/ci/*.yaml; do \
+	    "$$helm" lint --strict "$$chart" -f "$$values" > /dev/null; \
+	    "$$helm" template ci "$$chart" -f "$$values" > /dev/null; \
+	    echo "rendered $$values"; \
+	  done; \
+	done
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_chart.py tests/test_images.py
+
+## images: build base/train/serve with docker or buildah (PYTHON_IMAGE=local base image when offline)
+images:
+	images/build.sh $(IMAGE_NAMES)
+
+## image-smoke-serve: run the built serve image read-only on 127.0.0.1 (MODEL_DIR=OnnxModel artifact)
+image-smoke-serve:
+	images/smoke-serve.sh $(MODEL_DIR)
+
+# --- tuning ---
+## bench-tune: PBT vs random search at equal compute on bitext_customer_support (needs ../shared/data)
+bench-tune: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_tune.py --out bench/results
+
+# --- grpo ---
+## bench-grpo: SFT vs SFT+GRPO from simulated feedback on bitext_customer_support (needs ../shared/data)
+bench-grpo: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_grpo.py --out bench/results
+
+# --- export and serving ---
+## bench-serve: torch vs ORT fp32 vs ORT int8 latency, and the HTTP server under load (needs ../shared/data)
+bench-serve: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_serve.py --out bench/results
+
+# --- pipelines ---
+.PHONY: compile compile-check
+## compile: write the IR of every pipeline to pipelines/compiled/<name>-<version>.yaml
+compile: setup
+	$(PY) -m pipelines.registry
+## compile-check: fail when the committed IR is stale (also a test in `make test`)
+compile-check: setup
+	$(PY) -m pipelines.registry --check

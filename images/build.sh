@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Build the labelmatch images, tagged with the package version from pyproject.toml.
+#
+# Usage: images/build.sh [IMAGE...]        IMAGE in: base train serve (default: all three)
+# Environment:
+#   ENGINE          docker | buildah (default: docker when its daemon answers, else buildah)
+#   REGISTRY        image name prefix (default ghcr.io/labelmatch): REGISTRY/labelmatch-IMAGE:VERSION
+#   PYTHON_IMAGE    base image of every stage; point it at a local image when nothing can be pulled
+#   TORCH_VERSION   torch pin of the train image (default 2.13.0)
+#   TORCH_INDEX_URL index the train image's torch comes from (default PyPI: CUDA build)
+# buildah runs with --storage-driver vfs --isolation chroot, which works as root without a daemon.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REGISTRY="${REGISTRY:-ghcr.io/labelmatch}"
+PYTHON_IMAGE="${PYTHON_IMAGE:-python:3.11-slim-bookworm}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://pypi.org/simple}"
+IMAGES=("$@")
+[[ ${#IMAGES[@]} -gt 0 ]] || IMAGES=(base train serve)
+
+VERSION="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "${ROOT}/pyproject.toml")"
+if [[ -z "${ENGINE:-}" ]]; then
+    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then ENGINE=docker
+    elif command -v buildah >/dev/null 2>&1; then ENGINE=buildah
+    else echo "error: no container engine: start a docker daemon or install buildah" >&2; exit 2
+    fi
+fi
+
+# A minimal build context: the repository holds a multi-GB .venv that must not be sent.
+CONTEXT="$(mktemp -d "${TMPDIR:-/tmp}/labelmatch-context.XXXXXX")"
+trap 'rm -rf "${CONTEXT}"' EXIT
+tar -C "${ROOT}" --exclude='__pycache__' --exclude='*.egg-info' -cf - pyproject.toml README.md src \
+    | tar -C "${CONTEXT}" -xf -
+
+for image in "${IMAGES[@]}"; do
+    dockerfile="${ROOT}/images/${image}/Dockerfile"
+    [[ -f "${dockerfile}" ]] || { echo "error: unknown image '${image}' (no ${dockerfile})" >&2; exit 2; }
+    tag="${REGISTRY}/labelmatch-${image}:${VERSION}"
+    args=(--file "${dockerfile}" --tag "${tag}"
+          --build-arg "PYTHON_IMAGE=${PYTHON_IMAGE}" --build-arg "LABELMATCH_VERSION=${VERSION}"
+          --build-arg "TORCH_VERSION=${TORCH_VERSION}" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL}")
+    echo "building ${tag} with ${ENGINE}" >&2
+    case "${ENGINE}" in
+        docker) docker build "${args[@]}" "${CONTEXT}" ;;
+        buildah) buildah --storage-driver vfs bud --isolation chroot "${args[@]}" "${CONTEXT}" ;;
+        *) echo "error: ENGINE must be docker or buildah, not '${ENGINE}'" >&2; exit 2 ;;
+    esac
+done

@@ -1,0 +1,5 @@
+"""``python -m labelmatch``."""
+
+from labelmatch.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m labelmatch.cli``."""
+
+from labelmatch.cli import main
+
+main()

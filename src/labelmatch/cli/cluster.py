@@ -1,0 +1,309 @@
+"""``labelmatch pipeline | store | deploy | releases | rollback``: the cluster path.
+
+S3 settings and credentials come from the environment or a mounted Secret (see
+:mod:`labelmatch.store`); they are never printed. KFP and Kubernetes errors are turned into
+one-line ``error:`` messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from labelmatch import __version__
+from labelmatch.cli import app
+from labelmatch.errors import ConfigError, LabelmatchError
+
+pipeline_app = typer.Typer(help="Versioned KFP pipelines: upload, list versions, run.", no_args_is_help=True)
+store_app = typer.Typer(
+    help="Artifacts in MinIO/S3: push, pull, list, mirror base encoders.", no_args_is_help=True
+)
+app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(store_app, name="store")
+
+HostOpt = Annotated[
+    str,
+    typer.Option(
+        "--host", envvar="KF_PIPELINES_ENDPOINT", help="KFP API endpoint, e.g. http://localhost:8888."
+    ),
+]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--token-file",
+        envvar="KF_PIPELINES_SA_TOKEN_PATH",
+        help="File with a bearer token for a multi-user KFP.",
+    ),
+]
+NamespaceOpt = Annotated[str | None, typer.Option("--kfp-namespace", help="Namespace of a multi-user KFP.")]
+RootOpt = Annotated[
+    str,
+    typer.Option(
+        "--root",
+        envvar="LABELMATCH_STORE_ROOT",
+        help="s3://bucket/prefix of the labelmatch store (releases/, encoders/).",
+    ),
+]
+KindOpt = Annotated[
+    str | None, typer.Option("--kind", help="Expected artifact kind (Model, OnnxModel, Dataset, ...).")
+]
+
+
+@contextlib.contextmanager
+def _remote_errors(what: str) -> Iterator[None]:
+    """Turn KFP / HTTP client exceptions into one-line :class:`LabelmatchError`s."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as exc:
+        try:
+            message = json.loads(exc.body or "{}").get("message") or exc.reason
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise LabelmatchError(f"{what}: KFP API answered {exc.status}: {message}") from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise LabelmatchError(f"{what}: cannot reach the server ({type(exc).__name__})") from None
+
+
+def _registry(host: str, token_file: Path | None, namespace: str | None):
+    from labelmatch.kfp_api import PipelineRegistry
+
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{token_file}: cannot read the KFP token: {exc.strerror}") from None
+    return PipelineRegistry(host, token=token, namespace=namespace)
+
+
+def _parse_params(items: list[str] | None) -> dict[str, str]:
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--param {item!r}: expected key=value")
+        params[key] = value
+    return params
+
+
+@pipeline_app.command("upload")
+def pipeline_upload(
+    host: HostOpt,
+    package: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--package", help="Compiled IR file(s); default: every pipeline of --version in --compiled-dir."
+        ),
+    ] = None,
+    compiled_dir: Annotated[Path, typer.Option(help="Where `make compile` writes the IR.")] = Path(
+        "pipelines/compiled"
+    ),
+    version: Annotated[
+        str, typer.Option(help="Version name on the server (= package version).")
+    ] = __version__,
+    token_file: TokenFileOpt = None,
+    kfp_namespace: NamespaceOpt = None,
+) -> None:
+    """Upload compiled pipelines as the KFP pipeline version named by the package version."""
+    from labelmatch.kfp_api import compiled_packages
+
+    packages = package or compiled_packages(compiled_dir, version)
+    with _remote_errors(f"upload to {host}"):
+        registry = _registry(host, token_file, kfp_namespace)
+        for path in packages:
+            uploaded = registry.upload(path, version)
+            typer.echo(f"{uploaded.pipeline} {uploaded.version}: version id {uploaded.version_id}")
+
+
+@pipeline_app.command("versions")
+def pipeline_versions(
+    host: HostOpt,
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option("--pipeline", help="Pipeline name(s); default: the training and deploy pipelines."),
+    ] = None,
+    token_file: TokenFileOpt = None,
+    kfp_namespace: NamespaceOpt = None,
+) -> None:
+    """List the versions of labelmatch pipelines on the server."""
+    from labelmatch.kfp_api import DEPLOY_PIPELINE, TRAINING_PIPELINE
+
+    with _remote_errors(f"list versions on {host}"):
+        registry = _registry(host, token_file, kfp_namespace)
+        for name in pipeline or [TRAINING_PIPELINE, DEPLOY_PIPELINE]:
+            versions = registry.versions(name)
+            if not versions:
+                typer.echo(f"{name}: not on the server")
+            for item in versions:
+                typer.echo(f"{name}\t{item.version}\t{item.version_id}\t{item.created_at}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    host: HostOpt,
+    version: Annotated[str, typer.Option(help="Pipeline version to run.")],
+    pipeline: Annotated[str, typer.Option(help="Pipeline name.")] = "labelmatch-training",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", help="Pipeline parameter key=value (repeatable).")
+    ] = None,
+    run_name: Annotated[str | None, typer.Option(help="Run display name.")] = None,
+    experiment: Annotated[str, typer.Option(help="Experiment to file the run under.")] = "labelmatch",
+    service_account: Annotated[str | None, typer.Option(help="Service account of the run's pods.")] = None,
+    token_file: TokenFileOpt = None,
+    kfp_namespace: NamespaceOpt = None,
+) -> None:
+    """Create a run of one version of a pipeline."""
+    with _remote_errors(f"run on {host}"):
+        run = _registry(host, token_file, kfp_namespace).create_run(
+            pipeline, version, _parse_params(param), run_name, experiment, service_account
+        )
+    typer.echo(f"run {run.run_id} created: {run.name}")
+
+
+@store_app.command("push")
+def store_push(
+    source: Annotated[Path, typer.Argument(help="Local artifact directory (with manifest.json).")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix to upload to.")],
+    kind: KindOpt = None,
+) -> None:
+    """Upload an artifact (files first, manifest.json last; verified before sending)."""
+    from labelmatch.store import ArtifactStore
+
+    digest = ArtifactStore.from_env().upload_artifact(source, uri, kind)
+    typer.echo(f"{uri}: digest {digest}")
+
+
+@store_app.command("pull")
+def store_pull(
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix of the artifact.")],
+    dest: Annotated[Path, typer.Argument(help="Local directory (replaced atomically).")],
+    kind: KindOpt = None,
+) -> None:
+    """Download an artifact and verify every file against its manifest."""
+    from labelmatch.artifacts import manifest_digest
+    from labelmatch.store import ArtifactStore
+
+    manifest = ArtifactStore.from_env().download_artifact(uri, dest, kind)
+    typer.echo(f"{dest}: {manifest['kind']} digest {manifest_digest(manifest)}")
+
+
+@store_app.command("ls")
+def store_ls(
+    uri: Annotated[str, typer.Argument(help="s3://bucket[/prefix] to list artifacts under.")],
+) -> None:
+    """List the complete artifacts (those with a manifest) under a prefix."""
+    from labelmatch.store import ArtifactStore
+
+    for info in ArtifactStore.from_env().list_artifacts(uri):
+        typer.echo(f"{info.uri}\t{info.kind}\t{info.digest[:16]}\t{info.files} files\t{info.created_at}")
+
+
+@store_app.command("push-encoder")
+def store_push_encoder(
+    model_dir: Annotated[Path, typer.Argument(help="Local Hugging Face model directory (e.g. bge-m3).")],
+    name: Annotated[str, typer.Argument(help="Registry name, e.g. bge-m3.")],
+    root: RootOpt = "s3://labelmatch",
+) -> None:
+    """Mirror a base encoder into the store; train with --base-model <root>/encoders/<name>."""
+    from labelmatch.store import ArtifactStore, S3Uri
+
+    uri = str(S3Uri.parse(root).child(f"encoders/{name}"))
+    digest = ArtifactStore.from_env().push_encoder(model_dir, uri)
+    typer.echo(f"{uri}: digest {digest}")
+
+
+@app.command()
+def deploy(
+    model_uri: Annotated[
+        str, typer.Option("--model-uri", help="s3:// URI of the OnnxModel (or Model) artifact.")
+    ],
+    service: Annotated[str, typer.Option(help="InferenceService name.")],
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
+    root: RootOpt = "s3://labelmatch",
+    service_account: Annotated[
+        str, typer.Option(help="Service account with the S3 credentials Secret.")
+    ] = "labelmatch-serving",
+    image: Annotated[
+        str | None, typer.Option(help="Predictor image (default: the serve image of this version).")
+    ] = None,
+    expected_digest: Annotated[
+        str | None, typer.Option(help="Refuse the model unless its digest is this.")
+    ] = None,
+    pipeline_version: Annotated[
+        str, typer.Option(help="Pipeline version recorded in the release.")
+    ] = __version__,
+    run_id: Annotated[str, typer.Option(help="KFP run id recorded in the release.")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for Ready.")] = 600.0,
+    crd: Annotated[
+        Path | None, typer.Option(help="InferenceService CRD file to validate against first.")
+    ] = None,
+) -> None:
+    """Create or patch the KServe InferenceService, wait for Ready, append a release record."""
+    from labelmatch.deploy import SERVE_IMAGE, DeployConfig, deploy_model
+    from labelmatch.store import ArtifactStore
+
+    config = DeployConfig(
+        service=service,
+        namespace=namespace,
+        image=image or SERVE_IMAGE,
+        service_account=service_account,
+        timeout_s=timeout,
+        crd_path=str(crd) if crd else None,
+    )
+    record = deploy_model(
+        config, model_uri, ArtifactStore.from_env(), root, pipeline_version, run_id, expected_digest
+    )
+    typer.echo(
+        f"{namespace}/{service} Ready with {model_uri} (digest {record.model_digest[:16]}); "
+        f"release {record.release_id}"
+    )
+
+
+@app.command()
+def releases(
+    service: Annotated[str, typer.Option(help="InferenceService name.")],
+    root: RootOpt = "s3://labelmatch",
+) -> None:
+    """List a service's release records, oldest first."""
+    from labelmatch.releases import ReleaseLog
+    from labelmatch.store import ArtifactStore
+
+    for record in ReleaseLog(ArtifactStore.from_env(), root).list(service):
+        typer.echo(
+            f"{record.time}\t{record.release_id}\t{record.pipeline_version}\t{record.model_uri}\t"
+            f"{record.model_digest[:16]}\t{record.run_id}"
+        )
+
+
+@app.command()
+def rollback(
+    service: Annotated[str, typer.Option(help="InferenceService name.")],
+    to: Annotated[str, typer.Option("--to", help="Release id, or a pipeline version (its latest release).")],
+    host: HostOpt,
+    root: RootOpt = "s3://labelmatch",
+    pipeline: Annotated[str, typer.Option(help="Name of the deploy-only pipeline.")] = "labelmatch-deploy",
+    token_file: TokenFileOpt = None,
+    kfp_namespace: NamespaceOpt = None,
+) -> None:
+    """Re-run the deploy pipeline of an earlier version with that release's model (digest-checked)."""
+    from labelmatch.releases import ReleaseLog
+    from labelmatch.rollback import rollback as run_rollback
+    from labelmatch.store import ArtifactStore
+
+    store = ArtifactStore.from_env()
+    with _remote_errors(f"rollback through {host}"):
+        plan, run = run_rollback(
+            service, to, ReleaseLog(store, root), store, _registry(host, token_file, kfp_namespace), pipeline
+        )
+    typer.echo(
+        f"run {run.run_id}: {pipeline} {plan.version.version} deploys {plan.release.model_uri} "
+        f"(digest {plan.release.model_digest[:16]}, release {plan.release.release_id})"
+    )

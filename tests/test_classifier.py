@@ -1,0 +1,81 @@
+"""Prediction: label sets, labels changed at request time, zero-shot, chunking, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from labelmatch.classifier import Classifier
+
+CUSTOMS = {"customs_duty": "Import duties, tariffs and customs declarations for goods crossing a border."}
+
+
+@pytest.fixture(scope="module")
+def classifier(trained_model):
+    return Classifier.load(trained_model)
+
+
+def test_predictions_follow_thresholds(classifier):
+    texts = ["The VAT return for Q1 2023 was filed late.", "Transfer pricing documentation for the group."]
+    names, probs = classifier.scores(texts)
+    for prediction, row in zip(classifier.predict(texts), probs, strict=True):
+        expected = {n for n, p in zip(names, row, strict=True) if p >= classifier.thresholds.for_labels([n])[0]}
+        assert set(prediction.labels) == expected
+        assert list(prediction.scores) == names
+
+
+def test_added_and_replaced_labels_without_retraining(classifier):
+    text = ["The container of machine parts was held at the border until import duties were paid."]
+    added = classifier.predict(text, labels=CUSTOMS)[0]
+    assert set(added.scores) == {*classifier.labels, "customs_duty"}
+    replaced = classifier.predict(text, labels=CUSTOMS, replace=True)[0]
+    assert list(replaced.scores) == ["customs_duty"]
+    assert replaced.scores["customs_duty"] == pytest.approx(added.scores["customs_duty"])
+    assert added.scores["customs_duty"] > added.scores["transfer_pricing"]
+
+
+def test_zero_shot_bundled_encoder_ranks_the_right_label():
+    labels = {
+        "vat": "Value added tax charged on sales of goods and services.",
+        "weather": "Weather forecasts, rain, sunshine and temperatures.",
+    }
+    clf = Classifier.zero_shot(labels)
+    _, probs = clf.scores(["We charged 21% VAT on the invoice for consulting services.", "Heavy rain and storms tomorrow."])
+    assert probs[0, 0] > probs[0, 1] and probs[1, 1] > probs[1, 0]
+
+
+def test_chunking_max_pools_over_windows(classifier):
+    long_text = ("Routine board minutes about catering and parking. " * 60) + "The VAT refund claim for 2021 was rejected."
+    classifier.long_documents = "chunk"
+    try:
+        docs = classifier.document_embeddings([long_text, "short text"])
+        assert docs[0].shape[0] > 1 and docs[1].shape[0] == 1
+        names, chunked = classifier.scores([long_text])
+    finally:
+        classifier.long_documents = "truncate"
+    _, truncated = classifier.scores([long_text])
+    assert chunked[0, names.index("vat")] > truncated[0, names.index("vat")]
+    assert np.all(chunked >= truncated - 1e-6)
+
+
+def test_cli_train_evaluate_predict(tmp_path, sample_dir):
+    model, report = tmp_path / "m", tmp_path / "r"
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"max_length": 48, "epochs": 1, "batch_size": 32}))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "labelmatch.cli", *args], capture_output=True, text=True, timeout=600)  # noqa: E731
+    trained = run("train", "--data", str(sample_dir), "--out", str(model), "--config", str(config), "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    assert "model written to" in trained.stdout
+    evaluated = run("evaluate", "--model", str(model), "--data", str(sample_dir), "--out", str(report))
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert 0.0 <= metrics["macro_f1"] <= 1.0 and (report / "reliability.png").stat().st_size > 1000
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(CUSTOMS))
+    predicted = run("predict", "--model", str(model), "--labels", str(extra), "Import duties on steel.")
+    lines = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
+    assert predicted.returncode == 0 and "customs_duty" in lines[0]["scores"]

@@ -1,0 +1,134 @@
+"""Loading, validation and splitting of both input formats, and the broken-input corpus."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labelmatch.data import Dataset, assign_splits, load_dataset
+from labelmatch.errors import DataError
+
+LABELS = {"vat": "Value added tax on goods and services.", "transfer_pricing": "Prices between related companies."}
+
+
+def write_docs(tmp_path: Path, lines: list, labels: dict | None = None) -> Path:
+    """Write docs.jsonl (+ labels.json) under tmp_path; lines may be dicts, str or bytes."""
+    raw = b"".join(
+        (line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()) + b"\n"
+        for line in lines
+    )
+    (tmp_path / "docs.jsonl").write_bytes(raw)
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS if labels is None else labels))
+    return tmp_path
+
+
+def test_load_normalised_format(tmp_path):
+    write_docs(tmp_path, [{"id": "a", "text": "VAT on imports", "labels": ["vat"], "split": "train"},
+                          {"id": 7, "text": "Intercompany pricing", "labels": ["transfer_pricing"], "soft": {"vat": 0.2}}])
+    ds = load_dataset(tmp_path)
+    assert [d.id for d in ds.documents] == ["a", "7"]
+    assert ds.documents[1].soft == {"vat": 0.2}
+    assert ds.label_matrix().tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    values, mask = ds.soft_matrix()
+    assert mask.tolist() == [[0, 0], [1, 0]] and values[1, 0] == pytest.approx(0.2)
+
+
+def test_load_pair_format_groups_documents_and_soft_scores(tmp_path):
+    pairs = [
+        {"doc_id": "d1", "doc_text": "VAT refund", "label_name": "vat", "label_text": "VAT.", "target": 1, "soft_score": 0.9, "pii_flag": False},
+        {"doc_id": "d1", "doc_text": "VAT refund", "label_name": "tp", "label_text": "Transfer pricing.", "target": 0, "soft_score": 0.1},
+        {"doc_id": "d2", "doc_text": "Arm's length", "label_name": "tp", "label_text": "Transfer pricing.", "target": 1, "soft_score": 0.8},
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    ds = load_dataset(path)
+    assert ds.labels == {"vat": "VAT.", "tp": "Transfer pricing."}
+    d1, d2 = ds.documents
+    assert d1.labels == ["vat"] and d1.soft == {"vat": 0.9, "tp": 0.1} and d1.meta == {"pii_flag": False}
+    assert d2.labels == ["tp"]
+
+
+def test_assign_splits_is_seeded_and_stratified(sample_dir):
+    a = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=3)
+    b = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=3)
+    assert [d.split for d in a.documents] == [d.split for d in b.documents]
+    counts = {s: len(a.split(s).documents) for s in ("train", "val", "test")}
+    assert counts["test"] == pytest.approx(0.15 * 320, abs=3) and counts["val"] == pytest.approx(0.15 * 272, abs=3)
+    for split in ("val", "test"):  # every label present in each split (iterative stratification)
+        assert all(v > 0 for v in a.split(split).counts()["labels"].values())
+
+
+def test_existing_test_split_kept_and_val_carved_from_train(tmp_path):
+    docs = [{"id": str(i), "text": f"doc {i}", "labels": ["vat"], "split": "test" if i < 5 else "train"} for i in range(25)]
+    ds = assign_splits(load_dataset(write_docs(tmp_path, docs)), 0.2, 0.5, seed=0)
+    assert len(ds.split("test").documents) == 5
+    assert len(ds.split("val").documents) == 4
+
+
+BROKEN = [
+    ("invalid_json", ['{"id": "a", "text": "x", "labels": []}', '{"id": "b", "text": '], 2, None, "invalid JSON"),
+    ("missing_text", [{"id": "a", "labels": []}], 1, "text", "missing"),
+    ("empty_text", [{"id": "a", "text": "   ", "labels": []}], 1, "text", "is empty"),
+    ("unknown_label", [{"id": "a", "text": "x", "labels": ["customs"]}], 1, "labels", "unknown label 'customs'"),
+    ("duplicate_id", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], 2, "id", "duplicate id 'a'"),
+    ("wrong_type_labels", [{"id": "a", "text": "x", "labels": "vat"}], 1, "labels", "expected a list"),
+    ("wrong_type_text", [{"id": "a", "text": 42}], 1, "text", "expected a string"),
+    ("huge_document", [{"id": "a", "text": "x" * 10_000_000}], 1, "text", "over the limit"),
+    ("non_utf8", [{"id": "a", "text": "ok"}, b'{"id": "b", "text": "caf\xe9"}'], 2, None, "not valid UTF-8"),
+    ("not_an_object", ['["a", "b"]'], 1, None, "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("name", "lines", "line", "field", "message"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_inputs_name_file_line_and_field(tmp_path, name, lines, line, field, message):
+    write_docs(tmp_path, lines)
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path)
+    err = info.value
+    assert err.path.endswith("docs.jsonl") and err.line == line and err.field == field
+    assert message in str(err) and "\n" not in str(err)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "docs.jsonl").write_bytes(b"")
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS))
+    with pytest.raises(DataError, match=r"docs.jsonl: file is empty"):
+        load_dataset(tmp_path)
+
+
+def test_label_without_description(tmp_path):
+    write_docs(tmp_path, [{"id": "a", "text": "x"}], labels={"vat": "VAT.", "customs": ""})
+    with pytest.raises(DataError, match=r"labels.json: field 'customs': label has no description"):
+        load_dataset(tmp_path)
+
+
+def test_pair_soft_score_out_of_range(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = {"doc_id": "d1", "doc_text": "t", "label_name": "vat", "label_text": "VAT.", "target": 1, "soft_score": 0.5}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label_name": "tp", "soft_score": 1.7}) + "\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    assert info.value.line == 2 and info.value.field == "soft_score" and "outside [0, 1]" in str(info.value)
+
+
+def test_cli_bad_input_one_line_error_and_nothing_written(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_docs(tmp_path / "data", [{"id": "a", "text": "x", "labels": ["nope"]}])
+    out = tmp_path / "model"
+    result = subprocess.run(
+        [sys.executable, "-m", "labelmatch.cli", "train", "--data", str(data), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error_lines == [f"error: {data / 'docs.jsonl'}:1: field 'labels': unknown label 'nope' (not in labels.json)"]
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "data"]
+
+
+def test_dataset_counts(tiny_dataset: Dataset):
+    counts = tiny_dataset.counts()
+    assert counts["documents"] == 120 and sum(counts["splits"].values()) == 120

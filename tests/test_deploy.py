@@ -1,0 +1,197 @@
+"""Deploy to KServe (against a local fake of the Kubernetes API), release records and rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from k8s_fake import kube_fake_server
+from kfp_stub import compile_pipeline, kfp_stub_server
+from s3_server import moto_s3_server, s3_env
+
+from labelmatch.artifacts import artifact_digest, write_manifest
+from labelmatch.deploy import DeployConfig, deploy_model, inference_service, kube_custom_objects
+from labelmatch.errors import ArtifactError, ConfigError, DataError, LabelmatchError
+from labelmatch.k8s_schema import validate_against_crd
+from labelmatch.kfp_api import PipelineRegistry
+from labelmatch.releases import ReleaseLog, ReleaseRecord
+from labelmatch.rollback import plan_rollback, rollback
+from labelmatch.store import ArtifactStore, S3Config, S3Uri
+
+CRD = Path(__file__).resolve().parents[2] / "shared" / "crds" / "serving.kserve.io_inferenceservices.yaml"
+ROOT = "s3://labelmatch"
+NS = "ml"
+
+
+@pytest.fixture(scope="module")
+def store():
+    with moto_s3_server() as url:
+        yield ArtifactStore(S3Config.from_env(s3_env(url)))
+
+
+@pytest.fixture
+def kube():
+    with kube_fake_server() as (url, state):
+        yield kube_custom_objects(url), state
+
+
+def onnx_model(tmp_path: Path, store: ArtifactStore, name: str) -> tuple[str, str]:
+    """Upload a small OnnxModel artifact; returns (uri, digest)."""
+    root = tmp_path / name
+    root.mkdir()
+    (root / "model.onnx").write_bytes(name.encode() * 1000)
+    (root / "labels.json").write_text('{"vat": "value added tax"}\n')
+    write_manifest(root, "OnnxModel")
+    uri = f"{ROOT}/models/onnx/{name}"
+    return uri, store.upload_artifact(root, uri)
+
+
+def config(**changes) -> DeployConfig:
+    values = dict(service="tax", namespace=NS, timeout_s=5.0, poll_s=0.01, crd_path=str(CRD))
+    values.update(changes)
+    return DeployConfig(**values)
+
+
+def storage_uri(obj: dict) -> str:
+    [container] = obj["spec"]["predictor"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"]}["STORAGE_URI"]
+
+
+def test_inference_service_is_valid_against_the_crd():
+    body = inference_service(config(), "s3://labelmatch/models/onnx/a", "d" * 64, {"release-id": "r1"})
+    validate_against_crd(body, CRD)
+    body["spec"]["predictor"]["minReplica"] = 1  # a typo the API server would silently drop
+    with pytest.raises(ConfigError, match=r"\$.spec.predictor: Additional properties are not allowed"):
+        validate_against_crd(body, CRD)
+
+
+def test_deploy_creates_then_patches_and_records_releases(tmp_path, store, kube):
+    api, state = kube
+    uri_a, digest_a = onnx_model(tmp_path, store, "a")
+    uri_b, digest_b = onnx_model(tmp_path, store, "b")
+
+    first = deploy_model(config(), uri_a, store, ROOT, pipeline_version="0.1.0", run_id="run-1", api=api)
+    assert [(m, ct) for m, _, ct, _ in state.requests if m != "GET"] == [("POST", "application/json")]
+    created = state.objects[(NS, "tax")]
+    assert storage_uri(created) == uri_a
+    assert created["spec"]["predictor"]["serviceAccountName"] == "labelmatch-serving"
+    assert created["metadata"]["annotations"]["labelmatch.io/release-id"] == first.release_id
+
+    # The chart (or an operator) changed something: a patch keeps it.
+    created["spec"]["predictor"]["containers"][0]["args"].append("--max-batch=32")
+    state.requests.clear()
+    second = deploy_model(config(), uri_b, store, ROOT, pipeline_version="0.2.0", run_id="run-2", api=api)
+    patches = [body for method, _, _, body in state.requests if method == "PATCH"]
+    assert len(patches) == 1 and [m for m, *_ in state.requests].count("POST") == 0
+    served = state.objects[(NS, "tax")]
+    assert storage_uri(served) == uri_b and served["metadata"]["generation"] == 2
+    assert "--max-batch=32" in served["spec"]["predictor"]["containers"][0]["args"]
+    # It waited for the new generation, not the old generation's Ready.
+    assert served["status"]["observedGeneration"] == 2
+
+    records = ReleaseLog(store, ROOT).list("tax")
+    assert [(r.model_uri, r.model_digest, r.pipeline_version, r.run_id) for r in records] == [
+        (uri_a, digest_a, "0.1.0", "run-1"),
+        (uri_b, digest_b, "0.2.0", "run-2"),
+    ]
+    assert records == [first, second]
+    keys = list(store.list_keys(f"{ROOT}/releases/tax"))
+    assert keys == sorted(keys) and all(
+        k.endswith(f"-{r.release_id}.json") for k, r in zip(keys, records, strict=True)
+    )
+
+
+def test_deploy_refuses_a_wrong_digest_and_times_out_without_a_record(tmp_path, store, kube):
+    api, state = kube
+    uri, _ = onnx_model(tmp_path, store, "c")
+    with pytest.raises(ArtifactError, match=r"is not the expected"):
+        deploy_model(config(service="other"), uri, store, ROOT, expected_digest="0" * 64, api=api)
+    assert state.requests == []  # refused before touching the cluster
+
+    state.ready_after = None  # the predictor never becomes Ready
+    with pytest.raises(LabelmatchError, match=r"ml/other not Ready after 0.2 s \(.*PredictorNotReady\)"):
+        deploy_model(config(service="other", timeout_s=0.2), uri, store, ROOT, api=api)
+    assert ReleaseLog(store, ROOT).list("other") == []
+
+
+def test_release_log_is_append_only_and_finds_releases(store):
+    log = ReleaseLog(store, "s3://labelmatch-log")
+    common = dict(service="svc", namespace=NS, model_digest="d", run_id="", image="i")
+    old = ReleaseRecord.new(model_uri="s3://m/1", pipeline_version="0.1.0", **common)
+    mid = ReleaseRecord.new(model_uri="s3://m/2", pipeline_version="0.1.0", **common)
+    new = ReleaseRecord.new(model_uri="s3://m/3", pipeline_version="0.2.0", **common)
+    for record in (old, mid, new):
+        log.append(record)
+    with pytest.raises(ArtifactError, match=r"append-only"):
+        log.append(mid)
+    assert log.find("svc", old.release_id) == old
+    assert log.find("svc", "0.1.0") == mid  # a version means its latest release
+    assert log.find("svc", new.key_name) == new
+    with pytest.raises(ConfigError, match=r"no release or pipeline version '9.9.9'"):
+        log.find("svc", "9.9.9")
+    store.put_bytes(S3Uri.parse("s3://labelmatch-log/releases/svc/zzz.json"), b'{"service": "svc"}')
+    with pytest.raises(DataError, match=r"releases/svc/zzz.json: field 'release_id'"):
+        log.list("svc")
+
+
+def test_rollback_reruns_the_earlier_deploy_version_with_its_model(tmp_path, store, kube, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    api, state = kube
+    uri_a, digest_a = onnx_model(tmp_path, store, "ra")
+    uri_b, _ = onnx_model(tmp_path, store, "rb")
+    releases = ReleaseLog(store, ROOT)
+    first = deploy_model(config(service="tax2"), uri_a, store, ROOT, pipeline_version="0.1.0", api=api)
+    deploy_model(config(service="tax2"), uri_b, store, ROOT, pipeline_version="0.2.0", api=api)
+
+    with kfp_stub_server() as (url, kfp):
+        registry = PipelineRegistry(url)
+        for version in ("0.1.0", "0.2.0"):
+            registry.upload(compile_pipeline(tmp_path, "labelmatch-deploy", version), version)
+        for target in ("0.1.0", first.release_id):
+            plan = plan_rollback("tax2", target, releases, store, registry)
+            assert plan.release == first and plan.version.version == "0.1.0"
+        plan, run = rollback("tax2", "0.1.0", releases, store, registry)
+        created = kfp.runs[run.run_id]
+        assert created["pipeline_version_reference"] == {
+            "pipeline_id": plan.version.pipeline_id,
+            "pipeline_version_id": plan.version.version_id,
+        }
+        assert created["runtime_config"]["parameters"] == {
+            "model_uri": uri_a,
+            "model_digest": digest_a,
+            "service": "tax2",
+        }
+
+        # What the run's deploy step does with those parameters: the service serves model A again.
+        params = created["runtime_config"]["parameters"]
+        again = deploy_model(
+            config(service=params["service"]),
+            params["model_uri"],
+            store,
+            ROOT,
+            pipeline_version="0.1.0",
+            run_id=run.run_id,
+            expected_digest=params["model_digest"],
+            api=api,
+        )
+        assert storage_uri(state.objects[(NS, "tax2")]) == uri_a
+        assert again.model_digest == first.model_digest == digest_a
+        store.download_artifact(uri_a, tmp_path / "served", kind="OnnxModel")
+        assert artifact_digest(tmp_path / "served") == digest_a  # byte-identical files
+
+        # A model changed in the store since its release is never rolled back to.
+        store.put_bytes(S3Uri.parse(uri_a).child("model.onnx"), b"retrained in place")
+        with pytest.raises(ArtifactError, match=r"model.onnx is corrupted"):
+            rollback("tax2", first.release_id, releases, store, registry)
+        with pytest.raises(ConfigError, match=r"has no version '0.3.0'"):
+            releases.append(
+                ReleaseRecord.new(
+                    service="tax2",
+                    namespace=NS,
+                    model_uri=uri_b,
+                    model_digest=store.remote_digest(uri_b),
+                    pipeline_version="0.3.0",
+                    run_id="",
+                )
+            )
+            plan_rollback("tax2", "0.3.0", releases, store, registry)

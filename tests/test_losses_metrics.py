@@ -1,0 +1,65 @@
+"""The loss formula and the metric helpers, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labelmatch.losses import LossWeights, label_match_loss, positive_weights
+from labelmatch.metrics import expected_calibration_error, tune_global_threshold, tune_label_thresholds
+
+
+def bce(z: float, y: float, w: float = 1.0) -> float:
+    p = 1 / (1 + math.exp(-z))
+    return -(w * y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def test_loss_matches_formula_with_soft_scores():
+    cos = torch.tensor([[0.9, 0.1], [0.3, 0.5]])
+    logits = 10 * cos - 3
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    soft = torch.tensor([[0.8, 0.0], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    pw = torch.tensor([1.0, 2.0])
+    w = LossWeights(hard=0.5, soft=0.5, contrastive=0.3, margin=0.2)
+    parts = label_match_loss(cos, logits, y, w, pos_weight=pw, soft=soft, soft_mask=mask)
+    z = logits.tolist()
+    hard = np.mean([bce(z[0][0], 1), bce(z[0][1], 0), bce(z[1][0], 0), bce(z[1][1], 1, 2.0)])
+    soft_term = bce(z[0][0], 0.8)
+    contrastive = np.mean([1 - 0.9, max(0.1 - 0.2, 0), max(0.3 - 0.2, 0), 1 - 0.5])
+    expected = 0.5 * hard + 0.5 * soft_term + 0.3 * contrastive
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(parts["contrastive"]) == pytest.approx(contrastive, rel=1e-5)
+
+
+def test_loss_without_soft_scores_uses_hard_bce_only():
+    cos = torch.tensor([[0.2]])
+    parts = label_match_loss(cos, cos * 5, torch.tensor([[1.0]]), LossWeights(contrastive=0.0))
+    assert float(parts["loss"]) == pytest.approx(bce(1.0, 1.0), rel=1e-6)
+    assert float(parts["bce_soft"]) == 0.0
+
+
+def test_positive_weights_sqrt_ratio_clipped():
+    targets = torch.tensor([[1.0, 1.0, 0.0]] + [[0.0, 1.0, 0.0]] * 99)
+    w = positive_weights(targets, max_weight=5.0)
+    assert w.tolist() == pytest.approx([5.0, 1.0, 5.0])
+    assert float(positive_weights(targets, 100.0)[0]) == pytest.approx(math.sqrt(99))
+
+
+def test_threshold_tuning():
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    s = np.array([[0.9, 0.2], [0.6, 0.3], [0.3, 0.35], [0.1, 0.1]])
+    t, f1 = tune_global_threshold(y, s)
+    assert f1 == pytest.approx(1.0) and 0.3 < t <= 0.35
+    per = tune_label_thresholds(y, s, fallback=0.5)
+    assert 0.3 < per[0] <= 0.6 and 0.3 < per[1] <= 0.35
+
+
+def test_ece_perfect_and_overconfident():
+    y = np.array([[1], [0]] * 50)
+    assert expected_calibration_error(y, y.astype(float) * 0.999)[0] < 0.01
+    ece, curve = expected_calibration_error(y, np.full((100, 1), 0.95))
+    assert ece == pytest.approx(0.45, abs=1e-6) and curve["count"] == [100.0]

@@ -1,0 +1,105 @@
+"""SFT training, the Model artifact, resumable checkpoints and reloading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_dataset, tiny_config
+from labelmatch.artifacts import verify_artifact
+from labelmatch.classifier import Classifier
+from labelmatch.errors import ArtifactError, ConfigError
+from labelmatch.model_io import read_model_info
+from labelmatch.train import SFTTrainer, lr_multiplier
+
+PROBE = ["Late VAT filing for FY2022 led to a penalty notice.", "Withholding tax on dividends paid to the parent."]
+
+
+def test_model_artifact_contents(trained_model):
+    manifest = verify_artifact(trained_model, "Model")
+    names = set(manifest["files"])
+    assert {"labels.json", "label_embeddings.npy", "thresholds.json", "labelmatch.json"} <= names
+    assert any(n.startswith("adapter/") for n in names) and any(n.startswith("tokenizer/") for n in names)
+    info = read_model_info(trained_model)
+    labels = json.loads((trained_model / "labels.json").read_text())
+    emb = np.load(trained_model / "label_embeddings.npy")
+    assert emb.shape == (len(labels), info["embedding_dim"]) and emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert info["base_model"] == "bundled:minilm" and len(info["base_model_digest"]) == 64
+    assert info["history"] and info["config"]["lora_rank"] == 8 and info["pooling"] == "mean"
+    thresholds = json.loads((trained_model / "thresholds.json").read_text())
+    assert set(thresholds["labels"]) == set(labels)
+
+
+def test_training_improves_over_zero_shot_on_validation(tmp_path):
+    dataset = make_tiny_dataset()
+    trainer = SFTTrainer(dataset, tiny_config(epochs=3))
+    first_val = trainer.run_iteration().val_macro_f1
+    trainer.fit()
+    assert trainer.best_f1 >= first_val and trainer.best_f1 > 0.4
+    assert [h["iteration"] for h in trainer.history] == list(range(1, len(trainer.history) + 1))
+
+
+def test_reload_in_fresh_process_gives_identical_scores(trained_model, tmp_path):
+    _, here = Classifier.load(trained_model).scores(PROBE)
+    script = (
+        "import json,sys; from labelmatch.classifier import Classifier; "
+        f"print(json.dumps(Classifier.load(sys.argv[1]).scores({PROBE!r})[1].tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(trained_model)], capture_output=True, text=True, timeout=300, check=True)
+    assert np.array_equal(np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32), here)
+
+
+def test_flipped_byte_in_weights_is_refused(trained_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(trained_model, copy)
+    weights = next((copy / "adapter").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"file adapter/adapter_model.safetensors is corrupted"):
+        Classifier.load(copy)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    dataset = make_tiny_dataset()
+    config = tiny_config(epochs=2, steps_per_iteration=2, lora_dropout=0.0)
+    straight = SFTTrainer(dataset, config)
+    straight.run_iteration()
+    straight.save_checkpoint(tmp_path / "ckpt")
+    expected = straight.run_iteration()
+    resumed = SFTTrainer.load_checkpoint(tmp_path / "ckpt", make_tiny_dataset())
+    got = resumed.run_iteration()
+    assert got.step == expected.step == 4
+    assert got.train_loss["loss"] == pytest.approx(expected.train_loss["loss"], rel=1e-4)
+    assert got.val_macro_f1 == pytest.approx(expected.val_macro_f1, abs=1e-6)
+
+
+def test_checkpoint_keeps_its_lora_rank_and_applies_new_hyperparameters(tmp_path):
+    dataset = make_tiny_dataset()
+    trainer = SFTTrainer(dataset, tiny_config(lora_rank=4, steps_per_iteration=1))
+    trainer.run_iteration()
+    bias, scale = trainer.model.bias.item(), trainer.model.scale
+    trainer.save_checkpoint(tmp_path / "c")
+    restored = SFTTrainer.load_checkpoint(tmp_path / "c", dataset, {"lora_rank": 16, "lr": 5e-4, "scale": 2 * scale})
+    assert restored.config.lora_rank == 4 and restored.config.lr == 5e-4
+    assert restored.model.bias.item() == pytest.approx(2 * bias, rel=1e-5)  # boundary kept under a new scale
+    assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_multiplier(1, restored.total_steps, 0.1, "linear"))
+
+
+def test_schedule_shape():
+    values = [lr_multiplier(s, 100, 0.1, "linear") for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[-1] < 0.02
+    assert lr_multiplier(55, 100, 0.1, "cosine") == pytest.approx(0.5, abs=0.02)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        tiny_config(warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match="unknown TrainConfig field"):
+        type(tiny_config()).from_dict({"learning_rate": 1e-3})
