@@ -1,0 +1,383 @@
+"""``labelmatch tune``: Population Based Training over SFT trials — local Ray, a Ray cluster, or a RayJob."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from labelmatch.cli import app
+from labelmatch.errors import ConfigError, LabelmatchError
+
+
+def _json_option(value: str | None, what: str) -> Any:
+    """A JSON value given inline or as a path to a JSON/YAML file."""
+    if value is None:
+        return None
+    text = value if value.lstrip().startswith(("{", "[")) else None
+    if text is None:
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"{what}: {value} is neither inline JSON nor a file")
+        import yaml
+
+        return yaml.safe_load(path.read_text())
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: invalid JSON ({exc})") from exc
+
+
+def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _toleration(item: str) -> dict[str, Any]:
+    """``key[=value]:Effect`` (kubectl taint syntax) → a toleration."""
+    head, _, effect = item.rpartition(":") if ":" in item else (item, "", "")
+    key, sep, value = head.partition("=")
+    toleration: dict[str, Any] = {"key": key, "operator": "Equal" if sep else "Exists"}
+    if sep:
+        toleration["value"] = value
+    if effect:
+        toleration["effect"] = effect
+    return toleration
+
+
+@app.command()
+def tune(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="Dataset directory (docs.jsonl + labels.json) or s3:// URI; split here when unsplit.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Model artifact of the best trial (replaced atomically).")
+    ],
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            "--report", help="Report directory (report.md, pbt_history.png/json); default: <out>-report."
+        ),
+    ] = None,
+    trials: Annotated[int | None, typer.Option(help="Population size (PBT needs >= 2). [default: 4]")] = None,
+    iterations: Annotated[
+        int | None,
+        typer.Option(
+            help="Training iterations per trial (each: --steps-per-iteration steps + validation) [default: 8]"
+        ),
+    ] = None,
+    perturbation_interval: Annotated[
+        int | None, typer.Option(help="Exploit/explore every this many iterations. [default: 1]")
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(help="pbt, or random (random search baseline, same initial population). [default: pbt]"),
+    ] = None,
+    quantile_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of trials that copy (bottom) / are copied (top). [default: 0.25]"),
+    ] = None,
+    synch: Annotated[
+        bool, typer.Option("--synch", help="Synchronous PBT (reproducible; idles resources).")
+    ] = False,
+    search_space: Annotated[
+        str | None,
+        typer.Option(
+            help="Search space as JSON or a JSON/YAML file, e.g. "
+            '\'{"lr": [1e-4, 3e-3], "lora_ranks": [8, 16]}\'; '
+            "keys: lr, weight_decay, warmup_ratio, contrastive_weight, scale (low, high pairs), lora_ranks."
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="TuneConfig fields as JSON or a JSON/YAML file (train_config, search_space nested); "
+            "flags given explicitly override it."
+        ),
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Base encoder: bundled:minilm, a local HF directory, or a hub id.")
+    ] = None,
+    steps_per_iteration: Annotated[
+        int | None, typer.Option(help="Optimisation steps per iteration (default 20).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Documents per step.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Tokens per text.")] = None,
+    resources: Annotated[
+        str | None,
+        typer.Option(
+            help='Ray resources per trial as JSON, e.g. \'{"GPU": 1, "CPU": 4}\' (default {"CPU": 1}).'
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Existing Ray cluster: auto or ray://HOST:10001 (Ray Client), or http://HOST:8265 to submit "
+            "the run through the Ray Jobs API."
+        ),
+    ] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs of the local Ray (default: all).")] = None,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Start the Ray dashboard with the local Ray (127.0.0.1 only).")
+    ] = False,
+    ray_temp_dir: Annotated[str | None, typer.Option(help="Temp/session directory of the local Ray.")] = None,
+    storage_path: Annotated[
+        str | None,
+        typer.Option(
+            help="Tune results and checkpoints: a directory or s3://bucket/prefix (needed on multi-node "
+            "clusters) [default: ray_results beside --report]."
+        ),
+    ] = None,
+    s3_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="S3 endpoint (MinIO), e.g. http://minio:9000; default $AWS_ENDPOINT_URL. "
+            "Credentials: AWS_* env vars."
+        ),
+    ] = None,
+    upload_to: Annotated[
+        str | None,
+        typer.Option(
+            help="Also copy the model and report to this directory or s3:// URI (<upload-to>/model, /report)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Experiment name (folder under --storage-path). [default: labelmatch-tune]"),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Resume the interrupted experiment <storage-path>/<name> (Tuner.restore)."
+        ),
+    ] = False,
+    max_failures: Annotated[
+        int | None,
+        typer.Option(
+            help="Retries of a crashed trial from its last checkpoint (-1: unlimited). [default: 1]"
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed of the population, PBT decisions, trainers and the split. [default: 0]"),
+    ] = None,
+    rayjob: Annotated[
+        bool,
+        typer.Option(
+            "--rayjob",
+            help="Run on Kubernetes: create a KubeRay RayJob (needs --storage-path s3://...), follow it, "
+            "fetch the model.",
+        ),
+    ] = False,
+    rayjob_values: Annotated[
+        Path | None,
+        typer.Option(
+            help="RayJob settings file (YAML/JSON): namespace, image, workers, gpus_per_worker, worker_cpu, "
+            "worker_memory, head_cpu, head_memory, node_selector, tolerations, env, env_secret, "
+            "service_account, ttl_seconds_after_finished, active_deadline_seconds; flags override it."
+        ),
+    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="RayJob namespace.")] = None,
+    image: Annotated[str | None, typer.Option(help="RayJob image (labelmatch[tune] installed).")] = None,
+    workers: Annotated[int | None, typer.Option(help="RayJob GPU worker pods.")] = None,
+    gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs per RayJob worker pod.")] = None,
+    node_selector: Annotated[
+        list[str] | None, typer.Option(help="Worker node selector KEY=VALUE (repeatable).")
+    ] = None,
+    toleration: Annotated[
+        list[str] | None, typer.Option(help="Worker toleration KEY[=VALUE][:EFFECT] (repeatable).")
+    ] = None,
+    env_secret: Annotated[
+        str | None, typer.Option(help="Secret with S3 credentials, mounted as env vars in the RayJob pods.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --rayjob: print the RayJob manifest (YAML) and exit.")
+    ] = False,
+    verbose: Annotated[int | None, typer.Option(help="Ray Tune console verbosity 0-3. [default: 1]")] = None,
+) -> None:
+    """Tune SFT hyper-parameters with Ray Tune Population Based Training; write the best model and a report.
+
+    Every setting is checked before anything starts: a reversed range, an unknown hyper-parameter
+    or fewer than 2 trials for PBT fail at once with one line naming the problem.
+    """
+    from labelmatch.tune import TuneConfig
+
+    values = _json_option(config, "--config") or {}
+    if not isinstance(values, dict):
+        raise ConfigError("--config: expected an object of TuneConfig fields")
+    flags = {
+        "trials": trials,
+        "iterations": iterations,
+        "perturbation_interval": perturbation_interval,
+        "scheduler": scheduler,
+        "quantile_fraction": quantile_fraction,
+        "num_cpus": num_cpus,
+        "ray_temp_dir": ray_temp_dir,
+        "storage_path": storage_path,
+        "s3_endpoint": s3_endpoint,
+        "name": name,
+        "max_failures": max_failures,
+        "seed": seed,
+        "verbose": verbose,
+        "address": None if address and address.startswith(("http://", "https://")) else address,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(
+        {k: True for k, on in {"synch": synch, "dashboard": dashboard, "resume": resume}.items() if on}
+    )
+    if search_space is not None:
+        values["search_space"] = _json_option(search_space, "--search-space")
+    if resources is not None:
+        values["resources_per_trial"] = _json_option(resources, "--resources")
+    train = dict(values.get("train_config") or {"steps_per_iteration": 20})
+    train.update(
+        {
+            k: v
+            for k, v in {
+                "base_model": base_model,
+                "steps_per_iteration": steps_per_iteration,
+                "batch_size": batch_size,
+                "max_length": max_length,
+            }.items()
+            if v is not None
+        }
+    )
+    train["seed"] = values.get("seed", 0)
+    values["train_config"] = train
+    tune_config = TuneConfig.from_dict(values)
+    report = report or out.with_name(out.name + "-report")
+    if rayjob or (address and address.startswith(("http://", "https://"))):
+        _run_on_cluster(
+            tune_config,
+            data,
+            out,
+            report,
+            upload_to,
+            address if not rayjob else None,
+            dry_run,
+            dict(
+                rayjob_values=rayjob_values,
+                namespace=namespace,
+                image=image,
+                workers=workers,
+                gpus_per_worker=gpus_per_worker,
+                node_selector=_pairs(node_selector, "--node-selector"),
+                tolerations=[_toleration(t) for t in toleration or []],
+                env_secret=env_secret,
+            ),
+        )
+        return
+    _run_here(tune_config, data, out, report, upload_to)
+
+
+def _run_here(config: Any, data: str, out: Path, report: Path, upload_to: str | None) -> None:
+    import tempfile
+
+    from labelmatch.tune import tune_sft
+    from labelmatch.tuning.storage import copy_dir, is_remote
+
+    with tempfile.TemporaryDirectory(prefix="labelmatch-data-") as local:
+        if is_remote(data):
+            copy_dir(data, local, config.s3_endpoint)
+            data = local
+        summary = tune_sft(data, out, report, config)
+    if upload_to:
+        copy_dir(out, f"{upload_to.rstrip('/')}/model", config.s3_endpoint)
+        copy_dir(report, f"{upload_to.rstrip('/')}/report", config.s3_endpoint)
+    typer.echo(
+        f"best trial {summary['best_trial']} (iteration {summary['best_iteration']}, LoRA rank "
+        f"{summary['best_lora_rank']}): validation macro-F1 {summary['best_val_macro_f1']:.4f}; "
+        f"{summary['exploits']} exploits over {summary['trial_iterations']} trial-iterations"
+    )
+    typer.echo(f"model written to {out}, report to {report / 'report.md'}")
+
+
+def cluster_entrypoint(config: Any, data: str, upload_to: str) -> str:
+    """The ``labelmatch tune`` command a cluster runs: same settings, in-cluster Ray, upload at the end."""
+    values = config.to_dict()
+    values.update(address="auto", num_cpus=None, dashboard=False, ray_temp_dir=None)
+    args = [
+        "labelmatch",
+        "tune",
+        "--data",
+        data,
+        "--out",
+        "/tmp/labelmatch/model",
+        "--report",
+        "/tmp/labelmatch/report",
+        "--upload-to",
+        upload_to,
+        "--config",
+        json.dumps(values),
+    ]
+    return shlex.join(args)
+
+
+def _run_on_cluster(
+    config: Any,
+    data: str,
+    out: Path,
+    report: Path,
+    upload_to: str | None,
+    jobs_address: str | None,
+    dry_run: bool,
+    rayjob_settings: dict[str, Any],
+) -> None:
+    from labelmatch.tuning.storage import copy_dir, is_remote
+
+    if not is_remote(config.storage_path):
+        raise ConfigError(
+            "a cluster run needs --storage-path s3://bucket/prefix (storage every Ray node can reach)"
+        )
+    upload_to = upload_to or f"{config.storage_path.rstrip('/')}/{config.name}/outputs"
+    entrypoint = cluster_entrypoint(config, data, upload_to)
+    if jobs_address:
+        from labelmatch.tuning.rayjob import submit_ray_job
+
+        job_id, status = submit_ray_job(
+            jobs_address, entrypoint, on_log=lambda text: typer.echo(text, nl=False)
+        )
+        typer.echo(f"Ray job {job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise LabelmatchError(f"Ray job {job_id} ended {status}")
+    else:
+        import yaml
+
+        from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, submit_rayjob
+
+        values_file = rayjob_settings.pop("rayjob_values")
+        spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}
+        spec_values["name"] = config.name
+        spec = (
+            RayJobSpec.from_values(values_file, **spec_values) if values_file else RayJobSpec(**spec_values)
+        )
+        manifest = build_rayjob(spec, entrypoint)
+        if dry_run:
+            typer.echo(yaml.safe_dump(manifest, sort_keys=False))
+            return
+        status = submit_rayjob(
+            manifest,
+            on_status=lambda s: typer.echo(
+                f"RayJob {spec.namespace}/{spec.name}: "
+                f"{s.get('jobDeploymentStatus', 'Pending')} {s.get('jobStatus', '')}"
+            ),
+        )
+        if status.get("jobDeploymentStatus") != "Complete" or status.get("jobStatus") != "SUCCEEDED":
+            raise LabelmatchError(
+                f"RayJob {spec.namespace}/{spec.name} failed: {status.get('message', status)}"
+            )
+    copy_dir(f"{upload_to}/model", out, config.s3_endpoint)
+    copy_dir(f"{upload_to}/report", report, config.s3_endpoint)
+    typer.echo(f"model fetched to {out}, report to {report / 'report.md'}")

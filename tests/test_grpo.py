@@ -1,0 +1,118 @@
+"""GRPO end to end on the tiny SFT model: artifact contents, reference, checkpoints, bad feedback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from labelmatch.artifacts import artifact_digest, verify_artifact
+from labelmatch.classifier import Classifier
+from labelmatch.errors import ConfigError, DataError
+from labelmatch.feedback import FeedbackStore
+from labelmatch.grpo import GRPOConfig, GRPOTrainer, feedback_tensors, train_grpo
+
+
+def small_config(**changes) -> GRPOConfig:
+    values = dict(steps=2, batch_size=4, group_size=4, max_length=32, progress=False, seed=0)
+    values.update(changes)
+    return GRPOConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, sample_dir) -> Path:
+    """A FeedbackExport of the first 12 bundled sample feedback records."""
+    root = tmp_path_factory.mktemp("feedback")
+    store = FeedbackStore(f"sqlite:///{root / 'f.db'}")
+    store.register_model("sample", json.loads((sample_dir / "labels.json").read_text()))
+    lines = (sample_dir / "feedback.jsonl").read_text().splitlines()[:12]
+    (root / "part.jsonl").write_text("\n".join(lines) + "\n")
+    assert store.import_file(root / "part.jsonl").ok
+    return store.export(root / "export", current_version="sample")
+
+
+@pytest.fixture(scope="module")
+def grpo_run(trained_model, export_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    # label_gradients=False here; the other test steps with the default (True): both paths run
+    config = small_config(checkpoint_every=1, checkpoint_dir=str(root / "ckpt"), label_gradients=False)
+    summary = train_grpo(trained_model, export_dir, root / "model", config)
+    return summary, root
+
+
+def test_output_is_a_merged_model_recording_its_inputs(grpo_run, trained_model, export_dir):
+    summary, root = grpo_run
+    out = root / "model"
+    manifest = verify_artifact(out, "Model")
+    assert (out / "encoder").is_dir() and not (out / "adapter").exists()
+    info = json.loads((out / "labelmatch.json").read_text())
+    assert info["reference_model_digest"] == artifact_digest(trained_model)
+    assert info["feedback_digest"] == artifact_digest(export_dir)
+    assert info["grpo"]["config"]["group_size"] == 4 and info["layout"] == "encoder"
+    assert manifest["lineage"]["reference_model_digest"] == artifact_digest(trained_model)
+    assert summary["steps"] == 2 and len(summary["reward_curve"]) == len(summary["kl_curve"]) == 2
+    assert all(k >= 0 for k in summary["kl_curve"]) and summary["final_kl"] > 0  # it moved, a little
+    # thresholds kept from SFT (no validation set given); label embeddings recomputed (they moved)
+    assert (out / "thresholds.json").read_text() == (trained_model / "thresholds.json").read_text()
+    import numpy as np
+
+    new, old = np.load(out / "label_embeddings.npy"), np.load(trained_model / "label_embeddings.npy")
+    assert new.shape == old.shape and not np.allclose(new, old)
+    prediction = Classifier.load(out).predict(["The VAT return for Q3 2023 was filed late."])[0]
+    assert set(prediction.scores) == set(json.loads((trained_model / "labels.json").read_text()))
+
+
+def test_policy_starts_at_reference_and_resumes_from_checkpoint(grpo_run, trained_model, export_dir):
+    _, root = grpo_run
+    labels = list(json.loads((trained_model / "labels.json").read_text()))
+    trainer = GRPOTrainer(trained_model, feedback_tensors(export_dir, labels), small_config(steps=3))
+    with torch.no_grad():
+        _, logits = trainer.model(trainer.feedback.texts, trainer.label_texts)
+    torch.testing.assert_close(logits, trainer.ref_logits, atol=1e-4, rtol=0)  # new LoRA starts at zero
+    assert trainer.load_checkpoint(root / "ckpt")
+    assert trainer.step == 2 and len(trainer.history) == 2
+    with torch.no_grad():
+        _, moved = trainer.model(trainer.feedback.texts, trainer.label_texts)
+    assert not torch.allclose(moved, trainer.ref_logits, atol=1e-4)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    record = trainer.train_step()
+    assert record["step"] == 3 and 0.0 <= record["clip_fraction"] <= 1.0
+    moved = [
+        n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])
+    ]
+    assert moved and all("lora_" in n for n in moved)  # only the new adapter trains; the bias stays
+
+
+def test_per_label_credit_with_kl_budget_stops_early(trained_model, export_dir):
+    labels = list(json.loads((trained_model / "labels.json").read_text()))
+    config = small_config(steps=5, credit="label", target_kl=1e-9, lr=1e-3, label_gradients=False)
+    trainer = GRPOTrainer(trained_model, feedback_tensors(export_dir, labels), config)
+    history = trainer.fit()
+    # the first step moves the policy (KL > 0 from the second inner iteration on): budget spent
+    assert trainer.stopped_early and len(history) == 1 and history[0]["kl"] > 1e-9
+
+
+def test_feedback_with_a_label_the_model_lacks_is_refused(tmp_path):
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    store.register_model("v", {"vat": "VAT.", "customs": "Customs duties."})
+    from labelmatch.feedback import FeedbackRecord
+
+    store.add(FeedbackRecord("import duties on parts", "v", ["customs"], 2, id="r1"))
+    export = store.export(tmp_path / "export")
+    with pytest.raises(DataError, match="record r1: label 'customs' is not a label of the model"):
+        feedback_tensors(export, ["vat", "tax_problem"])
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ConfigError, match="clip_eps"):
+        GRPOConfig(clip_eps=1.5)
+    with pytest.raises(ConfigError, match="credit"):
+        GRPOConfig(credit="document")
+    with pytest.raises(ConfigError, match="target_kl"):
+        GRPOConfig(target_kl=0.0)
+    with pytest.raises(ConfigError, match="unknown GRPOConfig field"):
+        GRPOConfig.from_dict({"gamma": 0.9})

@@ -1,0 +1,104 @@
+"""Tuning settings fail before any trial starts; ``labelmatch tune`` documents every flag."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from labelmatch.cli import _register, app
+from labelmatch.errors import ConfigError
+from labelmatch.tune import TuneConfig
+from labelmatch.tuning.search_space import ClipToBounds, SearchSpace
+
+_register()
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"search_space": {"lr": [1e-3, 1e-5]}}, r"'lr' range is reversed: low 0.001 > high 1e-05"),
+        ({"search_space": {"dropout": [0.0, 0.2]}}, r"unknown hyper-parameter.*: dropout"),
+        ({"trials": 1}, r"PBT needs at least 2 trials"),
+        ({"search_space": {"warmup_ratio": [0.0, 1.5]}}, r"'warmup_ratio' must stay below 1"),
+        ({"search_space": {"lora_ranks": [8, 0]}}, r"'lora_ranks' must be positive integers"),
+        ({"keep_checkpoints": 1}, r"keep_checkpoints must be None \(all\) or >= 3"),
+        ({"resources_per_trial": {"GPU": -1}}, r"resources_per_trial"),
+        ({"epochs": 3}, r"unknown TuneConfig field\(s\): epochs"),
+    ],
+)
+def test_bad_settings_raise_config_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TuneConfig.from_dict(values)
+
+
+def test_random_search_may_run_one_trial_and_config_round_trips():
+    config = TuneConfig.from_dict({"scheduler": "random", "trials": 1, "search_space": {"lora_ranks": [8]}})
+    again = TuneConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+def test_initial_population_is_seeded_and_covers_every_rank():
+    space = SearchSpace()
+    population = space.initial_population(4, seed=3)
+    assert population == space.initial_population(4, seed=3)
+    assert sorted(p["lora_rank"] for p in population) == [4, 8, 16, 32]
+    for point in population:
+        assert space.lr[0] <= point["lr"] <= space.lr[1]
+        assert space.scale[0] <= point["scale"] <= space.scale[1]
+
+
+def test_explore_is_clipped_to_the_search_space():
+    clip = ClipToBounds({"lr": (1e-4, 3e-3), "scale": (10.0, 40.0)})
+    clipped = clip({"lr": 3e-3 * 1.2, "scale": 9.0, "lora_rank": 8})
+    assert clipped == {"lr": 3e-3, "scale": 10.0, "lora_rank": 8}
+
+
+def test_help_documents_every_flag():
+    result = CliRunner().invoke(app, ["tune", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    command = next(c for c in app.registered_commands if c.callback.__name__ == "tune")
+    import inspect
+
+    for name in inspect.signature(command.callback).parameters:
+        assert "--" + name.replace("_", "-") in result.output, name
+
+
+def test_bad_search_space_fails_in_one_line_before_any_trial(tmp_path, sample_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from labelmatch.cli import main; main()", "tune", "--data", str(sample_dir),
+         "--out", str(out), "--search-space", '{"lr": [5e-5, 1e-6]}'],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: search space 'lr' range is reversed: low 5e-05 > high 1e-06"
+    ]
+    assert not out.exists() and not (tmp_path / "ray_results").exists()
+
+
+def test_rayjob_dry_run_carries_the_whole_config_to_the_cluster():
+    result = CliRunner().invoke(app, [
+        "tune", "--data", "s3://datasets/tax", "--out", "model", "--trials", "4", "--rayjob", "--dry-run",
+        "--storage-path", "s3://tuning/runs", "--resources", '{"GPU": 1, "CPU": 4}', "--workers", "4",
+        "--node-selector", "pool=a10", "--toleration", "nvidia.com/gpu:NoSchedule", "--image", "lm:1",
+    ])
+    assert result.exit_code == 0, result.output
+    manifest = yaml.safe_load(result.output)
+    workers = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["template"]["spec"]["nodeSelector"] == {"pool": "a10"}
+    assert workers["template"]["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    args = shlex.split(manifest["spec"]["entrypoint"])
+    assert args[:2] == ["labelmatch", "tune"]
+    assert args[args.index("--upload-to") + 1] == "s3://tuning/runs/labelmatch-tune/outputs"
+    shipped = TuneConfig.from_dict(json.loads(args[args.index("--config") + 1]))
+    assert shipped.address == "auto" and shipped.resources_per_trial == {"GPU": 1, "CPU": 4}
+    assert shipped.trials == 4 and shipped.storage_path == "s3://tuning/runs"
