@@ -1,0 +1,382 @@
+"""Serving benchmark: torch fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8, and the HTTP server.
+
+One run, one machine, engines interleaved round by round inside every cell so that the ratios
+compare like with like on a shared, noisy CPU. Reported (``bench/results/serve.json`` + ``.md``
++ ``serve.png``):
+
+* docs/s and p50/p99 latency per call for each engine at batch 1 and 32, sequence 128 and 256
+  (texts from Reuters-21578 long enough that every sequence is full);
+* label-set agreement of ORT fp32/int8 with torch and cosine parity (from the export's
+  ``parity.json``, on Reuters test documents);
+* the HTTP server (``labelmatch.serve`` subprocess on 127.0.0.1) under ``--clients`` concurrent
+  clients for ``--duration`` seconds: throughput, p50/p99, error count, server RSS before/after;
+* server overhead at batch 1: sequential single-document requests, HTTP p50 minus the
+  model-only p50 (same thread count) and HTTP mean minus the server's own mean inference time.
+
+The model is the zero-shot classifier of the bundled encoder (MiniLM-L6) over the 90 Reuters
+label descriptions, saved as a Model artifact and exported like any trained model: the speed
+and the numerics of the graph do not depend on LoRA weights, and a trained Reuters model would
+cost this shared machine several minutes more.
+
+Usage::
+
+    python bench/bench_serve.py --out bench/results [--threads 1 --duration 45 --clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import requests
+
+from labelmatch.artifacts import atomic_artifact_dir
+from labelmatch.data import Dataset, load_dataset
+from labelmatch.export import ExportConfig, export_onnx
+from labelmatch.onnx_classifier import FP32_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, OnnxEncoder, OrtConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
+ENGINES = ("torch_fp32", "ort_fp32", "ort_int8")
+
+
+def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) -> Path:
+    """The bundled encoder + Reuters label descriptions as a Model artifact (cos 0.3 → p 0.5)."""
+    from labelmatch.encoder import TextEncoder, load_base, resolve_base_model, weights_digest
+    from labelmatch.model_io import Thresholds, save_model
+
+    model, tokenizer = load_base("bundled:minilm")
+    label_emb = TextEncoder(model, tokenizer, max_length).embed(list(labels.values())).numpy()
+    digest = weights_digest(resolve_base_model("bundled:minilm"))
+    info = {"base_model": "bundled:minilm", "base_model_digest": digest, "max_length": max_length,
+            "scale": 20.0, "bias": -6.0}
+    with atomic_artifact_dir(out) as tmp:
+        save_model(tmp, model, tokenizer, labels, label_emb, Thresholds(0.5), info)
+    return out
+
+
+def long_texts(dataset: Dataset, n: int, min_chars: int = 2000) -> list[str]:
+    """Documents long enough to fill 256 tokens (MiniLM's tokenizer: ~4-5 characters a token)."""
+    texts = [d.text for d in dataset.documents if len(d.text) >= min_chars]
+    return texts[:n]
+
+
+class Engines:
+    """The three engines at one sequence length, each embedding a batch of texts."""
+
+    def __init__(self, model_dir: Path, onnx_dir: Path, seq: int, threads: int):
+        import torch
+
+        from labelmatch.encoder import TextEncoder
+        from labelmatch.model_io import load_encoder_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        model, tokenizer, _ = load_encoder_model(model_dir, merge=True)
+        self.torch_encoder = TextEncoder(model.eval(), tokenizer, seq)
+        config = OrtConfig(intra_op_threads=threads, batch_size=64)
+        self.ort = {
+            "ort_fp32": OnnxEncoder(onnx_dir / FP32_MODEL_FILE, onnx_dir / TOKENIZER_FILE, seq, config),
+            "ort_int8": OnnxEncoder(onnx_dir / MODEL_FILE, onnx_dir / TOKENIZER_FILE, seq, config),
+        }
+
+    def run(self, engine: str, texts: list[str]) -> np.ndarray:
+        """Tokenise + embed (the work one prediction request does)."""
+        if engine == "torch_fp32":
+            with self.torch.inference_mode():
+                return self.torch_encoder(self.torch_encoder.tokenize(texts)).numpy()
+        return self.ort[engine].embed(texts)
+
+
+def latency_cell(engines: Engines, texts: list[str], batch: int, seconds: float,
+                 rounds: int = 4) -> dict[str, Any]:
+    """Round-robin the engines over ``rounds`` rounds of ``seconds / rounds`` each."""
+    samples: dict[str, list[float]] = {e: [] for e in ENGINES}
+    rng = random.Random(batch)
+    for engine in ENGINES:  # warm-up
+        engines.run(engine, texts[:batch])
+    for _ in range(rounds):
+        for engine in ENGINES:
+            deadline = time.perf_counter() + seconds / rounds
+            while time.perf_counter() < deadline or len(samples[engine]) < 3:
+                chosen = rng.sample(texts, batch)
+                start = time.perf_counter()
+                engines.run(engine, chosen)
+                samples[engine].append(time.perf_counter() - start)
+    out = {}
+    for engine, values in samples.items():
+        ms = np.array(values) * 1000
+        out[engine] = {"calls": len(values), "docs_per_s": float(batch / (ms.mean() / 1000)),
+                       "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def inference_totals(base: str) -> tuple[float, float]:
+    """``(sum, count)`` of the server's model-only latency histogram."""
+    total = count = 0.0
+    for line in requests.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith("labelmatch_inference_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("labelmatch_inference_seconds_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, duration: float,
+               sequential: int, model_p50_ms: float) -> dict[str, Any]:
+    """Start the real server on 127.0.0.1 and measure it sequentially and under load."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
+    command = [sys.executable, "-m", "labelmatch.serve", "--model_dir", str(onnx_dir),
+               "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", str(threads),
+               "--enable_latency_logging", "false"]
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"{base}/v1/models/labelmatch:predict"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start; see {log}")
+            try:
+                if requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        session = requests.Session()
+        for text in texts[:10]:
+            session.post(url, json={"instances": [text]}, timeout=30)
+        before_sum, before_count = inference_totals(base)
+        seq_ms = []
+        for i in range(sequential):
+            start = time.perf_counter()
+            session.post(url, json={"instances": [texts[i % len(texts)]]}, timeout=30).raise_for_status()
+            seq_ms.append((time.perf_counter() - start) * 1000)
+        after_sum, after_count = inference_totals(base)
+        server_model_mean = (after_sum - before_sum) / max(after_count - before_count, 1) * 1000
+        rss_before = rss_mib(process.pid)
+
+        latencies: list[float] = []
+        errors: list[str] = []
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + duration
+
+        def client(seed: int) -> None:
+            own = requests.Session()
+            rng = random.Random(seed)
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                try:
+                    response = own.post(url, json={"instances": [rng.choice(texts)]}, timeout=60)
+                    ok = response.status_code == 200
+                    problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                except requests.RequestException as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                elapsed = (time.perf_counter() - start) * 1000
+                with lock:
+                    (errors.append(problem) if problem else latencies.append(elapsed))
+
+        pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        started = time.perf_counter()
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join()
+        wall = time.perf_counter() - started
+        rss_after = rss_mib(process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    seq = np.array(seq_ms)
+    load = np.array(latencies) if latencies else np.array([float("nan")])
+    return {
+        "threads": threads,
+        "sequential": {"requests": sequential, "p50_ms": float(np.percentile(seq, 50)),
+                       "p99_ms": float(np.percentile(seq, 99)), "mean_ms": float(seq.mean()),
+                       "server_inference_mean_ms": server_model_mean,
+                       "overhead_p50_ms": float(np.percentile(seq, 50)) - model_p50_ms,
+                       "overhead_mean_ms": float(seq.mean()) - server_model_mean},
+        "load": {"clients": clients, "duration_s": wall, "requests": len(latencies), "errors": len(errors),
+                 "error_examples": sorted(set(errors))[:5], "throughput_rps": len(latencies) / wall,
+                 "p50_ms": float(np.percentile(load, 50)), "p99_ms": float(np.percentile(load, 99)),
+                 "rss_before_mib": rss_before, "rss_after_mib": rss_after},
+    }
+
+
+def model_only_p50(onnx_dir: Path, texts: list[str], threads: int, n: int) -> float:
+    """p50 of ``OnnxClassifier.predict`` on one document (what the server does per request)."""
+    from labelmatch.onnx_classifier import OnnxClassifier
+
+    clf = OnnxClassifier.load(onnx_dir, OrtConfig(intra_op_threads=threads))
+    for text in texts[:10]:
+        clf.predict([text])
+    values = []
+    for i in range(n):
+        start = time.perf_counter()
+        clf.predict([texts[i % len(texts)]])
+        values.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(values, 50))
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(results["latency"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.27
+    for i, engine in enumerate(ENGINES):
+        values = [results["latency"][c][engine]["docs_per_s"] for c in cells]
+        ax.bar(np.arange(len(cells)) + (i - 1) * width, values, width, label=engine)
+    ax.set_xticks(np.arange(len(cells)), cells)
+    ax.set_ylabel("documents / s")
+    ax.set_yscale("log")
+    ax.set_title(f"Embedding throughput ({results['threads']} thread(s), MiniLM-L6)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Serving benchmark: torch vs ONNX Runtime fp32 vs int8, and the HTTP server", "",
+        f"Machine: shared CPU ({os.cpu_count()} cores visible, other jobs running); {results['threads']} "
+        "thread(s) per engine; engines interleaved round by round inside every cell, so compare ratios, "
+        "not absolute numbers.", "",
+        f"Model: zero-shot bundled MiniLM-L6 over the {results['labels']} Reuters-21578 label descriptions, "
+        f"exported with `labelmatch export` (dynamic int8, per channel). Texts: Reuters test documents of at "
+        f"least 2000 characters ({results['texts']} of them), so every sequence is full.", "",
+        "## Model-only throughput and latency per call", "",
+        "| cell | engine | docs/s | p50 ms | p99 ms | × torch |", "|---|---|---:|---:|---:|---:|",
+    ]
+    for cell, engines in results["latency"].items():
+        base = engines["torch_fp32"]["docs_per_s"]
+        for engine, row in engines.items():
+            lines.append(f"| {cell} | {engine} | {row['docs_per_s']:.1f} | {row['p50_ms']:.2f} | "
+                         f"{row['p99_ms']:.2f} | {row['docs_per_s'] / base:.2f} |")
+    parity = results["parity"]
+    lines += [
+        "", "## Agreement with torch (export parity, Reuters test documents, max length 256)", "",
+        "| graph | cosine min | cosine mean | label-set agreement |", "|---|---:|---:|---:|",
+    ]
+    for key in ("fp32", "int8"):
+        lines.append(f"| {key} | {parity[key]['cosine_min']:.4f} | {parity[key]['cosine_mean']:.4f} | "
+                     f"{parity[key]['label_set_agreement']:.4f} |")
+    http = results["http"]
+    seq, load = http["sequential"], http["load"]
+    lines += [
+        "", f"## HTTP server (v1, one document per request, 127.0.0.1, {http['threads']} ORT thread(s))", "",
+        f"- Sequential, {seq['requests']} requests: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms; "
+        f"model-only p50 {results['model_only_p50_ms']:.2f} ms → **overhead p50 "
+        f"{seq['overhead_p50_ms']:.2f} ms**; HTTP mean {seq['mean_ms']:.2f} ms vs the server's own mean "
+        f"inference {seq['server_inference_mean_ms']:.2f} ms → overhead {seq['overhead_mean_ms']:.2f} ms.",
+        f"- Load, {load['clients']} clients for {load['duration_s']:.0f} s: {load['requests']} requests, "
+        f"**{load['errors']} errors**, {load['throughput_rps']:.1f} req/s, p50 {load['p50_ms']:.1f} ms, "
+        f"p99 {load['p99_ms']:.1f} ms; server RSS {load['rss_before_mib']:.0f} → "
+        f"{load['rss_after_mib']:.0f} MiB.",
+        "", "## Targets (issue 5)", "",
+        "| target | measured | met |", "|---|---|---|",
+    ]
+    for name, (value, met) in results["targets"].items():
+        lines.append(f"| {name} | {value} | {'yes' if met else 'no'} |")
+    lines += ["", "![throughput](serve.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threads", type=int, default=1, help="Threads per engine (torch and ORT alike).")
+    parser.add_argument("--cell_seconds", type=float, default=6.0, help="Measuring time per engine per cell.")
+    parser.add_argument("--parity_docs", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--duration", type=float, default=45.0)
+    parser.add_argument("--sequential", type=int, default=200)
+    parser.add_argument("--work", type=Path, default=None, help="Keep the model and export here.")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    full = load_dataset(args.data)
+    test_docs = [d for d in full.documents if d.split == "test"]
+    random.Random(0).shuffle(test_docs)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    model_dir, onnx_dir = work / "model", work / "onnx"
+    if not model_dir.is_dir():
+        zero_shot_model(full.labels, model_dir)
+    for doc in test_docs:
+        doc.split = "val"  # the parity split: Reuters test documents, never trained on
+    parity_set = Dataset(test_docs[: args.parity_docs], full.labels)
+    config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs)
+    parity = export_onnx(model_dir, onnx_dir, config, parity_set)
+    texts = long_texts(Dataset(test_docs, full.labels), 256)
+
+    latency: dict[str, Any] = {}
+    for seq in (128, 256):
+        engines = Engines(model_dir, onnx_dir, seq, args.threads)
+        for batch in (1, 32):
+            latency[f"seq{seq}_b{batch}"] = latency_cell(engines, texts, batch, args.cell_seconds)
+            cell = latency[f"seq{seq}_b{batch}"]
+            summary = ", ".join(f"{e} {r['docs_per_s']:.1f} docs/s" for e, r in cell.items())
+            print(f"seq {seq} batch {batch}: {summary}", flush=True)
+        del engines
+    model_p50 = model_only_p50(onnx_dir, texts, args.threads, args.sequential)
+    http = http_bench(onnx_dir, texts, args.threads, args.clients, args.duration, args.sequential, model_p50)
+
+    b1 = latency["seq128_b1"]
+    speedup = b1["ort_int8"]["docs_per_s"] / b1["torch_fp32"]["docs_per_s"]
+    agreement = parity["int8"]["label_set_agreement"]
+    overhead = http["sequential"]["overhead_p50_ms"]
+    results = {
+        "threads": args.threads, "labels": len(full.labels), "texts": len(texts), "latency": latency,
+        "parity": parity, "model_only_p50_ms": model_p50, "http": http,
+        "targets": {
+            "int8 ≥ 2.5× torch fp32 docs/s (seq 128, batch 1)": (f"{speedup:.2f}×", speedup >= 2.5),
+            "label-set agreement with torch ≥ 0.98": (f"{agreement:.4f}", agreement >= 0.98),
+            "zero errors under load": (str(http["load"]["errors"]), http["load"]["errors"] == 0),
+            "server p50 overhead ≤ 3 ms at batch 1": (f"{overhead:.2f} ms", overhead <= 3.0),
+        },
+        "wall_s": time.perf_counter() - started,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "serve.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    plot(results, args.out / "serve.png")
+    (args.out / "serve.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""``labelmatch export``: Model artifact → int8 ONNX OnnxModel artifact with parity gates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from labelmatch.cli import app
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Option("--model", help="Model artifact directory.")],
+    out: Annotated[Path, typer.Option("--out", help="OnnxModel artifact directory (replaced atomically).")],
+    data: Annotated[Path | None, typer.Option("--data", help="Parity + re-tuning data (val split).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="labels.json of --data.")] = None,
+    seed: Annotated[int, typer.Option(help="Split seed when the data has none (the training seed).")] = 0,
+    agreement_gate: Annotated[float, typer.Option(help="Minimum int8 label-set agreement.")] = 0.98,
+    optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="Fuse ops first.")] = True,
+    keep_fp32: Annotated[bool, typer.Option("--keep-fp32/--no-fp32", help="Ship model_fp32.onnx.")] = True,
+    max_parity_docs: Annotated[int, typer.Option(help="Validation documents compared at most.")] = 512,
+) -> None:
+    """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
+    from labelmatch.data import assign_splits, load_dataset
+    from labelmatch.export import ExportConfig, export_onnx
+
+    dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
+    config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
+                          max_parity_docs=max_parity_docs)
+    parity = export_onnx(model, out, config, dataset)
+    int8 = parity["int8"]
+    typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "
+               f"label-set agreement {int8['label_set_agreement']:.4f} on {parity['documents']} documents")
+    typer.echo(f"OnnxModel written to {out}")

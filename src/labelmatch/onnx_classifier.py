@@ -1,0 +1,275 @@
+"""Torch-free prediction with an exported OnnxModel artifact (tokenizers + ONNX Runtime + numpy).
+
+This is the serving path: importing it must never import torch, so the serving image stays
+small. The graph in ``model.onnx`` already does mean pooling and L2 normalisation, so a document
+embedding is one ``session.run`` and a cosine is a dot product.
+
+Example::
+
+    clf = OnnxClassifier.load("runs/onnx")
+    clf.predict(["VAT return filed late, penalty assessed"])[0]["labels"]
+    clf.predict(texts, labels={"customs": "Import duties and customs procedures."})
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelmatch.artifacts import artifact_digest, verify_artifact
+from labelmatch.errors import ArtifactError, ConfigError
+
+MODEL_FILE = "model.onnx"
+FP32_MODEL_FILE = "model_fp32.onnx"
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
+OUTPUT_NAME = "sentence_embedding"
+
+
+@dataclass
+class OrtConfig:
+    """ONNX Runtime session settings.
+
+    Attributes:
+        intra_op_threads: Threads inside one operator; 0 lets ONNX Runtime pick (one per core).
+        inter_op_threads: Threads running independent operators in parallel.
+        allow_spinning: Let idle ORT threads busy-wait for work. Off by default: spinning
+            lowers latency by microseconds but burns whole cores between requests, which a
+            shared node or a CPU-limited pod pays for.
+        batch_size: Documents per ``session.run``.
+        label_cache_size: Label descriptions embedded at request time that stay cached.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    batch_size: int = 32
+    label_cache_size: int = 4096
+
+    def session_options(self) -> Any:
+        """The ``onnxruntime.SessionOptions`` these settings describe."""
+        import onnxruntime as ort
+
+        if self.intra_op_threads < 0 or self.inter_op_threads < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"invalid ONNX Runtime settings: intra_op_threads={self.intra_op_threads} (>= 0), "
+                f"inter_op_threads={self.inter_op_threads} (>= 1), batch_size={self.batch_size} (>= 1)"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return options
+
+
+class OnnxEncoder:
+    """Tokenizer + ONNX session producing L2-normalised embeddings.
+
+    Args:
+        model_path: An ``.onnx`` file whose graph outputs ``sentence_embedding``.
+        tokenizer_path: A Hugging Face fast-tokenizer ``tokenizer.json``.
+        max_length: Texts are truncated to this many tokens (never rejected for length).
+        config: Session settings.
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int,
+                 config: OrtConfig | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.config = config or OrtConfig()
+        self.max_length = int(max_length)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.tokenizer.enable_padding(**_padding_of(Path(tokenizer_path), self.tokenizer))
+        self.session = ort.InferenceSession(
+            str(model_path), self.config.session_options(), providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Batch inputs of the graph (padded to the longest text, truncated to ``max_length``)."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        arrays = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {name: arrays[name] for name in self.input_names}
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, dim)`` float32 embeddings, batched by length to keep padding small."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            (embedded,) = self.session.run([OUTPUT_NAME], self.tokenize([texts[i] for i in rows]))
+            out[rows] = embedded
+        return out
+
+
+def _padding_of(tokenizer_path: Path, tokenizer: Any) -> dict[str, Any]:
+    """Padding settings from ``tokenizer_config.json`` beside ``tokenizer.json``."""
+    config_path = tokenizer_path.parent / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    pad = config.get("pad_token") or "[PAD]"
+    pad = pad.get("content", "[PAD]") if isinstance(pad, dict) else pad
+    pad_id = tokenizer.token_to_id(pad)
+    if pad_id is None:
+        raise ArtifactError(f"{tokenizer_path}: pad token {pad!r} is not in the vocabulary")
+    return {"pad_id": pad_id, "pad_token": pad}
+
+
+class OnnxClassifier:
+    """Label matching over an :class:`OnnxEncoder`: ``p = sigmoid(scale * cos + bias)``.
+
+    Args:
+        encoder: The document/label encoder.
+        labels: Served ``{label: description}`` in order.
+        label_embeddings: Their ``(n_labels, dim)`` embeddings (computed when ``None``).
+        scale: Cosine scale.
+        bias: Logit bias.
+        thresholds: ``{"default": t, "labels": {label: t}}`` (``thresholds.json``).
+        info: The artifact's ``labelmatch.json``.
+        model_version: Shown in every response (the artifact digest by default).
+    """
+
+    def __init__(self, encoder: OnnxEncoder, labels: dict[str, str], label_embeddings: np.ndarray | None,
+                 scale: float, bias: float, thresholds: dict[str, Any], info: dict[str, Any] | None = None,
+                 model_version: str = "unversioned"):
+        self.encoder = encoder
+        self.scale = float(scale)
+        self.bias = float(bias)
+        self.info = info or {}
+        self.model_version = model_version
+        self._lock = threading.Lock()
+        self._request_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.set_labels(labels, thresholds, label_embeddings)
+
+    @classmethod
+    def load(cls, path: str | Path, config: OrtConfig | None = None, model_file: str = MODEL_FILE,
+             verify: bool = True) -> OnnxClassifier:
+        """Load an OnnxModel artifact, verifying every file's digest first.
+
+        Args:
+            path: The artifact directory.
+            config: ONNX Runtime settings.
+            model_file: ``model.onnx`` (int8) or ``model_fp32.onnx`` where it was kept.
+            verify: Check the manifest (refuses a corrupted or missing file by name).
+        """
+        root = Path(path)
+        if verify:
+            verify_artifact(root, "OnnxModel")
+        info = _read_json(root, "labelmatch.json")
+        if not (root / model_file).is_file():
+            raise ArtifactError(f"artifact {root}: no {model_file}")
+        encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config)
+        embeddings = np.load(root / "label_embeddings.npy") if model_file == MODEL_FILE else None
+        version = info.get("model_version") or artifact_digest(root)[:12]
+        return cls(encoder, _read_json(root, "labels.json"), embeddings, info["scale"], info["bias"],
+                   _read_json(root, "thresholds.json"), info, version)
+
+    def set_labels(self, labels: dict[str, str], thresholds: dict[str, Any],
+                   label_embeddings: np.ndarray | None = None) -> None:
+        """Replace the served label set (and its thresholds) in one step."""
+        if not labels:
+            raise ConfigError("the served label set cannot be empty")
+        embeddings = label_embeddings
+        if embeddings is None:
+            embeddings = self.encoder.embed(list(labels.values()))
+        expected = (len(labels), self.encoder.dim)
+        if embeddings.shape != expected:
+            raise ArtifactError(f"label embeddings have shape {embeddings.shape}, expected {expected}")
+        served = dict(zip(labels.values(), embeddings.astype(np.float32), strict=True))
+        with self._lock:
+            self.labels = dict(labels)
+            self.default_threshold = float(thresholds.get("default", 0.5))
+            self.label_thresholds = {k: float(v) for k, v in thresholds.get("labels", {}).items()}
+            self._served = served
+
+    def label_embeddings(self, labels: dict[str, str]) -> np.ndarray:
+        """Embeddings of label descriptions; unseen ones are embedded once and cached (LRU).
+
+        One lock covers lookup and embedding: new descriptions are rare after warm-up, and it
+        keeps two requests from embedding the same description twice.
+        """
+        with self._lock:
+            served, cache = self._served, self._request_cache
+            missing = [d for d in dict.fromkeys(labels.values()) if d not in served and d not in cache]
+            cache.update(zip(missing, self.encoder.embed(missing), strict=True))
+            rows = []
+            for description in labels.values():
+                if description in served:
+                    rows.append(served[description])
+                else:
+                    cache.move_to_end(description)
+                    rows.append(cache[description])
+            while len(cache) > self.encoder.config.label_cache_size:
+                cache.popitem(last=False)
+        return np.stack(rows)
+
+    def resolve_labels(self, labels: dict[str, str] | None = None, replace: bool = False) -> dict[str, str]:
+        """The label set of a request: the served one, extended (or replaced) by ``labels``."""
+        if not labels:
+            return dict(self.labels)
+        return dict(labels) if replace else {**self.labels, **labels}
+
+    def thresholds_for(self, names: Sequence[str]) -> np.ndarray:
+        """Threshold vector for ``names`` (request-time labels get the default)."""
+        default = self.default_threshold
+        return np.array([self.label_thresholds.get(n, default) for n in names], dtype=np.float32)
+
+    def scores(self, texts: Sequence[str], labels: dict[str, str] | None = None,
+               replace: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(label names, cosines, probabilities)``, both arrays ``(n_docs, n_labels)``."""
+        label_set = self.resolve_labels(labels, replace)
+        label_emb = self.label_embeddings(label_set)
+        cos = self.encoder.embed(texts) @ label_emb.T
+        probs = 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+        return list(label_set), cos.astype(np.float32), probs.astype(np.float32)
+
+    def predict(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
+                with_similarities: bool = False) -> list[dict[str, Any]]:
+        """One ``{"labels", "scores"[, "similarities"]}`` per text (the Prediction contract).
+
+        Args:
+            texts: Documents (truncated to the model's max length).
+            labels: Extra label descriptions (or, with ``replace``, the whole label set).
+            replace: Use ``labels`` instead of the served labels.
+            with_similarities: Also return the cosines.
+        """
+        names, cos, probs = self.scores(texts, labels, replace)
+        thresholds = self.thresholds_for(names)
+        out = []
+        for row_p, row_c in zip(probs, cos, strict=True):
+            chosen = [names[j] for j in np.argsort(-row_p, kind="stable") if row_p[j] >= thresholds[j]]
+            prediction: dict[str, Any] = {
+                "labels": chosen,
+                "scores": {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},
+            }
+            if with_similarities:
+                prediction["similarities"] = {
+                    n: round(float(c), 6) for n, c in zip(names, row_c, strict=True)
+                }
+            out.append(prediction)
+        return out
+
+
+def _read_json(root: Path, name: str) -> Any:
+    try:
+        return json.loads((root / name).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"artifact {root}: cannot read {name}: {exc}") from exc

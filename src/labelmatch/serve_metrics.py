@@ -1,0 +1,188 @@
+"""Prometheus metrics of the model server and the ASGI guard that enforces request limits.
+
+KServe already exports ``request_preprocess_seconds``, ``request_predict_seconds`` and
+``request_postprocess_seconds`` (per model) on ``/metrics``; these add what an operator of a
+label-matching service asks about: end-to-end latency per endpoint, model-only latency,
+documents per request, how often each label is predicted, and errors by endpoint and status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Request-time labels are not counted by name: clients choose them, and an unbounded label
+#: value set would blow up the metric's cardinality.
+REQUEST_LABEL = "_request_label"
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+
+
+class ServeMetrics:
+    """The labelmatch metrics, registered once per process.
+
+    Args:
+        registry: Where to register (KServe serves the default registry on ``/metrics``).
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        self.request_seconds = Histogram(
+            "labelmatch_request_seconds", "End-to-end HTTP request latency by endpoint.",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.inference_seconds = Histogram(
+            "labelmatch_inference_seconds", "Model-only latency (tokenise + ONNX Runtime + scoring).",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.batch_documents = Histogram(
+            "labelmatch_batch_documents", "Documents per prediction request.",
+            buckets=BATCH_BUCKETS, registry=registry)
+        self.label_predictions = Counter(
+            "labelmatch_label_predictions_total", "Documents predicted with each served label.",
+            ["label"], registry=registry)
+        self.errors = Counter(
+            "labelmatch_errors_total", "Responses with status >= 400 by endpoint and status.",
+            ["endpoint", "status"], registry=registry)
+        self.feedback = Counter(
+            "labelmatch_feedback_total", "Feedback records stored.", registry=registry)
+        self.label_set_version = Gauge(
+            "labelmatch_label_set_version", "Version of the served label set (0: the model's own).",
+            registry=registry)
+
+    def count_labels(self, predicted: Iterable[list[str]], served: set[str]) -> None:
+        """Count predicted labels; request-time labels are pooled under one name."""
+        for labels in predicted:
+            for label in labels:
+                self.label_predictions.labels(label if label in served else REQUEST_LABEL).inc()
+
+
+def endpoint_of(path: str) -> str:
+    """A small, fixed set of endpoint names for metric labels."""
+    if path.endswith(":predict"):
+        return "v1_predict"
+    if path.endswith("/infer"):
+        return "v2_infer"
+    for suffix in ("labels", "feedback", "metrics"):
+        if path.endswith("/" + suffix):
+            return suffix
+    if "/health/" in path or path.endswith("/ready") or path == "/":
+        return "health"
+    return "other"
+
+
+@dataclass
+class RequestLimits:
+    """Bounds on what one request may carry.
+
+    Attributes:
+        max_body_bytes: Largest accepted request body (413 above it).
+        max_docs: Most documents in one prediction request (413 above it).
+        max_chars: Longest accepted document in characters (413 above it); texts within it
+            are still truncated to the model's token limit by the tokenizer.
+    """
+
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_docs: int = 64
+    max_chars: int = 20_000
+
+
+class RequestGuard:
+    """ASGI middleware: body-size limit, JSON check, latency and error metrics, version header.
+
+    The body is read here (bounded by ``max_body_bytes``) and replayed to the application, so
+    an oversized or chunked body is refused before any handler parses it, and bad JSON gets
+    the same precise 400 on the v1 and v2 prediction paths.
+
+    Args:
+        app: The wrapped ASGI application.
+        metrics: Where latency and errors are recorded.
+        limits: The body-size limit.
+        version: Returns the model version for the ``x-model-version`` response header.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServeMetrics, limits: RequestLimits,
+                 version: Callable[[], str]):
+        self.app = app
+        self.metrics = metrics
+        self.limits = limits
+        self.version = version
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = endpoint_of(scope["path"])
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_version(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                version = (b"x-model-version", self.version().encode())
+                message["headers"] = [*message.get("headers", []), version]
+            await send(message)
+
+        try:
+            if scope["method"] in ("POST", "PUT"):
+                body, problem = await self._read_body(scope, receive)
+                if problem is not None:
+                    await _json_error(send_with_version, *problem)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_version)
+        finally:
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+            if status["code"] >= 400:
+                self.metrics.errors.labels(endpoint, str(status["code"])).inc()
+
+    async def _read_body(self, scope: dict, receive: Callable) -> tuple[bytes, tuple[int, str] | None]:
+        limit = self.limits.max_body_bytes
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            message = f"request body is {int(declared)} bytes; the limit is {limit} bytes (--max_body_bytes)"
+            return b"", (413, message)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", (413, f"request body exceeds {limit} bytes (--max_body_bytes)")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        binary_v2 = b"inference-header-content-length" in headers
+        if endpoint_of(scope["path"]) in ("v1_predict", "v2_infer", "labels", "feedback") and not binary_v2:
+            try:
+                json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                return body, (400, f"request body is not valid JSON: {exc}")
+        return body, None
+
+
+def _replay(body: bytes, upstream: Callable) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """A ``receive`` that yields the buffered body once, then waits on the real connection."""
+    sent = {"done": False}
+
+    async def receive() -> dict[str, Any]:
+        if sent["done"]:
+            return await upstream()
+        sent["done"] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _json_error(send: Callable, status: int, message: str) -> None:
+    payload = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
