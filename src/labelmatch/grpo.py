@@ -98,15 +98,15 @@ class GRPOConfig:
     epochs: int = 3
     steps: int | None = None
     inner_iterations: int = 2
-    credit: str = "set"
-    target_kl: float | None = None
+    credit: str = "label"
+    target_kl: float | None = 1.0
     clip_eps: float = 0.2
-    beta: float = 0.05
+    beta: float = 0.1
     entropy_weight: float = 0.0
     scale_std: bool = True
     adv_eps: float = 1e-6
     cosine_weight: float = 0.0
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     lora_rank: int = 8
@@ -314,7 +314,9 @@ class GRPOTrainer:
                 action_log_prob(logits, actions), old_log_prob, advantages, cfg.clip_eps
             )
             if cfg.credit == "label":
-                objective = objective.sum(-1)  # the separable reward's gradient: Σ over labels
+                # The separable reward's gradient is Σ over labels; averaged instead so that the
+                # surrogate keeps the scale of a set reward and β means the same in both modes.
+                objective = objective.mean(-1)
             kl = bernoulli_kl(logits, ref)
             entropy = bernoulli_entropy(logits)
             loss = (

@@ -27,6 +27,12 @@ def grpo(
     group_size: Annotated[int | None, typer.Option(help="Label sets sampled per document.")] = None,
     beta: Annotated[float | None, typer.Option(help="Weight of the KL to the reference.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the new LoRA adapter.")] = None,
+    credit: Annotated[
+        str | None, typer.Option(help="'label' (per-label credit) or 'set' (one reward per label set).")
+    ] = None,
+    target_kl: Annotated[
+        float | None, typer.Option(help="Stop once the KL to the SFT model exceeds this (nats/doc).")
+    ] = None,
     val_data: Annotated[
         Path | None,
         typer.Option(
@@ -45,6 +51,7 @@ def grpo(
     if not isinstance(values, dict):
         raise ConfigError(f"{config}: expected a JSON object of GRPOConfig fields")
     flags = {"steps": steps, "epochs": epochs, "group_size": group_size, "beta": beta, "lr": lr}
+    flags.update(credit=credit, target_kl=target_kl)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["seed"], values["progress"] = seed, not no_progress
     labels_path = model / "labels.json"
