@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 #: Modules (under ``labelmatch.cli``) whose import registers commands on ``app``.
-COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve"]
+COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "pipeline"]
 
 
 def _register() -> None:

@@ -1,0 +1,54 @@
+"""The ``deploy`` component: serve an accepted OnnxModel (local model server or KServe)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, packages_to_install=[], install_kfp_package=False)
+def deploy(
+    onnx_model: Input[Model],
+    release: Output[Artifact],
+    target: str = "kserve",
+    service: str = "labelmatch",
+    namespace: str = "default",
+    release_root: str = "",
+    expected_digest: str = "",
+    run_id: str = "",
+) -> str:
+    """Deploy the model and record the release.
+
+    Calls :func:`labelmatch.deploy_step.run_deploy_step`. ``local`` starts the labelmatch model
+    server on 127.0.0.1, classifies a few documents over its KServe v1 API and stops it;
+    ``kserve`` points the InferenceService ``namespace/service`` at the artifact's store URI,
+    waits for Ready and appends a release record under ``release_root``.
+
+    Args:
+        onnx_model: Input OnnxModel artifact (from ``export_onnx``, or imported by URI for a
+            rollback); verified against its manifest (and ``expected_digest``).
+        release: Output Report artifact: ``release.json`` (+ ``predictions.json`` and
+            ``server.log`` for ``local``) and ``manifest.json``.
+        target: ``kserve`` (a cluster) or ``local`` (this machine, loopback only).
+        service: InferenceService name.
+        namespace: Its namespace.
+        release_root: ``s3://bucket/prefix`` of the release records (``kserve``).
+        expected_digest: Refuse a model whose artifact digest differs (rollbacks pin it).
+        run_id: The pipeline run (recorded in the release).
+
+    Returns:
+        The deployed model's artifact digest.
+    """
+    from labelmatch.deploy_step import DeployStepConfig, run_deploy_step
+
+    config = DeployStepConfig(
+        target=target,
+        service=service,
+        namespace=namespace,
+        release_root=release_root,
+        expected_digest=expected_digest,
+        run_id=run_id,
+    )
+    record = run_deploy_step(onnx_model.path, release.path, config, model_uri=onnx_model.uri)
+    release.metadata.update({"kind": "Report", "target": target, "model_digest": record["model_digest"]})
+    return record["model_digest"]

@@ -1,0 +1,71 @@
+"""The ``evaluate`` component: metrics, report and the deploy decision for a candidate Model."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, packages_to_install=[], install_kfp_package=False)
+def evaluate(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    metrics: Output[Metrics],
+    report: Output[Artifact],
+    report_page: Output[Markdown],
+    serving_model_uri: str = "",
+    min_improvement: float = 0.02,
+    max_label_regression: float = 0.05,
+    split: str = "test",
+) -> bool:
+    """Evaluate the candidate and decide whether it may replace the serving model.
+
+    Calls :func:`labelmatch.gate.evaluate_candidate`: both models are scored on the same split
+    with their own thresholds; deploy when macro-F1 gains at least ``min_improvement`` and no
+    label's F1 drops by more than ``max_label_regression`` (always, when nothing serves).
+
+    Args:
+        model: Input candidate Model artifact (from ``tune_sft`` or ``grpo``); verified.
+        dataset: Input Dataset artifact (from ``data_prep``); verified.
+        metrics: Output KFP metrics of the candidate: ``macro_f1``, ``micro_f1``, ``ece``, ...
+            and ``serving_macro_f1`` when a model serves.
+        report: Output Report artifact: ``metrics.json``, ``serving_metrics.json``,
+            ``decision.json``, ``report.md`` and PNG plots.
+        report_page: Output Markdown page (report with plots inlined) for the KFP UI.
+        serving_model_uri: Path of the Model artifact serving now; empty: nothing serves.
+        min_improvement: Macro-F1 the candidate must gain (0.02 = two points).
+        max_label_regression: Largest allowed per-label F1 drop.
+        split: Dataset split to evaluate on.
+
+    Returns:
+        The gate's decision: ``True`` to export and deploy the candidate. (A single return
+        value on purpose: ``kfp.local`` 2.17.0 cannot resolve a named NamedTuple output in a
+        ``dsl.If`` condition; the reasons are in ``report/decision.json``.)
+    """
+    from labelmatch.gate import GateConfig, evaluate_candidate
+    from labelmatch.report import write_report_page
+
+    config = GateConfig(
+        min_improvement=min_improvement, max_label_regression=max_label_regression, split=split
+    )
+    result = evaluate_candidate(model.path, dataset.path, report.path, serving_model_uri or None, config)
+    for name in (
+        "macro_f1",
+        "micro_f1",
+        "samples_f1",
+        "macro_precision",
+        "macro_recall",
+        "exact_match",
+        "ece",
+    ):
+        metrics.log_metric(name, result["metrics"][name])
+    if result["serving_metrics"] is not None:
+        metrics.log_metric("serving_macro_f1", result["serving_metrics"]["macro_f1"])
+    write_report_page(report.path, report_page.path)
+    print(
+        "gate:",
+        "deploy" if result["decision"]["deploy"] else "do not deploy",
+        "—",
+        "; ".join(result["decision"]["reasons"]),
+    )
+    return bool(result["decision"]["deploy"])

@@ -1,0 +1,72 @@
+"""The ``grpo`` component: the SFT model improved with GRPO on a feedback export."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components._image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, packages_to_install=[], install_kfp_package=False)
+def grpo(
+    sft_model: Input[Model],
+    feedback: Input[Artifact],
+    dataset: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    epochs: int = 3,
+    steps: int = 0,
+    group_size: int = 8,
+    batch_size: int = 16,
+    beta: float = 0.05,
+    lr: float = 5e-4,
+    seed: int = 0,
+) -> float:
+    """Train a new LoRA on the SFT model from user feedback (GRPO with a KL penalty).
+
+    Calls :func:`labelmatch.grpo.train_grpo`; thresholds are re-tuned on the dataset's
+    validation split.
+
+    Args:
+        sft_model: Input Model artifact (from ``tune_sft``): the frozen reference and the
+            starting policy; verified against its manifest.
+        feedback: Input FeedbackExport artifact (``labelmatch feedback export``):
+            ``feedback.jsonl`` (+ ``labels.json``) and ``manifest.json``; verified.
+        dataset: Input Dataset artifact (from ``data_prep``): its ``val`` split re-tunes thresholds.
+        model: Output Model artifact: merged ``encoder/`` (SFT + GRPO), recomputed label
+            embeddings and thresholds, ``labelmatch.json`` with the reference and feedback digests.
+        metrics: Output KFP metrics: ``final_kl``, ``final_reward``, ``steps``, ``feedback_records``.
+        epochs: Passes over the feedback (ignored when ``steps`` > 0).
+        steps: Exact number of GRPO steps (0: derived from ``epochs``).
+        group_size: Label sets sampled per document (the GRPO group).
+        batch_size: Feedback documents per step.
+        beta: Weight of the KL penalty to the reference.
+        lr: Learning rate of the new LoRA.
+        seed: Random seed.
+
+    Returns:
+        The KL divergence to the reference after the last step.
+    """
+    from labelmatch.artifacts import verify_artifact
+    from labelmatch.data import load_dataset
+    from labelmatch.grpo import GRPOConfig, train_grpo
+
+    verify_artifact(dataset.path, "Dataset")
+    config = GRPOConfig(
+        epochs=epochs,
+        steps=steps or None,
+        group_size=group_size,
+        batch_size=batch_size,
+        beta=beta,
+        lr=lr,
+        seed=seed,
+        progress=False,
+    )
+    summary = train_grpo(
+        sft_model.path, feedback.path, model.path, config, val_dataset=load_dataset(dataset.path).split("val")
+    )
+    metrics.log_metric("final_kl", summary["final_kl"])
+    metrics.log_metric("final_reward", summary["reward_curve"][-1] if summary["reward_curve"] else 0.0)
+    metrics.log_metric("steps", summary["steps"])
+    metrics.log_metric("feedback_records", summary["feedback_records"])
+    model.metadata.update({"kind": "Model", "feedback_digest": summary["feedback_digest"]})
+    return float(summary["final_kl"])

@@ -1,0 +1,215 @@
+"""The ``evaluate`` stage and its deploy gate: should the candidate replace the serving model?
+
+The rule (the original team's, made configurable): evaluate the candidate and the model that is
+serving now **on the same test split** with each model's own thresholds; deploy only when
+
+* the candidate's macro-F1 beats the serving model's by at least ``min_improvement``
+  (default 0.02, i.e. two points), and
+* no label's F1 drops by more than ``max_label_regression`` (default 0.05); labels without a
+  positive test document are skipped (their F1 says nothing).
+
+With no serving model the candidate is deployed (there is nothing to protect). The decision,
+every reason behind it and both models' metrics are written to the report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labelmatch.artifacts import (
+    artifact_digest,
+    atomic_artifact_dir,
+    verify_artifact,
+    write_json,
+    write_manifest,
+)
+from labelmatch.errors import ConfigError
+
+DECISION_FILE = "decision.json"
+
+
+@dataclass
+class GateConfig:
+    """Thresholds of the deploy gate.
+
+    Attributes:
+        min_improvement: Macro-F1 the candidate must gain over the serving model (absolute).
+        max_label_regression: Largest allowed per-label F1 drop (absolute).
+        split: The dataset split both models are evaluated on.
+    """
+
+    min_improvement: float = 0.02
+    max_label_regression: float = 0.05
+    split: str = "test"
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.min_improvement <= 1.0:
+            raise ConfigError(f"GateConfig.min_improvement must be in [-1, 1], got {self.min_improvement}")
+        if not 0.0 <= self.max_label_regression <= 1.0:
+            raise ConfigError(
+                f"GateConfig.max_label_regression must be in [0, 1], got {self.max_label_regression}"
+            )
+        if self.split not in ("train", "val", "test", "all"):
+            raise ConfigError(f"GateConfig.split must be train, val, test or all, got {self.split!r}")
+
+
+@dataclass
+class GateDecision:
+    """The outcome of the gate.
+
+    Attributes:
+        deploy: Whether the candidate should be deployed.
+        reasons: Why, one sentence per rule checked.
+        candidate_macro_f1: The candidate's macro-F1 on the split.
+        serving_macro_f1: The serving model's, or ``None`` when nothing serves.
+        label_deltas: ``{label: candidate F1 - serving F1}`` for labels with test support.
+    """
+
+    deploy: bool
+    reasons: list[str]
+    candidate_macro_f1: float
+    serving_macro_f1: float | None = None
+    label_deltas: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``decision.json``)."""
+        return asdict(self)
+
+
+def decide(candidate: dict[str, Any], serving: dict[str, Any] | None, config: GateConfig) -> GateDecision:
+    """Apply the gate to two metric dicts of :func:`labelmatch.evaluate.evaluate`.
+
+    Args:
+        candidate: Metrics of the candidate.
+        serving: Metrics of the serving model on the same split, or ``None``.
+        config: Gate thresholds.
+    """
+    cand_f1 = float(candidate["macro_f1"])
+    if serving is None:
+        return GateDecision(True, ["no model is serving: deploy the candidate"], cand_f1)
+    if serving["documents"] != candidate["documents"] or set(serving["per_label"]) - set(
+        candidate["per_label"]
+    ):
+        raise ConfigError(
+            "the serving model was not evaluated on the same documents and labels as the candidate"
+        )
+    serv_f1 = float(serving["macro_f1"])
+    gain = cand_f1 - serv_f1
+    ok_gain = gain >= config.min_improvement - 1e-12
+    reasons = [
+        f"macro-F1 {cand_f1:.4f} vs serving {serv_f1:.4f}: {gain:+.4f} "
+        f"{'meets' if ok_gain else 'is below'} the required {config.min_improvement:+.4f}"
+    ]
+    deltas = {
+        name: round(row["f1"] - serving["per_label"][name]["f1"], 6)
+        for name, row in candidate["per_label"].items()
+        if name in serving["per_label"] and row["support"] > 0
+    }
+    regressions = {n: d for n, d in deltas.items() if d < -config.max_label_regression - 1e-12}
+    if regressions:
+        worst = ", ".join(f"{n} {d:+.3f}" for n, d in sorted(regressions.items(), key=lambda kv: kv[1]))
+        reasons.append(f"label F1 regresses by more than {config.max_label_regression:.3f}: {worst}")
+    else:
+        reasons.append(f"no label's F1 drops by more than {config.max_label_regression:.3f}")
+    return GateDecision(ok_gain and not regressions, reasons, cand_f1, serv_f1, deltas)
+
+
+def _gate_markdown(decision: GateDecision, config: GateConfig) -> str:
+    verdict = "**deploy**" if decision.deploy else "**do not deploy**"
+    lines = ["## Deploy gate", "", f"Decision: {verdict}", ""] + [f"- {r}" for r in decision.reasons]
+    lines += [
+        "",
+        f"Rule: macro-F1 gain ≥ {config.min_improvement:+.3f} and no label F1 drop > "
+        f"{config.max_label_regression:.3f}, both models on the {config.split!r} split.",
+        "",
+    ]
+    if decision.label_deltas:
+        lines += ["| label | F1 change vs serving |", "|---|---|"]
+        lines += [f"| {n} | {d:+.4f} |" for n, d in decision.label_deltas.items()] + [""]
+    return "\n".join(lines)
+
+
+def _download_model(uri: str, work_dir: Path) -> Path:
+    """Fetch a Model artifact from the S3/MinIO store into ``work_dir`` (verified on arrival)."""
+    from labelmatch.store import ArtifactStore
+
+    dest = work_dir / "serving_model"
+    ArtifactStore.from_env().download_artifact(
+        "s3://" + uri.removeprefix("minio://").removeprefix("s3://"), dest, kind="Model"
+    )
+    return dest
+
+
+def evaluate_candidate(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    report_dir: str | Path,
+    serving_model_dir: str | Path | None = None,
+    config: GateConfig | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a candidate Model against the serving one and write the gated report.
+
+    Args:
+        model_dir: The candidate Model artifact.
+        dataset_dir: The Dataset artifact (from ``data_prep``) holding the evaluation split.
+        report_dir: The Report artifact directory to write: ``metrics.json`` (candidate),
+            ``serving_metrics.json`` (when a model serves), ``decision.json``, ``report.md``
+            and its PNG plots.
+        serving_model_dir: The Model artifact serving now, or ``None``; an ``s3://`` (or KFP
+            ``minio://``) URI is downloaded from the artifact store first (credentials from the
+            environment, see :class:`labelmatch.store.ArtifactStore`).
+        config: Gate thresholds.
+        lineage: Recorded in the report manifest.
+
+    Returns:
+        ``{"metrics": candidate metrics, "serving_metrics": ... | None, "decision": {...}}``.
+
+    Raises:
+        ArtifactError: an input artifact is missing, of the wrong kind or corrupted (naming the
+            artifact and the file).
+    """
+    from labelmatch.classifier import Classifier
+    from labelmatch.data import load_dataset
+    from labelmatch.evaluate import evaluate
+    from labelmatch.report import markdown_report, plot_per_label_f1, plot_reliability, plot_thresholds
+
+    config = config or GateConfig()
+    verify_artifact(dataset_dir, "Dataset")
+    verify_artifact(model_dir, "Model")
+    dataset = load_dataset(dataset_dir)
+    metrics = evaluate(Classifier.load(model_dir), dataset, config.split)
+    serving = None
+    if serving_model_dir and str(serving_model_dir).startswith(("s3://", "minio://")):
+        serving_model_dir = _download_model(str(serving_model_dir), Path(tempfile.mkdtemp(prefix="serving-")))
+    if serving_model_dir:
+        verify_artifact(serving_model_dir, "Model")
+        serving = evaluate(Classifier.load(serving_model_dir), dataset, config.split)
+    decision = decide(metrics, serving, config)
+    lineage = {
+        **(lineage or {}),
+        "model": artifact_digest(model_dir),
+        "dataset": artifact_digest(dataset_dir),
+        **({"serving_model": artifact_digest(serving_model_dir)} if serving_model_dir else {}),
+    }
+    with atomic_artifact_dir(report_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        if serving is not None:
+            write_json(tmp / "serving_metrics.json", serving)
+        write_json(tmp / DECISION_FILE, {**decision.to_json(), "config": asdict(config)})
+        images = {
+            "Per-label F1": plot_per_label_f1(metrics, tmp / "per_label_f1.png").name,
+            "Reliability diagram": plot_reliability(metrics, tmp / "reliability.png").name,
+            "Thresholds": plot_thresholds(
+                metrics["thresholds"], metrics["default_threshold"], tmp / "thresholds.png"
+            ).name,
+        }
+        title = f"Evaluation of the candidate on the {config.split} split"
+        (tmp / "report.md").write_text(
+            _gate_markdown(decision, config) + "\n" + markdown_report(metrics, title, images)
+        )
+        write_manifest(tmp, "Report", lineage=lineage, extra={"stage": "evaluate", "deploy": decision.deploy})
+    return {"metrics": metrics, "serving_metrics": serving, "decision": decision.to_json()}

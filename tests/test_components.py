@@ -1,0 +1,135 @@
+"""Components: typed, documented, one pinned image, and bad input artifacts fail by name.
+
+The failure tests run real components with ``kfp.local`` (subprocesses of this interpreter) on
+artifacts imported by path, and read the step's log for the message.
+"""
+
+import inspect
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import components
+from components._image import IMAGE
+from labelmatch import __version__
+from labelmatch.artifacts import write_manifest
+
+STAGES = ("data_prep", "tune_sft", "grpo", "evaluate", "export_onnx", "deploy")
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_component_is_typed_documented_and_pinned(name: str) -> None:
+    component = getattr(components, name)
+    spec = component.component_spec
+    container = spec.implementation.container
+    assert container.image == IMAGE and IMAGE.endswith(f":{__version__}")
+    command = " ".join(container.command or [])
+    assert "pip install" not in command, "components must not install anything at start-up"
+    doc = inspect.getdoc(component.python_func)
+    names = [*(spec.inputs or {}), *(spec.outputs or {})]
+    for io_name in names:
+        if io_name != "Output":
+            documented = re.search(rf"^\s+{io_name}:", doc, re.M) or f"``{io_name}``" in doc
+            assert documented, f"{name}: '{io_name}' is not documented"
+    for io_name, io_spec in (spec.inputs or {}).items():
+        assert io_spec.type, f"{name}.{io_name} has no type"
+
+
+def test_artifact_types() -> None:
+    def types(component, side):
+        return {k: v.type for k, v in (getattr(component.component_spec, side) or {}).items()}
+
+    assert types(components.data_prep, "outputs")["dataset"] == "system.Dataset@0.0.1"
+    assert types(components.data_prep, "outputs")["report_page"] == "system.Markdown@0.0.1"
+    assert types(components.tune_sft, "inputs")["dataset"] == "system.Dataset@0.0.1"
+    assert types(components.tune_sft, "outputs")["model"] == "system.Model@0.0.1"
+    assert types(components.evaluate, "outputs")["metrics"] == "system.Metrics@0.0.1"
+    assert types(components.evaluate, "outputs")["Output"] == "Boolean"
+    assert types(components.evaluate, "inputs")["min_improvement"] == "Float"
+    assert types(components.export_onnx, "outputs")["onnx_model"] == "system.Model@0.0.1"
+    assert types(components.deploy, "inputs")["onnx_model"] == "system.Model@0.0.1"
+
+
+def test_image_is_named_in_one_place() -> None:
+    root = Path(components.__file__).parent
+    for path in root.glob("*.py"):
+        if path.name != "_image.py":
+            assert "ghcr.io" not in path.read_text(), f"{path.name} names an image; use components._image"
+
+
+# -- bad input artifacts -------------------------------------------------------------------------
+def _fake_artifact(root: Path, kind: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "labels.json").write_text(json.dumps({"vat": "Value added tax."}))
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
+    write_manifest(root, kind)
+    return root
+
+
+def _run_deploy_only(tmp_path: Path, model_uri: str) -> None:
+    from pipelines.deploy import deploy_pipeline
+    from pipelines.local import run_locally
+
+    run_locally(deploy_pipeline, tmp_path / "root", model_uri=model_uri, target="local")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("delete", r"artifact {art}: file tokenizer/tokenizer.json listed in manifest.json is missing"),
+        ("modify", r"artifact {art}: file labels.json is corrupted \(sha256"),
+        ("kind", r"artifact {art}: kind is 'Dataset', expected 'OnnxModel'"),
+        ("no-manifest", r"artifact {art}: missing manifest.json"),
+    ],
+)
+def test_bad_input_artifact_fails_naming_artifact_and_file(
+    tmp_path: Path, capfd, damage: str, message: str
+) -> None:
+    art = _fake_artifact(tmp_path / "onnx", "Dataset" if damage == "kind" else "OnnxModel")
+    if damage == "delete":
+        (art / "tokenizer" / "tokenizer.json").unlink()
+    elif damage == "modify":
+        (art / "labels.json").write_text(json.dumps({"vat": "changed"}))
+    elif damage == "no-manifest":
+        (art / "manifest.json").unlink()
+    with pytest.raises(RuntimeError, match="deploy"):
+        _run_deploy_only(tmp_path, str(art))
+    log = capfd.readouterr().out
+    assert re.search(message.format(art=re.escape(str(art))), log), log[-3000:]
+    assert "ArtifactError" in log
+
+
+def test_evaluate_refuses_a_model_that_is_a_dataset(tmp_path: Path, capfd, sample_dir: Path) -> None:
+    """A Dataset passed where the candidate Model goes: the evaluate step names it."""
+    from kfp import dsl
+
+    from labelmatch.prep import prepare_dataset
+    from pipelines.local import run_locally
+
+    prepare_dataset(sample_dir, tmp_path / "ds", tmp_path / "rep")
+
+    @dsl.pipeline(name="evaluate-wrong-kind")
+    def wrong_kind(uri: str):
+        data = dsl.importer(artifact_uri=uri, artifact_class=dsl.Dataset)
+        not_a_model = dsl.importer(artifact_uri=uri, artifact_class=dsl.Model)
+        components.evaluate(model=not_a_model.output, dataset=data.output)
+
+    with pytest.raises(RuntimeError, match="evaluate"):
+        run_locally(wrong_kind, tmp_path / "root", uri=str(tmp_path / "ds"))
+    log = capfd.readouterr().out
+    assert f"artifact {tmp_path / 'ds'}: kind is 'Dataset', expected 'Model'" in log
+
+
+def test_deploy_step_settings_are_checked() -> None:
+    from labelmatch.deploy_step import DeployStepConfig, _store_uri
+    from labelmatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'local' or 'kserve'"):
+        DeployStepConfig(target="docker")
+    with pytest.raises(ConfigError, match="release_root"):
+        DeployStepConfig(target="kserve")
+    assert _store_uri("minio://mlpipeline/v2/artifacts/x") == "s3://mlpipeline/v2/artifacts/x"
+    assert _store_uri("s3://bucket/key") == "s3://bucket/key"

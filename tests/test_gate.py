@@ -1,0 +1,102 @@
+"""The deploy gate: margin on macro-F1, per-label regressions, no serving model, real models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_dataset
+
+from labelmatch.artifacts import verify_artifact, write_manifest
+from labelmatch.data import save_dataset
+from labelmatch.errors import ArtifactError, ConfigError
+from labelmatch.gate import GateConfig, decide, evaluate_candidate
+
+
+def _metrics(macro: float, per_label: dict[str, float], support: int = 5) -> dict:
+    return {
+        "documents": 40,
+        "macro_f1": macro,
+        "per_label": {
+            n: {"f1": f, "support": support, "precision": f, "recall": f} for n, f in per_label.items()
+        },
+    }
+
+
+def test_no_serving_model_deploys() -> None:
+    decision = decide(_metrics(0.3, {"a": 0.3}), None, GateConfig())
+    assert decision.deploy and "no model is serving" in decision.reasons[0]
+
+
+def test_margin_is_required() -> None:
+    serving = _metrics(0.70, {"a": 0.7, "b": 0.7})
+    assert decide(_metrics(0.73, {"a": 0.73, "b": 0.73}), serving, GateConfig()).deploy
+    small = decide(_metrics(0.71, {"a": 0.71, "b": 0.71}), serving, GateConfig())
+    assert not small.deploy and "is below the required +0.0200" in small.reasons[0]
+    assert decide(_metrics(0.71, {"a": 0.71, "b": 0.71}), serving, GateConfig(min_improvement=0.01)).deploy
+
+
+def test_a_label_regression_blocks_even_a_better_model() -> None:
+    serving = _metrics(0.60, {"a": 0.9, "b": 0.3})
+    candidate = _metrics(0.70, {"a": 0.8, "b": 0.6})
+    decision = decide(candidate, serving, GateConfig(max_label_regression=0.05))
+    assert not decision.deploy
+    assert "a -0.100" in decision.reasons[1] and decision.label_deltas == {"a": -0.1, "b": 0.3}
+    assert decide(candidate, serving, GateConfig(max_label_regression=0.15)).deploy
+
+
+def test_labels_without_support_are_ignored() -> None:
+    serving = _metrics(0.5, {"a": 0.5})
+    serving["per_label"]["rare"] = {"f1": 1.0, "support": 0}
+    candidate = _metrics(0.6, {"a": 0.6})
+    candidate["per_label"]["rare"] = {"f1": 0.0, "support": 0}
+    assert decide(candidate, serving, GateConfig()).deploy
+
+
+def test_models_on_different_documents_are_refused() -> None:
+    other = _metrics(0.5, {"a": 0.5})
+    other["documents"] = 12
+    with pytest.raises(ConfigError, match="same documents"):
+        decide(_metrics(0.6, {"a": 0.6}), other, GateConfig())
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="max_label_regression"):
+        GateConfig(max_label_regression=-0.1)
+    with pytest.raises(ConfigError, match="split"):
+        GateConfig(split="dev")
+
+
+@pytest.fixture(scope="module")
+def dataset_artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gate") / "dataset"
+    save_dataset(make_tiny_dataset(), out)
+    write_manifest(out, "Dataset")
+    return out
+
+
+def test_real_models_gate_both_ways(trained_model: Path, dataset_artifact: Path, tmp_path: Path) -> None:
+    """Nothing serving: deploy. The same model serving: no gain, so no deploy unless the margin is 0."""
+    first = evaluate_candidate(trained_model, dataset_artifact, tmp_path / "first")
+    assert first["decision"]["deploy"] and first["serving_metrics"] is None
+    same = evaluate_candidate(
+        trained_model, dataset_artifact, tmp_path / "same", serving_model_dir=trained_model
+    )
+    assert not same["decision"]["deploy"]
+    assert same["decision"]["candidate_macro_f1"] == same["decision"]["serving_macro_f1"]
+    assert decide(same["metrics"], same["serving_metrics"], GateConfig(min_improvement=0.0)).deploy
+    manifest = verify_artifact(tmp_path / "same", "Report")
+    assert manifest["summary"] == {"stage": "evaluate", "deploy": False}
+    decision = json.loads((tmp_path / "same" / "decision.json").read_text())
+    assert decision["config"]["min_improvement"] == 0.02
+    report = (tmp_path / "same" / "report.md").read_text()
+    assert "Decision: **do not deploy**" in report and "per_label_f1.png" in report
+
+
+def test_bad_input_artifacts_are_named(trained_model: Path, dataset_artifact: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match=r"kind is 'Dataset', expected 'Model'"):
+        evaluate_candidate(dataset_artifact, dataset_artifact, tmp_path / "r")
+    with pytest.raises(ArtifactError, match=r"missing manifest\.json"):
+        evaluate_candidate(trained_model, tmp_path, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
