@@ -10,8 +10,7 @@ bundled tax sample data and the bundled MiniLM encoder:
 3. ``tune_sft`` runs Population Based Training with a small population on a local Ray;
 4. ``grpo`` refines the best model from the feedback export;
 5. ``evaluate`` writes the report and the deploy decision (nothing serves yet: deploy);
-6. ``export_onnx`` and ``deploy`` run when the gate passes (stages whose library has not
-   landed are left out of the DAG, see ``docs/pipelines.md``).
+6. ``export_onnx`` and ``deploy`` run when the gate passes.
 
 At the end it verifies every artifact's manifest and prints where each artifact and report is.
 Run it from the repository root (the pipeline definitions live in ``pipelines/``).
