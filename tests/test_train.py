@@ -9,15 +9,18 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import make_tiny_dataset, tiny_config
+
 from labelmatch.artifacts import verify_artifact
 from labelmatch.classifier import Classifier
 from labelmatch.errors import ArtifactError, ConfigError
 from labelmatch.model_io import read_model_info
 from labelmatch.train import SFTTrainer, lr_multiplier
 
-PROBE = ["Late VAT filing for FY2022 led to a penalty notice.", "Withholding tax on dividends paid to the parent."]
+PROBE = [
+    "Late VAT filing for FY2022 led to a penalty notice.",
+    "Withholding tax on dividends paid to the parent.",
+]
 
 
 def test_model_artifact_contents(trained_model):
@@ -51,7 +54,13 @@ def test_reload_in_fresh_process_gives_identical_scores(trained_model, tmp_path)
         "import json,sys; from labelmatch.classifier import Classifier; "
         f"print(json.dumps(Classifier.load(sys.argv[1]).scores({PROBE!r})[1].tolist()))"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(trained_model)], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(trained_model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     assert np.array_equal(np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32), here)
 
 
@@ -86,10 +95,14 @@ def test_checkpoint_keeps_its_lora_rank_and_applies_new_hyperparameters(tmp_path
     trainer.run_iteration()
     bias, scale = trainer.model.bias.item(), trainer.model.scale
     trainer.save_checkpoint(tmp_path / "c")
-    restored = SFTTrainer.load_checkpoint(tmp_path / "c", dataset, {"lora_rank": 16, "lr": 5e-4, "scale": 2 * scale})
+    restored = SFTTrainer.load_checkpoint(
+        tmp_path / "c", dataset, {"lora_rank": 16, "lr": 5e-4, "scale": 2 * scale}
+    )
     assert restored.config.lora_rank == 4 and restored.config.lr == 5e-4
     assert restored.model.bias.item() == pytest.approx(2 * bias, rel=1e-5)  # boundary kept under a new scale
-    assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4 * lr_multiplier(1, restored.total_steps, 0.1, "linear"))
+    assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(
+        5e-4 * lr_multiplier(1, restored.total_steps, 0.1, "linear")
+    )
 
 
 def test_schedule_shape():

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
-from conftest import make_tiny_dataset, tiny_config  # noqa: E402
+from conftest import make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
 from ray import tune  # noqa: E402
 
 from labelmatch.artifacts import verify_artifact  # noqa: E402
@@ -53,18 +51,9 @@ def ray_home():
 
     The directory is short and under /tmp: Ray's Unix sockets live in it (107-byte limit).
     """
-    root = Path(tempfile.mkdtemp(prefix="lmpbt-", dir="/tmp"))
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
-    os.environ.update(HOME=str(root), RAY_TMPDIR=str(root))
-    init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
-    yield root
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    shutil.rmtree(root, ignore_errors=True)
+    with ray_sandbox("lmpbt-") as root:
+        init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
+        yield root
 
 
 @pytest.fixture(scope="module")

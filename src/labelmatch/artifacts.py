@@ -141,7 +141,8 @@ def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None)
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(
-                f"artifact {root}: file {name} is corrupted (sha256 {actual[:12]}… != manifest {expected[:12]}…)"
+                f"artifact {root}: file {name} is corrupted "
+                f"(sha256 {actual[:12]}… != manifest {expected[:12]}…)"
             )
     return manifest
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from labelmatch.encoder import TextEncoder, load_base
 from labelmatch.model_io import Thresholds, load_encoder_model
@@ -96,8 +95,12 @@ class Classifier:
 
     @classmethod
     def zero_shot(
-        cls, labels: dict[str, str], base_model: str = "bundled:minilm", scale: float = 20.0,
-        boundary: float = 0.3, max_length: int = 256,
+        cls,
+        labels: dict[str, str],
+        base_model: str = "bundled:minilm",
+        scale: float = 20.0,
+        boundary: float = 0.3,
+        max_length: int = 256,
     ) -> Classifier:
         """An untrained classifier: the base encoder as is, ``bias = -scale * boundary``.
 
@@ -146,23 +149,40 @@ class Classifier:
         owner_arr = np.array(owner)
         return [embedded[owner_arr == i] for i in range(len(texts))]
 
-    def similarities(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
-                     batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+    def similarities(
+        self,
+        texts: Sequence[str],
+        labels: dict[str, str] | None = None,
+        replace: bool = False,
+        batch_size: int = 64,
+    ) -> tuple[list[str], np.ndarray]:
         """``(label names, cos)`` with ``cos`` of shape ``(n_docs, n_labels)`` (max over chunks)."""
         label_set = self.resolve_labels(labels, replace)
         label_emb = self.label_embeddings(label_set)
         docs = self.document_embeddings(texts, batch_size)
-        cos = np.stack([(d @ label_emb.T).max(axis=0) for d in docs]) if docs else np.zeros((0, len(label_set)))
+        cos = (
+            np.stack([(d @ label_emb.T).max(axis=0) for d in docs]) if docs else np.zeros((0, len(label_set)))
+        )
         return list(label_set), cos.astype(np.float32)
 
-    def scores(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
-               batch_size: int = 64) -> tuple[list[str], np.ndarray]:
+    def scores(
+        self,
+        texts: Sequence[str],
+        labels: dict[str, str] | None = None,
+        replace: bool = False,
+        batch_size: int = 64,
+    ) -> tuple[list[str], np.ndarray]:
         """``(label names, probabilities)`` of shape ``(n_docs, n_labels)``."""
         names, cos = self.similarities(texts, labels, replace, batch_size)
         return names, 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
 
-    def predict(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
-                batch_size: int = 64) -> list[Prediction]:
+    def predict(
+        self,
+        texts: Sequence[str],
+        labels: dict[str, str] | None = None,
+        replace: bool = False,
+        batch_size: int = 64,
+    ) -> list[Prediction]:
         """Predict label sets.
 
         Args:
@@ -178,10 +198,11 @@ class Classifier:
         out = []
         for row_p, row_c in zip(probs, cos, strict=True):
             chosen = [names[j] for j in np.argsort(-row_p) if row_p[j] >= thresholds[j]]
-            out.append(Prediction(
-                chosen,
-                {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},
-                {n: round(float(c), 6) for n, c in zip(names, row_c, strict=True)},
-            ))
+            out.append(
+                Prediction(
+                    chosen,
+                    {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},
+                    {n: round(float(c), 6) for n, c in zip(names, row_c, strict=True)},
+                )
+            )
         return out
-

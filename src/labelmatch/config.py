@@ -87,7 +87,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""
-        positive = ("max_length", "epochs", "batch_size", "lr", "lora_rank", "lora_alpha", "scale", "eval_batch_size")
+        positive = (
+            "max_length",
+            "epochs",
+            "batch_size",
+            "lr",
+            "lora_rank",
+            "lora_alpha",
+            "scale",
+            "eval_batch_size",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
@@ -100,7 +109,9 @@ class TrainConfig:
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"TrainConfig.schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         if self.long_documents not in ("truncate", "chunk"):
-            raise ConfigError(f"TrainConfig.long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}")
+            raise ConfigError(
+                f"TrainConfig.long_documents must be 'truncate' or 'chunk', got {self.long_documents!r}"
+            )
         if self.steps_per_iteration is not None and self.steps_per_iteration <= 0:
             raise ConfigError("TrainConfig.steps_per_iteration must be > 0 or None")
 

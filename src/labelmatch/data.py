@@ -213,7 +213,9 @@ def load_documents(
     for line, obj in _iter_json_lines(path):
         doc_id = _check_str(path, line, obj, "id")
         if doc_id in seen:
-            raise DataError(path, f"duplicate id {doc_id!r} (first on line {seen[doc_id]})", line=line, field="id")
+            raise DataError(
+                path, f"duplicate id {doc_id!r} (first on line {seen[doc_id]})", line=line, field="id"
+            )
         seen[doc_id] = line
         text = _check_str(path, line, obj, "text", max_chars)
         raw_labels = obj.get("labels", [])
@@ -222,7 +224,9 @@ def load_documents(
         if labels is not None:
             for label in raw_labels:
                 if label not in labels:
-                    raise DataError(path, f"unknown label {label!r} (not in labels.json)", line=line, field="labels")
+                    raise DataError(
+                        path, f"unknown label {label!r} (not in labels.json)", line=line, field="labels"
+                    )
         soft = obj.get("soft")
         if soft is not None:
             if not isinstance(soft, dict):
@@ -235,7 +239,9 @@ def load_documents(
         if split is not None:
             split = {"validation": "val", "dev": "val"}.get(split, split)
             if split not in SPLITS:
-                raise DataError(path, f"unknown split {split!r}; expected one of {SPLITS}", line=line, field="split")
+                raise DataError(
+                    path, f"unknown split {split!r}; expected one of {SPLITS}", line=line, field="split"
+                )
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         documents.append(Document(doc_id, text, list(dict.fromkeys(raw_labels)), soft or None, split, meta))
     return documents
@@ -275,7 +281,9 @@ def load_pairs(
         text = _check_str(path, line, obj, "doc_text", max_chars)
         label = _check_str(path, line, obj, "label_name")
         if labels is not None and label not in labels:
-            raise DataError(path, f"unknown label {label!r} (not in labels.json)", line=line, field="label_name")
+            raise DataError(
+                path, f"unknown label {label!r} (not in labels.json)", line=line, field="label_name"
+            )
         if labels is None:
             description = obj.get("label_text")
             if not isinstance(description, str) or not description.strip():
@@ -288,7 +296,12 @@ def load_pairs(
         if doc is None:
             doc = docs[doc_id] = Document(doc_id, text, [], None, None, {})
         elif doc.text != text:
-            raise DataError(path, f"document {doc_id!r} has a different text than on an earlier line", line=line, field="doc_text")
+            raise DataError(
+                path,
+                f"document {doc_id!r} has a different text than on an earlier line",
+                line=line,
+                field="doc_text",
+            )
         if target == 1 and label not in doc.labels:
             doc.labels.append(label)
         if obj.get("soft_score") is not None:

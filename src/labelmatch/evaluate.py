@@ -16,16 +16,22 @@ from labelmatch.metrics import binarize, classification_metrics
 from labelmatch.report import markdown_report, plot_per_label_f1, plot_reliability, plot_thresholds
 
 
-def score_split(classifier: Classifier, dataset: Dataset, split: str, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def score_split(
+    classifier: Classifier, dataset: Dataset, split: str, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """``(targets, probabilities)`` of one split, in the dataset's label order."""
     part = dataset.split(split) if split != "all" else dataset
     if not part.documents:
         raise DataError("<dataset>", f"no documents in split {split!r}")
-    _, probs = classifier.scores([d.text for d in part.documents], dataset.labels, replace=True, batch_size=batch_size)
+    _, probs = classifier.scores(
+        [d.text for d in part.documents], dataset.labels, replace=True, batch_size=batch_size
+    )
     return part.label_matrix(), probs
 
 
-def evaluate(classifier: Classifier, dataset: Dataset, split: str = "test", batch_size: int = 64) -> dict[str, Any]:
+def evaluate(
+    classifier: Classifier, dataset: Dataset, split: str = "test", batch_size: int = 64
+) -> dict[str, Any]:
     """Metrics of ``classifier`` on one split of ``dataset`` with the classifier's thresholds.
 
     Returns:
@@ -48,13 +54,17 @@ def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str) -> Pa
         images = {
             "Per-label F1": plot_per_label_f1(metrics, tmp / "per_label_f1.png").name,
             "Reliability diagram": plot_reliability(metrics, tmp / "reliability.png").name,
-            "Thresholds": plot_thresholds(metrics["thresholds"], metrics["default_threshold"], tmp / "thresholds.png").name,
+            "Thresholds": plot_thresholds(
+                metrics["thresholds"], metrics["default_threshold"], tmp / "thresholds.png"
+            ).name,
         }
         (tmp / "report.md").write_text(markdown_report(metrics, title, images))
     return Path(out_dir)
 
 
-def evaluate_model(model_dir: str | Path, dataset: Dataset, out_dir: str | Path, split: str = "test") -> dict[str, Any]:
+def evaluate_model(
+    model_dir: str | Path, dataset: Dataset, out_dir: str | Path, split: str = "test"
+) -> dict[str, Any]:
     """Load a Model artifact, evaluate it on ``split`` and write the report to ``out_dir``."""
     classifier = Classifier.load(model_dir)
     metrics = evaluate(classifier, dataset, split)

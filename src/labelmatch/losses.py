@@ -72,9 +72,16 @@ def label_match_loss(
     else:
         bce_soft = torch.zeros((), device=logits.device)
         bce = bce_hard
-    contrastive = (targets * (1 - cos).clamp(min=0) + (1 - targets) * (cos - weights.margin).clamp(min=0)).mean()
+    contrastive = (
+        targets * (1 - cos).clamp(min=0) + (1 - targets) * (cos - weights.margin).clamp(min=0)
+    ).mean()
     loss = bce + weights.contrastive * contrastive
-    return {"loss": loss, "bce_hard": bce_hard.detach(), "bce_soft": bce_soft.detach(), "contrastive": contrastive.detach()}
+    return {
+        "loss": loss,
+        "bce_hard": bce_hard.detach(),
+        "bce_soft": bce_soft.detach(),
+        "contrastive": contrastive.detach(),
+    }
 
 
 def positive_weights(targets: torch.Tensor, max_weight: float = 10.0) -> torch.Tensor:

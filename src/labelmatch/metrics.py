@@ -59,7 +59,9 @@ def tune_label_thresholds(y_true: np.ndarray, scores: np.ndarray, fallback: floa
     return thresholds
 
 
-def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, bins: int = 10) -> tuple[float, dict[str, list[float]]]:
+def expected_calibration_error(
+    y_true: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> tuple[float, dict[str, list[float]]]:
     """ECE over all (document, label) pairs, and the reliability-diagram points.
 
     Returns:
@@ -100,7 +102,11 @@ def classification_metrics(
     out: dict[str, Any] = {"documents": int(y_true.shape[0]), "labels": len(label_names)}
     for average in ("micro", "macro", "samples", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        out[f"{average}_precision"], out[f"{average}_recall"], out[f"{average}_f1"] = float(p), float(r), float(f)
+        out[f"{average}_precision"], out[f"{average}_recall"], out[f"{average}_f1"] = (
+            float(p),
+            float(r),
+            float(f),
+        )
     out["exact_match"] = float(accuracy_score(y_true, y_pred))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
     out["per_label"] = {
@@ -112,9 +118,14 @@ def classification_metrics(
     support = np.maximum(y_true.sum(0), 1)
     order = np.argsort(-missed / support)
     out["most_missed"] = [
-        {"label": label_names[j], "missed": int(missed[j]), "support": int(y_true[:, j].sum()),
-         "miss_rate": float(missed[j] / support[j])}
-        for j in order[:10] if missed[j] > 0
+        {
+            "label": label_names[j],
+            "missed": int(missed[j]),
+            "support": int(y_true[:, j].sum()),
+            "miss_rate": float(missed[j] / support[j]),
+        }
+        for j in order[:10]
+        if missed[j] > 0
     ]
     confusions: Counter[tuple[str, str]] = Counter()
     for row in range(y_true.shape[0]):
@@ -123,5 +134,7 @@ def classification_metrics(
         for a in false_neg:
             for b in false_pos:
                 confusions[(label_names[a], label_names[b])] += 1
-    out["top_confusions"] = [{"true": a, "predicted": b, "count": n} for (a, b), n in confusions.most_common(10)]
+    out["top_confusions"] = [
+        {"true": a, "predicted": b, "count": n} for (a, b), n in confusions.most_common(10)
+    ]
     return out

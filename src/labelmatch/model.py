@@ -35,7 +35,9 @@ class DualEncoder(nn.Module):
         cos = doc_emb @ label_emb.T
         return cos, self.scale * cos + self.bias
 
-    def forward(self, doc_texts: Sequence[str], label_texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, doc_texts: Sequence[str], label_texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed documents and label descriptions with gradients; return ``(cos, logits)``."""
         doc_emb = self.encoder(self.encoder.tokenize(doc_texts))
         label_emb = self.encoder(self.encoder.tokenize(label_texts))

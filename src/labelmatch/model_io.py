@@ -125,7 +125,9 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {model_dir}: cannot read {MODEL_INFO}: {exc}") from exc
 
 
-def load_encoder_model(model_dir: str | Path, verify: bool = True, merge: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+def load_encoder_model(
+    model_dir: str | Path, verify: bool = True, merge: bool = True
+) -> tuple[Any, Any, dict[str, Any]]:
     """Load the encoder of a Model artifact.
 
     Args:

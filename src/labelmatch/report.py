@@ -68,21 +68,56 @@ def markdown_report(metrics: dict[str, Any], title: str, images: dict[str, str])
     """A Markdown evaluation report."""
     lines = [f"# {title}", ""]
     lines += ["| metric | value |", "|---|---|"]
-    for key in ("documents", "labels", "micro_f1", "macro_f1", "samples_f1", "weighted_f1",
-                "micro_precision", "micro_recall", "macro_precision", "macro_recall", "exact_match", "ece"):
+    for key in (
+        "documents",
+        "labels",
+        "micro_f1",
+        "macro_f1",
+        "samples_f1",
+        "weighted_f1",
+        "micro_precision",
+        "micro_recall",
+        "macro_precision",
+        "macro_recall",
+        "exact_match",
+        "ece",
+    ):
         value = metrics[key]
         lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    lines += ["", "## Per label", "", "| label | precision | recall | F1 | support | threshold |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Per label",
+        "",
+        "| label | precision | recall | F1 | support | threshold |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, row in metrics["per_label"].items():
         threshold = metrics.get("thresholds", {}).get(name, "")
         threshold = f"{threshold:.2f}" if isinstance(threshold, float) else threshold
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} | {threshold} |")
+        lines.append(
+            f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} "
+            f"| {row['support']} | {threshold} |"
+        )
     if metrics["most_missed"]:
-        lines += ["", "## Most missed labels", "", "| label | missed | support | miss rate |", "|---|---|---|---|"]
-        lines += [f"| {m['label']} | {m['missed']} | {m['support']} | {m['miss_rate']:.2f} |" for m in metrics["most_missed"]]
+        lines += [
+            "",
+            "## Most missed labels",
+            "",
+            "| label | missed | support | miss rate |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m['label']} | {m['missed']} | {m['support']} | {m['miss_rate']:.2f} |"
+            for m in metrics["most_missed"]
+        ]
     if metrics["top_confusions"]:
-        lines += ["", "## Top confusions (missed true label → wrongly predicted label, same document)", "",
-                  "| true | predicted | count |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Top confusions (missed true label → wrongly predicted label, same document)",
+            "",
+            "| true | predicted | count |",
+            "|---|---|---|",
+        ]
         lines += [f"| {c['true']} | {c['predicted']} | {c['count']} |" for c in metrics["top_confusions"]]
     lines += [""]
     for caption, name in images.items():

@@ -32,7 +32,7 @@ from labelmatch.data import Dataset
 from labelmatch.encoder import TextEncoder, add_lora, load_base, resolve_base_model, weights_digest
 from labelmatch.errors import ConfigError, DataError
 from labelmatch.losses import LossWeights, label_match_loss, positive_weights
-from labelmatch.metrics import macro_f1, binarize, tune_global_threshold, tune_label_thresholds
+from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_label_thresholds
 from labelmatch.model import DualEncoder
 from labelmatch.model_io import Thresholds, save_model
 
@@ -96,10 +96,14 @@ class IterationResult:
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able form (what a tuner reports)."""
         return {
-            "iteration": self.iteration, "step": self.step, "epoch": round(self.epoch, 4),
+            "iteration": self.iteration,
+            "step": self.step,
+            "epoch": round(self.epoch, 4),
             **{f"train_{k}": v for k, v in self.train_loss.items()},
-            "val_macro_f1": self.val_macro_f1, "val_threshold": self.val_threshold,
-            "improved": self.improved, "seconds": round(self.seconds, 3),
+            "val_macro_f1": self.val_macro_f1,
+            "val_threshold": self.val_threshold,
+            "improved": self.improved,
+            "seconds": round(self.seconds, 3),
         }
 
 
@@ -126,13 +130,17 @@ class SFTTrainer:
         if not self.train_set.documents:
             raise DataError("<dataset>", "no documents in the 'train' split")
         if not self.val_set.documents:
-            raise DataError("<dataset>", "no documents in the 'val' split (needed for early stopping and thresholds)")
+            raise DataError(
+                "<dataset>", "no documents in the 'val' split (needed for early stopping and thresholds)"
+            )
         self.label_names = dataset.label_names
         self.label_texts = list(dataset.labels.values())
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         base, self.tokenizer = load_base(config.base_model)
-        peft_model = add_lora(base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        peft_model = add_lora(
+            base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
+        )
         encoder = TextEncoder(peft_model, self.tokenizer, config.max_length)
         self.model = DualEncoder(encoder, config.scale, 0.0).to(self.device)
         self.targets = torch.from_numpy(self.train_set.label_matrix())
@@ -158,10 +166,17 @@ class SFTTrainer:
     # -- set-up -----------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         lora = [p for n, p in self.model.named_parameters() if p.requires_grad and n != "bias"]
-        return torch.optim.AdamW([
-            {"params": lora, "lr": self.config.lr, "weight_decay": self.config.weight_decay, "name": "lora"},
-            {"params": [self.model.bias], "lr": self.config.bias_lr, "weight_decay": 0.0, "name": "bias"},
-        ])
+        return torch.optim.AdamW(
+            [
+                {
+                    "params": lora,
+                    "lr": self.config.lr,
+                    "weight_decay": self.config.weight_decay,
+                    "name": "lora",
+                },
+                {"params": [self.model.bias], "lr": self.config.bias_lr, "weight_decay": 0.0, "name": "bias"},
+            ]
+        )
 
     def _init_bias(self) -> None:
         """Start the bias at the cosine that best separates positives from negatives zero-shot.
@@ -226,9 +241,17 @@ class SFTTrainer:
         doc_emb = encoder(encoder.tokenize([self.train_set.documents[i].text for i in batch]))
         cos, logits = self.model.logits(doc_emb, self._label_matrix(batch))
         rows = torch.tensor(batch)
-        weights = LossWeights(self.config.hard_weight, self.config.soft_weight, self.config.contrastive_weight, self.config.margin)
+        weights = LossWeights(
+            self.config.hard_weight,
+            self.config.soft_weight,
+            self.config.contrastive_weight,
+            self.config.margin,
+        )
         parts = label_match_loss(
-            cos, logits, self.targets[rows].to(self.device), weights,
+            cos,
+            logits,
+            self.targets[rows].to(self.device),
+            weights,
             pos_weight=self.pos_weight.to(self.device),
             soft=self.soft[rows].to(self.device),
             soft_mask=self.soft_mask[rows].to(self.device),
@@ -262,7 +285,12 @@ class SFTTrainer:
         started = time.perf_counter()
         steps = min(self.steps_per_iteration, self.total_steps - self.step)
         sums: dict[str, float] = {}
-        bar = tqdm(range(steps), desc=f"iteration {self.iteration + 1}", disable=not self.config.progress, leave=False)
+        bar = tqdm(
+            range(steps),
+            desc=f"iteration {self.iteration + 1}",
+            disable=not self.config.progress,
+            leave=False,
+        )
         for _ in bar:
             parts = self.train_step()
             for k, v in parts.items():
@@ -277,8 +305,13 @@ class SFTTrainer:
         else:
             self.stale += 1
         result = IterationResult(
-            self.iteration, self.step, self.step / self.steps_per_epoch,
-            {k: v / max(steps, 1) for k, v in sums.items()}, f1, threshold, improved,
+            self.iteration,
+            self.step,
+            self.step / self.steps_per_epoch,
+            {k: v / max(steps, 1) for k, v in sums.items()},
+            f1,
+            threshold,
+            improved,
             time.perf_counter() - started,
         )
         self.history.append({**result.to_dict(), "hyperparameters": self.hyperparameters()})
@@ -301,8 +334,11 @@ class SFTTrainer:
         from peft import get_peft_model_state_dict
 
         adapter = get_peft_model_state_dict(self.model.encoder.model)
-        return {"adapter": {k: v.detach().cpu().clone() for k, v in adapter.items()},
-                "bias": self.model.bias.item(), "scale": self.model.scale}
+        return {
+            "adapter": {k: v.detach().cpu().clone() for k, v in adapter.items()},
+            "bias": self.model.bias.item(),
+            "scale": self.model.scale,
+        }
 
     def _load_weights(self, state: dict[str, Any]) -> None:
         from peft import set_peft_model_state_dict
@@ -339,8 +375,10 @@ class SFTTrainer:
             "history": self.history,
             "order": self._order,
             "rng": {
-                "python": random.getstate(), "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "generator": self.generator.get_state(),
             },
         }
         torch.save(state, directory / CHECKPOINT_FILE)
@@ -364,7 +402,14 @@ class SFTTrainer:
             raise ConfigError(f"no {CHECKPOINT_FILE} in checkpoint {directory}")
         state = torch.load(path, map_location="cpu", weights_only=False)
         values = dict(state["config"])
-        architectural = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "base_model", "max_length")
+        architectural = (
+            "lora_rank",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target_modules",
+            "base_model",
+            "max_length",
+        )
         for key, value in (overrides or {}).items():
             if key not in architectural:
                 values[key] = value
@@ -374,7 +419,11 @@ class SFTTrainer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.step, trainer.iteration = state["step"], state["iteration"]
         trainer.history, trainer._order = state["history"], state["order"]
-        trainer.best_state, trainer.best_f1, trainer.stale = state["best_state"], state["best_f1"], state["stale"]
+        trainer.best_state, trainer.best_f1, trainer.stale = (
+            state["best_state"],
+            state["best_f1"],
+            state["stale"],
+        )
         rng = state["rng"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -391,8 +440,12 @@ class SFTTrainer:
         per_label = tune_label_thresholds(self.val_targets, scores, default)
         return Thresholds(default, {n: float(t) for n, t in zip(self.label_names, per_label, strict=True)})
 
-    def save_model(self, out_dir: str | Path, extra_info: dict[str, Any] | None = None,
-                   lineage: dict[str, Any] | None = None) -> Path:
+    def save_model(
+        self,
+        out_dir: str | Path,
+        extra_info: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> Path:
         """Write the current weights as a Model artifact (atomically), with tuned thresholds.
 
         Label embeddings are recomputed with the trained encoder.
@@ -410,13 +463,25 @@ class SFTTrainer:
             "bias": self.model.bias.item(),
             "embedding_dim": int(label_emb.shape[1]),
             "config": self.config.to_dict(),
-            "metrics": {"val_macro_f1_global_threshold": max(self.best_f1, 0.0), "val_macro_f1_tuned_thresholds": val_f1},
+            "metrics": {
+                "val_macro_f1_global_threshold": max(self.best_f1, 0.0),
+                "val_macro_f1_tuned_thresholds": val_f1,
+            },
             "history": self.history,
             **(extra_info or {}),
         }
         with atomic_artifact_dir(out_dir) as tmp:
-            save_model(tmp, self.model.encoder.model, self.tokenizer, self.dataset.labels, label_emb,
-                       thresholds, info, save_merged=self.config.save_merged, lineage=lineage)
+            save_model(
+                tmp,
+                self.model.encoder.model,
+                self.tokenizer,
+                self.dataset.labels,
+                label_emb,
+                thresholds,
+                info,
+                save_merged=self.config.save_merged,
+                lineage=lineage,
+            )
         return Path(out_dir)
 
 
@@ -431,7 +496,9 @@ def dataset_lineage(path: str | Path | None) -> dict[str, Any]:
         return {"dataset": str(path)}
 
 
-def train_sft(dataset: Dataset, config: TrainConfig, out_dir: str | Path, source: str | Path | None = None) -> SFTTrainer:
+def train_sft(
+    dataset: Dataset, config: TrainConfig, out_dir: str | Path, source: str | Path | None = None
+) -> SFTTrainer:
     """Train with early stopping and write the best model as a Model artifact.
 
     Args:
@@ -447,4 +514,3 @@ def train_sft(dataset: Dataset, config: TrainConfig, out_dir: str | Path, source
     trainer.fit()
     trainer.save_model(out_dir, lineage=dataset_lineage(source))
     return trainer
-

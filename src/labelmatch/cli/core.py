@@ -12,11 +12,22 @@ import typer
 from labelmatch.cli import app
 from labelmatch.errors import ConfigError
 
-DataOpt = Annotated[Path, typer.Option("--data", help="Directory with docs.jsonl (+ labels.json), or a .jsonl file (normalised or pair format).")]
-LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="labels.json ({label: description}); default: the one beside the data.")]
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        "--data",
+        help="Directory with docs.jsonl (+ labels.json), or a .jsonl file (normalised or pair format).",
+    ),
+]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option("--labels", help="labels.json ({label: description}); default: the one beside the data."),
+]
 
 
-def _load_split_dataset(data: Path, labels: Path | None, val_fraction: float, test_fraction: float, seed: int):
+def _load_split_dataset(
+    data: Path, labels: Path | None, val_fraction: float, test_fraction: float, seed: int
+):
     from labelmatch.data import assign_splits, load_dataset
 
     return assign_splits(load_dataset(data, labels), val_fraction, test_fraction, seed)
@@ -25,17 +36,25 @@ def _load_split_dataset(data: Path, labels: Path | None, val_fraction: float, te
 @app.command()
 def train(
     data: DataOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output Model artifact directory (replaced atomically).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output Model artifact directory (replaced atomically).")
+    ],
     labels: LabelsOpt = None,
-    base_model: Annotated[str, typer.Option(help="bundled:minilm, a local HF directory, or a hub id (e.g. BAAI/bge-m3).")] = "bundled:minilm",
-    config: Annotated[Path | None, typer.Option(help="JSON file of TrainConfig fields; flags below override it.")] = None,
+    base_model: Annotated[
+        str, typer.Option(help="bundled:minilm, a local HF directory, or a hub id (e.g. BAAI/bge-m3).")
+    ] = "bundled:minilm",
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file of TrainConfig fields; flags below override it.")
+    ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Documents per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the LoRA parameters.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text.")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (training and split).")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="Validation share when the data has no val split.")] = 0.15,
+    val_fraction: Annotated[
+        float, typer.Option(help="Validation share when the data has no val split.")
+    ] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Test share when the data has no test split.")] = 0.15,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
@@ -46,8 +65,16 @@ def train(
     values = json.loads(config.read_text()) if config else {}
     if not isinstance(values, dict):
         raise ConfigError(f"{config}: expected a JSON object of TrainConfig fields")
-    values["base_model"] = base_model if base_model != "bundled:minilm" or "base_model" not in values else values["base_model"]
-    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "max_length": max_length, "lora_rank": lora_rank}
+    values["base_model"] = (
+        base_model if base_model != "bundled:minilm" or "base_model" not in values else values["base_model"]
+    )
+    flags = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "lora_rank": lora_rank,
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     values["seed"], values["progress"] = seed, not no_progress
     cfg = TrainConfig.from_dict(values)
@@ -64,26 +91,49 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Report directory: metrics.json, report.md, PNG plots.")],
     labels: LabelsOpt = None,
     split: Annotated[str, typer.Option(help="Split to evaluate: train, val, test or all.")] = "test",
-    seed: Annotated[int, typer.Option(help="Seed of the split when the data has none (use the training seed).")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split when the data has none (use the training seed).")
+    ] = 0,
 ) -> None:
     """Evaluate a model: micro/macro F1, per-label P/R/F1, calibration, confusions; writes a report."""
     from labelmatch.evaluate import evaluate_model
 
     dataset = _load_split_dataset(data, labels, 0.15, 0.15, seed)
     metrics = evaluate_model(model, dataset, out, split)
-    typer.echo(f"{split}: micro-F1 {metrics['micro_f1']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  ECE {metrics['ece']:.4f}")
+    typer.echo(
+        f"{split}: micro-F1 {metrics['micro_f1']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+        f"ECE {metrics['ece']:.4f}"
+    )
     typer.echo(f"report written to {out / 'report.md'}")
 
 
 @app.command()
 def predict(
     texts: Annotated[list[str] | None, typer.Argument(help="Documents to classify.")] = None,
-    model: Annotated[Path | None, typer.Option("--model", help="Model artifact; omit for zero-shot with the base encoder (needs --labels).")] = None,
-    file: Annotated[Path | None, typer.Option("--file", help="docs.jsonl to classify (uses each line's 'text').")] = None,
-    labels: Annotated[Path | None, typer.Option("--labels", help="labels.json to add to (or, with --replace-labels, replace) the model's labels.")] = None,
-    replace_labels: Annotated[bool, typer.Option("--replace-labels", help="Use only the labels of --labels.")] = False,
-    base_model: Annotated[str, typer.Option(help="Base encoder for zero-shot prediction (no --model).")] = "bundled:minilm",
-    similarities: Annotated[bool, typer.Option("--similarities", help="Also print cosine similarities.")] = False,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", help="Model artifact; omit for zero-shot with the base encoder (needs --labels)."
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="docs.jsonl to classify (uses each line's 'text').")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels", help="labels.json to add to (or, with --replace-labels, replace) the model's labels."
+        ),
+    ] = None,
+    replace_labels: Annotated[
+        bool, typer.Option("--replace-labels", help="Use only the labels of --labels.")
+    ] = False,
+    base_model: Annotated[
+        str, typer.Option(help="Base encoder for zero-shot prediction (no --model).")
+    ] = "bundled:minilm",
+    similarities: Annotated[
+        bool, typer.Option("--similarities", help="Also print cosine similarities.")
+    ] = False,
 ) -> None:
     """Classify documents; prints one JSON object per document."""
     from labelmatch.classifier import Classifier
