@@ -28,7 +28,7 @@ demo: setup
 
 ## test: the default test suite
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 ## lint: ruff
 lint: setup
