@@ -209,7 +209,9 @@ def write_report(results: dict[str, Any], args, out: Path) -> None:
         "",
     ]
     (out / "quality.md").write_text("\n".join(lines))
-    (out / "quality.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    (out / "quality.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2, default=str)
+    )
 
 
 def main() -> None:
@@ -218,8 +220,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--work", type=Path, default=Path("bench/work"))
-    parser.add_argument("--train-docs", type=int, default=1600)
-    parser.add_argument("--strategy-docs", type=int, default=400)
+    parser.add_argument("--train-docs", type=int, default=800)
+    parser.add_argument("--strategy-docs", type=int, default=240)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
