@@ -174,7 +174,11 @@ class Classifier:
     ) -> tuple[list[str], np.ndarray]:
         """``(label names, probabilities)`` of shape ``(n_docs, n_labels)``."""
         names, cos = self.similarities(texts, labels, replace, batch_size)
-        return names, 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+        return names, self.probabilities(cos)
+
+    def probabilities(self, cos: np.ndarray) -> np.ndarray:
+        """``sigmoid(scale * cos + bias)``, elementwise."""
+        return 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
 
     def predict(
         self,
@@ -193,7 +197,7 @@ class Classifier:
             batch_size: Embedding batch size.
         """
         names, cos = self.similarities(texts, labels, replace, batch_size)
-        probs = 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+        probs = self.probabilities(cos)
         thresholds = self.thresholds.for_labels(names)
         out = []
         for row_p, row_c in zip(probs, cos, strict=True):
