@@ -79,16 +79,23 @@ def ray_sandbox(prefix: str) -> Iterator[Path]:
 
     Ray writes to ``~/.ray`` and its temp dir; both stay inside the sandbox. The path is short
     because Ray's Unix sockets live in it (107-byte limit). Ray is shut down on exit.
+
+    Ray 2.5x turns token authentication on for a new local cluster: it sets ``RAY_AUTH_MODE=token``
+    in this process, writes ``~/.ray/auth_token`` and caches the token. A later sandbox has another
+    HOME, so both are undone on exit; otherwise the next local Ray's GCS server finds no token file
+    in the new HOME and aborts (seen as "Timed out waiting for file .../gcs_server_port_...").
     """
     import ray
+    from ray._raylet import AuthenticationTokenLoader
 
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR")}
+    saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR", "RAY_AUTH_MODE")}
     os.environ.update(HOME=str(root), RAY_TMPDIR=str(root))
     try:
         yield root
     finally:
         ray.shutdown()
+        AuthenticationTokenLoader.instance().reset_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
