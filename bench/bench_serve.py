@@ -10,13 +10,17 @@ compare like with like on a shared, noisy CPU. Reported (``bench/results/serve.j
   ``parity.json``, on Reuters test documents);
 * the HTTP server (``labelmatch.serve`` subprocess on 127.0.0.1) under ``--clients`` concurrent
   clients for ``--duration`` seconds: throughput, p50/p99, error count, server RSS before/after;
-* server overhead at batch 1: sequential single-document requests, HTTP p50 minus the
-  model-only p50 (same thread count) and HTTP mean minus the server's own mean inference time.
+* server overhead at batch 1: sequential single-document requests, each one's client-side latency
+  minus the model time the server reports for that same request (``Server-Timing`` header);
+  the p50 of these paired differences is the headline (also: HTTP p50 minus a separately
+  measured model-only p50, and HTTP mean minus the server's mean inference time).
 
-The model is the zero-shot classifier of the bundled encoder (MiniLM-L6) over the 90 Reuters
-label descriptions, saved as a Model artifact and exported like any trained model: the speed
-and the numerics of the graph do not depend on LoRA weights, and a trained Reuters model would
-cost this shared machine several minutes more.
+Models: the speed cells use the zero-shot classifier of the bundled encoder (MiniLM-L6) over the
+90 Reuters label descriptions, exported like any trained model (speed does not depend on the
+LoRA weights). Parity is measured for it *and* for the trained Reuters model that
+``make bench-quality`` keeps in ``bench/work/reuters-sft`` (``--model``): the trained model is
+what gets served, so its agreement is the target's figure, and the HTTP server serves it. The
+zero-shot model is the hard case for agreement (many cosines sit near its one threshold).
 
 Usage::
 
@@ -148,6 +152,15 @@ def inference_totals(base: str) -> tuple[float, float]:
     return total, count
 
 
+def server_timing_ms(response: requests.Response) -> float:
+    """The model time the server reports for this request (``Server-Timing: inference;dur=MS``)."""
+    for metric in response.headers["server-timing"].split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "inference":
+            return float(params.split("dur=", 1)[1].split(";")[0])
+    raise ValueError(f"no inference duration in Server-Timing: {response.headers['server-timing']!r}")
+
+
 def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, duration: float,
                sequential: int, model_p50_ms: float) -> dict[str, Any]:
     """Start the real server on 127.0.0.1 and measure it sequentially and under load."""
@@ -174,11 +187,14 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
         for text in texts[:10]:
             session.post(url, json={"instances": [text]}, timeout=30)
         before_sum, before_count = inference_totals(base)
-        seq_ms = []
+        seq_ms, paired_ms = [], []
         for i in range(sequential):
             start = time.perf_counter()
-            session.post(url, json={"instances": [texts[i % len(texts)]]}, timeout=30).raise_for_status()
-            seq_ms.append((time.perf_counter() - start) * 1000)
+            response = session.post(url, json={"instances": [texts[i % len(texts)]]}, timeout=30)
+            elapsed = (time.perf_counter() - start) * 1000
+            response.raise_for_status()
+            seq_ms.append(elapsed)
+            paired_ms.append(elapsed - server_timing_ms(response))
         after_sum, after_count = inference_totals(base)
         server_model_mean = (after_sum - before_sum) / max(after_count - before_count, 1) * 1000
         rss_before = rss_mib(process.pid)
@@ -224,7 +240,9 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
         "sequential": {"requests": sequential, "p50_ms": float(np.percentile(seq, 50)),
                        "p99_ms": float(np.percentile(seq, 99)), "mean_ms": float(seq.mean()),
                        "server_inference_mean_ms": server_model_mean,
-                       "overhead_p50_ms": float(np.percentile(seq, 50)) - model_p50_ms,
+                       "overhead_p50_ms": float(np.percentile(paired_ms, 50)),
+                       "overhead_p99_ms": float(np.percentile(paired_ms, 99)),
+                       "overhead_p50_unpaired_ms": float(np.percentile(seq, 50)) - model_p50_ms,
                        "overhead_mean_ms": float(seq.mean()) - server_model_mean},
         "load": {"clients": clients, "duration_s": wall, "requests": len(latencies), "errors": len(errors),
                  "error_examples": sorted(set(errors))[:5], "throughput_rps": len(latencies) / wall,
@@ -276,8 +294,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: shared CPU ({os.cpu_count()} cores visible, other jobs running); {results['threads']} "
         "thread(s) per engine; engines interleaved round by round inside every cell, so compare ratios, "
         "not absolute numbers.", "",
-        f"Model: zero-shot bundled MiniLM-L6 over the {results['labels']} Reuters-21578 label descriptions, "
-        f"exported with `labelmatch export` (dynamic int8, per channel). Texts: Reuters test documents of at "
+        f"Speed model: zero-shot bundled MiniLM-L6 over the {results['labels']} Reuters-21578 label "
+        f"descriptions, exported with `labelmatch export` (dynamic int8, per channel); parity also for the "
+        f"trained model {results['trained_model'] or '(none given)'}. Texts: Reuters test documents of at "
         f"least 2000 characters ({results['texts']} of them), so every sequence is full.", "",
         "## Model-only throughput and latency per call", "",
         "| cell | engine | docs/s | p50 ms | p99 ms | × torch |", "|---|---|---:|---:|---:|---:|",
@@ -287,22 +306,32 @@ def markdown(results: dict[str, Any]) -> str:
         for engine, row in engines.items():
             lines.append(f"| {cell} | {engine} | {row['docs_per_s']:.1f} | {row['p50_ms']:.2f} | "
                          f"{row['p99_ms']:.2f} | {row['docs_per_s'] / base:.2f} |")
-    parity = results["parity"]
     lines += [
-        "", "## Agreement with torch (export parity, Reuters test documents, max length 256)", "",
-        "| graph | cosine min | cosine mean | label-set agreement |", "|---|---:|---:|---:|",
+        "", "## Agreement with torch (export parity, Reuters test documents)", "",
+        "Same thresholds for torch and ONNX (the model's own); label-set agreement = the whole label set "
+        "of a document equal to torch's; decision agreement = per (document, label).", "",
+        "| model | graph | cosine min | cosine mean | label-set agreement | decision agreement | "
+        "macro-F1 Δ vs torch |", "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for key in ("fp32", "int8"):
-        lines.append(f"| {key} | {parity[key]['cosine_min']:.4f} | {parity[key]['cosine_mean']:.4f} | "
-                     f"{parity[key]['label_set_agreement']:.4f} |")
+    for model, parity in results["parity"].items():
+        for key in ("fp32", "int8"):
+            row = parity[key]
+            delta = row.get("macro_f1_delta")
+            lines.append(f"| {model} | {key} | {row['cosine_min']:.4f} | {row['cosine_mean']:.4f} | "
+                         f"{row['label_set_agreement']:.4f} | {row['label_decision_agreement']:.4f} | "
+                         f"{'' if delta is None else f'{delta:+.4f}'} |")
     http = results["http"]
     seq, load = http["sequential"], http["load"]
     lines += [
         "", f"## HTTP server (v1, one document per request, 127.0.0.1, {http['threads']} ORT thread(s))", "",
-        f"- Sequential, {seq['requests']} requests: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms; "
-        f"model-only p50 {results['model_only_p50_ms']:.2f} ms → **overhead p50 "
-        f"{seq['overhead_p50_ms']:.2f} ms**; HTTP mean {seq['mean_ms']:.2f} ms vs the server's own mean "
-        f"inference {seq['server_inference_mean_ms']:.2f} ms → overhead {seq['overhead_mean_ms']:.2f} ms.",
+        f"Served model: {results['served_model']}.", "",
+        f"- Sequential, {seq['requests']} requests: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms. "
+        f"Per request, client latency minus the model time the server reports for it (`Server-Timing`): "
+        f"**overhead p50 {seq['overhead_p50_ms']:.2f} ms**, p99 {seq['overhead_p99_ms']:.2f} ms. "
+        f"Unpaired, for comparison: HTTP p50 minus a separately measured model-only p50 "
+        f"({results['model_only_p50_ms']:.2f} ms) = {seq['overhead_p50_unpaired_ms']:.2f} ms; "
+        f"HTTP mean minus the server's mean inference ({seq['server_inference_mean_ms']:.2f} ms) = "
+        f"{seq['overhead_mean_ms']:.2f} ms.",
         f"- Load, {load['clients']} clients for {load['duration_s']:.0f} s: {load['requests']} requests, "
         f"**{load['errors']} errors**, {load['throughput_rps']:.1f} req/s, p50 {load['p50_ms']:.1f} ms, "
         f"p99 {load['p99_ms']:.1f} ms; server RSS {load['rss_before_mib']:.0f} → "
@@ -327,6 +356,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=45.0)
     parser.add_argument("--sequential", type=int, default=200)
     parser.add_argument("--work", type=Path, default=None, help="Keep the model and export here.")
+    parser.add_argument("--model", type=Path, default=Path("bench/work/reuters-sft"),
+                        help="A trained Reuters Model artifact (make bench-quality keeps one here): its "
+                             "int8 parity is the one that counts, and the HTTP server serves it. Skipped "
+                             "when missing (then only the zero-shot model is measured).")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -341,7 +374,13 @@ def main() -> None:
         doc.split = "val"  # the parity split: Reuters test documents, never trained on
     parity_set = Dataset(test_docs[: args.parity_docs], full.labels)
     config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs)
-    parity = export_onnx(model_dir, onnx_dir, config, parity_set)
+    parities = {"zero_shot": export_onnx(model_dir, onnx_dir, config, parity_set)}
+    served = onnx_dir
+    if args.model.is_dir():
+        served = work / "onnx-trained"
+        parities["trained"] = export_onnx(args.model, served, config, parity_set)
+    else:
+        print(f"no trained model at {args.model}: measuring the zero-shot model only", flush=True)
     texts = long_texts(Dataset(test_docs, full.labels), 256)
 
     latency: dict[str, Any] = {}
@@ -353,19 +392,23 @@ def main() -> None:
             summary = ", ".join(f"{e} {r['docs_per_s']:.1f} docs/s" for e, r in cell.items())
             print(f"seq {seq} batch {batch}: {summary}", flush=True)
         del engines
-    model_p50 = model_only_p50(onnx_dir, texts, args.threads, args.sequential)
-    http = http_bench(onnx_dir, texts, args.threads, args.clients, args.duration, args.sequential, model_p50)
+    model_p50 = model_only_p50(served, texts, args.threads, args.sequential)
+    http = http_bench(served, texts, args.threads, args.clients, args.duration, args.sequential, model_p50)
 
     b1 = latency["seq128_b1"]
     speedup = b1["ort_int8"]["docs_per_s"] / b1["torch_fp32"]["docs_per_s"]
-    agreement = parity["int8"]["label_set_agreement"]
+    headline = "trained" if "trained" in parities else "zero_shot"
+    agreement = parities[headline]["int8"]["label_set_agreement"]
     overhead = http["sequential"]["overhead_p50_ms"]
     results = {
         "threads": args.threads, "labels": len(full.labels), "texts": len(texts), "latency": latency,
-        "parity": parity, "model_only_p50_ms": model_p50, "http": http,
+        "parity": parities, "parity_headline": headline, "served_model": headline,
+        "trained_model": str(args.model) if "trained" in parities else None,
+        "model_only_p50_ms": model_p50, "http": http,
         "targets": {
             "int8 ≥ 2.5× torch fp32 docs/s (seq 128, batch 1)": (f"{speedup:.2f}×", speedup >= 2.5),
-            "label-set agreement with torch ≥ 0.98": (f"{agreement:.4f}", agreement >= 0.98),
+            f"label-set agreement with torch ≥ 0.98 ({headline} model)": (f"{agreement:.4f}",
+                                                                          agreement >= 0.98),
             "zero errors under load": (str(http["load"]["errors"]), http["load"]["errors"] == 0),
             "server p50 overhead ≤ 3 ms at batch 1": (f"{overhead:.2f} ms", overhead <= 3.0),
         },

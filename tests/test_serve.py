@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -97,6 +98,13 @@ def test_binds_loopback_only(server):
     assert listening == ["0100007F"], listening
 
 
+def _inference_ms(response: requests.Response) -> float:
+    """Model time of one request from its W3C ``Server-Timing`` header."""
+    match = re.fullmatch(r"inference;dur=(\d+\.\d{3})", response.headers["server-timing"])
+    assert match, response.headers["server-timing"]
+    return float(match.group(1))
+
+
 def test_health_and_metadata(server):
     base = server[0]
     assert requests.get(f"{base}/v2/health/live", timeout=10).status_code == 200
@@ -117,6 +125,7 @@ def test_v1_predict(server, onnx_model):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == response.headers["x-model-version"]
+    assert _inference_ms(response) > 0
     assert body["label_set_version"] == 0
     first, second = body["predictions"]
     assert first["doc_id"] == "d1" and len(first["id"]) == 32
@@ -133,6 +142,7 @@ def test_v2_infer_matches_v1(server):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model_version"] == response.headers["x-model-version"]
+    assert _inference_ms(response) > 0
     outputs = {o["name"]: o for o in body["outputs"]}
     names = json.loads(body["parameters"]["label_names"])
     assert outputs["scores"]["shape"] == [2, len(names)]

@@ -116,3 +116,17 @@ def test_bad_config_is_refused():
         tiny_config(warmup_ratio=1.5)
     with pytest.raises(ConfigError, match="unknown TrainConfig field"):
         type(tiny_config()).from_dict({"learning_rate": 1e-3})
+
+
+def test_lora_targets_default_per_architecture_overridable_and_checked():
+    from labelmatch.encoder import add_lora, load_base
+
+    def adapted(targets):
+        model = add_lora(load_base("bundled:minilm")[0], 4, 8.0, 0.0, targets)
+        names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+        return {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
+
+    assert adapted(None) == {"query", "value"}
+    assert adapted(["query", "key", "value", "dense"]) == {"query", "key", "value", "dense"}
+    with pytest.raises(ConfigError, match=r"lora_target_modules \['qkv_proj'\]"):
+        adapted(["qkv_proj"])

@@ -102,14 +102,12 @@ def add_lora(
     """Wrap ``model`` with a fresh trainable LoRA adapter (peft); the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=lora_targets(model, target_modules),
-        bias="none",
-    )
-    return get_peft_model(model, config)
+    targets = lora_targets(model, target_modules)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise ConfigError(f"lora_target_modules {targets}: {exc}") from exc
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -174,7 +174,7 @@ class LabelmatchModel(kserve.Model):
     """
 
     def __init__(self, config: ServeConfig, metrics: ServeMetrics):
-        super().__init__(config.name)
+        super().__init__(config.name, return_response_headers=True)
         self.config = config
         self.metrics = metrics
         self.classifier: OnnxClassifier | None = None
@@ -248,13 +248,16 @@ class LabelmatchModel(kserve.Model):
             return self._parse_v2(payload)
         return self._parse_v1(payload)
 
-    async def predict(self, payload: ParsedRequest, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def predict(self, payload: ParsedRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._predict, payload)
 
     async def postprocess(self, result: dict[str, Any], headers: dict[str, str] | None = None,
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         request: ParsedRequest = result["request"]
+        if response_headers is not None:  # W3C Server-Timing: lets a client split model time from the rest
+            response_headers["server-timing"] = f"inference;dur={result['inference_ms']:.3f}"
         if request.v2_id is None:
             return {"model_name": self.name, "model_version": result["model_version"],
                     "label_set_version": result["label_set_version"], "predictions": result["predictions"]}
@@ -352,7 +355,8 @@ class LabelmatchModel(kserve.Model):
         start = time.perf_counter()
         names = list(classifier.resolve_labels(request.labels, request.replace))
         predictions = classifier.predict(request.texts, request.labels, request.replace, request.similarities)
-        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        self.metrics.inference_seconds.observe(elapsed)
         self.metrics.batch_documents.observe(len(request.texts))
         self.metrics.count_labels((p["labels"] for p in predictions), set(classifier.labels))
         version = classifier.model_version
@@ -364,7 +368,8 @@ class LabelmatchModel(kserve.Model):
                 self._remember(prediction["id"], {"text": text, "labels": prediction["labels"],
                                                   "scores": prediction["scores"], "model_version": version})
         return {"request": request, "predictions": predictions, "label_names": names,
-                "model_version": version, "label_set_version": self.label_set_version}
+                "model_version": version, "label_set_version": self.label_set_version,
+                "inference_ms": elapsed * 1000}
 
     def _remember(self, prediction_id: str, record: dict[str, Any]) -> None:
         self._recent[prediction_id] = record

@@ -51,6 +51,11 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the LoRA parameters.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text.")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module names to adapt (default per architecture: query,value; "
+                          "query,key,value,dense adapts every linear layer of a BERT-like encoder)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (training and split).")] = 0,
     val_fraction: Annotated[
         float, typer.Option(help="Validation share when the data has no val split.")
@@ -76,6 +81,10 @@ def train(
         "lora_rank": lora_rank,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    if lora_targets is not None:
+        values["lora_target_modules"] = [m.strip() for m in lora_targets.split(",") if m.strip()]
+        if not values["lora_target_modules"]:
+            raise ConfigError(f"--lora-targets {lora_targets!r}: no module names")
     values["seed"], values["progress"] = seed, not no_progress
     cfg = TrainConfig.from_dict(values)
     dataset = _load_split_dataset(data, labels, val_fraction, test_fraction, seed)
