@@ -320,11 +320,19 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {model} | {key} | {row['cosine_min']:.4f} | {row['cosine_mean']:.4f} | "
                          f"{row['label_set_agreement']:.4f} | {row['label_decision_agreement']:.4f} | "
                          f"{'' if delta is None else f'{delta:+.4f}'} |")
+        plan = parity.get("fallback")
+        if plan:
+            lines.append(f"| {model} | int8 + fp32 fallback (margin {plan['margin']:.4f}; "
+                         f"{plan['fallback_fraction']:.0%} of the {plan['holdout_documents']} holdout "
+                         f"documents re-embedded) | | | {plan['label_set_agreement']:.4f} | | |")
+    lines += ["", "The fallback's margin is calibrated on the first half of the parity documents; its "
+              "agreement and re-embedded share are measured on the second half. Its throughput (targets "
+              "table) is derived from the measured int8 and fp32 engines: 1 / (1/int8 + share/fp32)."]
     http = results["http"]
     seq, load = http["sequential"], http["load"]
     lines += [
         "", f"## HTTP server (v1, one document per request, 127.0.0.1, {http['threads']} ORT thread(s))", "",
-        f"Served model: {results['served_model']}.", "",
+        f"Served model: {results['served_model']}, int8 with its fp32 fallback.", "",
         f"- Sequential, {seq['requests']} requests: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms. "
         f"Per request, client latency minus the model time the server reports for it (`Server-Timing`): "
         f"**overhead p50 {seq['overhead_p50_ms']:.2f} ms**, p99 {seq['overhead_p99_ms']:.2f} ms. "
@@ -373,7 +381,8 @@ def main() -> None:
     for doc in test_docs:
         doc.split = "val"  # the parity split: Reuters test documents, never trained on
     parity_set = Dataset(test_docs[: args.parity_docs], full.labels)
-    config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs)
+    # "always": measure int8 alone *and* int8 with its fp32 fallback (gate 0: report, never refuse)
+    config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs, fp32_fallback="always")
     parities = {"zero_shot": export_onnx(model_dir, onnx_dir, config, parity_set)}
     served = onnx_dir
     if args.model.is_dir():
@@ -399,6 +408,12 @@ def main() -> None:
     speedup = b1["ort_int8"]["docs_per_s"] / b1["torch_fp32"]["docs_per_s"]
     headline = "trained" if "trained" in parities else "zero_shot"
     agreement = parities[headline]["int8"]["label_set_agreement"]
+    fallback = parities[headline]["fallback"]
+    # The cascade's throughput follows from the measured engines and the share re-embedded:
+    # every document pays int8, the re-embedded share also pays fp32.
+    share = fallback["fallback_fraction"]
+    cascade = 1.0 / (1.0 / b1["ort_int8"]["docs_per_s"] + share / b1["ort_fp32"]["docs_per_s"])
+    cascade_speedup = cascade / b1["torch_fp32"]["docs_per_s"]
     overhead = http["sequential"]["overhead_p50_ms"]
     results = {
         "threads": args.threads, "labels": len(full.labels), "texts": len(texts), "latency": latency,
@@ -407,8 +422,13 @@ def main() -> None:
         "model_only_p50_ms": model_p50, "http": http,
         "targets": {
             "int8 ≥ 2.5× torch fp32 docs/s (seq 128, batch 1)": (f"{speedup:.2f}×", speedup >= 2.5),
-            f"label-set agreement with torch ≥ 0.98 ({headline} model)": (f"{agreement:.4f}",
-                                                                          agreement >= 0.98),
+            f"label-set agreement with torch ≥ 0.98 ({headline} model, int8 alone)": (
+                f"{agreement:.4f}", agreement >= 0.98),
+            f"label-set agreement with torch ≥ 0.98 ({headline} model, int8 + fp32 fallback, holdout)": (
+                f"{fallback['label_set_agreement']:.4f} ({fallback['fallback_fraction']:.0%} re-embedded)",
+                fallback["label_set_agreement"] >= 0.98),
+            "int8 + fp32 fallback ≥ 2.5× torch fp32 (seq 128, batch 1; derived)": (
+                f"{cascade_speedup:.2f}×", cascade_speedup >= 2.5),
             "zero errors under load": (str(http["load"]["errors"]), http["load"]["errors"] == 0),
             "server p50 overhead ≤ 3 ms at batch 1": (f"{overhead:.2f} ms", overhead <= 3.0),
         },

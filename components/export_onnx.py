@@ -17,12 +17,14 @@ def export_onnx(
     optimize: bool = True,
     keep_fp32: bool = True,
     max_parity_docs: int = 512,
+    fp32_fallback: str = "auto",
 ) -> float:
     """Merge the LoRA, export to ONNX, quantise to int8 and check parity with torch.
 
     Calls :func:`labelmatch.export.export_onnx`; thresholds are re-tuned for the int8 model on
-    the dataset's validation split, and the export fails when int8 and torch agree on fewer
-    than ``agreement_gate`` of the validation documents' label sets.
+    the dataset's validation split, and the export fails when what is served (int8, or int8
+    with its fp32 fallback) and torch agree on fewer than ``agreement_gate`` of the validation
+    documents' label sets.
 
     Args:
         model: Input Model artifact (the candidate that passed the gate); verified.
@@ -30,19 +32,22 @@ def export_onnx(
         onnx_model: Output OnnxModel artifact (typed ``Model`` for KFP; ``metadata.kind`` and
             ``manifest.json`` say ``OnnxModel``): ``model.onnx`` (int8), ``model_fp32.onnx``
             when kept, tokenizer, labels, label embeddings, thresholds, ``parity.json``.
-        metrics: Output KFP metrics: int8/fp32 label-set agreement and cosine minimum.
-        agreement_gate: Minimum int8-vs-torch label-set agreement.
+        metrics: Output KFP metrics: int8/fp32 label-set agreement and cosine minimum; with a
+            fallback, its agreement, re-embedded share and margin.
+        agreement_gate: Minimum label-set agreement with torch of what is served.
         per_channel: Per-channel int8 weight scales.
         optimize: ONNX Runtime transformer fusions before quantising.
         keep_fp32: Also ship the fp32 graph.
         max_parity_docs: At most this many validation documents are compared.
+        fp32_fallback: ``auto``: when int8 alone misses the gate, re-embed documents near a
+            decision boundary with the fp32 graph (needs ``keep_fp32``); ``always``; ``off``.
 
     Returns:
-        The int8 label-set agreement with torch.
+        The served label-set agreement with torch.
     """
     from labelmatch.artifacts import verify_artifact
     from labelmatch.data import load_dataset
-    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.export import ExportConfig, export_onnx, served_agreement
 
     verify_artifact(dataset.path, "Dataset")
     config = ExportConfig(
@@ -51,11 +56,16 @@ def export_onnx(
         optimize=optimize,
         keep_fp32=keep_fp32,
         max_parity_docs=max_parity_docs,
+        fp32_fallback=fp32_fallback,
     )
     parity = export_onnx(model.path, onnx_model.path, config, dataset=load_dataset(dataset.path))
     for precision in ("int8", "fp32"):
         for key in ("label_set_agreement", "cosine_min"):
             if key in parity.get(precision, {}):
                 metrics.log_metric(f"{precision}_{key}", parity[precision][key])
-    onnx_model.metadata.update({"kind": "OnnxModel"})
-    return float(parity["int8"]["label_set_agreement"])
+    fallback = parity.get("fallback")
+    if fallback:
+        for key in ("label_set_agreement", "fallback_fraction", "margin"):
+            metrics.log_metric(f"fallback_{key}", fallback[key])
+    onnx_model.metadata.update({"kind": "OnnxModel", "fp32_fallback": fallback is not None})
+    return float(served_agreement(parity))

@@ -107,8 +107,9 @@ def training_pipeline(
         serving_model_uri: The Model artifact serving now (gate baseline); empty: none.
         min_improvement: Macro-F1 gain the candidate needs over the serving model.
         max_label_regression: Largest allowed per-label F1 drop.
-        export_agreement_gate: Least share of validation documents whose int8 ONNX label set
-            must equal torch's for the export to pass.
+        export_agreement_gate: Least share of validation documents whose served ONNX label set
+            (int8, or int8 with its fp32 fallback near decision boundaries) must equal torch's for
+            the export to pass.
         deploy_target: ``kserve`` (InferenceService + release record) or ``local`` (model server
             on 127.0.0.1, smoke-tested, stopped).
         service: InferenceService name.

@@ -13,7 +13,7 @@ from conftest import make_tiny_dataset
 
 from labelmatch.artifacts import verify_artifact
 from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.export import ExportConfig, ParityError, check_parity
+from labelmatch.export import ExportConfig, ParityError, calibrate_fallback, check_parity, export_onnx
 from labelmatch.metrics import tune_global_threshold, tune_label_thresholds
 from labelmatch.onnx_classifier import OnnxClassifier, OrtConfig
 
@@ -69,9 +69,10 @@ def test_dynamic_axes_and_label_embeddings(onnx_model):
     # Dynamic int8 scales activations per tensor, i.e. per batch: close, not identical. (The
     # stored label embeddings were computed as one batch, as they are compared here.)
     assert float(int8.encoder.embed(texts)[2] @ int8.encoder.embed(texts[2:])[0]) > 0.97
+    # Shipped label embeddings come from torch (full precision): the fp32 graph reproduces them.
     stored = np.load(root / "label_embeddings.npy")
     labels = json.loads((root / "labels.json").read_text())
-    assert np.allclose(stored, int8.encoder.embed(list(labels.values())), atol=1e-5)
+    assert np.allclose(stored, fp32.encoder.embed(list(labels.values())), atol=1e-4)
 
 
 def test_parity_gate_refuses_drift(onnx_model):
@@ -98,3 +99,67 @@ def test_serving_path_imports_no_torch():
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_fallback_margin_is_calibrated_on_one_half_and_measured_on_the_other():
+    boundary = np.array([0.3, 0.5], dtype=np.float32)
+    torch_pred = np.array([[1, 0], [0, 0], [1, 1], [0, 1], [1, 0], [0, 0]], dtype=bool)
+    fp32 = np.where(torch_pred, boundary + 0.2, boundary - 0.2)  # fp32 agrees with torch
+    int8 = fp32.copy()
+    int8[0, 0] = 0.29   # calibration half: wrong, 0.01 from the boundary
+    int8[1, 1] = 0.52   # calibration half: wrong, 0.02 from the boundary
+    int8[2, 0] = 0.305  # right but close: re-embedded, stays right
+    int8[4, 0] = 0.27   # holdout: wrong by 0.03, beyond the margin (0.024): not caught
+    int8[5, 1] = 0.51   # holdout: wrong by 0.01, caught
+    plan = calibrate_fallback(int8, fp32, torch_pred, boundary, safety=1.2)
+    assert plan["margin"] == pytest.approx(0.024)
+    assert plan["calibration_documents"] == 3 and plan["holdout_documents"] == 3
+    assert plan["label_set_agreement_calibration"] == 1.0 and plan["fallback_fraction_calibration"] == 1.0
+    assert plan["label_set_agreement"] == pytest.approx(2 / 3)  # doc 4 stays wrong
+    assert plan["fallback_fraction"] == pytest.approx(1 / 3)  # only doc 5 is near a boundary
+    assert calibrate_fallback(fp32, fp32, torch_pred, boundary, 1.2)["margin"] == 0.0
+
+
+def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_path):
+    root, _ = onnx_model
+    texts = [d.text for d in make_tiny_dataset().split("val").documents]
+    config = OrtConfig(intra_op_threads=1)
+    int8 = OnnxClassifier.load(root, config)
+    fp32 = OnnxClassifier.load(root, config, model_file="model_fp32.onnx")
+    names, int8_cos, _ = int8.scores(texts)
+    _, fp32_cos, _ = fp32.scores(texts)
+    distance = np.abs(int8_cos - int8.boundary_cosines(names)).min(axis=1)
+    margin = float(np.median(distance))
+    copy = tmp_path / "onnx"
+    shutil.copytree(root, copy)
+    info = json.loads((copy / "labelmatch.json").read_text())
+    info["onnx"]["fallback"] = {"model": "model_fp32.onnx", "margin": margin}
+    (copy / "labelmatch.json").write_text(json.dumps(info))
+    counts: list[int] = []
+    cascade = OnnxClassifier.load(copy, config, verify=False)
+    cascade.on_fallback = counts.append
+    _, cos, _ = cascade.scores(texts)
+    near = distance < margin
+    assert counts == [int(near.sum())] and 0 < near.sum() < len(texts)
+    assert np.allclose(cos[near], fp32_cos[near], atol=1e-5)
+    assert np.allclose(cos[~near], int8_cos[~near], atol=1e-5)
+    (copy / "model_fp32.onnx").unlink()
+    with pytest.raises(ArtifactError, match=r"model_fp32\.onnx"):
+        OnnxClassifier.load(copy, config, verify=False)
+
+
+def test_export_plans_the_fallback_and_the_server_loads_it(trained_model, tmp_path):
+    out = tmp_path / "onnx"
+    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.0, fp32_fallback="always"),
+                         make_tiny_dataset())
+    plan = parity["fallback"]
+    # The margin covers every wrong int8 decision of the calibration half, and fp32 agrees with torch.
+    assert parity["fp32"]["label_set_agreement"] == 1.0
+    assert plan["label_set_agreement_calibration"] == 1.0
+    assert plan["holdout_documents"] + plan["calibration_documents"] == parity["documents"]
+    info = json.loads((out / "labelmatch.json").read_text())
+    assert info["onnx"]["fallback"] == {"model": "model_fp32.onnx", "margin": plan["margin"]}
+    clf = OnnxClassifier.load(out)
+    assert clf.fallback is not None and clf.fallback_margin == plan["margin"]
+    with pytest.raises(ConfigError, match="keep_fp32"):
+        ExportConfig(fp32_fallback="always", keep_fp32=False)

@@ -122,9 +122,12 @@ def main(argv: list[str] | None = None) -> None:
         verdict = "deploy" if decision["deploy"] else "do not deploy"
         print(f"gate: {verdict} — {'; '.join(decision['reasons'])}")
     for path in sorted(run_dir.glob("export-onnx*/onnx_model/parity.json")):
-        int8 = json.loads(path.read_text())["int8"]
+        parity = json.loads(path.read_text())
+        int8, fallback = parity["int8"], parity.get("fallback")
+        served = (f"; with fp32 fallback for {fallback['fallback_fraction']:.0%} of documents: "
+                  f"{fallback['label_set_agreement']:.3f}") if fallback else ""
         print(
-            f"export: int8 label-set agreement with torch {int8['label_set_agreement']:.3f} "
+            f"export: int8 label-set agreement with torch {int8['label_set_agreement']:.3f}{served} "
             f"(gate {args.export_agreement_gate}), cosine min {int8['cosine_min']:.4f}"
         )
     for path in sorted(run_dir.glob("deploy*/release/predictions.json")):

@@ -4,6 +4,13 @@ This is the serving path: importing it must never import torch, so the serving i
 small. The graph in ``model.onnx`` already does mean pooling and L2 normalisation, so a document
 embedding is one ``session.run`` and a cosine is a dot product.
 
+**fp32 fallback.** Where the export found that int8 alone changes too many label sets (see
+:mod:`labelmatch.export`), the artifact names ``model_fp32.onnx`` and a cosine ``margin``: a
+document whose int8 cosine with some label lies within ``margin`` of that label's decision
+boundary is embedded again by the fp32 graph, and those cosines are used. Only the uncertain
+documents pay for fp32; label embeddings always come from full precision (torch at export, the
+fp32 graph for request-time labels when it is loaded).
+
 Example::
 
     clf = OnnxClassifier.load("runs/onnx")
@@ -16,7 +23,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,12 +152,23 @@ class OnnxClassifier:
         thresholds: ``{"default": t, "labels": {label: t}}`` (``thresholds.json``).
         info: The artifact's ``labelmatch.json``.
         model_version: Shown in every response (the artifact digest by default).
+        fallback: A full-precision encoder for documents near a decision boundary (and for
+            embedding label descriptions), or ``None``.
+        fallback_margin: Cosine distance to a label's boundary under which a document is
+            re-embedded by ``fallback``.
+        on_fallback: Called with the number of documents re-embedded by each call (metrics).
     """
 
     def __init__(self, encoder: OnnxEncoder, labels: dict[str, str], label_embeddings: np.ndarray | None,
                  scale: float, bias: float, thresholds: dict[str, Any], info: dict[str, Any] | None = None,
-                 model_version: str = "unversioned"):
+                 model_version: str = "unversioned", fallback: OnnxEncoder | None = None,
+                 fallback_margin: float = 0.0, on_fallback: Callable[[int], None] | None = None):
+        if fallback_margin < 0:
+            raise ConfigError(f"fallback_margin must be >= 0, got {fallback_margin}")
         self.encoder = encoder
+        self.fallback = fallback
+        self.fallback_margin = float(fallback_margin) if fallback is not None else 0.0
+        self.on_fallback = on_fallback
         self.scale = float(scale)
         self.bias = float(bias)
         self.info = info or {}
@@ -176,11 +194,18 @@ class OnnxClassifier:
         info = _read_json(root, "labelmatch.json")
         if not (root / model_file).is_file():
             raise ArtifactError(f"artifact {root}: no {model_file}")
-        encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config)
-        embeddings = np.load(root / "label_embeddings.npy") if model_file == MODEL_FILE else None
+        max_length = int(info["max_length"])
+        encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, max_length, config)
+        plan = (info.get("onnx") or {}).get("fallback") if model_file == MODEL_FILE else None
+        fallback = None
+        if plan:
+            if not (root / plan["model"]).is_file():
+                raise ArtifactError(f"artifact {root}: no {plan['model']} (its fp32 fallback graph)")
+            fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config)
         version = info.get("model_version") or artifact_digest(root)[:12]
-        return cls(encoder, _read_json(root, "labels.json"), embeddings, info["scale"], info["bias"],
-                   _read_json(root, "thresholds.json"), info, version)
+        return cls(encoder, _read_json(root, "labels.json"), np.load(root / "label_embeddings.npy"),
+                   info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
+                   fallback, float(plan["margin"]) if plan else 0.0)
 
     def set_labels(self, labels: dict[str, str], thresholds: dict[str, Any],
                    label_embeddings: np.ndarray | None = None) -> None:
@@ -189,7 +214,7 @@ class OnnxClassifier:
             raise ConfigError("the served label set cannot be empty")
         embeddings = label_embeddings
         if embeddings is None:
-            embeddings = self.encoder.embed(list(labels.values()))
+            embeddings = self.precise_encoder.embed(list(labels.values()))
         expected = (len(labels), self.encoder.dim)
         if embeddings.shape != expected:
             raise ArtifactError(f"label embeddings have shape {embeddings.shape}, expected {expected}")
@@ -209,7 +234,7 @@ class OnnxClassifier:
         with self._lock:
             served, cache = self._served, self._request_cache
             missing = [d for d in dict.fromkeys(labels.values()) if d not in served and d not in cache]
-            cache.update(zip(missing, self.encoder.embed(missing), strict=True))
+            cache.update(zip(missing, self.precise_encoder.embed(missing), strict=True))
             rows = []
             for description in labels.values():
                 if description in served:
@@ -220,6 +245,16 @@ class OnnxClassifier:
             while len(cache) > self.encoder.config.label_cache_size:
                 cache.popitem(last=False)
         return np.stack(rows)
+
+    @property
+    def precise_encoder(self) -> OnnxEncoder:
+        """The encoder for label descriptions: the fp32 fallback where loaded, else the main one."""
+        return self.fallback or self.encoder
+
+    def boundary_cosines(self, names: Sequence[str]) -> np.ndarray:
+        """Each label's decision boundary in cosine units: ``(logit(threshold) - bias) / scale``."""
+        t = np.clip(self.thresholds_for(names).astype(np.float64), 1e-6, 1 - 1e-6)
+        return ((np.log(t / (1 - t)) - self.bias) / self.scale).astype(np.float32)
 
     def resolve_labels(self, labels: dict[str, str] | None = None, replace: bool = False) -> dict[str, str]:
         """The label set of a request: the served one, extended (or replaced) by ``labels``."""
@@ -236,10 +271,18 @@ class OnnxClassifier:
                replace: bool = False) -> tuple[list[str], np.ndarray, np.ndarray]:
         """``(label names, cosines, probabilities)``, both arrays ``(n_docs, n_labels)``."""
         label_set = self.resolve_labels(labels, replace)
+        names = list(label_set)
         label_emb = self.label_embeddings(label_set)
         cos = self.encoder.embed(texts) @ label_emb.T
+        if self.fallback is not None and self.fallback_margin > 0 and len(texts):
+            near = (np.abs(cos - self.boundary_cosines(names)) < self.fallback_margin).any(axis=1)
+            rows = np.flatnonzero(near)
+            if len(rows):
+                cos[rows] = self.fallback.embed([texts[i] for i in rows]) @ label_emb.T
+            if self.on_fallback is not None:
+                self.on_fallback(len(rows))
         probs = 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
-        return list(label_set), cos.astype(np.float32), probs.astype(np.float32)
+        return names, cos.astype(np.float32), probs.astype(np.float32)
 
     def predict(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
                 with_similarities: bool = False) -> list[dict[str, Any]]:

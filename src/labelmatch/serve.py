@@ -198,6 +198,7 @@ class LabelmatchModel(kserve.Model):
             raise ArtifactError(f"artifact {self.config.model_dir}: digest {actual} is not the expected "
                                 f"{expected} (LABELMATCH_MODEL_DIGEST)")
         self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False)
+        self.classifier.on_fallback = self.metrics.fp32_fallback.inc
         self._apply_config_files()
         stored = self.state.current()
         if stored and stored.get("model_version") == self.classifier.model_version:

@@ -50,6 +50,10 @@ class ServeMetrics:
             ["endpoint", "status"], registry=registry)
         self.feedback = Counter(
             "labelmatch_feedback_total", "Feedback records stored.", registry=registry)
+        self.fp32_fallback = Counter(
+            "labelmatch_fp32_fallback_documents_total",
+            "Documents re-embedded by the fp32 graph because an int8 score sat near a decision boundary.",
+            registry=registry)
         self.label_set_version = Gauge(
             "labelmatch_label_set_version", "Version of the served label set (0: the model's own).",
             registry=registry)

@@ -17,10 +17,18 @@ def export(
     data: Annotated[Path | None, typer.Option("--data", help="Parity + re-tuning data (val split).")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="labels.json of --data.")] = None,
     seed: Annotated[int, typer.Option(help="Split seed when the data has none (the training seed).")] = 0,
-    agreement_gate: Annotated[float, typer.Option(help="Minimum int8 label-set agreement.")] = 0.98,
+    agreement_gate: Annotated[
+        float, typer.Option(help="Minimum label-set agreement with torch of what is served.")
+    ] = 0.98,
     optimize: Annotated[bool, typer.Option("--optimize/--no-optimize", help="Fuse ops first.")] = True,
     keep_fp32: Annotated[bool, typer.Option("--keep-fp32/--no-fp32", help="Ship model_fp32.onnx.")] = True,
     max_parity_docs: Annotated[int, typer.Option(help="Validation documents compared at most.")] = 512,
+    fp32_fallback: Annotated[
+        str,
+        typer.Option(help="auto: when int8 alone misses the gate, re-embed documents near a decision "
+                          "boundary with the fp32 graph (margin calibrated on the parity documents); "
+                          "always; off."),
+    ] = "auto",
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
     from labelmatch.data import assign_splits, load_dataset
@@ -28,9 +36,13 @@ def export(
 
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
-                          max_parity_docs=max_parity_docs)
+                          max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback)
     parity = export_onnx(model, out, config, dataset)
-    int8 = parity["int8"]
+    int8, fallback = parity["int8"], parity["fallback"]
     typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "
                f"label-set agreement {int8['label_set_agreement']:.4f} on {parity['documents']} documents")
+    if fallback:
+        typer.echo(f"int8 + fp32 fallback (margin {fallback['margin']:.4f}): label-set agreement "
+                   f"{fallback['label_set_agreement']:.4f}, {fallback['fallback_fraction']:.0%} of documents "
+                   f"re-embedded, on {fallback['holdout_documents']} holdout documents")
     typer.echo(f"OnnxModel written to {out}")
