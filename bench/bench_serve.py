@@ -10,8 +10,9 @@ compare like with like on a shared, noisy CPU. Reported (``bench/results/serve.j
   ``parity.json``, on Reuters test documents);
 * the HTTP server (``labelmatch.serve`` subprocess on 127.0.0.1) under ``--clients`` concurrent
   clients for ``--duration`` seconds: throughput, p50/p99, error count, server RSS before/after;
-* server overhead at batch 1: sequential single-document requests, each one's client-side latency
-  minus the model time the server reports for that same request (``Server-Timing`` header);
+* server overhead at batch 1: sequential single-document requests (``http.client``, one
+  keep-alive connection), each one's client-side latency minus the model time the server
+  reports for that same request (``Server-Timing`` header);
   the p50 of these paired differences is the headline (also: HTTP p50 minus a separately
   measured model-only p50, and HTTP mean minus the server's mean inference time).
 
@@ -30,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -152,13 +154,13 @@ def inference_totals(base: str) -> tuple[float, float]:
     return total, count
 
 
-def server_timing_ms(response: requests.Response) -> float:
-    """The model time the server reports for this request (``Server-Timing: inference;dur=MS``)."""
-    for metric in response.headers["server-timing"].split(","):
+def server_timing_ms(header: str) -> float:
+    """The model time the server reports in ``Server-Timing: inference;dur=MS``."""
+    for metric in header.split(","):
         name, _, params = metric.strip().partition(";")
         if name == "inference":
             return float(params.split("dur=", 1)[1].split(";")[0])
-    raise ValueError(f"no inference duration in Server-Timing: {response.headers['server-timing']!r}")
+    raise ValueError(f"no inference duration in Server-Timing: {header!r}")
 
 
 def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, duration: float,
@@ -183,18 +185,28 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        session = requests.Session()
+        # Sequential requests go through http.client on one keep-alive connection: a thin client,
+        # so the measured overhead is the server's (requests adds about a millisecond per call).
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        path = "/v1/models/labelmatch:predict"
+        headers = {"content-type": "application/json"}
         for text in texts[:10]:
-            session.post(url, json={"instances": [text]}, timeout=30)
+            connection.request("POST", path, json.dumps({"instances": [text]}), headers)
+            connection.getresponse().read()
         before_sum, before_count = inference_totals(base)
         seq_ms, paired_ms = [], []
         for i in range(sequential):
+            body = json.dumps({"instances": [texts[i % len(texts)]]})
             start = time.perf_counter()
-            response = session.post(url, json={"instances": [texts[i % len(texts)]]}, timeout=30)
+            connection.request("POST", path, body, headers)
+            response = connection.getresponse()
+            response.read()
             elapsed = (time.perf_counter() - start) * 1000
-            response.raise_for_status()
+            if response.status != 200:
+                raise RuntimeError(f"sequential request {i}: HTTP {response.status}")
             seq_ms.append(elapsed)
-            paired_ms.append(elapsed - server_timing_ms(response))
+            paired_ms.append(elapsed - server_timing_ms(response.getheader("server-timing", "")))
+        connection.close()
         after_sum, after_count = inference_totals(base)
         server_model_mean = (after_sum - before_sum) / max(after_count - before_count, 1) * 1000
         rss_before = rss_mib(process.pid)

@@ -13,7 +13,7 @@ per document), subsampled with the dataset's own split: ``--train`` documents of
 
 Usage::
 
-    python bench/bench_tune.py --out bench/results [--trials 4 --iterations 12 --steps 3 --quantile 0.5]
+    python bench/bench_tune.py --out bench/results [--trials 4 --iterations 12 --steps 8 --quantile 0.5]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     # Many short iterations: PBT perturbs after every iteration, so exploits start after a few
     # steps instead of a third of the budget; the total steps per trial stay 36 (as 6 x 6).
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=3, help="steps per iteration")
+    parser.add_argument("--steps", type=int, default=8, help="steps per iteration")
     # With 4 trials, 0.5 means the bottom two copy the top two at every perturbation.
     parser.add_argument("--quantile", type=float, default=0.5, help="PBT quantile_fraction")
     parser.add_argument("--resample", type=float, default=0.25, help="PBT resample_probability")
