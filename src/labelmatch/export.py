@@ -79,7 +79,14 @@ from labelmatch.artifacts import (
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
 from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_label_thresholds
-from labelmatch.onnx_classifier import FP32_MODEL_FILE, MODEL_FILE, OUTPUT_NAME, OnnxClassifier, OrtConfig
+from labelmatch.onnx_classifier import (
+    FP32_MODEL_FILE,
+    MODEL_FILE,
+    OUTPUT_NAME,
+    OnnxClassifier,
+    OrtConfig,
+    near_boundary,
+)
 
 #: Model types whose graphs ONNX Runtime's BERT fusions understand.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert"}
@@ -184,16 +191,17 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
 
         ort_config = OrtConfig(batch_size=config.batch_size)
         onnx_info = {**info, "max_length": max_length}
+        # Full-precision label embeddings: shipped, and given to both graphs' classifiers.
+        label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()
         runs = {
-            name: _onnx_classifier(tmp, name, labels, thresholds, onnx_info, ort_config)
+            name: _onnx_classifier(tmp, name, labels, label_emb, thresholds, onnx_info, ort_config)
             for name in (FP32_MODEL_FILE, MODEL_FILE)
         }
-        parity, tuned = _parity(torch_encoder, runs, texts, targets, eval_labels, info, thresholds, config)
+        parity, tuned = _parity(torch_encoder, runs, texts, targets, eval_labels, thresholds, config)
         check_parity(parity, config.agreement_gate, source)
         if not config.keep_fp32:
             fp32.unlink()
         int8 = runs[MODEL_FILE]
-        label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()
         np.save(tmp / "label_embeddings.npy", label_emb.astype(np.float32))
         fallback = parity["fallback"]
         write_json(tmp / "labels.json", labels)
@@ -276,7 +284,7 @@ def calibrate_fallback(int8_cos: np.ndarray, fp32_cos: np.ndarray, torch_pred: n
     wrong = (int8_cos >= boundary) != torch_pred
     needed = distance[calibration][wrong[calibration]]
     margin = float(needed.max() * safety) if needed.size else 0.0
-    near = (distance < margin).any(axis=1)
+    near = near_boundary(int8_cos, boundary, margin)
     agree = ((np.where(near[:, None], fp32_cos, int8_cos) >= boundary) == torch_pred).all(axis=1)
     return {
         "margin": margin,
@@ -386,16 +394,16 @@ def _quantize(fp32: Path, out: Path, config: ExportConfig, model_config: Any) ->
     )
 
 
-def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], thresholds: dict[str, Any],
-                     info: dict[str, Any], config: OrtConfig) -> OnnxClassifier:
+def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], label_emb: np.ndarray,
+                     thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig) -> OnnxClassifier:
     from labelmatch.onnx_classifier import TOKENIZER_FILE, OnnxEncoder
 
     encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config)
-    return OnnxClassifier(encoder, labels, None, info["scale"], info["bias"], thresholds, info)
+    return OnnxClassifier(encoder, labels, label_emb, info["scale"], info["bias"], thresholds, info)
 
 
 def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str], targets: np.ndarray | None,
-            eval_labels: dict[str, str], info: dict[str, Any], thresholds: dict[str, Any],
+            eval_labels: dict[str, str], thresholds: dict[str, Any],
             config: ExportConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compare torch with the fp32 and int8 graphs, plan the fp32 fallback, re-tune thresholds.
 
@@ -404,14 +412,11 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str
     be served (int8, or int8 with its fallback).
     """
     names = list(eval_labels)
-    scale, bias = float(info["scale"]), float(info["bias"])
-    default = thresholds.get("default", 0.5)
     per_label = thresholds.get("labels", {})
-    label_thresholds = np.array([per_label.get(n, default) for n in names], dtype=np.float32)
-    boundary = runs[MODEL_FILE].boundary_cosines(names)
-
-    def probabilities(cos: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(scale * cos + bias)))
+    served_run = runs[MODEL_FILE]  # built with the model's scale, bias and thresholds
+    probabilities = served_run.probabilities
+    label_thresholds = served_run.thresholds_for(names)
+    boundary = served_run.boundary_cosines(names)
 
     torch_docs = torch_encoder.embed(texts, batch_size=config.batch_size).numpy()
     label_emb = torch_encoder.embed(list(eval_labels.values()), batch_size=config.batch_size).numpy()
@@ -448,7 +453,7 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str
         plan = calibrate_fallback(cosines["int8"], cosines["fp32"], torch_pred, boundary,
                                   config.fallback_safety)
         summary["fallback"] = {"model": FP32_MODEL_FILE, **plan}
-        near = (np.abs(cosines["int8"] - boundary) < plan["margin"]).any(axis=1)
+        near = near_boundary(cosines["int8"], boundary, plan["margin"])
         served = np.where(near[:, None], cosines["fp32"], cosines["int8"])
 
     tuned = dict(thresholds)

@@ -128,6 +128,12 @@ class OnnxEncoder:
         return out
 
 
+def near_boundary(cos: np.ndarray, boundary: np.ndarray, margin: float) -> np.ndarray:
+    """Rows of ``cos`` with some label's cosine within ``margin`` of its ``boundary`` (the rows
+    the fp32 fallback re-embeds)."""
+    return (np.abs(cos - boundary) < margin).any(axis=1)
+
+
 def _padding_of(tokenizer_path: Path, tokenizer: Any) -> dict[str, Any]:
     """Padding settings from ``tokenizer_config.json`` beside ``tokenizer.json``."""
     config_path = tokenizer_path.parent / "tokenizer_config.json"
@@ -275,14 +281,16 @@ class OnnxClassifier:
         label_emb = self.label_embeddings(label_set)
         cos = self.encoder.embed(texts) @ label_emb.T
         if self.fallback is not None and self.fallback_margin > 0 and len(texts):
-            near = (np.abs(cos - self.boundary_cosines(names)) < self.fallback_margin).any(axis=1)
-            rows = np.flatnonzero(near)
+            rows = np.flatnonzero(near_boundary(cos, self.boundary_cosines(names), self.fallback_margin))
             if len(rows):
                 cos[rows] = self.fallback.embed([texts[i] for i in rows]) @ label_emb.T
             if self.on_fallback is not None:
                 self.on_fallback(len(rows))
-        probs = 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
-        return names, cos.astype(np.float32), probs.astype(np.float32)
+        return names, cos.astype(np.float32), self.probabilities(cos).astype(np.float32)
+
+    def probabilities(self, cos: np.ndarray) -> np.ndarray:
+        """``sigmoid(scale * cos + bias)``, elementwise."""
+        return 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
 
     def predict(self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False,
                 with_similarities: bool = False) -> list[dict[str, Any]]:
