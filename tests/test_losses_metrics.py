@@ -54,8 +54,26 @@ def test_threshold_tuning():
     s = np.array([[0.9, 0.2], [0.6, 0.3], [0.3, 0.35], [0.1, 0.1]])
     t, f1 = tune_global_threshold(y, s)
     assert f1 == pytest.approx(1.0) and 0.3 < t <= 0.35
-    per = tune_label_thresholds(y, s, fallback=0.5)
+    per = tune_label_thresholds(y, s, fallback=0.5, prior_positives=0)
     assert 0.3 < per[0] <= 0.6 and 0.3 < per[1] <= 0.35
+
+
+def test_label_thresholds_shrink_towards_global_by_evidence():
+    rng = np.random.default_rng(0)
+    y = np.zeros((400, 3), dtype=int)
+    y[:100, 0] = 1  # a frequent label: 100 validation positives
+    y[100, 1] = 1  # a rare label: 1 validation positive
+    s = rng.uniform(0.0, 0.2, size=y.shape)
+    s[:100, 0] = rng.uniform(0.3, 0.4, size=100)  # separable at ~0.3 for label 0
+    s[100, 1] = 0.25  # and at 0.25 for label 1
+    raw = tune_label_thresholds(y, s, fallback=0.8, prior_positives=0)
+    shrunk = tune_label_thresholds(y, s, fallback=0.8, prior_positives=4)
+    assert raw[1] == pytest.approx(0.25, abs=0.011)
+    assert shrunk[1] == pytest.approx((raw[1] + 4 * 0.8) / 5, abs=1e-6)  # one positive: mostly global
+    assert abs(shrunk[0] - raw[0]) < 0.03  # 100 positives: its own threshold, barely moved
+    assert shrunk[2] == pytest.approx(0.8)  # no positive: the global threshold
+    with pytest.raises(ValueError, match="prior_positives"):
+        tune_label_thresholds(y, s, fallback=0.8, prior_positives=-1)
 
 
 def test_ece_perfect_and_overconfident():

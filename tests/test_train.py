@@ -130,3 +130,22 @@ def test_lora_targets_default_per_architecture_overridable_and_checked():
     assert adapted(["query", "key", "value", "dense"]) == {"query", "key", "value", "dense"}
     with pytest.raises(ConfigError, match=r"lora_target_modules \['qkv_proj'\]"):
         adapted(["qkv_proj"])
+
+
+def test_inference_max_length_is_what_validation_and_the_saved_model_read(tmp_path):
+    dataset = make_tiny_dataset(60)
+    trainer = SFTTrainer(dataset, tiny_config(epochs=1, max_length=16, inference_max_length=64))
+    trainer.fit()
+    assert trainer.model.encoder.max_length == 16  # training batches stay short
+    out = trainer.save_model(tmp_path / "model")
+    assert read_model_info(out)["max_length"] == 64
+    classifier = Classifier.load(out)
+    texts = [d.text for d in trainer.val_set.documents]
+    names, saved = classifier.scores(texts)
+    assert names == trainer.label_names
+    assert np.allclose(saved, trainer.validation_scores(), atol=1e-5)
+    classifier.encoder.max_length = 16
+    _, short = classifier.scores(texts)
+    assert np.abs(short - saved).max() > 1e-3  # the longer window changed what the model read
+    with pytest.raises(ConfigError, match="inference_max_length"):
+        tiny_config(inference_max_length=0)

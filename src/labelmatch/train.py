@@ -16,9 +16,11 @@ labels live every step (exact, slower). ``make bench-quality`` reports the F1 co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,11 +266,24 @@ class SFTTrainer:
         self.step += 1
         return {k: float(v.detach()) for k, v in parts.items()}
 
+    @contextlib.contextmanager
+    def _reading_predict_length(self) -> Iterator[TextEncoder]:
+        """The encoder, reading ``config.predict_max_length`` tokens per text inside the block."""
+        encoder = self.model.encoder
+        train_length, encoder.max_length = encoder.max_length, self.config.predict_max_length
+        try:
+            yield encoder
+        finally:
+            encoder.max_length = train_length
+
     def validation_scores(self) -> np.ndarray:
-        """Probabilities of every label for every validation document."""
-        enc = self.model.encoder
-        doc_emb = enc.embed([d.text for d in self.val_set.documents], self.config.eval_batch_size)
-        label_emb = enc.embed(self.label_texts, self.config.eval_batch_size)
+        """Probabilities of every label for every validation document.
+
+        Texts are read with ``config.predict_max_length`` tokens, as the saved model will read them.
+        """
+        with self._reading_predict_length() as enc:
+            doc_emb = enc.embed([d.text for d in self.val_set.documents], self.config.eval_batch_size)
+            label_emb = enc.embed(self.label_texts, self.config.eval_batch_size)
         with torch.no_grad():
             _, logits = self.model.logits(doc_emb.to(self.device), label_emb.to(self.device))
         return torch.sigmoid(logits).float().cpu().numpy()
@@ -453,12 +468,13 @@ class SFTTrainer:
         thresholds = self.thresholds()
         scores = self.validation_scores()
         val_f1 = macro_f1(self.val_targets, binarize(scores, thresholds.for_labels(self.label_names)))
-        label_emb = self.model.encoder.embed(self.label_texts, self.config.eval_batch_size).numpy()
+        with self._reading_predict_length() as encoder:
+            label_emb = encoder.embed(self.label_texts, self.config.eval_batch_size).numpy()
         base_path = resolve_base_model(self.config.base_model)
         info = {
             "base_model": self.config.base_model,
             "base_model_digest": weights_digest(base_path),
-            "max_length": self.config.max_length,
+            "max_length": self.config.predict_max_length,
             "scale": self.model.scale,
             "bias": self.model.bias.item(),
             "embedding_dim": int(label_emb.shape[1]),

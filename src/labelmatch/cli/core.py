@@ -50,6 +50,11 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Documents per step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of the LoRA parameters.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Tokens per text.")] = None,
+    inference_max_length: Annotated[
+        int | None,
+        typer.Option(help="Tokens per text at validation and prediction (default: --max-length); "
+                          "train on short windows, predict on longer ones."),
+    ] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     lora_targets: Annotated[
         str | None,
@@ -78,6 +83,7 @@ def train(
         "batch_size": batch_size,
         "lr": lr,
         "max_length": max_length,
+        "inference_max_length": inference_max_length,
         "lora_rank": lora_rank,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
