@@ -448,9 +448,13 @@ class SFTTrainer:
         return trainer
 
     # -- output -----------------------------------------------------------------------------
-    def thresholds(self) -> Thresholds:
-        """Global and per-label thresholds tuned on the validation scores of the current weights."""
-        scores = self.validation_scores()
+    def thresholds(self, scores: np.ndarray | None = None) -> Thresholds:
+        """Global and per-label thresholds tuned on the validation scores of the current weights.
+
+        Args:
+            scores: :meth:`validation_scores` when the caller already has them (computed if not).
+        """
+        scores = self.validation_scores() if scores is None else scores
         default, _ = tune_global_threshold(self.val_targets, scores)
         per_label = tune_label_thresholds(self.val_targets, scores, default)
         return Thresholds(default, {n: float(t) for n, t in zip(self.label_names, per_label, strict=True)})
@@ -465,8 +469,8 @@ class SFTTrainer:
 
         Label embeddings are recomputed with the trained encoder.
         """
-        thresholds = self.thresholds()
         scores = self.validation_scores()
+        thresholds = self.thresholds(scores)
         val_f1 = macro_f1(self.val_targets, binarize(scores, thresholds.for_labels(self.label_names)))
         with self._reading_predict_length() as encoder:
             label_emb = encoder.embed(self.label_texts, self.config.eval_batch_size).numpy()
