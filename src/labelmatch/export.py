@@ -78,7 +78,7 @@ from labelmatch.artifacts import (
 )
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
-from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_label_thresholds
+from labelmatch.metrics import binarize, macro_f1, tune_thresholds
 from labelmatch.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
@@ -460,8 +460,7 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str
     summary["thresholds_retuned"] = targets is not None
     if targets is not None:
         probs = probabilities(served)
-        served_default, _ = tune_global_threshold(targets, probs)
-        served_thresholds = tune_label_thresholds(targets, probs, served_default)
+        served_default, served_thresholds = tune_thresholds(targets, probs)
         retuned = {n: float(t) for n, t in zip(names, served_thresholds, strict=True)}
         tuned = {"default": served_default, "labels": {**per_label, **retuned}}
         entry = summary["fallback"] or summary["int8"]

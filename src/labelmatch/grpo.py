@@ -413,13 +413,12 @@ def retune_thresholds(classifier: Any, val_dataset: Dataset) -> tuple[Thresholds
     Returns:
         ``(thresholds, validation macro-F1 with them)``.
     """
-    from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_label_thresholds
+    from labelmatch.metrics import binarize, macro_f1, tune_thresholds
 
     labels = classifier.labels
     names, scores = classifier.scores([d.text for d in val_dataset.documents], labels, replace=True)
     targets = Dataset(val_dataset.documents, labels).label_matrix()
-    default, _ = tune_global_threshold(targets, scores)
-    per_label = tune_label_thresholds(targets, scores, default)
+    default, per_label = tune_thresholds(targets, scores)
     thresholds = Thresholds(default, {n: float(t) for n, t in zip(names, per_label, strict=True)})
     return thresholds, macro_f1(targets, binarize(scores, per_label))
 

@@ -90,6 +90,23 @@ def tune_label_thresholds(
     return thresholds
 
 
+def tune_thresholds(y_true: np.ndarray, scores: np.ndarray) -> tuple[float, np.ndarray]:
+    """The global threshold, then per-label thresholds shrunk towards it (the library's rule).
+
+    Used wherever a model's thresholds are (re-)tuned on validation scores: after SFT, after
+    GRPO, and on an exported graph's own scores.
+
+    Args:
+        y_true: ``(documents, labels)`` 0/1 validation targets.
+        scores: ``(documents, labels)`` probabilities.
+
+    Returns:
+        ``(global threshold, (labels,) per-label thresholds)``.
+    """
+    default, _ = tune_global_threshold(y_true, scores)
+    return default, tune_label_thresholds(y_true, scores, default)
+
+
 def expected_calibration_error(
     y_true: np.ndarray, scores: np.ndarray, bins: int = 10
 ) -> tuple[float, dict[str, list[float]]]:

@@ -34,7 +34,7 @@ from labelmatch.data import Dataset
 from labelmatch.encoder import TextEncoder, add_lora, load_base, resolve_base_model, weights_digest
 from labelmatch.errors import ConfigError, DataError
 from labelmatch.losses import LossWeights, label_match_loss, positive_weights
-from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_label_thresholds
+from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_thresholds
 from labelmatch.model import DualEncoder
 from labelmatch.model_io import Thresholds, save_model
 
@@ -455,8 +455,7 @@ class SFTTrainer:
             scores: :meth:`validation_scores` when the caller already has them (computed if not).
         """
         scores = self.validation_scores() if scores is None else scores
-        default, _ = tune_global_threshold(self.val_targets, scores)
-        per_label = tune_label_thresholds(self.val_targets, scores, default)
+        default, per_label = tune_thresholds(self.val_targets, scores)
         return Thresholds(default, {n: float(t) for n, t in zip(self.label_names, per_label, strict=True)})
 
     def save_model(
