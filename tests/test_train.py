@@ -149,3 +149,43 @@ def test_inference_max_length_is_what_validation_and_the_saved_model_read(tmp_pa
     assert np.abs(short - saved).max() > 1e-3  # the longer window changed what the model read
     with pytest.raises(ConfigError, match="inference_max_length"):
         tiny_config(inference_max_length=0)
+
+
+def _row_gradients(trainer: SFTTrainer, matrix, rows: list[int]) -> float:
+    """Total gradient magnitude reaching the LoRA weights from the given label rows."""
+    import torch
+
+    params = [p for n, p in trainer.model.named_parameters() if p.requires_grad and n != "bias"]
+    grads = torch.autograd.grad(matrix[rows].sum(), params, allow_unused=True, retain_graph=True)
+    return float(sum(g.abs().sum() for g in grads if g is not None))
+
+
+def test_cached_label_embeddings_keep_positives_live_and_negatives_fixed():
+    import torch
+
+    dataset = make_tiny_dataset(60)
+    trainer = SFTTrainer(dataset, tiny_config(label_refresh_steps=3, batch_size=2))
+    trainer.model.train()
+    batch = trainer._next_batch()
+    positives = sorted(torch.nonzero(trainer.targets[batch].sum(0)).flatten().tolist())
+    negatives = [j for j in range(len(trainer.label_names)) if j not in positives]
+    assert positives and negatives
+    matrix = trainer._label_matrix(batch)
+    assert _row_gradients(trainer, matrix, positives) > 0  # positives embedded with gradient
+    assert _row_gradients(trainer, matrix, negatives) == 0  # negatives from the cache
+    assert torch.equal(matrix[negatives].detach(), trainer._label_cache[negatives])
+    for _ in range(3):  # steps 0-2: the cache is built at step 0, then only live rows change
+        trainer.train_step()
+    fresh = trainer.model.encoder.embed(trainer.label_texts)
+    assert not torch.allclose(trainer._label_cache, fresh, atol=1e-5)  # stale between refreshes
+    batch = trainer._next_batch()
+    live_rows = set(torch.nonzero(trainer.targets[batch].sum(0)).flatten().tolist())
+    trainer._label_matrix(batch)  # step 3: refreshed from the trained encoder
+    cached = [j for j in range(len(trainer.label_names)) if j not in live_rows]
+    assert torch.allclose(trainer._label_cache[cached], fresh[cached], atol=1e-5)
+
+    live = SFTTrainer(dataset, tiny_config(label_refresh_steps=0, batch_size=2))
+    live.model.train()
+    batch = live._next_batch()
+    matrix = live._label_matrix(batch)
+    assert all(_row_gradients(live, matrix, [j]) > 0 for j in range(len(live.label_names)))
