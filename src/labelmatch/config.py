@@ -40,9 +40,11 @@ class TrainConfig:
         hard_weight: Weight of the hard-target BCE when soft scores exist.
         soft_weight: Weight of the soft-score BCE when soft scores exist.
         pos_weight_max: Upper clip of the per-label positive weight.
-        label_refresh_steps: Label embeddings of negatives come from a cache refreshed every this
-            many steps; the batch's positive labels are always embedded live (with gradient).
-            ``0`` embeds every label live every step (exact, slower with many labels).
+        label_refresh_steps: ``0`` (default) embeds every label description live, with gradient,
+            every step. ``N > 0`` takes negatives from a cache refreshed every ``N`` steps and
+            embeds only the batch's positive labels live: cheaper with hundreds of labels, but the
+            label side then learns only from positives (Reuters, 90 labels: -0.055 micro /
+            -0.100 macro-F1 at 0.64x the training time; ``make bench-quality``).
         patience: Early stopping: iterations without a better validation macro-F1.
         steps_per_iteration: Optimisation steps per training iteration (one validation and one
             report to a tuner each); ``None`` means one epoch.
@@ -76,7 +78,7 @@ class TrainConfig:
     hard_weight: float = 0.5
     soft_weight: float = 0.5
     pos_weight_max: float = 10.0
-    label_refresh_steps: int = 20
+    label_refresh_steps: int = 0
     patience: int = 2
     steps_per_iteration: int | None = None
     eval_batch_size: int = 64

@@ -5,13 +5,14 @@ epoch, each ending with a validation) so that Ray Tune can run it as a function 
 to save and restore everything a paused trial needs (adapter, bias, optimizer, schedule position,
 RNG states, history). :func:`train_sft` is the one-call API behind ``labelmatch train``.
 
-Label embeddings during training (``label_refresh_steps``): embedding every description with
-gradients at every step makes the label side cost as much as the documents once there are 90+
-labels. Instead the trainer keeps a cache of all label embeddings (no gradient) and, per step,
-re-embeds *live* (with gradient) only the labels that are positive in the batch; every label is
-still scored every step (negatives come from the cache), and the cache is refreshed every
-``label_refresh_steps`` steps and row-wise whenever a label is embedded live. ``0`` embeds all
-labels live every step (exact, slower). ``make bench-quality`` reports the F1 cost of each.
+Label embeddings during training (``label_refresh_steps``): by default (``0``) every label
+description is embedded live, with gradient, every step, so the label side learns from negatives
+as well as positives. With hundreds of labels that can dominate the step's cost, so ``N > 0``
+keeps a cache of all label embeddings (no gradient) and re-embeds live only the labels positive
+in the batch; every label is still scored every step (negatives from the cache), and the cache is
+refreshed every ``N`` steps and row-wise whenever a label is embedded live. On Reuters (90 labels,
+7,770 documents, 2 epochs) the cache with ``N = 20`` cost 0.055 micro- and 0.100 macro-F1 for
+0.64x the training time (``make bench-quality``), hence the exact default.
 """
 
 from __future__ import annotations
