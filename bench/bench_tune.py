@@ -173,8 +173,21 @@ def main() -> None:
     plot_curves(pbt["curve"], rnd["curve"], args.out / "tune_curve.png")
     plot_history(pbt["history"], args.out / "tune_pbt_history.png")
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "tune.md").write_text(markdown(report))
+    report_path = args.out / "tune.md"
+    report_path.write_text(markdown(report) + kept_notes(report_path))
     print(markdown(report))
+
+
+NOTES_HEADING = "## Why the 60% target is missed"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written analysis below ``NOTES_HEADING`` of an earlier report, so a re-run keeps it."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    start = text.find(NOTES_HEADING)
+    return "" if start < 0 else "\n" + text[start:]
 
 
 def markdown(report: dict[str, Any]) -> str:
