@@ -173,9 +173,10 @@ def main() -> None:
     plot_curves(pbt["curve"], rnd["curve"], args.out / "tune_curve.png")
     plot_history(pbt["history"], args.out / "tune_pbt_history.png")
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
+    summary = markdown(report)
     report_path = args.out / "tune.md"
-    report_path.write_text(markdown(report) + kept_notes(report_path))
-    print(markdown(report))
+    report_path.write_text(summary + kept_notes(report_path))
+    print(summary)
 
 
 NOTES_HEADING = "## Why the 60% target is missed"
