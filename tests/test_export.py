@@ -30,6 +30,35 @@ def test_artifact_follows_the_contract(onnx_model):
     assert (root / "model.onnx").stat().st_size < 0.5 * (root / "model_fp32.onnx").stat().st_size
 
 
+def executed_operators(path, config: OrtConfig, profile_dir) -> set[str]:
+    """Operator types ONNX Runtime ran for one call, read from its own profile."""
+    import onnxruntime as ort
+
+    options = config.session_options()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(profile_dir / "ort")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=list(config.disabled_optimizers))
+    session.run(None, {i.name: np.ones((1, 16), dtype=np.int64) for i in session.get_inputs()})
+    with open(session.end_profiling()) as handle:
+        events = json.load(handle)
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_residual_layer_norm_is_not_fused_into_the_slow_kernel(onnx_model, tmp_path):
+    # ORT's CPU SkipLayerNormalization kernel is ~5x slower than Add + LayerNormalization: the
+    # export leaves the pair unfused and the session must not fuse it back.
+    root, _ = onnx_model
+    info = json.loads((root / "labelmatch.json").read_text())
+    assert "SkipLayerNormalization" not in info["onnx"]["fused_operators"]
+    assert info["onnx"]["fused_operators"]["Attention"] >= 1
+    served = executed_operators(root / "model.onnx", OrtConfig(intra_op_threads=1), tmp_path)
+    assert {"LayerNormalization", "QAttention"} <= served and "SkipLayerNormalization" not in served
+    refused = executed_operators(root / "model.onnx", OrtConfig(intra_op_threads=1, disabled_optimizers=()),
+                                 tmp_path)
+    assert "SkipLayerNormalization" in refused, "ORT's own fusion would re-create it"
+
+
 def test_parity_fp32_exact_int8_close(onnx_model):
     _, parity = onnx_model
     assert parity["documents"] > 10 and parity["thresholds_retuned"]
