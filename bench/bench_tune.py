@@ -5,7 +5,9 @@ seeded initial population (same hyper-parameters and LoRA ranks, same trainer se
 additionally exploits (copies weights + optimizer of a better trial) and explores (perturbs its
 hyper-parameters). Reported: best validation macro-F1, test macro-F1 of the best checkpoint
 (per-label thresholds tuned on validation), compute (trial-iterations, steps, wall time), and the
-trial-iterations PBT needed to reach random search's best validation F1.
+trial-iterations PBT needed to reach random search's best validation F1. Repeated over
+``--seeds`` (each seed its own data subsample, initial population and trainer seeds); the
+targets are read off the mean (F1) and the median (compute share) over seeds.
 
 Data: ``../shared/data/bitext_customer_support`` (38 labels: 11 categories + 27 intents, two
 per document), subsampled with the dataset's own split: ``--train`` documents of its train split
@@ -13,7 +15,7 @@ per document), subsampled with the dataset's own split: ``--train`` documents of
 
 Usage::
 
-    python bench/bench_tune.py --out bench/results [--trials 4 --iterations 12 --steps 8 --quantile 0.5]
+    python bench/bench_tune.py --out bench/results [--seeds 0 1 2 --trials 4 --iterations 12 --steps 8]
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np
+
 from labelmatch.config import TrainConfig
 from labelmatch.data import Dataset, assign_splits, load_dataset
 from labelmatch.tune import METRIC, TuneConfig, best_checkpoint, init_local_ray, run_tune
 from labelmatch.tuning.history import build_history, plot_history, progress_frame
+from labelmatch.tuning.search_space import SearchSpace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bitext_customer_support"
 
@@ -80,9 +85,10 @@ def test_f1(results: Any, dataset: Dataset, work: Path) -> dict[str, Any]:
             "test_micro_f1": float(test["micro_f1"])}
 
 
-def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, seed: int,
+               work: Path) -> dict[str, Any]:
     config = TuneConfig(
-        trials=args.trials, iterations=args.iterations, scheduler=scheduler, seed=args.seed, verbose=0,
+        trials=args.trials, iterations=args.iterations, scheduler=scheduler, seed=seed, verbose=0,
         quantile_fraction=args.quantile, resample_probability=args.resample, name=f"bench-{scheduler}",
         storage_path=str(work / "ray_results"),
         train_config=TrainConfig(max_length=args.max_length, batch_size=16, steps_per_iteration=args.steps,
@@ -94,7 +100,7 @@ def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, work:
     history = build_history(list(results))
     rows = curve(results)
     return {
-        "results": results, "history": history, "curve": rows,
+        "history": history, "curve": rows,
         "summary": {
             **test_f1(results, dataset, work / f"model-{scheduler}"),
             "trial_iterations": len(rows), "training_steps": len(rows) * args.steps,
@@ -103,21 +109,71 @@ def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, work:
     }
 
 
-def plot_curves(pbt: list[dict], rnd: list[dict], path: Path) -> None:
+def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One replicate: the data subsample, the initial population and the trainer seeds follow ``seed``."""
+    dataset = subsample(args.data, args.train, args.val, args.test, seed)
+    population = SearchSpace().initial_population(args.trials, seed)
+    pbt = run_method("pbt", dataset, args, seed, work / "pbt")
+    rnd = run_method("random", dataset, args, seed, work / "random")
+    target = max(r["f1"] for r in rnd["curve"])
+    reached = next((r["trial_iterations"] for r in pbt["curve"] if r["f1"] >= target), None)
+    budget = len(rnd["curve"])
+    share = reached / budget if reached else None
+    return {
+        "seed": seed,
+        "splits": {s: len(dataset.split(s).documents) for s in ("train", "val", "test")},
+        "labels": len(dataset.labels),
+        "initial_population": [{k: p[k] for k in ("lr", "lora_rank", "scale")} for p in population],
+        "pbt": pbt["summary"], "random_search": rnd["summary"],
+        "pbt_trial_iterations_to_reach_random_best_val": reached,
+        "pbt_share_of_random_compute_to_reach_its_best": round(share, 3) if share else None,
+        "pbt_ge_random_val": pbt["summary"]["best_val_macro_f1"] >= rnd["summary"]["best_val_macro_f1"],
+        "within_60pct": bool(share is not None and share <= 0.6),
+        "curves": {"pbt": pbt["curve"], "random": rnd["curve"]},
+        "history": pbt["history"],
+    }
+
+
+def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across seeds: means, the median compute share (never reached counts as worse than any) and counts."""
+    shares = sorted(r["pbt_share_of_random_compute_to_reach_its_best"] or float("inf") for r in runs)
+    mid = len(shares) // 2
+    median = shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
+
+    def mean(method: str, key: str) -> float:
+        return float(np.mean([r[method][key] for r in runs]))
+
+    return {
+        "seeds": len(runs),
+        "mean_best_val_macro_f1": {"pbt": mean("pbt", "best_val_macro_f1"),
+                                   "random_search": mean("random_search", "best_val_macro_f1")},
+        "mean_test_macro_f1": {"pbt": mean("pbt", "test_macro_f1"),
+                               "random_search": mean("random_search", "test_macro_f1")},
+        "median_share_to_reach_random_best": None if median == float("inf") else round(median, 3),
+        "seeds_pbt_ge_random_val": sum(r["pbt_ge_random_val"] for r in runs),
+        "seeds_within_60pct": sum(r["within_60pct"] for r in runs),
+    }
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for rows, name, colour in ((pbt, "PBT", "#4477aa"), (rnd, "random search", "#cc6677")):
-        ax.step([r["trial_iterations"] for r in rows], [r["best_so_far"] for r in rows], where="post",
-                label=name, color=colour)
-    ax.axhline(max(r["f1"] for r in rnd), color="#cc6677", linestyle=":", label="random search best")
-    ax.set_xlabel("trial-iterations done (compute)")
-    ax.set_ylabel("best validation macro-F1 so far")
-    ax.set_title("PBT vs random search at equal compute")
-    ax.legend()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        pbt, rnd = run["curves"]["pbt"], run["curves"]["random"]
+        for rows, name, colour in ((pbt, "PBT", "#4477aa"), (rnd, "random search", "#cc6677")):
+            ax.step([r["trial_iterations"] for r in rows], [r["best_so_far"] for r in rows], where="post",
+                    label=name, color=colour)
+        ax.axhline(max(r["f1"] for r in rnd), color="#cc6677", linestyle=":", label="random search best")
+        ax.axvline(0.6 * len(rnd), color="grey", linestyle="--", linewidth=0.8, label="60% of its compute")
+        ax.set_xlabel("trial-iterations done (compute)")
+        ax.set_title(f"seed {run['seed']}")
+    axes[0][0].set_ylabel("best validation macro-F1 so far")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("PBT vs random search at equal compute")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -129,7 +185,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--trials", type=int, default=4)
     # Many short iterations: PBT perturbs after every iteration, so exploits start after a few
-    # steps instead of a third of the budget; the total steps per trial stay 36 (as 6 x 6).
+    # steps instead of a third of the budget.
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--steps", type=int, default=8, help="steps per iteration")
     # With 4 trials, 0.5 means the bottom two copy the top two at every perturbation.
@@ -140,46 +196,44 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (1 per trial)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="replicates: each seed draws its own data subsample, initial population "
+                             "and trainer seeds (the same for PBT and random search)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    dataset = subsample(args.data, args.train, args.val, args.test, args.seed)
-    counts = {s: len(dataset.split(s).documents) for s in ("train", "val", "test")}
     work = Path(tempfile.mkdtemp(prefix="lmbt-", dir="/tmp"))
     os.environ.setdefault("RAY_TMPDIR", str(work))
     init_local_ray(num_cpus=args.num_cpus, temp_dir=str(work / "ray"))
     try:
-        pbt = run_method("pbt", dataset, args, work)
-        rnd = run_method("random", dataset, args, work)
+        runs = [run_seed(seed, args, work / f"seed{seed}") for seed in args.seeds]
     finally:
         import ray
 
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    target = max(r["f1"] for r in rnd["curve"])
-    reached = next((r["trial_iterations"] for r in pbt["curve"] if r["f1"] >= target), None)
-    budget = len(rnd["curve"])
+    summary = aggregate(runs)
+    median = summary["median_share_to_reach_random_best"]
     report = {
-        "dataset": str(args.data.name), "splits": counts, "labels": len(dataset.labels),
+        "dataset": str(args.data.name), "labels": runs[0]["labels"], "splits": runs[0]["splits"],
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "data")},
-        "pbt": pbt["summary"], "random_search": rnd["summary"],
-        "pbt_trial_iterations_to_reach_random_best_val": reached,
-        "pbt_share_of_random_compute_to_reach_its_best": round(reached / budget, 3) if reached else None,
+        "runs": runs, "aggregate": summary,
         "targets": {
-            "pbt_ge_random_val": pbt["summary"]["best_val_macro_f1"] >= rnd["summary"]["best_val_macro_f1"],
-            "pbt_reaches_random_best_within_60pct": bool(reached and reached <= 0.6 * budget),
+            "pbt_ge_random_val": summary["mean_best_val_macro_f1"]["pbt"]
+            >= summary["mean_best_val_macro_f1"]["random_search"],
+            "pbt_reaches_random_best_within_60pct": bool(median is not None and median <= 0.6),
         },
     }
-    plot_curves(pbt["curve"], rnd["curve"], args.out / "tune_curve.png")
-    plot_history(pbt["history"], args.out / "tune_pbt_history.png")
+    plot_curves(runs, args.out / "tune_curve.png")
+    for run in runs:
+        plot_history(run["history"], args.out / f"tune_pbt_history_s{run['seed']}.png")
     (args.out / "tune.json").write_text(json.dumps(report, indent=2) + "\n")
-    summary = markdown(report)
+    summary_md = markdown(report)
     report_path = args.out / "tune.md"
-    report_path.write_text(summary + kept_notes(report_path))
-    print(summary)
+    report_path.write_text(summary_md + kept_notes(report_path))
+    print(summary_md)
 
 
-NOTES_HEADING = "## Why the 60% target is missed"
+NOTES_HEADING = "## Analysis"
 
 
 def kept_notes(path: Path) -> str:
@@ -192,41 +246,61 @@ def kept_notes(path: Path) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    pbt, rnd = report["pbt"], report["random_search"]
-    s, n = report["settings"], report["splits"]
+    s, n, agg = report["settings"], report["splits"], report["aggregate"]
     targets = report["targets"]
+
+    def share(run: dict[str, Any]) -> str:
+        reached = run["pbt_trial_iterations_to_reach_random_best_val"]
+        if reached is None:
+            return f"never (of {run['random_search']['trial_iterations']})"
+        return (f"{reached} of {run['random_search']['trial_iterations']} "
+                f"({100 * run['pbt_share_of_random_compute_to_reach_its_best']:.0f}%)")
+
     lines = [
         "# Tuning: PBT vs random search at equal compute", "",
-        f"Dataset `{report['dataset']}` ({report['labels']} labels), subsampled: {n['train']} train / "
-        f"{n['val']} validation (stratified out of {s['train']} sampled from its train split) / "
-        f"{n['test']} test (sampled from its test split); bundled MiniLM encoder, "
+        f"Dataset `{report['dataset']}` ({report['labels']} labels), subsampled per seed: "
+        f"{n['train']} train / {n['val']} validation (stratified out of {s['train']} sampled from its "
+        f"train split) / {n['test']} test (sampled from its test split); bundled MiniLM encoder, "
         f"max_length {s['max_length']}, CPU only (Ray with {s['num_cpus']} logical CPUs, 1 per trial, "
-        "on a shared 2-core machine).", "",
-        f"Both: {s['trials']} trials × {s['iterations']} iterations × {s['steps']} steps (batch 16), "
-        "same seeded initial population (hyper-parameters and LoRA ranks) and trainer seeds; "
-        f"PBT perturbs every iteration: the bottom {100 * s['quantile']:.0f}% copies the top "
-        f"{100 * s['quantile']:.0f}% (weights + optimizer), then explores (×0.8/×1.2, or a redraw "
-        f"with probability {s['resample']}).", "",
-        "| | PBT | random search |", "|---|---|---|",
+        "on a 2-core machine).", "",
+        f"Both methods, per seed: {s['trials']} trials × {s['iterations']} iterations × {s['steps']} steps "
+        "(batch 16) from the same seeded initial population (hyper-parameters and LoRA ranks, the default "
+        "`SearchSpace`) and trainer seeds; PBT perturbs every iteration: the bottom "
+        f"{100 * s['quantile']:.0f}% copies the top {100 * s['quantile']:.0f}% (weights + optimizer), then "
+        f"explores (×0.8/×1.2, or a redraw with probability {s['resample']}). Each seed also draws its own "
+        "data subsample.", "",
+        "| seed | initial lr (rank) | PBT best val / test macro-F1 | random best val / test | exploits | "
+        "PBT trial-iterations to reach random's best | PBT / random wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for key in ("best_val_macro_f1", "test_macro_f1", "test_micro_f1", "best_lora_rank", "best_iteration",
-                "trial_iterations", "training_steps", "wall_seconds", "exploits"):
-        a, b = pbt[key], rnd[key]
-        fmt = (lambda v: f"{v:.4f}") if isinstance(a, float) and key != "wall_seconds" else str
-        lines.append(f"| {key} | {fmt(a)} | {fmt(b)} |")
-    reached = report["pbt_trial_iterations_to_reach_random_best_val"]
-    share = report["pbt_share_of_random_compute_to_reach_its_best"]
+    for run in report["runs"]:
+        pbt, rnd = run["pbt"], run["random_search"]
+        lrs = ", ".join(f"{p['lr']:.1e} ({p['lora_rank']})" for p in run["initial_population"])
+        lines.append(
+            f"| {run['seed']} | {lrs} | {pbt['best_val_macro_f1']:.4f} / {pbt['test_macro_f1']:.4f} | "
+            f"{rnd['best_val_macro_f1']:.4f} / {rnd['test_macro_f1']:.4f} | {pbt['exploits']} | "
+            f"{share(run)} | {pbt['wall_seconds']:.0f} / {rnd['wall_seconds']:.0f} |"
+        )
+    mean_val, mean_test = agg["mean_best_val_macro_f1"], agg["mean_test_macro_f1"]
+    median = agg["median_share_to_reach_random_best"]
     lines += [
-        "", f"PBT reached random search's best validation macro-F1 after **{reached}** trial-iterations "
-        f"({share if share is None else f'{100 * share:.0f}%'} of random search's compute; "
-        "target ≤ 60%).", "",
+        "",
+        f"Over {agg['seeds']} seeds: mean best validation macro-F1 PBT {mean_val['pbt']:.4f} vs random "
+        f"{mean_val['random_search']:.4f} (test {mean_test['pbt']:.4f} vs {mean_test['random_search']:.4f}); "
+        f"PBT ≥ random in {agg['seeds_pbt_ge_random_val']} of {agg['seeds']} seeds; PBT reached random "
+        f"search's best within 60% of its compute in {agg['seeds_within_60pct']} of {agg['seeds']} seeds, "
+        f"median share **{'never' if median is None else f'{100 * median:.0f}%'}**.", "",
         "How compute is counted: every report (one iteration of one trial) of every trial, in the "
         "order they happened; PBT's count is the position of its first report whose validation "
-        "macro-F1 is at least random search's best, random search's budget is all its reports.", "",
-        f"Targets: PBT ≥ random (validation): {targets['pbt_ge_random_val']}; "
-        f"≤ 60% compute to reach random's best: {targets['pbt_reaches_random_best_within_60pct']}.", "",
-        "![best validation F1 so far](tune_curve.png)", "", "![PBT history](tune_pbt_history.png)", "",
+        "macro-F1 is at least random search's best, random search's budget is all its reports. "
+        "Wall seconds depend on what else the machine ran; compare trial-iterations.", "",
+        f"Targets: PBT ≥ random (mean validation over seeds): {targets['pbt_ge_random_val']}; "
+        f"≤ 60% compute to reach random's best (median over seeds): "
+        f"{targets['pbt_reaches_random_best_within_60pct']}.", "",
+        "![best validation F1 so far](tune_curve.png)", "",
     ]
+    lines += [f"![PBT history, seed {r['seed']}](tune_pbt_history_s{r['seed']}.png)" for r in report["runs"]]
+    lines.append("")
     return "\n".join(lines)
 
 
