@@ -393,8 +393,10 @@ def main() -> None:
     for doc in test_docs:
         doc.split = "val"  # the parity split: Reuters test documents, never trained on
     parity_set = Dataset(test_docs[: args.parity_docs], full.labels)
-    # "always": measure int8 alone *and* int8 with its fp32 fallback (gate 0: report, never refuse)
-    config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs, fp32_fallback="always")
+    # "always": measure int8 alone *and* int8 with its fp32 fallback (gate 0: report, never refuse),
+    # the fallback's margin calibrated as a default export calibrates it (to the default gate's target)
+    config = ExportConfig(agreement_gate=0.0, max_parity_docs=args.parity_docs, fp32_fallback="always",
+                          fallback_target=ExportConfig().fallback_agreement_target)
     parities = {"zero_shot": export_onnx(model_dir, onnx_dir, config, parity_set)}
     served = onnx_dir
     if args.model.is_dir():

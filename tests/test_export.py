@@ -147,6 +147,17 @@ def test_fallback_margin_is_calibrated_on_one_half_and_measured_on_the_other():
     assert plan["label_set_agreement"] == pytest.approx(2 / 3)  # doc 4 stays wrong
     assert plan["fallback_fraction"] == pytest.approx(1 / 3)  # only doc 5 is near a boundary
     assert calibrate_fallback(fp32, fp32, torch_pred, boundary, 1.2)["margin"] == 0.0
+    # A target below 1 leaves the farthest wrong document (0.02) to int8: one of three may stay wrong.
+    cheaper = calibrate_fallback(int8, fp32, torch_pred, boundary, safety=1.2, target=0.6)
+    assert cheaper["margin"] == pytest.approx(0.012, abs=1e-6)
+    assert cheaper["label_set_agreement_calibration"] == pytest.approx(2 / 3)  # doc 1 stays wrong
+    assert cheaper["fallback_fraction_calibration"] == pytest.approx(2 / 3)  # docs 0 and 2
+    assert cheaper["label_set_agreement"] == pytest.approx(2 / 3)  # doc 5 caught, doc 4 not
+    # The default target sits halfway between the gate and 1.
+    assert ExportConfig(agreement_gate=0.98).fallback_agreement_target == pytest.approx(0.99)
+    assert ExportConfig(fallback_target=1.0).fallback_agreement_target == 1.0
+    with pytest.raises(ConfigError, match="fallback_target"):
+        ExportConfig(fallback_target=0.0)
 
 
 def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_path):
@@ -179,10 +190,11 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
 
 def test_export_plans_the_fallback_and_the_server_loads_it(trained_model, tmp_path):
     out = tmp_path / "onnx"
-    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.0, fp32_fallback="always"),
-                         make_tiny_dataset())
+    config = ExportConfig(agreement_gate=0.0, fp32_fallback="always", fallback_target=1.0)
+    parity = export_onnx(trained_model, out, config, make_tiny_dataset())
     plan = parity["fallback"]
-    # The margin covers every wrong int8 decision of the calibration half, and fp32 agrees with torch.
+    # Target 1: the margin covers every wrong int8 decision of the calibration half, and fp32
+    # agrees with torch.
     assert parity["fp32"]["label_set_agreement"] == 1.0
     assert plan["label_set_agreement_calibration"] == 1.0
     assert plan["holdout_documents"] + plan["calibration_documents"] == parity["documents"]

@@ -29,6 +29,12 @@ def export(
                           "boundary with the fp32 graph (margin calibrated on the parity documents); "
                           "always; off."),
     ] = "auto",
+    fallback_target: Annotated[
+        float | None,
+        typer.Option(help="Label-set agreement the fallback margin is calibrated to on half the parity "
+                          "documents (default: halfway between the gate and 1; 1.0 re-embeds every document "
+                          "as close as the farthest wrong int8 decision)."),
+    ] = None,
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
     from labelmatch.data import assign_splits, load_dataset
@@ -36,13 +42,15 @@ def export(
 
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
-                          max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback)
+                          max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback,
+                          fallback_target=fallback_target)
     parity = export_onnx(model, out, config, dataset)
     int8, fallback = parity["int8"], parity["fallback"]
     typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "
                f"label-set agreement {int8['label_set_agreement']:.4f} on {parity['documents']} documents")
     if fallback:
-        typer.echo(f"int8 + fp32 fallback (margin {fallback['margin']:.4f}): label-set agreement "
+        typer.echo(f"int8 + fp32 fallback (margin {fallback['margin']:.4f}, calibrated to agreement "
+                   f"{fallback['target']:.3f}): label-set agreement "
                    f"{fallback['label_set_agreement']:.4f}, {fallback['fallback_fraction']:.0%} of documents "
                    f"re-embedded, on {fallback['holdout_documents']} holdout documents")
     typer.echo(f"OnnxModel written to {out}")
