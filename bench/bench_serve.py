@@ -74,6 +74,20 @@ def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) ->
     return out
 
 
+def machine() -> dict[str, Any]:
+    """The CPU the ratios were measured on (int8 speed depends on VNNI/AMX above all)."""
+    model, flags = "unknown", set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {"cpu": model, "cores": os.cpu_count(),
+            "int8_dot_product": [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
+
+
 def long_texts(dataset: Dataset, n: int, min_chars: int = 2000) -> list[str]:
     """Documents long enough to fill 256 tokens (MiniLM's tokenizer: ~4-5 characters a token)."""
     texts = [d.text for d in dataset.documents if len(d.text) >= min_chars]
@@ -301,11 +315,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    cpu = results["machine"]
     lines = [
         "# Serving benchmark: torch vs ONNX Runtime fp32 vs int8, and the HTTP server", "",
-        f"Machine: shared CPU ({os.cpu_count()} cores visible, other jobs running); {results['threads']} "
-        "thread(s) per engine; engines interleaved round by round inside every cell, so compare ratios, "
-        "not absolute numbers.", "",
+        f"Machine: {cpu['cpu']}, {cpu['cores']} cores, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, "
+        f"int8 dot-product instructions: {', '.join(cpu['int8_dot_product']) or 'none'}; "
+        f"{results['threads']} thread(s) per engine; engines interleaved round by round inside every "
+        "cell, so compare ratios, not absolute numbers.", "",
         f"Speed model: zero-shot bundled MiniLM-L6 over the {results['labels']} Reuters-21578 label "
         f"descriptions, exported with `labelmatch export` (dynamic int8, per channel); parity also for the "
         f"trained model {results['trained_model'] or '(none given)'}. Texts: Reuters test documents of at "
@@ -430,7 +446,8 @@ def main() -> None:
     cascade_speedup = cascade / b1["torch_fp32"]["docs_per_s"]
     overhead = http["sequential"]["overhead_p50_ms"]
     results = {
-        "threads": args.threads, "labels": len(full.labels), "texts": len(texts), "latency": latency,
+        "machine": machine(), "threads": args.threads, "labels": len(full.labels), "texts": len(texts),
+        "latency": latency,
         "parity": parities, "parity_headline": headline, "served_model": headline,
         "trained_model": str(args.model) if "trained" in parities else None,
         "model_only_p50_ms": model_p50, "http": http,
