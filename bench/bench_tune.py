@@ -85,11 +85,17 @@ def test_f1(results: Any, dataset: Dataset, work: Path) -> dict[str, Any]:
             "test_micro_f1": float(test["micro_f1"])}
 
 
+def search_space(args: argparse.Namespace) -> SearchSpace:
+    """The default search space, with ``--lr-range`` when given."""
+    return SearchSpace(lr=tuple(args.lr_range)) if args.lr_range else SearchSpace()
+
+
 def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, seed: int,
                work: Path) -> dict[str, Any]:
     config = TuneConfig(
         trials=args.trials, iterations=args.iterations, scheduler=scheduler, seed=seed, verbose=0,
         quantile_fraction=args.quantile, resample_probability=args.resample, name=f"bench-{scheduler}",
+        search_space=search_space(args),
         storage_path=str(work / "ray_results"),
         train_config=TrainConfig(max_length=args.max_length, batch_size=16, steps_per_iteration=args.steps,
                                  eval_batch_size=128, progress=False),
@@ -112,7 +118,7 @@ def run_method(scheduler: str, dataset: Dataset, args: argparse.Namespace, seed:
 def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One replicate: the data subsample, the initial population and the trainer seeds follow ``seed``."""
     dataset = subsample(args.data, args.train, args.val, args.test, seed)
-    population = SearchSpace().initial_population(args.trials, seed)
+    population = search_space(args).initial_population(args.trials, seed)
     pbt = run_method("pbt", dataset, args, seed, work / "pbt")
     rnd = run_method("random", dataset, args, seed, work / "random")
     target = max(r["f1"] for r in rnd["curve"])
@@ -204,7 +210,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="replicates: each seed draws its own data subsample, initial population "
                              "and trainer seeds (the same for PBT and random search)")
+    parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="learning-rate range of the search space (default: SearchSpace's)")
     args = parser.parse_args()
+    search_space(args)  # a bad range fails here, before any trial starts
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lmbt-", dir="/tmp"))
     os.environ.setdefault("RAY_TMPDIR", str(work))
@@ -253,6 +262,7 @@ def kept_notes(path: Path) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s, n, agg = report["settings"], report["splits"], report["aggregate"]
     targets = report["targets"]
+    lr_note = f" with lr {s['lr_range'][0]:g}–{s['lr_range'][1]:g}" if s.get("lr_range") else ""
 
     def share(run: dict[str, Any]) -> str:
         reached = run["pbt_trial_iterations_to_reach_random_best_val"]
@@ -270,7 +280,7 @@ def markdown(report: dict[str, Any]) -> str:
         "on a 2-core machine).", "",
         f"Both methods, per seed: {s['trials']} trials × {s['iterations']} iterations × {s['steps']} steps "
         "(batch 16) from the same seeded initial population (hyper-parameters and LoRA ranks, the default "
-        "`SearchSpace`) and trainer seeds; PBT perturbs every iteration: the bottom "
+        f"`SearchSpace`{lr_note}) and trainer seeds; PBT perturbs every iteration: the bottom "
         f"{100 * s['quantile']:.0f}% copies the top {100 * s['quantile']:.0f}% (weights + optimizer), then "
         f"explores (×0.8/×1.2, or a redraw with probability {s['resample']}). Each seed also draws its own "
         "data subsample.", "",
