@@ -145,9 +145,8 @@ def run_seed(seed: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Across seeds: means, the median compute share (never reached counts as worse than any) and counts."""
-    shares = sorted(r["pbt_share_of_random_compute_to_reach_its_best"] or float("inf") for r in runs)
-    mid = len(shares) // 2
-    median = shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
+    shares = [r["pbt_share_of_random_compute_to_reach_its_best"] or float("inf") for r in runs]
+    median = float(np.median(shares))
 
     def mean(method: str, key: str) -> float:
         return float(np.mean([r[method][key] for r in runs]))

@@ -31,14 +31,11 @@ def test_artifact_follows_the_contract(onnx_model):
 
 
 def executed_operators(path, config: OrtConfig, profile_dir) -> set[str]:
-    """Operator types ONNX Runtime ran for one call, read from its own profile."""
-    import onnxruntime as ort
-
+    """Operator types ONNX Runtime ran for one call of the serving session, read from its own profile."""
     options = config.session_options()
     options.enable_profiling = True
     options.profile_file_prefix = str(profile_dir / "ort")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=list(config.disabled_optimizers))
+    session = config.create_session(path, options)
     session.run(None, {i.name: np.ones((1, 16), dtype=np.int64) for i in session.get_inputs()})
     with open(session.end_profiling()) as handle:
         events = json.load(handle)

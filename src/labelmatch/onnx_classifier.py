@@ -84,6 +84,21 @@ class OrtConfig:
         options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         return options
 
+    def create_session(self, model_path: str | Path, options: Any = None) -> Any:
+        """A CPU ``onnxruntime.InferenceSession`` with these settings.
+
+        Args:
+            model_path: The ``.onnx`` file.
+            options: ``SessionOptions`` to use instead of :meth:`session_options` (e.g. with
+                profiling on); the disabled optimizers apply either way.
+        """
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            str(model_path), options or self.session_options(), providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(self.disabled_optimizers),
+        )
+
 
 class OnnxEncoder:
     """Tokenizer + ONNX session producing L2-normalised embeddings.
@@ -97,7 +112,6 @@ class OnnxEncoder:
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int,
                  config: OrtConfig | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.config = config or OrtConfig()
@@ -105,10 +119,7 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(**_padding_of(Path(tokenizer_path), self.tokenizer))
-        self.session = ort.InferenceSession(
-            str(model_path), self.config.session_options(), providers=["CPUExecutionProvider"],
-            disabled_optimizers=list(self.config.disabled_optimizers),
-        )
+        self.session = self.config.create_session(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
