@@ -57,8 +57,11 @@ on one half of the parity documents and the gate reads the other half (:func:`ca
 ``parity.json`` records: cosine between torch and ONNX document embeddings (min/mean) for fp32
 and int8, label-set agreement with torch (same thresholds, torch label embeddings), macro-F1 of
 torch and of int8 with the model's thresholds; the fallback plan where there is one (margin,
-holdout agreement, share re-embedded); and macro-F1 with the thresholds re-tuned on the served
-scores (the thresholds shipped).
+holdout agreement, share re-embedded); and, under ``thresholds``, both threshold candidates
+judged as served: the model's and the ones re-tuned on the served scores, each with its own
+fallback calibrated on its own decision boundaries and its served macro-F1. The re-tuned ones
+ship only when they score at least as well on the split they were tuned on; ``fp32``/``int8``/
+``fallback`` at the top describe the thresholds that ship.
 """
 
 from __future__ import annotations
@@ -80,14 +83,16 @@ from labelmatch.artifacts import (
 )
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
-from labelmatch.metrics import binarize, macro_f1, tune_thresholds
+from labelmatch.metrics import macro_f1, tune_thresholds
 from labelmatch.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
     OnnxClassifier,
     OrtConfig,
+    boundary_cosines,
     near_boundary,
+    threshold_vector,
 )
 
 #: Model types whose graphs ONNX Runtime's BERT fusions understand.
@@ -437,65 +442,120 @@ def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], label_
 def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str], targets: np.ndarray | None,
             eval_labels: dict[str, str], thresholds: dict[str, Any],
             config: ExportConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Compare torch with the fp32 and int8 graphs, plan the fp32 fallback, re-tune thresholds.
+    """Compare torch with the fp32 and int8 graphs and choose the thresholds that ship.
 
     Every graph is scored against the *torch* label embeddings (the ones shipped), so the
-    comparison isolates the document side. The thresholds are re-tuned on the scores that will
-    be served (int8, or int8 with its fallback).
+    comparison isolates the document side. Two threshold sets are candidates: the model's, and
+    the same rule (:func:`~labelmatch.metrics.tune_thresholds`) re-tuned on the scores the model's
+    thresholds would serve. Each candidate is judged as it would be served: its own fp32
+    fallback calibrated on its own decision boundaries, its served macro-F1 on this split. The
+    re-tuned set ships only when it does at least as well as the model's on this split (the
+    data it was chosen on): the shrunk per-label rule is no joint optimum, so re-tuning can lose.
+
+    Returns:
+        ``(parity summary, thresholds to ship)``; the summary's ``fp32``, ``int8`` and
+        ``fallback`` describe the shipped thresholds, ``thresholds`` both candidates.
     """
     names = list(eval_labels)
-    per_label = thresholds.get("labels", {})
     served_run = runs[MODEL_FILE]  # built with the model's scale, bias and thresholds
-    probabilities = served_run.probabilities
-    label_thresholds = served_run.thresholds_for(names)
-    boundary = served_run.boundary_cosines(names)
-
     torch_docs = torch_encoder.embed(texts, batch_size=config.batch_size).numpy()
     label_emb = torch_encoder.embed(list(eval_labels.values()), batch_size=config.batch_size).numpy()
-    torch_pred = binarize(probabilities(torch_docs @ label_emb.T), label_thresholds)
+    cosines = {"torch": torch_docs @ label_emb.T}
+    doc_cosine: dict[str, np.ndarray] = {}
+    for key, run in (("fp32", runs[FP32_MODEL_FILE]), ("int8", runs[MODEL_FILE])):
+        docs = run.encoder.embed(texts)
+        cosines[key] = docs @ label_emb.T
+        doc_cosine[key] = (docs * torch_docs).sum(axis=1)
     summary: dict[str, Any] = {
         "documents": len(texts),
         "source": f"dataset split {config.split!r}" if targets is not None else "label descriptions",
         "gate": config.agreement_gate,
         "label_embeddings": "torch (full precision), shared by every graph",
     }
+
+    candidates = {"model": thresholds}
+    judged = {"model": _judge_thresholds(served_run, names, thresholds, cosines, doc_cosine, targets, config)}
     if targets is not None:
-        summary["torch_macro_f1"] = macro_f1(targets, torch_pred)
-    cosines: dict[str, np.ndarray] = {}
-    for key, run in (("fp32", runs[FP32_MODEL_FILE]), ("int8", runs[MODEL_FILE])):
-        docs = run.encoder.embed(texts)
-        cosines[key] = docs @ label_emb.T
-        pred = binarize(probabilities(cosines[key]), label_thresholds)
+        served_probs = served_run.probabilities(judged["model"]["served_cosines"])
+        default, per_label = tune_thresholds(targets, served_probs)
+        retuned = {n: float(t) for n, t in zip(names, per_label, strict=True)}
+        candidates["retuned"] = {"default": default, "labels": {**thresholds.get("labels", {}), **retuned}}
+        judged["retuned"] = _judge_thresholds(served_run, names, candidates["retuned"], cosines, doc_cosine,
+                                              targets, config)
+    shipped = choose_thresholds({k: v.get("served_macro_f1") for k, v in judged.items()})
+    chosen = judged[shipped]
+    summary.update({k: chosen[k] for k in ("fp32", "int8", "fallback")})
+    if targets is not None:
+        summary["torch_macro_f1"] = chosen["torch_macro_f1"]
+    summary["thresholds"] = {
+        "shipped": shipped,
+        "rule": "re-tuned on the served scores; shipped only when its served macro-F1 on this split is "
+                "at least the model thresholds'",
+        "candidates": {
+            key: {k: v for k, v in entry.items() if k not in ("served_cosines",)}
+            for key, entry in judged.items()
+        },
+    }
+    summary["thresholds_retuned"] = shipped == "retuned"
+    return summary, candidates[shipped]
+
+
+def choose_thresholds(served_macro_f1: dict[str, float | None]) -> str:
+    """``"retuned"`` when its served macro-F1 is at least the model thresholds', else ``"model"``.
+
+    Args:
+        served_macro_f1: Served macro-F1 on the tuning split per candidate (``"model"`` and,
+            where there were targets to re-tune on, ``"retuned"``).
+    """
+    retuned = served_macro_f1.get("retuned")
+    model = served_macro_f1.get("model")
+    if retuned is None or model is None:
+        return "model"
+    return "retuned" if retuned >= model - 1e-12 else "model"
+
+
+def _judge_thresholds(run: OnnxClassifier, names: list[str], thresholds: dict[str, Any],
+                      cosines: dict[str, np.ndarray], doc_cosine: dict[str, np.ndarray],
+                      targets: np.ndarray | None, config: ExportConfig) -> dict[str, Any]:
+    """Agreement with torch, the fp32-fallback plan and macro-F1 of one threshold set, as served.
+
+    The fallback (where wanted) is calibrated on this threshold set's own decision boundaries,
+    against torch's decisions at the same thresholds.
+    """
+    label_thresholds = threshold_vector(thresholds, names)
+    boundary = boundary_cosines(label_thresholds, run.scale, run.bias)
+
+    def decide(cos: np.ndarray) -> np.ndarray:  # as the server decides: probability >= threshold
+        return run.probabilities(cos).astype(np.float32) >= label_thresholds
+
+    torch_pred = decide(cosines["torch"])
+    out: dict[str, Any] = {"thresholds": {"default": float(thresholds.get("default", 0.5))}}
+    if targets is not None:
+        out["torch_macro_f1"] = macro_f1(targets, torch_pred.astype(np.int64))
+    for key in ("fp32", "int8"):
+        pred = decide(cosines[key])
         entry: dict[str, Any] = {
-            "cosine_min": float((docs * torch_docs).sum(axis=1).min()),
-            "cosine_mean": float((docs * torch_docs).sum(axis=1).mean()),
+            "cosine_min": float(doc_cosine[key].min()),
+            "cosine_mean": float(doc_cosine[key].mean()),
             "label_set_agreement": float((pred == torch_pred).all(axis=1).mean()),
             "label_decision_agreement": float((pred == torch_pred).mean()),
         }
         if targets is not None:
-            entry["macro_f1"] = macro_f1(targets, pred)
-            entry["macro_f1_delta"] = entry["macro_f1"] - summary["torch_macro_f1"]
-        summary[key] = entry
+            entry["macro_f1"] = macro_f1(targets, pred.astype(np.int64))
+            entry["macro_f1_delta"] = entry["macro_f1"] - out["torch_macro_f1"]
+        out[key] = entry
 
     served = cosines["int8"]
-    summary["fallback"] = None
-    int8_short = summary["int8"]["label_set_agreement"] < config.agreement_gate
+    out["fallback"] = None
+    int8_short = out["int8"]["label_set_agreement"] < config.agreement_gate
     wanted = config.fp32_fallback == "always" or (config.fp32_fallback == "auto" and int8_short)
     if wanted and config.keep_fp32:
         plan = calibrate_fallback(cosines["int8"], cosines["fp32"], torch_pred, boundary,
                                   config.fallback_safety, config.fallback_agreement_target)
-        summary["fallback"] = {"model": FP32_MODEL_FILE, **plan}
+        out["fallback"] = {"model": FP32_MODEL_FILE, **plan}
         near = near_boundary(cosines["int8"], boundary, plan["margin"])
         served = np.where(near[:, None], cosines["fp32"], cosines["int8"])
-
-    tuned = dict(thresholds)
-    summary["thresholds_retuned"] = targets is not None
+    out["served_cosines"] = served
     if targets is not None:
-        probs = probabilities(served)
-        served_default, served_thresholds = tune_thresholds(targets, probs)
-        retuned = {n: float(t) for n, t in zip(names, served_thresholds, strict=True)}
-        tuned = {"default": served_default, "labels": {**per_label, **retuned}}
-        entry = summary["fallback"] or summary["int8"]
-        entry["macro_f1_retuned"] = macro_f1(targets, binarize(probs, served_thresholds))
-        entry["macro_f1_retuned_delta"] = entry["macro_f1_retuned"] - summary["torch_macro_f1"]
-    return summary, tuned
+        out["served_macro_f1"] = macro_f1(targets, decide(served).astype(np.int64))
+    return out

@@ -153,6 +153,20 @@ def near_boundary(cos: np.ndarray, boundary: np.ndarray, margin: float) -> np.nd
     return (np.abs(cos - boundary) < margin).any(axis=1)
 
 
+def threshold_vector(thresholds: dict[str, Any], names: Sequence[str]) -> np.ndarray:
+    """``(labels,)`` float32 thresholds of ``names`` from a ``thresholds.json`` mapping
+    (``{"default": t, "labels": {label: t}}``; labels it does not name get the default)."""
+    default = float(thresholds.get("default", 0.5))
+    per_label = thresholds.get("labels", {})
+    return np.array([float(per_label.get(n, default)) for n in names], dtype=np.float32)
+
+
+def boundary_cosines(thresholds: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """Decision boundaries in cosine units: ``(logit(threshold) - bias) / scale`` per label."""
+    t = np.clip(np.asarray(thresholds, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return ((np.log(t / (1 - t)) - bias) / scale).astype(np.float32)
+
+
 def _padding_of(tokenizer_path: Path, tokenizer: Any) -> dict[str, Any]:
     """Padding settings from ``tokenizer_config.json`` beside ``tokenizer.json``."""
     config_path = tokenizer_path.parent / "tokenizer_config.json"
@@ -277,9 +291,8 @@ class OnnxClassifier:
         return self.fallback or self.encoder
 
     def boundary_cosines(self, names: Sequence[str]) -> np.ndarray:
-        """Each label's decision boundary in cosine units: ``(logit(threshold) - bias) / scale``."""
-        t = np.clip(self.thresholds_for(names).astype(np.float64), 1e-6, 1 - 1e-6)
-        return ((np.log(t / (1 - t)) - self.bias) / self.scale).astype(np.float32)
+        """Each label's decision boundary in cosine units (see :func:`boundary_cosines`)."""
+        return boundary_cosines(self.thresholds_for(names), self.scale, self.bias)
 
     def resolve_labels(self, labels: dict[str, str] | None = None, replace: bool = False) -> dict[str, str]:
         """The label set of a request: the served one, extended (or replaced) by ``labels``."""

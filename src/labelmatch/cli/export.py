@@ -53,4 +53,9 @@ def export(
                    f"{fallback['target']:.3f}): label-set agreement "
                    f"{fallback['label_set_agreement']:.4f}, {fallback['fallback_fraction']:.0%} of documents "
                    f"re-embedded, on {fallback['holdout_documents']} holdout documents")
+    choice = parity["thresholds"]
+    f1 = {k: v.get("served_macro_f1") for k, v in choice["candidates"].items()}
+    if f1.get("retuned") is not None:
+        typer.echo(f"thresholds: {choice['shipped']} shipped (served macro-F1 on the parity split: "
+                   f"model {f1['model']:.4f}, re-tuned {f1['retuned']:.4f})")
     typer.echo(f"OnnxModel written to {out}")
