@@ -43,7 +43,7 @@ bench-quality: setup
 
 # --- kubernetes: charts and images ---
 TOOLS ?= .tools
-CHARTS := charts/labelmatch-serving charts/kfp-launcher
+CHARTS := charts/labelmatch-serving charts/labelmatch-pipelines
 HELM = $(shell PYTHON=$(PY) charts/get-helm.sh $(TOOLS))
 IMAGE_NAMES ?= base train serve
 

@@ -20,19 +20,22 @@ def deploy(
     """Deploy the model and record the release.
 
     Calls :func:`labelmatch.deploy_step.run_deploy_step`. ``local`` starts the labelmatch model
-    server on 127.0.0.1, classifies a few documents over its KServe v1 API and stops it;
-    ``kserve`` points the InferenceService ``namespace/service`` at the artifact's store URI,
-    waits for Ready and appends a release record under ``release_root``.
+    server on 127.0.0.1, classifies a few documents over its KServe v1 API and stops it (and
+    records the release when there is a release root); ``kserve`` points the InferenceService
+    ``namespace/service`` at the artifact's store URI, waits for Ready and appends a release
+    record under the release root.
 
     Args:
         onnx_model: Input OnnxModel artifact (from ``export_onnx``, or imported by URI for a
-            rollback); verified against its manifest (and ``expected_digest``).
+            rollback; an ``s3://`` import without a local copy is downloaded); verified against
+            its manifest (and ``expected_digest``).
         release: Output Report artifact: ``release.json`` (+ ``predictions.json`` and
             ``server.log`` for ``local``) and ``manifest.json``.
         target: ``kserve`` (a cluster) or ``local`` (this machine, loopback only).
         service: InferenceService name.
         namespace: Its namespace.
-        release_root: ``s3://bucket/prefix`` of the release records (``kserve``).
+        release_root: ``s3://bucket/prefix`` of the release records; empty:
+            ``$LABELMATCH_STORE_ROOT`` (from the pipeline ConfigMap in a cluster).
         expected_digest: Refuse a model whose artifact digest differs (rollbacks pin it).
         run_id: The pipeline run (recorded in the release).
 

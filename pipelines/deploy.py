@@ -1,13 +1,21 @@
 """The deploy-only pipeline: deploy a model artifact given by URI (used by rollbacks).
 
 ``labelmatch.rollback`` re-runs *this pipeline of an earlier version* with the
-``model_uri``/``model_digest``/``service``/``namespace`` of an earlier release, so those
-parameter names are a contract (:data:`labelmatch.deploy.DEPLOY_PARAMETERS`).
+``model_uri``/``model_digest``/``service``/``namespace``/``target``/``release_root`` of an
+earlier release, so those parameter names are a contract
+(:data:`labelmatch.deploy.DEPLOY_PARAMETERS`); every other parameter has a default.
 """
 
 from kfp import dsl
 
 from components import deploy
+from pipelines.platform import (
+    DEFAULT_PIPELINE_CONFIG,
+    DEFAULT_S3_SECRET,
+    NETWORK_RETRIES,
+    Cluster,
+    configure_step,
+)
 
 DEPLOY_PIPELINE = "labelmatch-deploy"
 
@@ -20,6 +28,10 @@ def deploy_pipeline(
     namespace: str = "default",
     target: str = "kserve",
     release_root: str = "",
+    s3_secret: str = DEFAULT_S3_SECRET,
+    pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
+    deploy_cpu: str = "1",
+    deploy_memory: str = "2Gi",
 ):
     """Import the OnnxModel at ``model_uri`` and deploy it.
 
@@ -29,12 +41,17 @@ def deploy_pipeline(
         service: InferenceService name.
         namespace: Its namespace.
         target: ``kserve`` or ``local``.
-        release_root: ``s3://bucket/prefix`` of the release records.
+        release_root: ``s3://bucket/prefix`` of the release records (empty:
+            ``LABELMATCH_STORE_ROOT`` from the pipeline ConfigMap).
+        s3_secret: Secret holding the S3 credentials.
+        pipeline_config: ConfigMap holding the S3 endpoint, region and store root.
+        deploy_cpu: CPU of the deploy step (request = limit).
+        deploy_memory: Memory of the deploy step.
     """
     model = dsl.importer(
         artifact_uri=model_uri, artifact_class=dsl.Model, reimport=False, metadata={"kind": "OnnxModel"}
     )
-    deploy(
+    deployed = deploy(
         onnx_model=model.output,
         target=target,
         service=service,
@@ -43,3 +60,5 @@ def deploy_pipeline(
         expected_digest=model_digest,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # a side effect: always run
+    configure_step(deployed, "deploy", Cluster(s3_secret, pipeline_config), deploy_cpu, deploy_memory,
+                   retries=NETWORK_RETRIES)

@@ -4,6 +4,12 @@
 current interpreter (where ``labelmatch`` is installed); each task writes its outputs under
 ``<pipeline_root>/<pipeline name>-<timestamp>/<task>/<output>``. What ``kfp.local`` does not do
 is listed in ``docs/pipelines.md`` (resource requests and kfp-kubernetes settings are ignored).
+
+What runs is the **compiled IR** (``pipelines/compiled/<name>-<version>.yaml``, loaded with
+``kfp.components.load_component_from_file``): the very file a cluster runs, component code
+embedded. :class:`LocalPipelineRegistry` serves those files the way a KFP server serves
+pipeline versions, so a rollback (:mod:`labelmatch.rollback`) can re-run an earlier version's
+deploy IR here.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.artifacts import MANIFEST, verify_artifact
-from labelmatch.errors import ArtifactError
+from labelmatch.errors import ArtifactError, ConfigError
+from labelmatch.kfp_api import PipelineVersion, RunInfo, convert_parameter, pipeline_inputs, read_package
 
 
 @dataclass(frozen=True)
@@ -35,11 +42,12 @@ class LocalArtifact:
     kind: str
 
 
-def run_locally(pipeline: Callable, pipeline_root: str | Path, **arguments: Any) -> Path:
-    """Run ``pipeline`` with ``kfp.local`` in this interpreter and return the run directory.
+def run_locally(pipeline: Callable | str | Path, pipeline_root: str | Path, **arguments: Any) -> Path:
+    """Run a pipeline with ``kfp.local`` in this interpreter and return the run directory.
 
     Args:
-        pipeline: A ``@dsl.pipeline`` function.
+        pipeline: A compiled IR file (what ships; see the module docstring) or a
+            ``@dsl.pipeline`` function.
         pipeline_root: Where runs are written (one sub-directory per run).
         arguments: The pipeline's parameters.
 
@@ -47,6 +55,10 @@ def run_locally(pipeline: Callable, pipeline_root: str | Path, **arguments: Any)
         RuntimeError: a task failed (``kfp.local`` raises; the task's log names the cause).
     """
     from kfp import local
+    from kfp.components import load_component_from_file
+
+    if isinstance(pipeline, str | Path):
+        pipeline = load_component_from_file(str(pipeline))
 
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -85,3 +97,65 @@ def run_artifacts(run_dir: str | Path) -> list[LocalArtifact]:
 def task_names(run_dir: str | Path) -> set[str]:
     """Names of the tasks that ran (those that wrote an output directory)."""
     return {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
+
+
+class LocalPipelineRegistry:
+    """The compiled IR files of a directory served like pipeline versions, run with ``kfp.local``.
+
+    The same two calls :class:`labelmatch.kfp_api.PipelineRegistry` offers a rollback
+    (``find_version``, ``create_run``), answered from ``<compiled_dir>/<name>-<version>.yaml``.
+
+    Args:
+        compiled_dir: Directory of compiled IR files (``pipelines/compiled``).
+        pipeline_root: Where the runs are written.
+    """
+
+    def __init__(self, compiled_dir: str | Path, pipeline_root: str | Path):
+        self.compiled_dir = Path(compiled_dir)
+        self.pipeline_root = Path(pipeline_root)
+
+    def versions(self, name: str) -> list[PipelineVersion]:
+        """Every compiled version of pipeline ``name`` in the directory."""
+        found = []
+        for path in sorted(self.compiled_dir.glob(f"{name}-*.yaml")):
+            if read_package(path)[0] != name:
+                continue
+            version = path.stem[len(name) + 1 :]
+            parameters, required = pipeline_inputs(path)
+            found.append(PipelineVersion(name, str(self.compiled_dir), version, str(path), "", parameters,
+                                         required))
+        return found
+
+    def find_version(self, name: str, version: str) -> PipelineVersion:
+        """The compiled version ``version`` of ``name``; :class:`ConfigError` lists the known ones."""
+        versions = self.versions(name)
+        for item in versions:
+            if item.version == version:
+                return item
+        known = ", ".join(item.version for item in versions) or "none"
+        raise ConfigError(f"pipeline {name!r} has no compiled version {version!r} in {self.compiled_dir} "
+                          f"(versions: {known})")
+
+    def create_run(self, name: str, version: str, params: dict[str, str] | None = None,
+                   run_name: str | None = None, **_: Any) -> RunInfo:
+        """Run version ``version`` of ``name`` to completion with ``kfp.local``.
+
+        Args:
+            name: Pipeline name.
+            version: Compiled version.
+            params: Parameters as strings, converted to the declared types; unknown names are refused.
+            run_name: Display name of the run.
+
+        Returns:
+            The run; ``run_id`` is its directory.
+        """
+        target = self.find_version(name, version)
+        typed = {}
+        for key, value in (params or {}).items():
+            if key not in target.parameters:
+                known = ", ".join(sorted(target.parameters)) or "none"
+                raise ConfigError(f"parameter '{key}': not an input of {name} {version} (inputs: {known})")
+            typed[key] = convert_parameter(key, value, target.parameters[key])
+        run_dir = run_locally(target.version_id, self.pipeline_root, **typed)
+        return RunInfo(run_id=str(run_dir), name=run_name or f"{name} {version}", pipeline=name,
+                       version=version, parameters=typed)

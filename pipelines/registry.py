@@ -16,11 +16,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ast
+import re
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from labelmatch import __version__
 
@@ -66,7 +69,37 @@ def compile_pipeline(pipeline: RegisteredPipeline, out_dir: str | Path = COMPILE
     path = Path(out_dir) / pipeline.filename
     path.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(pipeline.function, str(path), pipeline_name=pipeline.name)
+    path.write_text(_stable_header(path.read_text()))
     return path
+
+
+_DEFAULT = re.compile(r"^(#\s+\w+: \w+ \[Default: )(.*)(\])$")
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
+
+
+def _stable_header(text: str) -> str:
+    """The IR with the dict keys of its header comment's defaults in sorted order.
+
+    KFP writes the defaults of dict and list parameters into the comment header in the order of
+    a protobuf map, which changes from one process to the next; the YAML body is sorted already.
+    Without this a dict default (the GPU tolerations) makes every compile differ.
+    """
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if not line.startswith("#"):
+            break
+        match = _DEFAULT.match(line)
+        if match and match.group(2)[:1] in "[{":
+            value = _sorted_keys(ast.literal_eval(match.group(2)))
+            lines[index] = f"{match.group(1)}{value!r}{match.group(3)}"
+    return "\n".join(lines)
 
 
 def compile_all(out_dir: str | Path = COMPILED_DIR) -> list[Path]:

@@ -102,3 +102,59 @@ def ray_sandbox(prefix: str) -> Iterator[Path]:
             else:
                 os.environ[key] = value
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def no_retry_wait(monkeypatch):
+    """Skip kfp.local's back-off between the retries the compiled IR asks for (the retries run)."""
+    from kfp.local.orchestrator import task_executor
+
+    monkeypatch.setattr(task_executor.time, "sleep", lambda seconds: None)
+
+
+#: The CRDs of the cluster's operators (KubeRay, KServe), beside the repository.
+CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
+
+
+def strict_schema(schema: dict) -> dict:
+    """Reject unknown fields wherever a CRD lists properties and does not preserve unknowns."""
+    import copy
+
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="session")
+def rayjob_crd():
+    """``check(manifest) -> [error, ...]`` against KubeRay's RayJob CRD (v1), unknown fields refused."""
+    import jsonschema
+    import yaml
+
+    crd_path = CRDS / "ray.io_rayjobs.yaml"
+    if not crd_path.is_file():
+        pytest.skip(f"{crd_path} not available")
+    crd = yaml.safe_load(crd_path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    validator = jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"]))
+
+    def check(manifest: dict) -> list[str]:
+        errors = validator.iter_errors(manifest)
+        return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
+
+    return check

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
@@ -138,3 +139,19 @@ def kube_fake_server() -> Iterator[tuple[str, KubeState]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def kubeconfig(path: Path, server: str, namespace: str = "default") -> Path:
+    """Write a kubeconfig pointing at a local API double (with a token, as a real one would have)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "fake", "user": {"token": "kube-token"}}],
+        "contexts": [
+            {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
+        ],
+        "current-context": "fake",
+    }
+    path.write_text(json.dumps(config))
+    return path

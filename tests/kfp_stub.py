@@ -170,9 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, f"pipeline version {ref} not found")
             if body.get("experiment_id") not in s.experiments:
                 return self._error(404, f"experiment {body.get('experiment_id')} not found")
-            declared = versions[ref["pipeline_version_id"]]["pipeline_spec"]["root"]["inputDefinitions"][
-                "parameters"
-            ]
+            stored = versions[ref["pipeline_version_id"]]["pipeline_spec"]
+            declared = stored.get("pipeline_spec", stored)["root"]["inputDefinitions"]["parameters"]
             unknown = set((body.get("runtime_config") or {}).get("parameters", {})) - set(declared)
             if unknown:
                 return self._error(400, f"unknown parameters {sorted(unknown)}")
@@ -199,7 +198,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(404, f"no route DELETE {request.path}")
 
     def _add_version(self, pipeline_id: str, name: str, package: bytes) -> dict:
-        spec = next(yaml.safe_load_all(package))
+        # As the server does (YamlStringToPipelineSpecStruct): an IR with a Kubernetes platform
+        # document is stored as {"pipeline_spec": ..., "platform_spec": ...}.
+        docs = [doc for doc in yaml.safe_load_all(package) if doc]
+        pipeline = next(doc for doc in docs if "platforms" not in doc)
+        platforms = [doc for doc in docs if "platforms" in doc]
+        spec = {"pipeline_spec": pipeline, "platform_spec": platforms[0]} if platforms else pipeline
         version = {
             "pipeline_id": pipeline_id,
             "pipeline_version_id": self.state.new_id("version"),
@@ -227,18 +231,14 @@ def kfp_stub_server() -> Iterator[tuple[str, KfpState]]:
         server.server_close()
 
 
-def compile_pipeline(out_dir, name: str, version: str) -> str:
-    """Compile a small real KFP pipeline named ``name`` to ``<out_dir>/<name>-<version>.yaml``."""
-    from kfp import compiler, dsl
+def shipped_ir(out_dir, name: str, version: str) -> str:
+    """The compiled IR that ships (``pipelines/compiled/<name>-<package version>.yaml``), copied to
+    ``<out_dir>/<name>-<version>.yaml`` so that tests can upload it as several versions."""
+    import shutil
 
-    @dsl.component(base_image="python:3.11-slim")
-    def deploy(model_uri: str, model_digest: str, service: str, min_replicas: int) -> str:
-        return f"{service} {model_uri} {model_digest} {min_replicas}"
-
-    @dsl.pipeline(name=name, description=f"{name} for tests")
-    def pipeline(model_uri: str, model_digest: str = "", service: str = "tax", min_replicas: int = 1):
-        deploy(model_uri=model_uri, model_digest=model_digest, service=service, min_replicas=min_replicas)
+    from labelmatch import __version__
+    from pipelines.registry import COMPILED_DIR
 
     path = f"{out_dir}/{name}-{version}.yaml"
-    compiler.Compiler().compile(pipeline, path)
+    shutil.copyfile(COMPILED_DIR / f"{name}-{__version__}.yaml", path)
     return path

@@ -25,11 +25,11 @@ from labelmatch.k8s_schema import validate_against_crd
 ROOT = Path(__file__).resolve().parents[1]
 CHARTS = ROOT / "charts"
 SERVING = CHARTS / "labelmatch-serving"
-LAUNCHER = CHARTS / "kfp-launcher"
+PIPELINES = CHARTS / "labelmatch-pipelines"
 CRDS = ROOT.parent / "shared" / "crds"
 ISVC_CRD = CRDS / "serving.kserve.io_inferenceservices.yaml"
 K8S_VERSION = "1.35"
-CI_VALUES = sorted(SERVING.glob("ci/*.yaml")) + sorted(LAUNCHER.glob("ci/*.yaml"))
+CI_VALUES = sorted(SERVING.glob("ci/*.yaml")) + sorted(PIPELINES.glob("ci/*.yaml"))
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +83,7 @@ def validate(doc: dict) -> None:
 def test_ci_values_exist() -> None:
     names = {path.name for path in SERVING.glob("ci/*.yaml")}
     assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml"} <= names
-    assert (LAUNCHER / "ci" / "default-values.yaml").is_file()
+    assert {p.name for p in PIPELINES.glob("ci/*.yaml")} >= {"default-values.yaml", "tls-values.yaml"}
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda path: f"{path.parent.parent.name}/{path.name}")
@@ -198,8 +198,9 @@ def test_bad_values_are_refused(helm: str, override: list[str], message: str) ->
     assert message in proc.stderr
 
 
-def test_every_value_is_documented() -> None:
-    text = (SERVING / "values.yaml").read_text()
+@pytest.mark.parametrize("chart", [SERVING, PIPELINES], ids=lambda path: path.name)
+def test_every_value_is_documented(chart: Path) -> None:
+    text = (chart / "values.yaml").read_text()
     documented = set(re.findall(r"^\s*## @param (\S+)", text, flags=re.MULTILINE))
 
     def leaves(node: object, prefix: str = "") -> list[str]:
@@ -212,8 +213,8 @@ def test_every_value_is_documented() -> None:
 
 
 def test_kfp_launcher_configmap_follows_kfp_format(rendered: dict[Path, list[dict]]) -> None:
-    config = by_kind(rendered[LAUNCHER / "ci" / "tls-values.yaml"], "ConfigMap")
-    assert config["metadata"]["name"] == "kfp-launcher"
+    [config] = [d for d in rendered[PIPELINES / "ci" / "tls-values.yaml"]
+                if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kfp-launcher"]
     assert config["metadata"]["namespace"] == "ml"
     assert config["data"]["defaultPipelineRoot"] == "s3://ml-artifacts/kfp"
     default = yaml.safe_load(config["data"]["providers"])["s3"]["default"]
@@ -237,3 +238,46 @@ def test_strict_crd_validation_catches_a_misspelt_field(rendered: dict[Path, lis
         ConfigError, match=r"\$\.spec\.predictor\.containers\[0\].*'volumeMount' was unexpected"
     ):
         validate_against_crd(isvc, ISVC_CRD)
+
+
+def _pipeline_objects(rendered: dict[Path, list[dict]], values: str) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in rendered[PIPELINES / "ci" / values]}
+
+
+def test_pipeline_runner_rbac_grants_exactly_what_the_steps_need(rendered: dict[Path, list[dict]]) -> None:
+    """The IR's tune step creates/reads/deletes RayJobs and its deploy step reads/creates/patches
+    InferenceServices (labelmatch.tuning.rayjob, labelmatch.deploy); KFP's launcher reads its
+    ConfigMap and the S3 Secret; Argo reports outputs. Nothing else: no list/watch, no wildcard."""
+    objects = _pipeline_objects(rendered, "default-values.yaml")
+    role = objects[("Role", "labelmatch-pipeline-runner")]
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
+    assert set(rules[(("ray.io",), ("rayjobs",))]["verbs"]) == {"create", "get", "delete"}
+    assert set(rules[(("serving.kserve.io",), ("inferenceservices",))]["verbs"]) == {"get", "create", "patch"}
+    assert set(rules[(("argoproj.io",), ("workflowtaskresults",))]["verbs"]) == {"create", "patch"}
+    assert rules[(("",), ("secrets",))] == {"apiGroups": [""], "resources": ["secrets"],
+                                             "resourceNames": ["labelmatch-s3-credentials"], "verbs": ["get"]}
+    assert rules[(("",), ("configmaps",))]["resourceNames"] == ["kfp-launcher"]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
+    binding = objects[("RoleBinding", "labelmatch-pipeline-runner")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "labelmatch-pipeline-runner",
+                                    "namespace": "ml"}]
+    assert ("ServiceAccount", "labelmatch-pipeline-runner") in objects
+    # The tls values switch the RayJob permission off; the other rules stay.
+    tls = _pipeline_objects(rendered, "tls-values.yaml")[("Role", "runner")]
+    assert not [r for r in tls["rules"] if r["apiGroups"] == ["ray.io"]]
+    secrets = [r["resourceNames"] for r in tls["rules"] if r["resources"] == ["secrets"]]
+    assert secrets == [["mlpipeline-minio-artifact"]]
+    external = rendered[PIPELINES / "ci" / "existing-launcher-values.yaml"]
+    only = [(d["kind"], d["metadata"]["name"]) for d in external]
+    assert only == [("ConfigMap", "labelmatch-pipeline-config")]
+
+
+def test_pipeline_config_map_holds_what_every_step_reads(rendered: dict[Path, list[dict]]) -> None:
+    from pipelines.platform import DEFAULT_PIPELINE_CONFIG, STORE_CONFIG_KEYS
+
+    config = _pipeline_objects(rendered, "default-values.yaml")[("ConfigMap", DEFAULT_PIPELINE_CONFIG)]
+    assert set(config["data"]) == set(STORE_CONFIG_KEYS)
+    assert config["data"]["LABELMATCH_S3_ENDPOINT"] == "http://minio.minio.svc.cluster.local:9000"
+    assert config["data"]["LABELMATCH_STORE_ROOT"] == "s3://labelmatch"
+    tls = _pipeline_objects(rendered, "tls-values.yaml")[("ConfigMap", DEFAULT_PIPELINE_CONFIG)]
+    assert tls["data"]["LABELMATCH_S3_ENDPOINT"] == "https://minio.example.internal:443"

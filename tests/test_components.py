@@ -70,10 +70,12 @@ def _fake_artifact(root: Path, kind: str) -> Path:
 
 
 def _run_deploy_only(tmp_path: Path, model_uri: str) -> None:
-    from pipelines.deploy import deploy_pipeline
+    """The compiled deploy IR that ships, run with kfp.local."""
     from pipelines.local import run_locally
+    from pipelines.registry import COMPILED_DIR
 
-    run_locally(deploy_pipeline, tmp_path / "root", model_uri=model_uri, target="local")
+    ir = COMPILED_DIR / f"labelmatch-deploy-{__version__}.yaml"
+    run_locally(ir, tmp_path / "root", model_uri=model_uri, target="local")
 
 
 @pytest.mark.parametrize(
@@ -86,7 +88,7 @@ def _run_deploy_only(tmp_path: Path, model_uri: str) -> None:
     ],
 )
 def test_bad_input_artifact_fails_naming_artifact_and_file(
-    tmp_path: Path, capfd, damage: str, message: str
+    tmp_path: Path, capfd, no_retry_wait, damage: str, message: str
 ) -> None:
     art = _fake_artifact(tmp_path / "onnx", "Dataset" if damage == "kind" else "OnnxModel")
     if damage == "delete":
@@ -123,13 +125,20 @@ def test_evaluate_refuses_a_model_that_is_a_dataset(tmp_path: Path, capfd, sampl
     assert f"artifact {tmp_path / 'ds'}: kind is 'Dataset', expected 'Model'" in log
 
 
-def test_deploy_step_settings_are_checked() -> None:
-    from labelmatch.deploy_step import DeployStepConfig, _store_uri
+def test_deploy_step_settings_are_checked(monkeypatch) -> None:
+    from labelmatch.deploy_step import DeployStepConfig
     from labelmatch.errors import ConfigError
+    from labelmatch.store import as_s3_uri
 
+    monkeypatch.delenv("LABELMATCH_STORE_ROOT", raising=False)
     with pytest.raises(ConfigError, match="'local' or 'kserve'"):
         DeployStepConfig(target="docker")
     with pytest.raises(ConfigError, match="release_root"):
         DeployStepConfig(target="kserve")
-    assert _store_uri("minio://mlpipeline/v2/artifacts/x") == "s3://mlpipeline/v2/artifacts/x"
-    assert _store_uri("s3://bucket/key") == "s3://bucket/key"
+    with pytest.raises(ConfigError, match="expected s3://"):
+        DeployStepConfig(target="kserve", release_root="/tmp/releases")
+    # In a cluster the pipeline ConfigMap names the store root: the default release root.
+    monkeypatch.setenv("LABELMATCH_STORE_ROOT", "s3://labelmatch")
+    assert DeployStepConfig(target="kserve").release_root == "s3://labelmatch"
+    assert as_s3_uri("minio://mlpipeline/v2/artifacts/x") == "s3://mlpipeline/v2/artifacts/x"
+    assert as_s3_uri("s3://bucket/key") == "s3://bucket/key"

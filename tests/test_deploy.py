@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from k8s_fake import kube_fake_server
-from kfp_stub import compile_pipeline, kfp_stub_server
+import yaml
+from k8s_fake import kube_fake_server, kubeconfig
+from kfp_stub import kfp_stub_server, shipped_ir
 from s3_server import moto_s3_server, s3_env
 
+from labelmatch import __version__
 from labelmatch.artifacts import artifact_digest, write_manifest
 from labelmatch.deploy import DeployConfig, deploy_model, inference_service, kube_custom_objects
 from labelmatch.errors import ArtifactError, ConfigError, DataError, LabelmatchError
@@ -134,64 +136,83 @@ def test_release_log_is_append_only_and_finds_releases(store):
         log.list("svc")
 
 
-def test_rollback_reruns_the_earlier_deploy_version_with_its_model(tmp_path, store, kube, monkeypatch):
+@pytest.fixture
+def deploy_ir_env(tmp_path, store, monkeypatch):
+    """What the compiled deploy IR's step needs to reach the S3 server and the API double, as env
+    (kfp.local's step subprocesses inherit it); yields ``(kube state, pipeline runner)``."""
+    from pipelines.local import LocalPipelineRegistry
+    from pipelines.registry import COMPILED_DIR
+
+    for key, value in s3_env(f"http://{store.config.endpoint}").items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("HOME", str(tmp_path))
-    api, state = kube
+    with kube_fake_server() as (url, state):
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", url, NS)))
+        yield state, LocalPipelineRegistry(COMPILED_DIR, tmp_path / "runs")
+
+
+def _deploy_params(uri: str, service: str) -> dict[str, str]:
+    return {"model_uri": uri, "service": service, "namespace": NS, "target": "kserve", "release_root": ROOT}
+
+
+@pytest.mark.slow
+def test_rollback_reruns_the_compiled_deploy_ir_and_serves_the_earlier_model(tmp_path, store, deploy_ir_env):
+    """Deploys and the rollback all run the deploy IR that ships (kfp.local); only the Kubernetes
+    API is a double. The KFP server's part (which version, which parameters) is checked against
+    the KFP stub with the same IR uploaded."""
+    state, runner = deploy_ir_env
     uri_a, digest_a = onnx_model(tmp_path, store, "ra")
-    uri_b, _ = onnx_model(tmp_path, store, "rb")
+    uri_b, digest_b = onnx_model(tmp_path, store, "rb")
     releases = ReleaseLog(store, ROOT)
-    first = deploy_model(config(service="tax2"), uri_a, store, ROOT, pipeline_version="0.1.0", api=api)
-    deploy_model(config(service="tax2"), uri_b, store, ROOT, pipeline_version="0.2.0", api=api)
+    runner.create_run("labelmatch-deploy", __version__, _deploy_params(uri_a, "tax2"))
+    runner.create_run("labelmatch-deploy", __version__, _deploy_params(uri_b, "tax2"))
+    first, second = releases.list("tax2")
+    assert (first.model_digest, second.model_digest) == (digest_a, digest_b)
+    assert storage_uri(state.objects[(NS, "tax2")]) == uri_b
 
     with kfp_stub_server() as (url, kfp):
         registry = PipelineRegistry(url)
-        for version in ("0.1.0", "0.2.0"):
-            registry.upload(compile_pipeline(tmp_path, "labelmatch-deploy", version), version)
-        for target in ("0.1.0", first.release_id):
-            plan = plan_rollback("tax2", target, releases, store, registry)
-            assert plan.release == first and plan.version.version == "0.1.0"
-        plan, run = rollback("tax2", "0.1.0", releases, store, registry)
-        created = kfp.runs[run.run_id]
-        assert created["pipeline_version_reference"] == {
-            "pipeline_id": plan.version.pipeline_id,
-            "pipeline_version_id": plan.version.version_id,
-        }
-        assert created["runtime_config"]["parameters"] == {
-            "model_uri": uri_a,
-            "model_digest": digest_a,
-            "service": "tax2",
-        }
+        registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", __version__), __version__)
+        plan, run = rollback("tax2", first.release_id, releases, store, registry)
+        assert plan.release == first and plan.version.version == __version__
+        sent = kfp.runs[run.run_id]["runtime_config"]["parameters"]
+    assert sent == {"model_uri": uri_a, "model_digest": digest_a, "service": "tax2", "namespace": NS,
+                    "target": "kserve", "release_root": ROOT}
 
-        # What the run's deploy step does with those parameters: the service serves model A again.
-        params = created["runtime_config"]["parameters"]
-        again = deploy_model(
-            config(service=params["service"]),
-            params["model_uri"],
-            store,
-            ROOT,
-            pipeline_version="0.1.0",
-            run_id=run.run_id,
-            expected_digest=params["model_digest"],
-            api=api,
-        )
-        assert storage_uri(state.objects[(NS, "tax2")]) == uri_a
-        assert again.model_digest == first.model_digest == digest_a
-        store.download_artifact(uri_a, tmp_path / "served", kind="OnnxModel")
-        assert artifact_digest(tmp_path / "served") == digest_a  # byte-identical files
+    # What the cluster runs for that request: the same IR with the same parameters.
+    plan, _ = rollback("tax2", first.release_id, releases, store, runner)
+    assert plan.parameters == sent
+    third = releases.list("tax2")[-1]
+    assert (third.model_digest, third.model_uri) == (digest_a, uri_a) and third.release_id != first.release_id
+    served = state.objects[(NS, "tax2")]
+    assert storage_uri(served) == uri_a
+    assert {e["name"]: e["value"] for e in served["spec"]["predictor"]["containers"][0]["env"]}[
+        "LABELMATCH_MODEL_DIGEST"] == digest_a
+    store.download_artifact(uri_a, tmp_path / "served", kind="OnnxModel")
+    assert artifact_digest(tmp_path / "served") == digest_a  # byte-identical files
 
-        # A model changed in the store since its release is never rolled back to.
-        store.put_bytes(S3Uri.parse(uri_a).child("model.onnx"), b"retrained in place")
-        with pytest.raises(ArtifactError, match=r"model.onnx is corrupted"):
-            rollback("tax2", first.release_id, releases, store, registry)
-        with pytest.raises(ConfigError, match=r"has no version '0.3.0'"):
-            releases.append(
-                ReleaseRecord.new(
-                    service="tax2",
-                    namespace=NS,
-                    model_uri=uri_b,
-                    model_digest=store.remote_digest(uri_b),
-                    pipeline_version="0.3.0",
-                    run_id="",
-                )
-            )
-            plan_rollback("tax2", "0.3.0", releases, store, registry)
+    # A model changed in the store since its release is never rolled back to.
+    store.put_bytes(S3Uri.parse(uri_a).child("model.onnx"), b"retrained in place")
+    with pytest.raises(ArtifactError, match=r"model.onnx is corrupted"):
+        rollback("tax2", first.release_id, releases, store, runner)
+
+
+def test_rollback_refuses_versions_it_cannot_run(tmp_path, store, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    uri, digest = onnx_model(tmp_path, store, "rc")
+    releases = ReleaseLog(store, ROOT)
+    common = dict(service="tax3", namespace=NS, model_uri=uri, model_digest=digest, run_id="")
+    releases.append(ReleaseRecord.new(pipeline_version=__version__, **common))
+    releases.append(ReleaseRecord.new(pipeline_version="0.0.1", **common))
+    ir = Path(shipped_ir(tmp_path, "labelmatch-deploy", "0.0.1"))
+    docs = list(yaml.safe_load_all(ir.read_text()))
+    cpu = docs[0]["root"]["inputDefinitions"]["parameters"]["deploy_cpu"]
+    del cpu["defaultValue"], cpu["isOptional"]  # a version that needs a parameter rollbacks cannot give
+    ir.write_text(yaml.safe_dump_all(docs))
+    with kfp_stub_server() as (url, _):
+        registry = PipelineRegistry(url)
+        registry.upload(ir, "0.0.1")
+        with pytest.raises(ConfigError, match=r"labelmatch-deploy 0.0.1 requires parameter\(s\) deploy_cpu"):
+            plan_rollback("tax3", "0.0.1", releases, store, registry)
+        with pytest.raises(ConfigError, match=rf"has no version '{__version__}'"):
+            plan_rollback("tax3", __version__, releases, store, registry)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kfp_stub import API, compile_pipeline, kfp_stub_server
+from kfp_stub import API, kfp_stub_server, shipped_ir
 
+from labelmatch.deploy import DEPLOY_PARAMETERS
 from labelmatch.errors import ConfigError
-from labelmatch.kfp_api import PipelineRegistry, compiled_packages, read_package
+from labelmatch.kfp_api import PipelineRegistry, compiled_packages, convert_parameter, read_package
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def kfp(monkeypatch, tmp_path):
 
 def test_first_upload_names_the_version_and_later_uploads_add_versions(kfp, tmp_path):
     url, state = kfp
-    first = compile_pipeline(tmp_path, "labelmatch-deploy", "0.1.0")
+    first = shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0")
     registry = PipelineRegistry(url)
 
     uploaded = registry.upload(first, "0.1.0")
@@ -35,31 +36,28 @@ def test_first_upload_names_the_version_and_later_uploads_add_versions(kfp, tmp_
         ("GET", f"{API}/pipelines/{uploaded.pipeline_id}/versions"),
     ]
     upload, upload_version = state.requests[2], state.requests[4]
-    assert upload.query == {"name": "labelmatch-deploy", "description": "labelmatch-deploy for tests"}
+    description = read_package(first)[1]
+    assert upload.query == {"name": "labelmatch-deploy", "description": description}
     assert upload.body["uploadfile"] == Path(first).read_bytes()
     assert upload_version.query == {
-        "name": "0.1.0",
-        "pipelineid": uploaded.pipeline_id,
-        "description": "labelmatch-deploy for tests",
+        "name": "0.1.0", "pipelineid": uploaded.pipeline_id, "description": description
     }
     assert upload_version.body["uploadfile"] == Path(first).read_bytes()
     assert [v.version for v in registry.versions("labelmatch-deploy")] == ["0.1.0"]
 
     state.requests.clear()
-    later = compile_pipeline(tmp_path, "labelmatch-deploy", "0.2.0")
+    later = shipped_ir(tmp_path, "labelmatch-deploy", "0.2.0")
     assert registry.upload(later, "0.2.0").version == "0.2.0"
     assert [c for c in state.calls() if c[0] != "GET"] == [("POST", f"{API}/pipelines/upload_version")]
     assert [r.query for r in state.requests if r.method == "POST"] == [
-        {"name": "0.2.0", "pipelineid": uploaded.pipeline_id, "description": "labelmatch-deploy for tests"}
+        {"name": "0.2.0", "pipelineid": uploaded.pipeline_id, "description": description}
     ]
     versions = registry.versions("labelmatch-deploy")
     assert [v.version for v in versions] == ["0.1.0", "0.2.0"]
-    assert versions[0].parameters == {
-        "model_uri": "STRING",
-        "model_digest": "STRING",
-        "service": "STRING",
-        "min_replicas": "NUMBER_INTEGER",
-    }
+    # The server wraps an IR with a platform document; the declared inputs are read through it.
+    assert "platform_spec" in state.versions[uploaded.pipeline_id][0]["pipeline_spec"]
+    assert versions[0].parameters["model_uri"] == "STRING" and versions[0].required == ("model_uri",)
+    assert set(DEPLOY_PARAMETERS) <= set(versions[0].parameters)
 
     state.requests.clear()
     assert registry.upload(later, "0.2.0").version_id == versions[1].version_id  # again: a no-op
@@ -69,12 +67,12 @@ def test_first_upload_names_the_version_and_later_uploads_add_versions(kfp, tmp_
 def test_run_references_the_version_and_types_parameters(kfp, tmp_path):
     url, state = kfp
     registry = PipelineRegistry(url)
-    registry.upload(compile_pipeline(tmp_path, "labelmatch-deploy", "0.1.0"), "0.1.0")
-    target = registry.upload(compile_pipeline(tmp_path, "labelmatch-deploy", "0.2.0"), "0.2.0")
+    registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0"), "0.1.0")
+    target = registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", "0.2.0"), "0.2.0")
     state.requests.clear()
 
     run = registry.create_run(
-        "labelmatch-deploy", "0.2.0", {"model_uri": "s3://b/m", "min_replicas": "2"}, run_name="deploy tax"
+        "labelmatch-deploy", "0.2.0", {"model_uri": "s3://b/m", "deploy_cpu": "2"}, run_name="deploy tax"
     )
     [create] = [r for r in state.requests if (r.method, r.path) == ("POST", f"{API}/runs")]
     assert create.body == {
@@ -84,7 +82,7 @@ def test_run_references_the_version_and_types_parameters(kfp, tmp_path):
             "pipeline_id": target.pipeline_id,
             "pipeline_version_id": target.version_id,
         },
-        "runtime_config": {"parameters": {"model_uri": "s3://b/m", "min_replicas": 2}},
+        "runtime_config": {"parameters": {"model_uri": "s3://b/m", "deploy_cpu": "2"}},
     }
     assert run.run_id == state.runs[run.run_id]["run_id"]
     assert [e["display_name"] for e in state.experiments.values()] == ["labelmatch"]
@@ -92,7 +90,7 @@ def test_run_references_the_version_and_types_parameters(kfp, tmp_path):
     assert len(state.experiments) == 1  # the experiment is reused
 
     with pytest.raises(ConfigError, match=r"parameter 'min_replicas': 'two' is not a valid NUMBER_INTEGER"):
-        registry.create_run("labelmatch-deploy", "0.2.0", {"min_replicas": "two"})
+        convert_parameter("min_replicas", "two", "NUMBER_INTEGER")
     with pytest.raises(ConfigError, match=r"parameter 'epochs': not an input of labelmatch-deploy 0.2.0"):
         registry.create_run("labelmatch-deploy", "0.2.0", {"epochs": "3"})
     with pytest.raises(ConfigError, match=r"has no version '0.9.0' on the server \(versions: 0.1.0, 0.2.0\)"):
@@ -100,9 +98,9 @@ def test_run_references_the_version_and_types_parameters(kfp, tmp_path):
 
 
 def test_compiled_packages_and_bad_package(tmp_path):
-    compile_pipeline(tmp_path, "labelmatch-training", "0.1.0")
-    compile_pipeline(tmp_path, "labelmatch-deploy", "0.1.0")
-    compile_pipeline(tmp_path, "labelmatch-deploy", "0.0.9")
+    shipped_ir(tmp_path, "labelmatch-training", "0.1.0")
+    shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0")
+    shipped_ir(tmp_path, "labelmatch-deploy", "0.0.9")
     assert [p.name for p in compiled_packages(tmp_path, "0.1.0")] == [
         "labelmatch-deploy-0.1.0.yaml",
         "labelmatch-training-0.1.0.yaml",

@@ -1,18 +1,23 @@
-"""Pipelines: compiled IR (components, inputs, types, conditions), committed IR current, and the
-training pipeline run locally with kfp.local on tiny settings — artifacts flow between stages
-and the gate works both ways.
+"""Pipelines: compiled IR (components, inputs, types, conditions, Kubernetes settings), committed IR
+current, and the committed training IR run locally with kfp.local on tiny settings — data read
+from an S3 server, artifacts flowing between stages, the gate working both ways.
 """
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from s3_server import moto_s3_server, s3_env
 
 from labelmatch import __version__
 from labelmatch.artifacts import artifact_digest, read_manifest
 from pipelines.registry import COMPILED_DIR, compile_all, registered_pipelines, stale_files
+
+#: The IR that ships (what a cluster runs, and what the runs below execute).
+TRAINING_IR = COMPILED_DIR / f"labelmatch-training-{__version__}.yaml"
 
 TINY = dict(
     trials=2,
@@ -28,10 +33,17 @@ TINY = dict(
 )
 
 
+def load_ir(path: Path) -> tuple[dict, dict]:
+    """``(pipeline spec, Kubernetes platform spec)`` of a compiled IR file."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    platform = docs[1]["platforms"]["kubernetes"] if len(docs) > 1 else {}
+    return docs[0], platform
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("ir")
-    return {path.name: yaml.safe_load(path.read_text()) for path in compile_all(out)}
+    return {path.name: load_ir(path)[0] for path in compile_all(out)}
 
 
 def _params(ir: dict) -> dict[str, str]:
@@ -96,6 +108,113 @@ def test_deploy_ir_takes_the_rollback_parameters(compiled: dict) -> None:
     assert importer["typeSchema"]["schemaTitle"] == "system.Model"
 
 
+SHIPPED_IR = sorted(COMPILED_DIR.glob(f"*-{__version__}.yaml"))
+
+
+def _channel(binding: dict) -> str:
+    """The parameter a platform setting reads (a pipeline input, maybe through a sub-pipeline)."""
+    return binding["componentInputParameter"].removeprefix("pipelinechannel--")
+
+
+@pytest.mark.parametrize("path", SHIPPED_IR, ids=lambda p: p.name)
+def test_every_step_of_the_shipped_ir_carries_its_kubernetes_settings(path: Path) -> None:
+    from pipelines.platform import (
+        DEFAULT_PIPELINE_CONFIG,
+        DEFAULT_S3_SECRET,
+        S3_SECRET_KEYS,
+        STORE_CONFIG_KEYS,
+    )
+
+    ir, platform = load_ir(path)
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    assert params["s3_secret"]["defaultValue"] == DEFAULT_S3_SECRET
+    assert params["pipeline_config"]["defaultValue"] == DEFAULT_PIPELINE_CONFIG
+    containers = {n: e["container"] for n, e in ir["deploymentSpec"]["executors"].items() if "container" in e}
+    settings = platform["deploymentSpec"]["executors"]
+    assert containers and set(containers) <= set(settings), set(containers) - set(settings)
+    for name, container in containers.items():
+        resources = container["resources"]
+        for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
+            assert resources.get(key, "").startswith("{{$.inputs.parameters["), (name, key)
+        pod = settings[name]
+        [secret] = pod["secretAsEnv"]
+        assert _channel(secret["secretNameParameter"]) == "s3_secret"
+        assert {m["envVar"] for m in secret["keyToEnv"]} == set(S3_SECRET_KEYS)
+        [config] = pod["configMapAsEnv"]
+        assert _channel(config["configMapNameParameter"]) == "pipeline_config"
+        assert {m["envVar"] for m in config["keyToEnv"]} == set(STORE_CONFIG_KEYS)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "labelmatch"
+
+
+@pytest.mark.parametrize("path", SHIPPED_IR, ids=lambda p: p.name)
+def test_no_dag_reads_an_input_it_does_not_declare(path: Path) -> None:
+    """kfp 2.17's compiler leaves a condition's DAG without the inputs that parameterised
+    resources read (see pipelines/training.py); such a step fails in kfp.local and in a cluster."""
+    ir, _ = load_ir(path)
+    dags = {"root": ir["root"], **{n: c for n, c in ir["components"].items() if "dag" in c}}
+    dangling = []
+    for name, dag in dags.items():
+        declared = set(dag.get("inputDefinitions", {}).get("parameters", {}))
+        for task_name, task in dag["dag"]["tasks"].items():
+            for param, binding in task.get("inputs", {}).get("parameters", {}).items():
+                source = binding.get("componentInputParameter")
+                if source and source not in declared:
+                    dangling.append(f"{name}/{task_name}.{param} <- {source}")
+    assert dangling == []
+
+
+def _tasks(ir: dict) -> dict[str, dict]:
+    """Every task of the IR, nested sub-pipelines included, by task name (last one wins)."""
+    found = dict(ir["root"]["dag"]["tasks"])
+    for component in ir["components"].values():
+        found.update(component.get("dag", {}).get("tasks", {}))
+    return found
+
+
+def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
+    """GRPO asks for the GPU pool; network steps retry; data_prep is never cached; and the RayJob
+    the tune step creates with the IR's own defaults is valid against KubeRay's CRD, strictly."""
+    from labelmatch.tune import TuneConfig
+    from labelmatch.tune_step import TuneStepConfig
+    from labelmatch.tuning.rayjob import build_rayjob, cluster_entrypoint
+
+    ir, platform = load_ir(TRAINING_IR)
+    grpo = ir["deploymentSpec"]["executors"]["exec-grpo"]["container"]["resources"]["accelerator"]
+    assert {k: v.split("'")[1] for k, v in grpo.items()} == {
+        "resourceCount": "pipelinechannel--grpo_gpus", "resourceType": "pipelinechannel--gpu_type"}
+    pod = platform["deploymentSpec"]["executors"]["exec-grpo"]
+    assert _channel(pod["nodeSelector"]["nodeSelectorJson"]) == "gpu_node_selector"
+    assert _channel(pod["tolerations"][0]["tolerationJson"]) == "gpu_tolerations"
+    tasks = _tasks(ir)
+    assert not tasks["data-prep"]["cachingOptions"].get("enableCache"), "a mutable URI must never hit a cache"
+    for name in ("data-prep", "evaluate", "deploy"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1, name
+    assert "retryPolicy" not in tasks["tune-sft"], "a retried tune would start a second RayJob"
+
+    params = ir["root"]["inputDefinitions"]["parameters"]
+    bindings = tasks["tune-sft"]["inputs"]["parameters"]
+    defaults = {}
+    for name, binding in bindings.items():
+        if name.startswith("rayjob_") and "componentInputParameter" in binding:
+            defaults[name] = params[binding["componentInputParameter"]].get("defaultValue")
+    step = TuneStepConfig.from_parameters(backend="rayjob", run_id="run-42", **defaults)
+    spec = step.rayjob_spec()
+    assert (spec.workers, spec.gpus_per_worker) == (4, 1)
+    assert spec.image == f"ghcr.io/labelmatch/labelmatch-train:{__version__}"
+    manifest = build_rayjob(spec, cluster_entrypoint(TuneConfig(), "s3://labelmatch/tune/run-42/dataset",
+                                                     "s3://labelmatch/tune/run-42/outputs"))
+    assert rayjob_crd(manifest) == []
+    workers = manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert workers["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A10"}
+    assert workers["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env_from = workers["containers"][0]["envFrom"]
+    assert env_from == [{"configMapRef": {"name": "labelmatch-pipeline-config"}},
+                        {"secretRef": {"name": "labelmatch-s3-credentials"}}]
+    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and "nodeSelector" not in head["template"]["spec"]
+
+
 def test_committed_ir_is_current() -> None:
     """CI fails here when a component or pipeline changed without `make compile`."""
     assert stale_files(COMPILED_DIR) == [], "run `make compile` and commit pipelines/compiled/"
@@ -117,15 +236,36 @@ def ray_tmp():
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, sample_dir: Path, feedback_export: Path, ray_tmp: str) -> Path:
-    """Nothing serves yet: tune → GRPO → evaluate → deploy decision → export → local deploy."""
+def s3_data(sample_dir: Path):
+    """The sample data in an S3 server on 127.0.0.1; the environment points every step at it."""
+    from labelmatch.store import ArtifactStore, S3Config
+
+    with moto_s3_server() as url:
+        env = s3_env(url)
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)  # kfp.local's step subprocesses inherit it
+        store = ArtifactStore(S3Config.from_env(env))
+        for name in ("docs.jsonl", "labels.json"):
+            store.put_bytes(f"s3://labelmatch/data/tax/{name}", (sample_dir / name).read_bytes())
+        try:
+            yield "s3://labelmatch/data/tax"
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, s3_data: str, feedback_export: Path, ray_tmp: str) -> Path:
+    """Nothing serves yet: data from S3 → tune → GRPO → evaluate → gate → export → local deploy."""
     from pipelines.local import run_locally
-    from pipelines.training import training_pipeline
 
     return run_locally(
-        training_pipeline,
+        TRAINING_IR,
         tmp_path_factory.mktemp("root"),
-        data_uri=str(sample_dir),
+        data_uri=s3_data,
         max_length=48,
         feedback_uri=str(feedback_export),
         ray_temp_dir=ray_tmp,
@@ -165,6 +305,7 @@ def test_artifacts_flow_between_stages(first_run: Path, feedback_export: Path) -
     assert len(predictions) == 3 and all(set(p["scores"]) >= {"vat", "transfer_pricing"} for p in predictions)
     decision = json.loads((first_run / "evaluate/report/decision.json").read_text())
     assert decision["deploy"] and decision["serving_macro_f1"] is None
+    assert read_manifest(dataset)["summary"]["source"] == "s3://labelmatch/data/tax"
 
 
 @pytest.mark.slow
@@ -173,11 +314,10 @@ def test_a_worse_candidate_is_not_exported_or_deployed(
 ) -> None:
     """Second run without feedback: the candidate sees 8 tokens per text, the serving model 48."""
     from pipelines.local import run_artifacts, run_locally, task_names
-    from pipelines.training import training_pipeline
 
     serving = first_run / "grpo/model"
     run = run_locally(
-        training_pipeline,
+        TRAINING_IR,
         tmp_path / "root",
         data_uri=str(sample_dir),
         max_length=8,

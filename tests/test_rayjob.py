@@ -1,62 +1,20 @@
 """The RayJob manifest against the real KubeRay CRD (strict), and its submission over HTTP.
 
-Submission runs the real ``kubernetes`` client against a small local HTTP server that speaks
-the three API paths it uses (create, read) and walks the RayJob through KubeRay's statuses.
+Submission runs the real ``kubernetes`` client against a local Kubernetes API double
+(``tests/kuberay_double.py``) that walks the RayJob through scripted KubeRay statuses; the run of
+a RayJob's entrypoint on a real Ray cluster is in ``tests/test_rayjob_submit.py``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import ClassVar
-
-import jsonschema
 import pytest
 import yaml
+from kuberay_double import KubeRayState, kuberay_double
 
 from labelmatch.errors import ConfigError, LabelmatchError
-from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, submit_rayjob
+from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, delete_rayjob, submit_rayjob
 
-CRD = Path(__file__).resolve().parents[2] / "shared" / "crds" / "ray.io_rayjobs.yaml"
 ENTRYPOINT = "labelmatch tune --data /data --out /tmp/model --address auto --trials 4"
-
-
-def strict(schema: dict) -> dict:
-    """Reject unknown fields wherever the CRD lists properties and does not preserve unknowns."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if (
-                "properties" in node
-                and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")
-            ):
-                node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
-
-
-@pytest.fixture(scope="module")
-def rayjob_validator():
-    if not CRD.is_file():
-        pytest.skip(f"{CRD} not available")
-    crd = yaml.safe_load(CRD.read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
-
-
-def _errors(validator, manifest) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
 
 
 def production_spec(**changes) -> RayJobSpec:
@@ -75,9 +33,9 @@ def production_spec(**changes) -> RayJobSpec:
     return RayJobSpec(**values)
 
 
-def test_rayjob_validates_strictly_against_the_kuberay_crd(rayjob_validator):
+def test_rayjob_validates_strictly_against_the_kuberay_crd(rayjob_crd):
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
-    assert _errors(rayjob_validator, manifest) == []
+    assert rayjob_crd(manifest) == []
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
     assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
@@ -90,16 +48,16 @@ def test_rayjob_validates_strictly_against_the_kuberay_crd(rayjob_validator):
     assert "--address auto" in spec["entrypoint"]
 
 
-def test_strict_validation_rejects_unknown_and_mistyped_fields(rayjob_validator):
+def test_strict_validation_rejects_unknown_and_mistyped_fields(rayjob_crd):
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
     manifest["spec"]["shutdownAfterJobFinish"] = True  # typo of a real field
     manifest["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "4"
-    errors = _errors(rayjob_validator, manifest)
+    errors = rayjob_crd(manifest)
     assert any("shutdownAfterJobFinish" in e and "Additional properties" in e for e in errors)
     assert any("replicas" in e for e in errors)
 
 
-def test_values_file_sets_the_spec_and_refuses_unknown_keys(tmp_path, rayjob_validator):
+def test_values_file_sets_the_spec_and_refuses_unknown_keys(tmp_path, rayjob_crd):
     values = tmp_path / "values.yaml"
     values.write_text(
         yaml.safe_dump(
@@ -113,81 +71,73 @@ def test_values_file_sets_the_spec_and_refuses_unknown_keys(tmp_path, rayjob_val
     )
     spec = RayJobSpec.from_values(values, workers=3, image=None)
     assert (spec.workers, spec.image) == (3, "img:1")
-    assert _errors(rayjob_validator, build_rayjob(spec, ENTRYPOINT)) == []
+    assert rayjob_crd(build_rayjob(spec, ENTRYPOINT)) == []
     values.write_text(yaml.safe_dump({"worker_count": 2}))
     with pytest.raises(ConfigError, match=r"unknown RayJob setting.*worker_count"):
         RayJobSpec.from_values(values)
 
 
-class FakeKubeRay(BaseHTTPRequestHandler):
-    """Create and read RayJobs; each read advances the status like the KubeRay operator would."""
-
-    jobs: ClassVar[dict] = {}
-    statuses: ClassVar[list] = [
-        {},
-        {"jobDeploymentStatus": "Initializing"},
-        {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-        {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
-    ]
-
-    def _reply(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self):
-        parts = self.path.strip("/").split("/")  # apis/ray.io/v1/namespaces/NS/rayjobs
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if parts[:3] != ["apis", "ray.io", "v1"] or parts[5:] != ["rayjobs"]:
-            return self._reply(404, {"kind": "Status", "message": f"no route {self.path}"})
-        name = body["metadata"]["name"]
-        if (parts[4], name) in self.jobs:
-            return self._reply(409, {"kind": "Status", "message": f'rayjobs.ray.io "{name}" already exists'})
-        self.jobs[(parts[4], name)] = {"object": body, "reads": 0}
-        return self._reply(201, body)
-
-    def do_GET(self):
-        parts = self.path.strip("/").split("/")
-        job = self.jobs.get((parts[4], parts[6])) if len(parts) == 7 else None
-        if job is None:
-            return self._reply(404, {"kind": "Status", "message": "not found"})
-        status = self.statuses[min(job["reads"], len(self.statuses) - 1)]
-        job["reads"] += 1
-        return self._reply(200, {**job["object"], "status": status})
-
-    def log_message(self, *args):
-        pass
+SCRIPT = [
+    {},
+    {"jobDeploymentStatus": "Initializing"},
+    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
+    {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
+]
 
 
 @pytest.fixture
 def kube_api():
-    from kubernetes import client
-
-    FakeKubeRay.jobs = {}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeKubeRay)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{server.server_address[1]}"
-    yield client.ApiClient(configuration)
-    server.shutdown()
-    server.server_close()
+    with kuberay_double(KubeRayState(scripted=SCRIPT)) as (api, state):
+        yield api, state
 
 
 def test_submit_creates_the_rayjob_and_follows_its_status_to_completion(kube_api):
+    api, state = kube_api
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
     seen = []
-    status = submit_rayjob(manifest, kube_api, on_status=seen.append, poll_seconds=0.01)
+    status = submit_rayjob(manifest, api, on_status=seen.append, poll_seconds=0.01)
     assert status == {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
     assert [s.get("jobDeploymentStatus") for s in seen] == [None, "Initializing", "Running", "Complete"]
-    assert FakeKubeRay.jobs[("ml", "tune-tax")]["object"] == manifest
+    assert state.jobs[("ml", "tune-tax")]["object"] == manifest
 
 
 def test_submit_reports_an_api_refusal_in_one_line(kube_api):
+    api, _ = kube_api
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
-    submit_rayjob(manifest, kube_api, poll_seconds=0.01)
+    submit_rayjob(manifest, api, poll_seconds=0.01)
     with pytest.raises(LabelmatchError, match=r"creating RayJob ml/tune-tax failed: 409 .*already exists"):
-        submit_rayjob(manifest, kube_api, poll_seconds=0.01)
+        submit_rayjob(manifest, api, poll_seconds=0.01)
+
+
+def test_delete_removes_the_rayjob_and_tolerates_its_absence(kube_api):
+    api, state = kube_api
+    submit_rayjob(build_rayjob(production_spec(), ENTRYPOINT), api, poll_seconds=0.01)
+    assert delete_rayjob("ml", "tune-tax", api) is True
+    assert state.deleted == [("ml", "tune-tax")] and not state.jobs
+    assert delete_rayjob("ml", "tune-tax", api) is False
+
+
+def test_a_failed_rayjob_is_deleted_and_reported(tmp_path, kube_api, monkeypatch):
+    from conftest import make_tiny_dataset
+    from s3_server import moto_s3_server, s3_env
+
+    from labelmatch.artifacts import write_manifest
+    from labelmatch.data import save_dataset
+    from labelmatch.tune import TuneConfig
+    from labelmatch.tuning.rayjob import run_tune_rayjob
+
+    api, state = kube_api
+    state.scripted = [{"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "trial crashed"}]
+    save_dataset(make_tiny_dataset(), tmp_path / "ds")
+    write_manifest(tmp_path / "ds", "Dataset")
+    lines = []
+    with moto_s3_server() as url:
+        for key, value in s3_env(url).items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(LabelmatchError, match=r"RayJob ml/tune-tax did not succeed: .*trial crashed"):
+            run_tune_rayjob(tmp_path / "ds", tmp_path / "model", tmp_path / "report", TuneConfig(),
+                            production_spec(), "s3://lm-work/run-1", api_client=api, on_status=lines.append,
+                            poll_seconds=0.01)
+    assert state.deleted == [("ml", "tune-tax")], "a failed RayJob is cleaned up too"
+    assert lines[-1] == "RayJob ml/tune-tax: deleted" and "FAILED" in lines[0]
+    assert not (tmp_path / "model").exists()

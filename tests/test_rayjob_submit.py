@@ -24,7 +24,7 @@ def _free_port() -> int:
 def jobs_address():
     with ray_sandbox("lmjob-") as root:
         port = _free_port()
-        init_local_ray(num_cpus=1, dashboard=True, temp_dir=str(root / "ray"), dashboard_port=port)
+        init_local_ray(num_cpus=2, dashboard=True, temp_dir=str(root / "ray"), dashboard_port=port)
         yield f"http://127.0.0.1:{port}"
 
 
@@ -40,3 +40,55 @@ def test_a_job_runs_to_success_and_its_logs_stream_back(jobs_address):
 def test_a_failing_job_is_reported_as_failed(jobs_address):
     _, status = submit_ray_job(jobs_address, "python -c 'import sys; sys.exit(3)'", poll_seconds=0.5)
     assert status == "FAILED"
+
+
+def test_the_tune_step_runs_pbt_on_a_rayjob_and_brings_the_best_model_back(
+    jobs_address, tmp_path, monkeypatch
+):
+    """The pipeline's tune step with the ``rayjob`` backend, end to end: the RayJob it creates is run
+    by a KubeRay double that submits the RayJob's own entrypoint to this real Ray cluster with the
+    pods' environment (ConfigMap + Secret); Tune's storage and the outputs are in a real S3 server."""
+    from conftest import make_tiny_dataset, tiny_config
+    from kuberay_double import KubeRayState, kuberay_double
+    from s3_server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, moto_s3_server, s3_env
+
+    from labelmatch.artifacts import verify_artifact, write_manifest
+    from labelmatch.data import save_dataset
+    from labelmatch.store import ArtifactStore
+    from labelmatch.tune import TuneConfig
+    from labelmatch.tune_step import TuneStepConfig, run_tune_step
+
+    save_dataset(make_tiny_dataset(n_docs=90), tmp_path / "ds")
+    write_manifest(tmp_path / "ds", "Dataset")
+    with moto_s3_server() as url:
+        store_env = {"LABELMATCH_S3_ENDPOINT": url, "LABELMATCH_S3_REGION": "us-east-1",
+                     "LABELMATCH_STORE_ROOT": "s3://labelmatch"}
+        for key, value in {**s3_env(url), **store_env}.items():
+            monkeypatch.setenv(key, value)
+        ArtifactStore.from_env().put_bytes("s3://labelmatch/.keep", b"")
+        state = KubeRayState(
+            ray_jobs_address=jobs_address,
+            config_maps={"labelmatch-pipeline-config": store_env},
+            secrets={"labelmatch-s3-credentials": {"AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+                                                   "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY}},
+        )
+        step = TuneStepConfig.from_parameters(
+            backend="rayjob", run_id="run-7", rayjob_image="ghcr.io/labelmatch/labelmatch-train:test",
+            rayjob_namespace="ml", rayjob_s3_secret="labelmatch-s3-credentials",
+            rayjob_config_map="labelmatch-pipeline-config",
+        )
+        step.poll_s = 0.5
+        tune = TuneConfig(trials=2, iterations=1, verbose=0,
+                          train_config=tiny_config(steps_per_iteration=2, max_length=32, batch_size=8))
+        with kuberay_double(state) as (api, state):
+            summary = run_tune_step(tmp_path / "ds", tmp_path / "model", tmp_path / "report", tune, step, api)
+        name = step.rayjob_spec().name
+        assert state.deleted == [("ml", name)] and not state.jobs, "the RayJob is cleaned up"
+        verify_artifact(tmp_path / "model", "Model")
+        verify_artifact(tmp_path / "report", "Report")
+        assert summary["trials"] == 2 and 0.0 <= summary["best_val_macro_f1"] <= 1.0
+        assert summary["experiment"] == "s3://labelmatch/tune/run-7/ray/labelmatch-tune"
+        keys = list(ArtifactStore.from_env().list_keys("s3://labelmatch/tune/run-7"))
+    assert any(k.startswith("tune/run-7/dataset/") for k in keys), "the dataset went to the store"
+    assert any("/ray/labelmatch-tune/" in k and "/checkpoint_" in k for k in keys), "checkpoints in S3"
+    assert any(k.startswith("tune/run-7/outputs/model/") for k in keys)

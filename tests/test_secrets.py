@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
-from k8s_fake import kube_fake_server
-from kfp_stub import compile_pipeline, kfp_stub_server
+from k8s_fake import kube_fake_server, kubeconfig
+from kfp_stub import kfp_stub_server, shipped_ir
 from s3_server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, moto_s3_server, s3_env
 from typer.testing import CliRunner
 
@@ -23,19 +22,6 @@ from labelmatch.store import ArtifactStore, S3Config, S3Uri
 
 FAKE_SESSION_TOKEN = "lm-fake-session-token-Hq2LwX9bE"
 SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY)
-
-
-def kubeconfig(path: Path, server: str) -> Path:
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "fake", "cluster": {"server": server}}],
-        "users": [{"name": "fake", "user": {"token": "kube-token"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-        "current-context": "fake",
-    }
-    path.write_text(json.dumps(config))
-    return path
 
 
 def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, caplog):
@@ -74,7 +60,7 @@ def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, 
         run("store", "push", str(model), uri, "--kind", "OnnxModel")
         run("store", "ls", "s3://labelmatch")
         run("store", "pull", uri, str(tmp_path / "pulled"), "--kind", "OnnxModel")
-        package = compile_pipeline(tmp_path, "labelmatch-deploy", "0.1.0")
+        package = shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0")
         run("pipeline", "upload", "--host", kfp_url, "--package", package, "--version", "0.1.0")
         run("pipeline", "versions", "--host", kfp_url, "--pipeline", "labelmatch-deploy")
         run(

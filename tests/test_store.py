@@ -180,3 +180,53 @@ def test_config_from_env_and_secret_dir(tmp_path):
         S3Config.from_env({"S3_ENDPOINT": "m:9000"}, secret_dir=secret)
     with pytest.raises(ConfigError, match=r"not an s3:// URI"):
         S3Uri.parse("/local/path")
+
+
+def test_data_prep_reads_a_dataset_from_s3_and_names_the_uri_in_errors(store, endpoint, sample_dir, tmp_path,
+                                                                        monkeypatch):
+    from labelmatch.errors import DataError
+    from labelmatch.prep import prepare_dataset
+    from labelmatch.store import local_input
+
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    for name in ("docs.jsonl", "labels.json"):
+        store.put_bytes(f"s3://lm-data/raw/tax/{name}", (sample_dir / name).read_bytes())
+    from_s3 = prepare_dataset("s3://lm-data/raw/tax", tmp_path / "ds", tmp_path / "report")
+    local = prepare_dataset(sample_dir, tmp_path / "ds-local", tmp_path / "report-local")
+    assert from_s3["documents"] == local["documents"] > 0 and from_s3["splits"] == local["splits"]
+    verify_artifact(tmp_path / "ds", "Dataset")
+    # One object by its key, labels from another prefix.
+    store.put_bytes("s3://lm-data/labels/tax.json", (sample_dir / "labels.json").read_bytes())
+    with local_input("s3://lm-data/raw/tax/docs.jsonl") as path:
+        assert path.is_file() and path.name == "docs.jsonl"
+    one = prepare_dataset("s3://lm-data/raw/tax/docs.jsonl", tmp_path / "ds-1", tmp_path / "r-1",
+                          labels="s3://lm-data/labels/tax.json")
+    assert one["documents"] == local["documents"]
+    with pytest.raises(DataError, match=r"^s3://lm-data/raw/nothing-here: not found in the object store"):
+        prepare_dataset("s3://lm-data/raw/nothing-here", tmp_path / "x", tmp_path / "y")
+    bad = (sample_dir / "docs.jsonl").read_text().splitlines()
+    bad[2] = bad[2].replace('"text"', '"txet"')
+    store.put_bytes("s3://lm-data/raw/bad/docs.jsonl", "\n".join(bad).encode())
+    store.put_bytes("s3://lm-data/raw/bad/labels.json", (sample_dir / "labels.json").read_bytes())
+    with pytest.raises(DataError, match=r"^s3://lm-data/raw/bad/docs\.jsonl:3: field 'text'"):
+        prepare_dataset("s3://lm-data/raw/bad", tmp_path / "x", tmp_path / "y")
+    assert not (tmp_path / "x").exists(), "a failed prep writes nothing"
+
+
+def test_store_put_uploads_plain_files_under_a_prefix(store, endpoint, sample_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import _register, app
+
+    _register()
+    for key, value in s3_env(endpoint).items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(app, ["store", "put", str(sample_dir), "s3://lm-put/data/tax"])
+    assert result.exit_code == 0, result.output
+    keys = set(store.list_keys("s3://lm-put/data/tax"))
+    assert {"data/tax/docs.jsonl", "data/tax/labels.json"} <= keys
+    store.download_tree("s3://lm-put/data/tax", tmp_path / "back")
+    assert (tmp_path / "back" / "docs.jsonl").read_bytes() == (sample_dir / "docs.jsonl").read_bytes()
+    one = CliRunner().invoke(app, ["store", "put", str(sample_dir / "labels.json"), "s3://lm-put/labels"])
+    assert one.output.strip() == "s3://lm-put/labels/labels.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -98,7 +99,9 @@ def test_rayjob_dry_run_carries_the_whole_config_to_the_cluster():
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     args = shlex.split(manifest["spec"]["entrypoint"])
     assert args[:2] == ["labelmatch", "tune"]
-    assert args[args.index("--upload-to") + 1] == "s3://tuning/runs/labelmatch-tune/outputs"
+    # One work prefix per run (<storage>/<name>-<time>): outputs are immutable artifacts.
+    work = args[args.index("--upload-to") + 1].removesuffix("/outputs")
+    assert re.fullmatch(r"s3://tuning/runs/labelmatch-tune-\d{8}T\d{6}Z", work), work
     shipped = TuneConfig.from_dict(json.loads(args[args.index("--config") + 1]))
     assert shipped.address == "auto" and shipped.resources_per_trial == {"GPU": 1, "CPU": 4}
-    assert shipped.trials == 4 and shipped.storage_path == "s3://tuning/runs"
+    assert shipped.trials == 4 and shipped.storage_path == f"{work}/ray"

@@ -3,6 +3,9 @@
 One run serves every test of this module (Ray and model start-up dominate the cost): it is
 interrupted (SIGUSR1, Tune's own stop signal) after the first round of results, then resumed
 with ``tune_sft(..., resume=True)``, which finishes it and writes the model and the report.
+Tune's storage is ``s3://`` on a real S3 server on 127.0.0.1 (what a multi-node run needs):
+checkpoints, experiment state and the resume all go through it; the experiment is copied back
+here afterwards only to read it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from conftest import make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
 from ray import tune  # noqa: E402
+from s3_server import moto_s3_server, s3_env  # noqa: E402
 
 from labelmatch.artifacts import verify_artifact  # noqa: E402
 from labelmatch.data import load_dataset, save_dataset  # noqa: E402
@@ -45,15 +49,32 @@ class InterruptOnce(tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+STORAGE = "s3://lm-tune/results"
+
+
 @pytest.fixture(scope="module")
 def ray_home():
-    """One local Ray for the module, with HOME, RAY_TMPDIR and the session inside a temp dir.
+    """One local Ray for the module, with HOME, RAY_TMPDIR and the session inside a temp dir, and
+    an S3 server whose settings every Ray worker inherits (set before Ray starts).
 
     The directory is short and under /tmp: Ray's Unix sockets live in it (107-byte limit).
     """
-    with ray_sandbox("lmpbt-") as root:
-        init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
-        yield root
+    with moto_s3_server() as url, ray_sandbox("lmpbt-") as root:
+        env = s3_env(url)
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            from labelmatch.store import ArtifactStore
+
+            ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
+            init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
+            yield root
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +89,7 @@ def pbt_run(ray_home):
         synch=True,
         quantile_fraction=0.5,
         search_space=SearchSpace(lora_ranks=(4, 8)),
-        storage_path=str(ray_home / "results"),
+        storage_path=STORAGE,
         verbose=0,
         train_config=tiny_config(steps_per_iteration=2, max_length=32, batch_size=8),
     )
@@ -81,11 +102,20 @@ def pbt_run(ray_home):
     states = [r.metrics.get("training_iteration", 0) for r in interrupted]
     config.resume = True
     summary = tune_sft(data, ray_home / "model", ray_home / "report", config)
+    from pyarrow import fs
+
+    from labelmatch.tuning.storage import s3_filesystem
+
+    local = ray_home / "results" / config.name
+    local.mkdir(parents=True)
+    remote = f"{STORAGE.removeprefix('s3://')}/{config.name}"
+    fs.copy_files(remote, str(local), source_filesystem=s3_filesystem(),
+                  destination_filesystem=fs.LocalFileSystem())
     return {
         "summary": summary,
         "interrupted_iterations": states,
         "root": ray_home,
-        "experiment": ray_home / "results" / config.name,
+        "experiment": local,
     }
 
 
@@ -106,6 +136,8 @@ def test_ray_is_bound_to_loopback_with_temp_files_in_the_temp_dir(ray_home):
 
 def test_interrupted_run_resumes_without_losing_finished_work(pbt_run):
     assert all(i < ITERATIONS for i in pbt_run["interrupted_iterations"]), "the run was not interrupted"
+    assert pbt_run["summary"]["experiment"] == f"{STORAGE}/labelmatch-tune", "the experiment lives in S3"
+    assert list(pbt_run["experiment"].glob("*/checkpoint_*")), "checkpoints were written to S3"
     import csv
 
     finished = []

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from labelmatch.tuning.storage import copy_dir, ray_storage
+from labelmatch.tuning.storage import ray_storage
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def s3_endpoint(monkeypatch):
     server.stop()
 
 
-def test_directories_round_trip_through_s3_with_an_endpoint_override(tmp_path, s3_endpoint):
+def test_s3_storage_uses_the_artifact_store_settings(tmp_path, s3_endpoint, monkeypatch):
     from pyarrow import fs
 
     path, filesystem = ray_storage("s3://tuning/runs", s3_endpoint)
@@ -34,15 +34,13 @@ def test_directories_round_trip_through_s3_with_an_endpoint_override(tmp_path, s
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="tuning")
-    source = tmp_path / "model"
-    (source / "adapter").mkdir(parents=True)
-    (source / "labels.json").write_text('{"a": "b"}')
-    (source / "adapter" / "weights.bin").write_bytes(bytes(range(256)))
-    copy_dir(source, "s3://tuning/runs/outputs/model", s3_endpoint)
-    back = tmp_path / "back"
-    copy_dir("s3://tuning/runs/outputs/model", back, s3_endpoint)
-    assert (back / "labels.json").read_text() == '{"a": "b"}'
-    assert (back / "adapter" / "weights.bin").read_bytes() == bytes(range(256))
+    with filesystem.open_output_stream("tuning/runs/state.json") as handle:
+        handle.write(b'{"iteration": 3}')
+    # The endpoint from the store's own variable, no override: the same object.
+    monkeypatch.setenv("LABELMATCH_S3_ENDPOINT", s3_endpoint)
+    _, from_env = ray_storage("s3://tuning/runs")
+    with from_env.open_input_stream("tuning/runs/state.json") as handle:
+        assert handle.read() == b'{"iteration": 3}'
 
 
 def test_local_storage_is_an_absolute_path_without_filesystem(tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
 """The main job, locally: ``python -m labelmatch.demo --out runs/demo`` (``make demo``).
 
-Runs the training pipeline (``pipelines/training.py``) end to end with ``kfp.local`` — every
-stage a KFP component in a subprocess of this interpreter, no Docker, no cluster — on the
-bundled tax sample data and the bundled MiniLM encoder:
+Runs the training pipeline's compiled IR (``pipelines/compiled/labelmatch-training-<version>.yaml``,
+the file a cluster runs) end to end with ``kfp.local`` — every stage a KFP component in a
+subprocess of this interpreter, no Docker, no cluster — on the bundled tax sample data and the
+bundled MiniLM encoder:
 
 1. the sample feedback (``sample_data/tax/feedback.jsonl``) is imported into a SQLite
    :class:`~labelmatch.feedback.FeedbackStore` (PII-redacted) and exported as a FeedbackExport;
@@ -13,7 +14,7 @@ bundled tax sample data and the bundled MiniLM encoder:
 6. ``export_onnx`` and ``deploy`` run when the gate passes.
 
 At the end it verifies every artifact's manifest and prints where each artifact and report is.
-Run it from the repository root (the pipeline definitions live in ``pipelines/``).
+Run it from the repository root (the compiled pipelines live in ``pipelines/compiled/``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _import_pipelines():
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     try:
-        from pipelines import local, training
+        from pipelines import local, registry
     except ModuleNotFoundError as exc:
         from labelmatch.errors import ConfigError
 
@@ -41,7 +42,7 @@ def _import_pipelines():
             f"cannot import the pipeline definitions ({exc}); run the demo from the "
             "repository root (where pipelines/ and components/ are)"
         ) from exc
-    return local, training
+    return local, registry
 
 
 def export_sample_feedback(out_dir: Path) -> Path:
@@ -83,10 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from labelmatch import __version__
     from labelmatch.artifacts import verify_artifact
     from labelmatch.sample_data import sample_path
 
-    local, training = _import_pipelines()
+    local, registry = _import_pipelines()
+    # The compiled IR that ships (what a cluster runs), not the Python definition.
+    training_ir = registry.COMPILED_DIR / f"labelmatch-training-{__version__}.yaml"
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # Ray's socket paths must fit in 107 characters: its session lives in a short temp dir.
     with tempfile.TemporaryDirectory(prefix="lm-ray-", dir="/tmp") as ray_tmp:
         run_dir = local.run_locally(
-            training.training_pipeline,
+            training_ir,
             out / "pipeline_root",
             data_uri=str(sample_path("tax")),
             trials=args.trials,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ MODEL_DIR = "/mnt/models"
 DIGEST_ENV = "LABELMATCH_MODEL_DIGEST"
 ANNOTATION_PREFIX = "labelmatch.io/"
 #: Parameters the deploy pipeline must declare so that a rollback can re-run it.
-DEPLOY_PARAMETERS = ("model_uri", "model_digest", "service", "namespace")
+DEPLOY_PARAMETERS = ("model_uri", "model_digest", "service", "namespace", "target", "release_root")
 
 
 @dataclass(frozen=True)
@@ -178,18 +177,11 @@ def merged(existing: dict, patch: dict) -> dict:
 
 def kube_custom_objects(host: str | None = None) -> Any:
     """A ``CustomObjectsApi``: in-cluster credentials, else the kubeconfig; ``host`` for tests."""
-    from kubernetes import client, config
+    from kubernetes import client
 
-    if host is not None:
-        configuration = client.Configuration()
-        configuration.host = host
-        return client.CustomObjectsApi(client.ApiClient(configuration))
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        # The client reads $KUBECONFIG once, at import; read it now so a later setting counts.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.CustomObjectsApi()
+    from labelmatch.kube import api_client
+
+    return client.CustomObjectsApi(api_client(host))
 
 
 def _api_error(what: str, exc: Exception) -> LabelmatchError:

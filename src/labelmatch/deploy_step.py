@@ -5,7 +5,8 @@ Two targets, one entry point (:func:`run_deploy_step`):
 * ``local`` (the demo, CI): start the labelmatch model server (:mod:`labelmatch.serve`, the
   same server the KServe predictor runs) on 127.0.0.1 on a free port, wait until it is ready,
   classify a few documents through ``POST /v1/models/NAME:predict``, and stop it. The server's
-  log and the predictions are kept in the output.
+  log and the predictions are kept in the output; with a release root, a release record
+  (``target: local``) is appended too, so local deploys roll back like cluster ones.
 * ``kserve`` (a cluster): point an InferenceService at the model artifact in the S3/MinIO store
   and append a release record (:func:`labelmatch.deploy.deploy_model`). ``model_uri`` is where
   the artifact lives in the store (``s3://``; a KFP ``minio://`` URI is the same object).
@@ -16,9 +17,11 @@ its digest, pipeline version and run) and, locally, ``predictions.json`` and ``s
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +36,10 @@ from labelmatch.artifacts import (
     write_manifest,
 )
 from labelmatch.errors import ArtifactError, ConfigError, LabelmatchError
+from labelmatch.store import as_s3_uri, is_s3_uri
+
+#: The variable naming the labelmatch store root (``s3://bucket[/prefix]``), default release root.
+STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
 
 #: Documents the local deploy classifies (new texts, not from the sample set).
 SMOKE_TEXTS = [
@@ -51,7 +58,9 @@ class DeployStepConfig:
         target: ``local`` (model server on 127.0.0.1, smoke-tested, stopped) or ``kserve``.
         service: InferenceService name (``kserve``).
         namespace: Its namespace (``kserve``).
-        release_root: ``s3://bucket/prefix`` of the release records (``kserve``).
+        release_root: ``s3://bucket/prefix`` of the release records; empty:
+            ``$LABELMATCH_STORE_ROOT`` (the pipeline ConfigMap sets it in a cluster). Required for
+            ``kserve``; optional for ``local``.
         expected_digest: Refuse the model unless its artifact digest is this (rollbacks).
         pipeline_version: Recorded in the release.
         run_id: The pipeline run, recorded in the release.
@@ -72,9 +81,13 @@ class DeployStepConfig:
     def __post_init__(self) -> None:
         if self.target not in ("local", "kserve"):
             raise ConfigError(f"DeployStepConfig.target must be 'local' or 'kserve', got {self.target!r}")
-        if self.target == "kserve" and not self.release_root.startswith("s3://"):
+        self.release_root = self.release_root or os.environ.get(STORE_ROOT_VAR, "")
+        if self.release_root and not self.release_root.startswith("s3://"):
+            raise ConfigError(f"release_root {self.release_root!r}: expected s3://bucket/prefix")
+        if self.target == "kserve" and not self.release_root:
             raise ConfigError(
-                "the kserve target needs release_root (s3://bucket/prefix of the release records)"
+                f"the kserve target needs release_root (s3://bucket/prefix of the release records) "
+                f"or {STORE_ROOT_VAR}"
             )
 
 
@@ -157,22 +170,19 @@ def serve_and_classify(
     return {"url": url, "predictions": predictions, "ready_seconds": round(ready, 2)}
 
 
-def _store_uri(uri: str) -> str:
-    """A KFP ``minio://bucket/key`` artifact URI as the ``s3://`` URI of the same object."""
-    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
-
-
 def run_deploy_step(
     model_dir: str | Path, out_dir: str | Path, config: DeployStepConfig, model_uri: str = ""
 ) -> dict[str, Any]:
     """Deploy the OnnxModel at ``model_dir`` and write the release Report to ``out_dir``.
 
     Args:
-        model_dir: The OnnxModel artifact (a local directory: KFP's copy of the input).
+        model_dir: The OnnxModel artifact: KFP's local copy of the input. Where there is none
+            (``kfp.local`` imports an ``s3://`` URI without downloading it) the artifact is
+            downloaded from ``model_uri`` and verified first.
         out_dir: The Report artifact to write: ``release.json`` (+ ``predictions.json`` and
             ``server.log`` for the local target).
         config: Target and release settings.
-        model_uri: Where the artifact lives in the store (``kserve`` target).
+        model_uri: Where the artifact lives (an ``s3://`` or KFP ``minio://`` URI, or a path).
 
     Returns:
         The release record (the content of ``release.json``).
@@ -180,6 +190,13 @@ def run_deploy_step(
     Raises:
         ArtifactError: the model is missing, of the wrong kind, corrupted or not the expected digest.
     """
+    if not Path(model_dir).is_dir() and is_s3_uri(model_uri):
+        from labelmatch.store import ArtifactStore
+
+        with tempfile.TemporaryDirectory(prefix="labelmatch-deploy-") as staging:
+            local = Path(staging) / "onnx_model"
+            ArtifactStore.from_env().download_artifact(as_s3_uri(model_uri), local, kind="OnnxModel")
+            return run_deploy_step(local, out_dir, config, model_uri)
     verify_artifact(model_dir, "OnnxModel")
     digest = artifact_digest(model_dir)
     if config.expected_digest and digest != config.expected_digest:
@@ -201,6 +218,9 @@ def run_deploy_step(
             rows = [{"text": t, **p} for t, p in zip(config.texts, served["predictions"], strict=True)]
             write_json(tmp / "predictions.json", rows)
             release.update(url=served["url"], ready_seconds=served["ready_seconds"], stopped=True)
+            if config.release_root:
+                record = _record_local_release(config, as_s3_uri(model_uri or str(model_dir)), digest)
+                release.update(asdict(record))
         else:
             from labelmatch.deploy import DeployConfig, deploy_model
             from labelmatch.store import ArtifactStore
@@ -209,7 +229,7 @@ def run_deploy_step(
                 raise ConfigError("the kserve target needs the model's store URI (model_uri)")
             record = deploy_model(
                 DeployConfig(config.service, config.namespace, timeout_s=config.timeout_s),
-                _store_uri(model_uri),
+                as_s3_uri(model_uri),
                 ArtifactStore.from_env(),
                 config.release_root,
                 config.pipeline_version,
@@ -225,3 +245,17 @@ def run_deploy_step(
             extra={"stage": "deploy", "target": config.target},
         )
     return release
+
+
+def _record_local_release(config: DeployStepConfig, model_uri: str, digest: str) -> Any:
+    """Append the release record of a local deploy (nothing keeps serving it: the record is what
+    a rollback of the local target re-deploys from)."""
+    from labelmatch.releases import ReleaseLog, ReleaseRecord
+    from labelmatch.store import ArtifactStore
+
+    record = ReleaseRecord.new(
+        service=config.service, namespace=config.namespace, model_uri=model_uri, model_digest=digest,
+        pipeline_version=config.pipeline_version, run_id=config.run_id, target="local",
+    )
+    ReleaseLog(ArtifactStore.from_env(), config.release_root).append(record)
+    return record

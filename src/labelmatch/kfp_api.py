@@ -49,6 +49,7 @@ class PipelineVersion:
         version_id: Server id of the version.
         created_at: Creation time as the server reports it.
         parameters: The pipeline's input parameters: ``{name: parameterType}``.
+        required: The parameters without a default (a run must give them).
     """
 
     pipeline: str
@@ -57,6 +58,7 @@ class PipelineVersion:
     version_id: str
     created_at: str
     parameters: dict[str, str]
+    required: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,34 @@ def compiled_packages(directory: str | Path, version: str) -> list[Path]:
     return packages
 
 
+def _pipeline_part(pipeline_spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The pipeline spec itself: the server wraps an IR that has a Kubernetes platform document as
+    ``{"pipeline_spec": ..., "platform_spec": ...}`` (every labelmatch IR has one)."""
+    spec = pipeline_spec or {}
+    return spec.get("pipeline_spec", spec) if "root" not in spec else spec
+
+
 def _parameter_types(pipeline_spec: dict[str, Any] | None) -> dict[str, str]:
-    root = (pipeline_spec or {}).get("root", {})
+    root = _pipeline_part(pipeline_spec).get("root", {})
     parameters = root.get("inputDefinitions", {}).get("parameters", {})
     return {name: spec.get("parameterType", "STRING") for name, spec in parameters.items()}
+
+
+def _required_parameters(pipeline_spec: dict[str, Any] | None) -> tuple[str, ...]:
+    root = _pipeline_part(pipeline_spec).get("root", {})
+    parameters = root.get("inputDefinitions", {}).get("parameters", {})
+    return tuple(
+        sorted(name for name, spec in parameters.items()
+               if not spec.get("isOptional") and "defaultValue" not in spec)
+    )
+
+
+def pipeline_inputs(path: str | Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``({name: parameterType}, required names)`` of a compiled IR file's pipeline parameters."""
+    read_package(path)
+    with open(path, encoding="utf-8") as handle:
+        spec = next(yaml.safe_load_all(handle))
+    return _parameter_types(spec), _required_parameters(spec)
 
 
 def convert_parameter(name: str, value: str, parameter_type: str) -> Any:
@@ -154,6 +180,7 @@ class PipelineRegistry:
                         version_id=item.pipeline_version_id,
                         created_at=str(item.created_at or ""),
                         parameters=_parameter_types(item.pipeline_spec),
+                        required=_required_parameters(item.pipeline_spec),
                     )
                 )
             token = page.next_page_token

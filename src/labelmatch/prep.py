@@ -42,6 +42,7 @@ from labelmatch.data import (
 )
 from labelmatch.errors import ConfigError, DataError
 from labelmatch.pii import PiiRedactor
+from labelmatch.store import local_input
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -175,11 +176,13 @@ def prepare_dataset(
 
     Args:
         data: A directory with ``docs.jsonl`` (+ ``labels.json``) or a ``.jsonl`` file, in the
-            normalised or the pair format.
+            normalised or the pair format; a local path or ``s3://bucket/prefix`` (or the
+            ``s3://`` key of one file), read through :func:`labelmatch.store.local_input`.
         out_dir: The Dataset artifact directory (written atomically).
         report_dir: The Report artifact directory (``report.md``, ``label_counts.png``,
             ``summary.json``).
-        labels: ``labels.json``; default: the one beside the data (optional for pairs).
+        labels: ``labels.json`` (local or ``s3://``); default: the one beside the data
+            (optional for pairs).
         config: Stage settings.
         lineage: Recorded in both manifests (pipeline version, run id, ...).
 
@@ -190,7 +193,8 @@ def prepare_dataset(
         DataError: invalid input, naming file, line and field; or no documents left.
     """
     config = config or PrepConfig()
-    dataset = load_dataset(data, labels, config.max_chars)
+    with local_input(data) as local_data, local_input(labels) as local_labels:
+        dataset = load_dataset(local_data, local_labels, config.max_chars)
     read = len(dataset.documents)
     for doc in dataset.documents:
         doc.text = normalise_text(doc.text)

@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from labelmatch.errors import ArtifactError, ConfigError, DataError
@@ -36,6 +36,8 @@ class ReleaseRecord:
         run_id: KFP run id ("" when deployed from the command line).
         time: UTC time of the deploy, ISO 8601.
         image: Predictor container image.
+        target: Where it was deployed: ``kserve`` (an InferenceService) or ``local`` (the model
+            server on the deploying machine); a rollback deploys to the same kind of target.
     """
 
     release_id: str
@@ -47,6 +49,7 @@ class ReleaseRecord:
     run_id: str
     time: str
     image: str = ""
+    target: str = "kserve"
 
     @classmethod
     def new(cls, **values: Any) -> ReleaseRecord:
@@ -65,7 +68,7 @@ class ReleaseRecord:
             raise DataError(source, "expected a JSON object")
         values = {}
         for spec in fields(cls):
-            value = data.get(spec.name, "" if spec.name == "image" else None)
+            value = data.get(spec.name, None if spec.default is MISSING else spec.default)
             if not isinstance(value, str):
                 raise DataError(source, "missing or not a string", field=spec.name)
             values[spec.name] = value

@@ -12,11 +12,35 @@ service comes back serving exactly the files it served then.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from labelmatch.artifacts import artifact_digest, verify_artifact
 from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.kfp_api import DEPLOY_PIPELINE, PipelineRegistry, PipelineVersion, RunInfo
+from labelmatch.kfp_api import DEPLOY_PIPELINE, PipelineVersion, RunInfo
 from labelmatch.releases import ReleaseLog, ReleaseRecord
-from labelmatch.store import ArtifactStore
+from labelmatch.store import ArtifactStore, is_s3_uri
+
+
+class PipelineRunner(Protocol):
+    """What a rollback needs of a pipeline server: a KFP server
+    (:class:`labelmatch.kfp_api.PipelineRegistry`) or compiled IR run with ``kfp.local``
+    (``pipelines.local.LocalPipelineRegistry``)."""
+
+    def find_version(self, name: str, version: str) -> PipelineVersion:
+        """The pipeline version named ``version``."""
+
+    def create_run(self, name: str, version: str, params: dict[str, str] | None = None,
+                   run_name: str | None = None, **options: Any) -> RunInfo:
+        """Create (and, locally, run) a run of that version."""
+
+
+def verify_model(uri: str, store: ArtifactStore) -> str:
+    """Check every file of the model artifact at ``uri`` (``s3://`` or a local directory) against
+    its manifest and return the artifact digest."""
+    if is_s3_uri(uri):
+        return store.verify_remote(uri, kind=("OnnxModel", "Model"))
+    verify_artifact(uri, ("OnnxModel", "Model"))
+    return artifact_digest(uri)
 
 
 @dataclass(frozen=True)
@@ -39,7 +63,7 @@ def plan_rollback(
     target: str,
     releases: ReleaseLog,
     store: ArtifactStore,
-    registry: PipelineRegistry,
+    registry: PipelineRunner,
     pipeline: str = DEPLOY_PIPELINE,
 ) -> RollbackPlan:
     """Choose the release, verify its model, and find the deploy pipeline version to run.
@@ -53,12 +77,12 @@ def plan_rollback(
         pipeline: Name of the deploy-only pipeline.
 
     Raises:
-        ConfigError: No such release, or the pipeline version is not on the server or does not
-            take a ``model_uri`` parameter.
+        ConfigError: No such release; the pipeline version is not on the server, does not take a
+            ``model_uri`` parameter, or requires a parameter a rollback cannot supply.
         ArtifactError: The model artifact changed or lost files since the release.
     """
     release = releases.find(service, target)
-    digest = store.verify_remote(release.model_uri, kind=("OnnxModel", "Model"))
+    digest = verify_model(release.model_uri, store)
     if digest != release.model_digest:
         raise ArtifactError(
             f"{release.model_uri}: artifact digest {digest[:12]}… differs from "
@@ -75,9 +99,18 @@ def plan_rollback(
         "model_digest": release.model_digest,
         "service": release.service,
         "namespace": release.namespace,
+        "target": release.target,
+        "release_root": str(releases.root),
     }
     # Older deploy pipelines may declare fewer parameters; the model URI is the one that matters.
     parameters = {key: value for key, value in wanted.items() if key in version.parameters}
+    missing = [name for name in version.required if name not in parameters]
+    if missing:
+        raise ConfigError(
+            f"pipeline {pipeline} {version.version} requires parameter(s) {', '.join(missing)}, which a "
+            f"rollback cannot supply (it knows {', '.join(sorted(wanted))}); re-deploy with "
+            "`labelmatch pipeline run` instead"
+        )
     return RollbackPlan(release=release, version=version, parameters=parameters)
 
 
@@ -86,15 +119,21 @@ def rollback(
     target: str,
     releases: ReleaseLog,
     store: ArtifactStore,
-    registry: PipelineRegistry,
+    registry: PipelineRunner,
     pipeline: str = DEPLOY_PIPELINE,
+    service_account: str | None = None,
 ) -> tuple[RollbackPlan, RunInfo]:
-    """Plan (see :func:`plan_rollback`) and create the deploy run; returns the plan and the run."""
+    """Plan (see :func:`plan_rollback`) and create the deploy run; returns the plan and the run.
+
+    Args:
+        service_account: Service account of the run's pods (default: the server's).
+    """
     plan = plan_rollback(service, target, releases, store, registry, pipeline)
     run = registry.create_run(
         pipeline,
         plan.version.version,
         plan.parameters,
         run_name=f"rollback {service} to {plan.release.release_id} ({plan.version.version})",
+        service_account=service_account,
     )
     return plan, run

@@ -41,6 +41,7 @@ them and every error raised here passes through :meth:`ArtifactStore._redact`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -58,7 +59,7 @@ from labelmatch.artifacts import (
     verify_artifact,
     write_manifest,
 )
-from labelmatch.errors import ArtifactError, ConfigError
+from labelmatch.errors import ArtifactError, ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -511,6 +512,78 @@ class ArtifactStore:
                 )
         return manifest_digest(manifest)
 
+    def upload_tree(self, source: str | Path, uri: str) -> list[str]:
+        """Upload a file, or every file under a directory, to ``uri`` (plain objects, no manifest).
+
+        For inputs such as raw ``docs.jsonl`` + ``labels.json`` that a pipeline reads by
+        ``data_uri``; artifacts go through :meth:`upload_artifact`. ``uri`` is a prefix: a file
+        lands at ``<uri>/<its name>``, a directory's files at ``<uri>/<relative path>``.
+
+        Returns:
+            The object URIs written.
+        """
+        source = Path(source)
+        loc = S3Uri.parse(uri)
+        if source.is_file():
+            pairs = [(source, loc.child(source.name))]
+        elif source.is_dir():
+            pairs = [(path, loc.child(path.relative_to(source).as_posix()))
+                     for path in sorted(source.rglob("*")) if path.is_file()]
+        else:
+            raise DataError(source, "file not found")
+        self._ensure_bucket(loc)
+        for path, target in pairs:
+            try:
+                self._client.fput_object(target.bucket, target.prefix, str(path))
+            except Exception as exc:
+                raise self._error(str(target), "upload", exc) from None
+        return [str(target) for _, target in pairs]
+
+    def download_tree(self, uri: str, dest: str | Path) -> Path:
+        """Download the object at ``uri``, or every object under it, into ``dest``.
+
+        For plain inputs (a ``docs.jsonl`` a user uploaded, a folder of them), not artifacts:
+        nothing is verified beyond what the S3 API guarantees; use :meth:`download_artifact`
+        for anything with a manifest.
+
+        Args:
+            uri: ``s3://bucket/key`` of one object, or ``s3://bucket/prefix`` of a folder.
+            dest: A directory to create; the object keeps its file name inside it, a folder
+                its relative layout.
+
+        Returns:
+            The local path that stands for ``uri``: the file, or ``dest`` for a folder.
+
+        Raises:
+            DataError: Nothing exists at ``uri`` (no object and nothing under the prefix).
+        """
+        from minio.error import S3Error
+
+        loc = S3Uri.parse(uri)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        if loc.prefix and self.exists(loc):
+            pairs = [(loc, dest / PurePosixPath(loc.prefix).name)]
+            result = pairs[0][1]
+        else:
+            folder = f"{loc.prefix}/" if loc.prefix else ""
+            keys = list(self.list_keys(loc))
+            pairs = [(S3Uri(loc.bucket, key), dest / _safe_relative(key[len(folder):], uri)) for key in keys]
+            result = dest
+        if not pairs:
+            raise DataError(
+                str(loc), "not found in the object store (no object, and nothing under that prefix)"
+            )
+        for source, target in pairs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._client.fget_object(source.bucket, source.prefix, str(target))
+            except S3Error as exc:
+                raise self._error(str(source), "download", exc) from None
+            except Exception as exc:
+                raise self._error(str(source), "download", exc) from None
+        return result
+
     def list_artifacts(self, uri: str) -> list[ArtifactInfo]:
         """Every complete artifact (one with a manifest) under ``uri``, sorted by URI."""
         loc = S3Uri.parse(uri)
@@ -580,3 +653,43 @@ def _safe_relative(name: str, uri: str) -> Path:
     if path.is_absolute() or ".." in path.parts or not path.parts:
         raise ArtifactError(f"{uri}: {MANIFEST} lists an unsafe file name {name!r}")
     return Path(*path.parts)
+
+
+def is_s3_uri(uri: str | Path | None) -> bool:
+    """True for ``s3://`` URIs (and KFP's ``minio://`` form of the same objects)."""
+    return str(uri or "").startswith(("s3://", "minio://"))
+
+
+def as_s3_uri(uri: str) -> str:
+    """A KFP ``minio://bucket/key`` artifact URI as the ``s3://`` URI of the same object."""
+    return "s3://" + uri.removeprefix("minio://") if uri.startswith("minio://") else uri
+
+
+@contextlib.contextmanager
+def local_input(uri: str | Path | None, store: ArtifactStore | None = None) -> Iterator[Path | None]:
+    """A local path standing for ``uri`` for as long as the ``with`` block runs.
+
+    A local path is yielded as it is; an ``s3://`` object or prefix is downloaded into a
+    temporary directory (:meth:`ArtifactStore.download_tree`), removed afterwards. A
+    :class:`~labelmatch.errors.DataError` raised in the block names the URI (``s3://…/docs.jsonl:12``),
+    not the temporary copy.
+
+    Args:
+        uri: A local path, ``s3://bucket/key`` or ``s3://bucket/prefix``; ``None`` yields ``None``.
+        store: The store to read from (default: configured from the environment).
+    """
+    if uri is None or str(uri) == "":
+        yield None
+        return
+    if not is_s3_uri(uri):
+        yield Path(uri)
+        return
+    remote = as_s3_uri(str(uri)).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="labelmatch-input-") as staging:
+        local = (store or ArtifactStore.from_env()).download_tree(remote, Path(staging) / "input")
+        try:
+            yield local
+        except DataError as exc:
+            if not exc.path.startswith(str(local)):
+                raise
+            raise DataError(remote + exc.path[len(str(local)):], exc.message, exc.line, exc.field) from None

@@ -262,12 +262,12 @@ def run_tune(
         dict(config.resources_per_trial),
     )
     path, filesystem = ray_storage(storage_path, config.s3_endpoint)
+    # With a filesystem object Ray expects the path inside it, without the s3:// scheme.
     experiment = f"{path.rstrip('/')}/{config.name}"
-    restore_uri = f"s3://{experiment}" if filesystem is not None else experiment
     random.seed(config.seed)  # PBT draws its exploit partners and explore steps from `random`
-    if config.resume and tune.Tuner.can_restore(restore_uri):
+    if config.resume and tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(
-            restore_uri, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+            experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
         return tuner.fit()
     space = config.search_space

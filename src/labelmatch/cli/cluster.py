@@ -49,6 +49,15 @@ RootOpt = Annotated[
         help="s3://bucket/prefix of the labelmatch store (releases/, encoders/).",
     ),
 ]
+ServiceAccountOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--service-account",
+        envvar="LABELMATCH_PIPELINE_SERVICE_ACCOUNT",
+        help="Service account of the run's pods (charts/labelmatch-pipelines creates "
+        "labelmatch-pipeline-runner with the permissions the steps need); default: KFP's.",
+    ),
+]
 KindOpt = Annotated[
     str | None, typer.Option("--kind", help="Expected artifact kind (Model, OnnxModel, Dataset, ...).")
 ]
@@ -156,7 +165,7 @@ def pipeline_run(
     ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run display name.")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment to file the run under.")] = "labelmatch",
-    service_account: Annotated[str | None, typer.Option(help="Service account of the run's pods.")] = None,
+    service_account: ServiceAccountOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
@@ -179,6 +188,18 @@ def store_push(
 
     digest = ArtifactStore.from_env().upload_artifact(source, uri, kind)
     typer.echo(f"{uri}: digest {digest}")
+
+
+@store_app.command("put")
+def store_put(
+    source: Annotated[Path, typer.Argument(help="A file, or a directory (e.g. docs.jsonl + labels.json).")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix to copy it under (a pipeline's data_uri).")],
+) -> None:
+    """Upload plain files (a pipeline's input data), not an artifact: no manifest is written."""
+    from labelmatch.store import ArtifactStore
+
+    for written in ArtifactStore.from_env().upload_tree(source, uri):
+        typer.echo(written)
 
 
 @store_app.command("pull")
@@ -290,6 +311,7 @@ def rollback(
     host: HostOpt,
     root: RootOpt = "s3://labelmatch",
     pipeline: Annotated[str, typer.Option(help="Name of the deploy-only pipeline.")] = "labelmatch-deploy",
+    service_account: ServiceAccountOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
@@ -300,8 +322,9 @@ def rollback(
 
     store = ArtifactStore.from_env()
     with _remote_errors(f"rollback through {host}"):
+        registry = _registry(host, token_file, kfp_namespace)
         plan, run = run_rollback(
-            service, to, ReleaseLog(store, root), store, _registry(host, token_file, kfp_namespace), pipeline
+            service, to, ReleaseLog(store, root), store, registry, pipeline, service_account=service_account
         )
     typer.echo(
         f"run {run.run_id}: {pipeline} {plan.version.version} deploys {plan.release.model_uri} "

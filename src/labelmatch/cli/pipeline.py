@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from labelmatch import __version__
 from labelmatch.cli.cluster import _parse_params, pipeline_app
 from labelmatch.errors import ConfigError
 
@@ -27,28 +28,6 @@ def _registry() -> Any:
             f"cannot import the pipeline definitions ({exc}); run from the repository root"
         ) from exc
     return registry
-
-
-def _typed(pipeline: Any, params: dict[str, str]) -> dict[str, Any]:
-    """Convert ``key=value`` strings to the types the pipeline declares, naming a bad one."""
-    inputs = pipeline.component_spec.inputs or {}
-    casts = {
-        "Integer": int,
-        "Float": float,
-        "String": str,
-        "Boolean": lambda v: {"true": True, "false": False}[v.lower()],
-    }
-    typed = {}
-    for key, value in params.items():
-        if key not in inputs:
-            raise ConfigError(
-                f"--param {key}: the pipeline has no such parameter (has: {', '.join(sorted(inputs))})"
-            )
-        try:
-            typed[key] = casts[inputs[key].type](value)
-        except (KeyError, ValueError) as exc:
-            raise ConfigError(f"--param {key}={value!r}: expected {inputs[key].type}") from exc
-    return typed
 
 
 @pipeline_app.command("compile")
@@ -72,19 +51,17 @@ def pipeline_run_local(
     param: Annotated[
         list[str] | None, typer.Option("--param", help="Pipeline parameter key=value (repeatable).")
     ] = None,
+    version: Annotated[str, typer.Option(help="Compiled version to run.")] = __version__,
     root: Annotated[Path, typer.Option("--root", help="Pipeline root: one directory per run.")] = Path(
         "runs/pipelines"
     ),
 ) -> None:
-    """Run a pipeline with kfp.local (SubprocessRunner, this interpreter) and list its artifacts."""
+    """Run a compiled pipeline (the IR a cluster runs) with kfp.local and list its artifacts."""
     registry = _registry()
-    from pipelines.local import run_artifacts, run_locally
+    from pipelines.local import LocalPipelineRegistry, run_artifacts
 
-    pipelines = {p.name: p for p in registry.registered_pipelines()}
-    if name not in pipelines:
-        raise ConfigError(f"unknown pipeline {name!r} (known: {', '.join(sorted(pipelines))})")
-    function = pipelines[name].function
-    run_dir = run_locally(function, root, **_typed(function, _parse_params(param)))
+    run = LocalPipelineRegistry(registry.COMPILED_DIR, root).create_run(name, version, _parse_params(param))
+    run_dir = Path(run.run_id)
     typer.echo(f"run: {run_dir}")
     for artifact in run_artifacts(run_dir):
         typer.echo(f"  {artifact.task:>14} {artifact.output:<12} {artifact.kind:<14} {artifact.path}")

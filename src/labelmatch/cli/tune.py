@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -283,46 +282,21 @@ def tune(
 
 
 def _run_here(config: Any, data: str, out: Path, report: Path, upload_to: str | None) -> None:
-    import tempfile
-
+    from labelmatch.store import ArtifactStore, local_input
     from labelmatch.tune import tune_sft
-    from labelmatch.tuning.storage import copy_dir, is_remote
 
-    with tempfile.TemporaryDirectory(prefix="labelmatch-data-") as local:
-        if is_remote(data):
-            copy_dir(data, local, config.s3_endpoint)
-            data = local
-        summary = tune_sft(data, out, report, config)
+    with local_input(data) as local:
+        summary = tune_sft(local, out, report, config)
     if upload_to:
-        copy_dir(out, f"{upload_to.rstrip('/')}/model", config.s3_endpoint)
-        copy_dir(report, f"{upload_to.rstrip('/')}/report", config.s3_endpoint)
+        store = ArtifactStore.from_env()
+        store.upload_artifact(out, f"{upload_to.rstrip('/')}/model", kind="Model")
+        store.upload_artifact(report, f"{upload_to.rstrip('/')}/report", kind="Report")
     typer.echo(
         f"best trial {summary['best_trial']} (iteration {summary['best_iteration']}, LoRA rank "
         f"{summary['best_lora_rank']}): validation macro-F1 {summary['best_val_macro_f1']:.4f}; "
         f"{summary['exploits']} exploits over {summary['trial_iterations']} trial-iterations"
     )
     typer.echo(f"model written to {out}, report to {report / 'report.md'}")
-
-
-def cluster_entrypoint(config: Any, data: str, upload_to: str) -> str:
-    """The ``labelmatch tune`` command a cluster runs: same settings, in-cluster Ray, upload at the end."""
-    values = config.to_dict()
-    values.update(address="auto", num_cpus=None, dashboard=False, ray_temp_dir=None)
-    args = [
-        "labelmatch",
-        "tune",
-        "--data",
-        data,
-        "--out",
-        "/tmp/labelmatch/model",
-        "--report",
-        "/tmp/labelmatch/report",
-        "--upload-to",
-        upload_to,
-        "--config",
-        json.dumps(values),
-    ]
-    return shlex.join(args)
 
 
 def _run_on_cluster(
@@ -335,49 +309,50 @@ def _run_on_cluster(
     dry_run: bool,
     rayjob_settings: dict[str, Any],
 ) -> None:
-    from labelmatch.tuning.storage import copy_dir, is_remote
+    import dataclasses
+    import time
 
-    if not is_remote(config.storage_path):
+    from labelmatch.store import ArtifactStore, is_s3_uri
+    from labelmatch.tuning.rayjob import cluster_entrypoint
+
+    if not is_s3_uri(config.storage_path):
         raise ConfigError(
             "a cluster run needs --storage-path s3://bucket/prefix (storage every Ray node can reach)"
         )
-    upload_to = upload_to or f"{config.storage_path.rstrip('/')}/{config.name}/outputs"
-    entrypoint = cluster_entrypoint(config, data, upload_to)
+    work = f"{config.storage_path.rstrip('/')}/{config.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     if jobs_address:
         from labelmatch.tuning.rayjob import submit_ray_job
 
+        if not is_s3_uri(data):
+            raise ConfigError(
+                f"--data {data}: a Ray Jobs API run reads its data from s3:// (upload it first)"
+            )
+        upload_to = upload_to or f"{work}/outputs"
+        entrypoint = cluster_entrypoint(config, data, upload_to)
         job_id, status = submit_ray_job(
             jobs_address, entrypoint, on_log=lambda text: typer.echo(text, nl=False)
         )
         typer.echo(f"Ray job {job_id}: {status}")
         if status != "SUCCEEDED":
             raise LabelmatchError(f"Ray job {job_id} ended {status}")
-    else:
-        import yaml
+        store = ArtifactStore.from_env()
+        store.download_artifact(f"{upload_to}/model", out, kind="Model")
+        store.download_artifact(f"{upload_to}/report", report, kind="Report")
+        typer.echo(f"model fetched to {out}, report to {report / 'report.md'}")
+        return
+    import yaml
 
-        from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, submit_rayjob
+    from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, run_tune_rayjob
 
-        values_file = rayjob_settings.pop("rayjob_values")
-        spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}
-        spec_values["name"] = config.name
-        spec = (
-            RayJobSpec.from_values(values_file, **spec_values) if values_file else RayJobSpec(**spec_values)
-        )
-        manifest = build_rayjob(spec, entrypoint)
-        if dry_run:
-            typer.echo(yaml.safe_dump(manifest, sort_keys=False))
-            return
-        status = submit_rayjob(
-            manifest,
-            on_status=lambda s: typer.echo(
-                f"RayJob {spec.namespace}/{spec.name}: "
-                f"{s.get('jobDeploymentStatus', 'Pending')} {s.get('jobStatus', '')}"
-            ),
-        )
-        if status.get("jobDeploymentStatus") != "Complete" or status.get("jobStatus") != "SUCCEEDED":
-            raise LabelmatchError(
-                f"RayJob {spec.namespace}/{spec.name} failed: {status.get('message', status)}"
-            )
-    copy_dir(f"{upload_to}/model", out, config.s3_endpoint)
-    copy_dir(f"{upload_to}/report", report, config.s3_endpoint)
-    typer.echo(f"model fetched to {out}, report to {report / 'report.md'}")
+    values_file = rayjob_settings.pop("rayjob_values")
+    spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}
+    spec_values["name"] = config.name
+    spec = RayJobSpec.from_values(values_file, **spec_values) if values_file else RayJobSpec(**spec_values)
+    if dry_run:
+        cluster = dataclasses.replace(config, address="auto", storage_path=f"{work}/ray")
+        manifest = build_rayjob(spec, cluster_entrypoint(cluster, data, f"{work}/outputs"))
+        typer.echo(yaml.safe_dump(manifest, sort_keys=False))
+        return
+    summary = run_tune_rayjob(data, out, report, config, spec, work, on_status=typer.echo)
+    typer.echo(f"best validation macro-F1 {summary['best_val_macro_f1']:.4f}; model fetched to {out}, "
+               f"report to {report / 'report.md'}")

@@ -8,22 +8,33 @@
   follows its status until it finishes.
 * :func:`submit_ray_job` submits the same entrypoint to a running Ray cluster through the Ray
   Jobs API (``JobSubmissionClient``) and streams its logs.
+* :func:`run_tune_rayjob` is the whole round trip the pipeline's tune step (and
+  ``labelmatch tune --rayjob``) makes: upload the Dataset artifact to the store, create the
+  RayJob, stream its status, delete it whatever happened, download and verify the best Model
+  and the report.
 
-The cluster run writes checkpoints to shared storage (``s3://`` on MinIO) and uploads the
-best model and the report there (``--upload-to``); the submitting side downloads them.
+The cluster run writes checkpoints and experiment state to shared storage (``s3://`` on MinIO)
+and uploads the best model and the report there (``--upload-to``, manifest last); the
+submitting side downloads them, verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from labelmatch import kube
 from labelmatch.errors import ConfigError, LabelmatchError
+
+if TYPE_CHECKING:
+    from labelmatch.store import ArtifactStore
+    from labelmatch.tune import TuneConfig
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 #: RayJob ``status.jobDeploymentStatus`` values after which nothing changes any more.
@@ -46,15 +57,18 @@ class RayJobSpec:
         image: Image with labelmatch[tune] and the encoder (head and workers).
         ray_version: Ray version in the image (KubeRay's ``rayVersion``).
         workers: GPU worker pods (the production shape: 4 × 1-GPU A10).
-        gpus_per_worker: GPUs per worker pod (``nvidia.com/gpu``).
+        gpus_per_worker: GPUs per worker pod.
+        gpu_resource: The GPU's extended resource name (``nvidia.com/gpu``).
         worker_cpu: CPU request/limit per worker.
         worker_memory: Memory request/limit per worker.
         head_cpu: CPU request/limit of the head.
         head_memory: Memory request/limit of the head.
         node_selector: Node selector of the worker pods (e.g. a GPU node pool).
         tolerations: Tolerations of the worker pods (e.g. ``nvidia.com/gpu`` taints).
-        env: Plain environment variables of every pod (e.g. ``AWS_ENDPOINT_URL`` of MinIO).
+        env: Plain environment variables of every pod (e.g. ``LABELMATCH_S3_ENDPOINT`` of MinIO).
         env_secret: Secret whose keys become environment variables (S3 credentials).
+        env_config_map: ConfigMap whose keys become environment variables (the S3 endpoint and
+            region, e.g. the one ``charts/labelmatch-pipelines`` creates).
         service_account: Service account of the pods (``None``: the namespace default).
         shutdown_after_job_finishes: Delete the Ray cluster when the job ends.
         ttl_seconds_after_finished: Seconds to keep the finished RayJob (and its logs).
@@ -67,6 +81,7 @@ class RayJobSpec:
     ray_version: str = "2.60.0"
     workers: int = 4
     gpus_per_worker: int = 1
+    gpu_resource: str = "nvidia.com/gpu"
     worker_cpu: str = "4"
     worker_memory: str = "16Gi"
     head_cpu: str = "2"
@@ -75,6 +90,7 @@ class RayJobSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     env_secret: str | None = None
+    env_config_map: str | None = None
     service_account: str | None = None
     shutdown_after_job_finishes: bool = True
     ttl_seconds_after_finished: int = 600
@@ -117,10 +133,11 @@ def _container(
     gpus: int,
     env: list[dict[str, Any]],
     env_from: list[dict[str, Any]],
+    gpu_resource: str = "nvidia.com/gpu",
 ) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = gpus
+    if gpus and gpu_resource:
+        limits[gpu_resource] = gpus
     container: dict[str, Any] = {
         "name": name,
         "image": image,
@@ -162,7 +179,8 @@ def _pod_template(spec: RayJobSpec, container: dict[str, Any], worker: bool) -> 
 def build_rayjob(spec: RayJobSpec, entrypoint: str) -> dict[str, Any]:
     """The RayJob manifest (``ray.io/v1``) running ``entrypoint`` on a fresh Ray cluster."""
     env = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
-    env_from = [{"secretRef": {"name": spec.env_secret}}] if spec.env_secret else []
+    env_from = [{"configMapRef": {"name": spec.env_config_map}}] if spec.env_config_map else []
+    env_from += [{"secretRef": {"name": spec.env_secret}}] if spec.env_secret else []
     head = _container("ray-head", spec.image, spec.head_cpu, spec.head_memory, 0, env, env_from)
     head["ports"] = [
         {"containerPort": 6379, "name": "gcs"},
@@ -170,7 +188,8 @@ def build_rayjob(spec: RayJobSpec, entrypoint: str) -> dict[str, Any]:
         {"containerPort": 10001, "name": "client"},
     ]
     worker = _container(
-        "ray-worker", spec.image, spec.worker_cpu, spec.worker_memory, spec.gpus_per_worker, env, env_from
+        "ray-worker", spec.image, spec.worker_cpu, spec.worker_memory, spec.gpus_per_worker, env, env_from,
+        spec.gpu_resource,
     )
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint,
@@ -234,15 +253,9 @@ def submit_rayjob(
     Returns:
         The last ``status`` of the RayJob.
     """
-    from kubernetes import client, config
+    from kubernetes import client
 
-    if api_client is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api_client = client.ApiClient()
-    api = client.CustomObjectsApi(api_client)
+    api = client.CustomObjectsApi(api_client or kube.api_client())
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
@@ -264,6 +277,23 @@ def submit_rayjob(
                 f"(last status: {json.dumps(status)})"
             )
         time.sleep(poll_seconds)
+
+
+def delete_rayjob(namespace: str, name: str, api_client: Any = None) -> bool:
+    """Delete the RayJob (and, through its owner references, its Ray cluster); False when absent."""
+    from kubernetes import client
+
+    api = client.CustomObjectsApi(api_client or kube.api_client())
+    try:
+        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                            propagation_policy="Background")
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise LabelmatchError(
+            f"deleting RayJob {namespace}/{name} failed: {exc.status} {exc.reason}: {_api_message(exc)}"
+        ) from exc
+    return True
 
 
 def _api_message(exc: Any) -> str:
@@ -306,3 +336,104 @@ def submit_ray_job(
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return job_id, str(status.value)
         time.sleep(poll_seconds)
+
+
+def cluster_entrypoint(config: TuneConfig, data_uri: str, upload_to: str) -> str:
+    """The ``labelmatch tune`` command a Ray cluster runs: these settings, the cluster's own Ray
+    (``--address auto``), and the best model and report uploaded to ``upload_to`` at the end."""
+    values = config.to_dict()
+    values.update(address="auto", num_cpus=None, dashboard=False, ray_temp_dir=None)
+    args = [
+        "labelmatch", "tune", "--data", data_uri,
+        "--out", "/tmp/labelmatch/model", "--report", "/tmp/labelmatch/report",
+        "--upload-to", upload_to, "--config", json.dumps(values),
+    ]
+    return shlex.join(args)
+
+
+def describe_status(namespace: str, name: str, status: dict[str, Any]) -> str:
+    """One log line for a RayJob status (deployment status, job status, message)."""
+    parts = [status.get("jobDeploymentStatus") or "Pending", status.get("jobStatus") or ""]
+    message = status.get("message")
+    line = f"RayJob {namespace}/{name}: {' '.join(p for p in parts if p)}"
+    return f"{line} ({message})" if message else line
+
+
+def run_tune_rayjob(
+    data: str | Path,
+    out_model_dir: str | Path,
+    report_dir: str | Path,
+    config: TuneConfig,
+    spec: RayJobSpec,
+    work_uri: str,
+    store: ArtifactStore | None = None,
+    api_client: Any = None,
+    on_status: Callable[[str], None] | None = print,
+    poll_seconds: float = 10.0,
+    timeout_seconds: float | None = None,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Tune on a KubeRay RayJob and bring the best Model and the report back here.
+
+    1. The dataset (a local Dataset artifact, or an ``s3://`` URI left as it is) is uploaded
+       to ``<work_uri>/dataset``.
+    2. A RayJob runs :func:`cluster_entrypoint` with Tune's storage at ``<work_uri>/ray``
+       (checkpoints and experiment state every Ray node can reach: PBT exploits restore other
+       trials' checkpoints from there) and the outputs at ``<work_uri>/outputs``.
+    3. Its status is followed until it finishes (``on_status`` gets one line per change); the
+       RayJob is deleted afterwards, also when it failed or this process is interrupted, unless
+       ``keep``.
+    4. ``outputs/model`` and ``outputs/report`` are downloaded and verified into
+       ``out_model_dir`` and ``report_dir``.
+
+    Args:
+        data: Dataset artifact directory or ``s3://`` URI of one.
+        out_model_dir: The best Model artifact (written atomically).
+        report_dir: The tuning Report artifact.
+        config: Tuning settings (``address`` and ``storage_path`` are set here).
+        spec: The RayJob's shape (:class:`RayJobSpec`).
+        work_uri: ``s3://bucket/prefix`` for this run's dataset copy, Tune storage and outputs.
+        store: The artifact store (default: from the environment).
+        api_client: Kubernetes API client (default: in-cluster service account or kubeconfig).
+        on_status: Called with a line for each RayJob status change.
+        poll_seconds: Seconds between status reads.
+        timeout_seconds: Give up (and delete the RayJob) after this long.
+        keep: Leave the finished RayJob in place (for debugging).
+
+    Returns:
+        The tuning summary (the report's ``summary.json``).
+
+    Raises:
+        ConfigError: ``work_uri`` is not ``s3://``.
+        LabelmatchError: the RayJob failed, or did not finish in time.
+    """
+    from labelmatch.store import ArtifactStore, S3Uri, is_s3_uri
+
+    if not is_s3_uri(work_uri):
+        raise ConfigError(
+            f"work_uri {work_uri!r}: a RayJob needs s3:// storage that every Ray node can reach"
+        )
+    store = store or ArtifactStore.from_env()
+    work = str(S3Uri.parse(work_uri))
+    data_uri = str(data) if is_s3_uri(data) else f"{work}/dataset"
+    if not is_s3_uri(data):
+        store.upload_artifact(data, data_uri, kind="Dataset")
+    cluster_config = dataclasses.replace(config, address="auto", storage_path=f"{work}/ray")
+    manifest = build_rayjob(spec, cluster_entrypoint(cluster_config, data_uri, f"{work}/outputs"))
+    namespace, name = spec.namespace, spec.name
+    api_client = api_client or kube.api_client()
+    try:
+        status = submit_rayjob(
+            manifest, api_client, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+            on_status=(lambda s: on_status(describe_status(namespace, name, s))) if on_status else None,
+        )
+    finally:
+        if not keep:
+            deleted = delete_rayjob(namespace, name, api_client)
+            if on_status and deleted:
+                on_status(f"RayJob {namespace}/{name}: deleted")
+    if status.get("jobDeploymentStatus") != "Complete" or status.get("jobStatus") != "SUCCEEDED":
+        raise LabelmatchError(f"RayJob {namespace}/{name} did not succeed: {json.dumps(status)}")
+    store.download_artifact(f"{work}/outputs/model", out_model_dir, kind="Model")
+    store.download_artifact(f"{work}/outputs/report", report_dir, kind="Report")
+    return json.loads((Path(report_dir) / "summary.json").read_text())
