@@ -84,6 +84,7 @@ from labelmatch.artifacts import (
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
 from labelmatch.metrics import macro_f1, tune_thresholds
+from labelmatch.model_card import write_model_card
 from labelmatch.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
@@ -250,6 +251,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
             },
             "export_config": asdict(config),
         })
+        write_model_card(tmp, "OnnxModel")
         lineage = {"model": artifact_digest(source), "model_path": str(source)}
         summary = {"labels": len(labels), "label_set_agreement": served_agreement(parity),
                    "fp32_fallback": fallback is not None}

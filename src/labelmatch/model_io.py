@@ -24,6 +24,7 @@ import numpy as np
 from labelmatch import __version__
 from labelmatch.artifacts import verify_artifact, write_json, write_manifest
 from labelmatch.errors import ArtifactError
+from labelmatch.model_card import write_model_card
 
 MODEL_INFO = "labelmatch.json"
 FORMAT_VERSION = 1
@@ -112,6 +113,7 @@ def save_model(
         if key not in full_info:
             raise ArtifactError(f"model info lacks '{key}'")
     write_json(out / MODEL_INFO, full_info)
+    write_model_card(out, "Model")
     summary = {"labels": len(labels), "layout": full_info["layout"], "base_model": full_info["base_model"]}
     return write_manifest(out, "Model", lineage=lineage, extra=summary)
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import precision_recall_fscore_support
 
 from labelmatch.artifacts import artifact_digest, atomic_artifact_dir, read_manifest
 from labelmatch.config import TrainConfig
@@ -471,7 +472,12 @@ class SFTTrainer:
         """
         scores = self.validation_scores()
         thresholds = self.thresholds(scores)
-        val_f1 = macro_f1(self.val_targets, binarize(scores, thresholds.for_labels(self.label_names)))
+        val_pred = binarize(scores, thresholds.for_labels(self.label_names))
+        val_f1 = macro_f1(self.val_targets, val_pred)
+        _, _, f1, support = precision_recall_fscore_support(self.val_targets, val_pred, zero_division=0)
+        per_label = {
+            name: {"f1": float(f1[j]), "support": int(support[j])} for j, name in enumerate(self.label_names)
+        }
         with self._reading_predict_length() as encoder:
             label_emb = encoder.embed(self.label_texts, self.config.eval_batch_size).numpy()
         base_path = resolve_base_model(self.config.base_model)
@@ -486,6 +492,12 @@ class SFTTrainer:
             "metrics": {
                 "val_macro_f1_global_threshold": max(self.best_f1, 0.0),
                 "val_macro_f1_tuned_thresholds": val_f1,
+                "val_per_label": per_label,
+            },
+            "data": {
+                "train documents": len(self.train_set.documents),
+                "validation documents": len(self.val_set.documents),
+                "labels": len(self.label_names),
             },
             "history": self.history,
             **(extra_info or {}),

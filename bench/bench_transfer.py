@@ -1,0 +1,426 @@
+"""Zero-shot transfer: does fine-tuning help on labels the model never saw in training?
+
+The product's promise is that labels are text. This benchmark trains the dual encoder on some
+labels and scores it on labels it never saw, against the untrained encoder, side by side:
+
+* **within CLINC150** (``clinc_heldout``): a third of the 150 intents (5 of the 15 in each of
+  the 10 domains, seeded) is held out with all its documents; the model trains on the other 100
+  intents (intent labels only). Scored on the official test documents of the held-out intents,
+  classified among the 50 held-out descriptions (``unseen``) and among all 150 (``unseen_among_all``:
+  the seen labels compete, as they would in production), and on the seen intents' test documents
+  (``seen``) for reference.
+* **across datasets**: trained on CLINC150's intents, scored on Bitext's test split with Bitext's
+  27 intent descriptions (``clinc_to_bitext``); trained on Bitext's intents, scored on CLINC150's
+  banking and credit-card intents (30, their test documents; ``bitext_to_clinc_finance``).
+
+Protocol: settings and thresholds chosen on validation only — the official CLINC150 validation
+queries of the seen intents, or 15% of Bitext's train split. Each model's decision threshold for
+labels without a tuned threshold (every unseen label) is its global threshold tuned on that
+validation split; the untrained encoder gets its own, tuned the same way on the same documents.
+The test splits are scored once per run. Reported: macro-F1 over the target labels (thresholded,
+multi-label decisions as the server makes them), micro-F1, and top-1 accuracy (the best label;
+these sets are single-label per level), mean and spread over ``--seeds``.
+
+Writes ``transfer.json`` and ``transfer.md`` (+ ``transfer.png``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SCENARIOS = ("clinc_heldout", "clinc_to_bitext", "bitext_to_clinc_finance")
+
+
+@dataclass
+class EvalSet:
+    """Documents scored against a label set the model may never have seen."""
+
+    name: str
+    texts: list[str]
+    labels: dict[str, str]
+    targets: np.ndarray  # (docs, labels) 0/1
+
+
+@dataclass
+class Scenario:
+    """A training set (train/val splits) and the evaluation sets scored after training."""
+
+    name: str
+    train: Any  # labelmatch.data.Dataset with train and val splits
+    evals: list[EvalSet]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-transfer"))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument(
+        "--train-per-label",
+        type=int,
+        default=40,
+        help="Training documents per intent (seeded subsample; CLINC has 100, Bitext ~130).",
+    )
+    parser.add_argument("--val-per-label", type=int, default=10, help="Validation documents per seen intent.")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--config", default="{}", help="Extra TrainConfig fields as JSON (the recipe under test)."
+    )
+    parser.add_argument("--tag", default="", help="Name of this run's recipe in the report.")
+    parser.add_argument("--retrain", action="store_true", help="Train again even where --work has the model.")
+    return parser.parse_args(argv)
+
+
+def _load(name: str):
+    from labelmatch.data import load_dataset
+
+    return load_dataset(DATA / name)
+
+
+def _hierarchy(name: str) -> dict[str, list[str]]:
+    return json.loads((DATA / name / "hierarchy.json").read_text())
+
+
+def _leaf_docs(dataset, leaves: set[str]):
+    """Documents whose leaf (intent) label is in ``leaves``, relabelled with that leaf only."""
+    from labelmatch.data import Document
+
+    out = []
+    for doc in dataset.documents:
+        leaf = [label for label in doc.labels if label in leaves]
+        if len(leaf) == 1:
+            out.append(Document(id=doc.id, text=doc.text, labels=leaf, split=doc.split))
+    return out
+
+
+def _train_val(
+    docs, labels: dict[str, str], per_label: int, val_per_label: int, seed: int, is_val=lambda d: False
+):
+    """A Dataset with ``per_label`` train and ``val_per_label`` validation documents per label."""
+    from labelmatch.data import Dataset, Document
+
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {name: [] for name in labels}
+    for doc in docs:
+        if doc.split != "test":
+            by_label[doc.labels[0]].append(doc)
+    chosen = []
+    for pool in by_label.values():
+        val_pool = [d for d in pool if is_val(d)] or pool
+        val = rng.sample(val_pool, min(val_per_label, len(val_pool)))
+        rest = [d for d in pool if d not in val and not is_val(d)] or [d for d in pool if d not in val]
+        train = rng.sample(rest, min(per_label, len(rest)))
+        chosen += [Document(d.id, d.text, d.labels, split="val") for d in val]
+        chosen += [Document(d.id, d.text, d.labels, split="train") for d in train]
+    return Dataset(chosen, labels)
+
+
+def _eval_set(name: str, docs, labels: dict[str, str]) -> EvalSet:
+    index = {label: j for j, label in enumerate(labels)}
+    targets = np.zeros((len(docs), len(labels)), dtype=np.int64)
+    for i, doc in enumerate(docs):
+        for label in doc.labels:
+            targets[i, index[label]] = 1
+    return EvalSet(name, [d.text for d in docs], dict(labels), targets)
+
+
+def clinc_heldout(args: argparse.Namespace, seed: int) -> Scenario:
+    clinc = _load("clinc150")
+    hierarchy = _hierarchy("clinc150")
+    rng = random.Random(seed)
+    held = {intent for intents in hierarchy.values() for intent in rng.sample(sorted(intents), 5)}
+    intents = [i for intents in hierarchy.values() for i in intents]
+    seen = {i: clinc.labels[i] for i in intents if i not in held}
+    unseen = {i: clinc.labels[i] for i in intents if i in held}
+    every = {i: clinc.labels[i] for i in intents}
+    seen_docs = _leaf_docs(clinc, set(seen))
+    unseen_test = [d for d in _leaf_docs(clinc, set(unseen)) if d.split == "test"]
+    train = _train_val(
+        seen_docs,
+        seen,
+        args.train_per_label,
+        args.val_per_label,
+        seed,
+        is_val=lambda d: d.id.startswith("clinc150-val"),
+    )
+    return Scenario(
+        "clinc_heldout",
+        train,
+        [
+            _eval_set("unseen", unseen_test, unseen),
+            _eval_set("unseen_among_all", unseen_test, every),
+            _eval_set("seen", [d for d in seen_docs if d.split == "test"], seen),
+        ],
+    )
+
+
+def clinc_to_bitext(args: argparse.Namespace, seed: int) -> Scenario:
+    clinc, bitext = _load("clinc150"), _load("bitext_customer_support")
+    intents = {i: clinc.labels[i] for v in _hierarchy("clinc150").values() for i in v}
+    targets = {i: bitext.labels[i] for v in _hierarchy("bitext_customer_support").values() for i in v}
+    train = _train_val(
+        _leaf_docs(clinc, set(intents)),
+        intents,
+        args.train_per_label,
+        args.val_per_label,
+        seed,
+        is_val=lambda d: d.id.startswith("clinc150-val"),
+    )
+    test = [d for d in _leaf_docs(bitext, set(targets)) if d.split == "test"]
+    return Scenario("clinc_to_bitext", train, [_eval_set("bitext_intents", test, targets)])
+
+
+def bitext_to_clinc_finance(args: argparse.Namespace, seed: int) -> Scenario:
+    clinc, bitext = _load("clinc150"), _load("bitext_customer_support")
+    intents = {i: bitext.labels[i] for v in _hierarchy("bitext_customer_support").values() for i in v}
+    hierarchy = _hierarchy("clinc150")
+    targets = {i: clinc.labels[i] for domain in ("banking", "credit_cards") for i in hierarchy[domain]}
+    train = _train_val(
+        _leaf_docs(bitext, set(intents)), intents, args.train_per_label, args.val_per_label, seed
+    )
+    test = [d for d in _leaf_docs(clinc, set(targets)) if d.split == "test"]
+    return Scenario("bitext_to_clinc_finance", train, [_eval_set("clinc_finance_intents", test, targets)])
+
+
+def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
+    """Macro-F1 over the target labels, micro-F1 and top-1 accuracy of ``clf`` on ``evalset``.
+
+    Target labels are those with positives in the set: where the seen labels compete
+    (``unseen_among_all``), a document wrongly given a seen label counts as a false positive in
+    micro-F1 and top-1 accuracy, and as a miss of its true label, but the seen labels' own F1
+    (zero positives) do not dilute the macro average.
+    """
+    from labelmatch.metrics import binarize, macro_f1
+
+    _, probs = clf.scores(evalset.texts, evalset.labels, replace=True)
+    pred = binarize(probs, threshold)
+    tp = float((pred & evalset.targets).sum())
+    micro = 2 * tp / max(float(pred.sum() + evalset.targets.sum()), 1.0)
+    top1 = float(evalset.targets[np.arange(len(probs)), probs.argmax(1)].mean())
+    target = evalset.targets.sum(0) > 0
+    return {
+        "macro_f1": macro_f1(evalset.targets[:, target], pred[:, target]),
+        "micro_f1": micro,
+        "top1_accuracy": top1,
+    }
+
+
+def val_threshold(clf: Any, dataset: Any) -> float:
+    """The global threshold tuned on the scenario's validation split (seen labels)."""
+    from labelmatch.metrics import tune_global_threshold
+
+    val = dataset.split("val")
+    _, probs = clf.scores([d.text for d in val.documents], dataset.labels, replace=True)
+    return tune_global_threshold(val.label_matrix(), probs)[0]
+
+
+def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from labelmatch.classifier import Classifier
+    from labelmatch.config import TrainConfig
+    from labelmatch.train import train_sft
+
+    train = scenario.train
+    result: dict[str, Any] = {
+        "train_docs": len(train.split("train").documents),
+        "val_docs": len(train.split("val").documents),
+        "train_labels": len(train.labels),
+        "evals": {e.name: {"docs": len(e.texts), "labels": len(e.labels)} for e in scenario.evals},
+    }
+    untrained = Classifier.zero_shot(train.labels, max_length=args.max_length)
+    threshold = val_threshold(untrained, train)
+    result["untrained"] = {
+        "threshold": threshold,
+        **{e.name: score(untrained, threshold, e) for e in scenario.evals},
+    }
+    config = TrainConfig(
+        **{
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+            "seed": seed,
+            "progress": False,
+            **json.loads(args.config),
+        }
+    )
+    out = args.work / f"{scenario.name}-s{seed}-{args.tag or 'default'}"
+    if (out / "manifest.json").is_file() and not args.retrain:
+        print(f"reusing the model trained earlier at {out} (--retrain to train again)", flush=True)
+        seconds, steps, history = None, None, json.loads((out / "labelmatch.json").read_text())["history"]
+    else:
+        started = time.perf_counter()
+        trainer = train_sft(train, config, out)
+        seconds, steps, history = round(time.perf_counter() - started, 1), trainer.step, trainer.history
+    trained = Classifier.load(out)
+    result["trained"] = {
+        "threshold": trained.thresholds.default,
+        "train_seconds": seconds,
+        "steps": steps,
+        "val_macro_f1": max(row["val_macro_f1"] for row in history),
+        **{e.name: score(trained, trained.thresholds.default, e) for e in scenario.evals},
+    }
+    return result
+
+
+def aggregate(runs: list[dict[str, Any]], eval_names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for model in ("untrained", "trained"):
+        for name in eval_names:
+            for metric in ("macro_f1", "micro_f1", "top1_accuracy"):
+                values = [r[model][name][metric] for r in runs]
+                out[f"{model}/{name}/{metric}"] = {
+                    "mean": statistics.fmean(values),
+                    "spread": (max(values) - min(values)) / 2 if len(values) > 1 else 0.0,
+                    "values": values,
+                }
+    return out
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
+        "",
+    )
+    return {
+        "cpu": model,
+        "python": platform.python_version(),
+        "cores": len(__import__("os").sched_getaffinity(0)),
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [(s, e) for s, entry in report["scenarios"].items() for e in entry["eval_names"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
+    xs = np.arange(len(cells))
+    for offset, model in ((-0.2, "untrained"), (0.2, "trained")):
+        means = [report["scenarios"][s]["aggregate"][f"{model}/{e}/macro_f1"]["mean"] for s, e in cells]
+        spreads = [report["scenarios"][s]["aggregate"][f"{model}/{e}/macro_f1"]["spread"] for s, e in cells]
+        ax.bar(xs + offset, means, 0.4, yerr=spreads, label=model, capsize=3)
+    ax.set_xticks(xs, [f"{s}\n{e}" for s, e in cells], fontsize=7)
+    ax.set_ylabel("macro-F1 (target labels)")
+    ax.set_title(f"Zero-shot transfer — recipe: {report['tag'] or 'default'}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Zero-shot transfer to labels never trained on",
+        "",
+        f"Recipe: `{report['tag'] or 'default'}` — TrainConfig {json.dumps(report['train_config'])}; "
+        f"{report['train_per_label']} training / {report['val_per_label']} validation documents per label; "
+        f"seeds {report['seeds']}. CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores). "
+        f"Wall time {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB.",
+        "",
+        "Thresholds and settings from validation only (the seen labels' validation documents); "
+        "each test split scored once. Mean ± half-range over seeds.",
+        "",
+        "| scenario | eval set | labels | docs | macro-F1 untrained | macro-F1 trained | Δ | "
+        "top-1 untrained | top-1 trained |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report["scenarios"].items():
+        agg = entry["aggregate"]
+        first = entry["runs"][0]
+        for e in entry["eval_names"]:
+            u, t = agg[f"untrained/{e}/macro_f1"], agg[f"trained/{e}/macro_f1"]
+            u1, t1 = agg[f"untrained/{e}/top1_accuracy"], agg[f"trained/{e}/top1_accuracy"]
+            lines.append(
+                f"| {name} | {e} | {first['evals'][e]['labels']} | {first['evals'][e]['docs']} | "
+                f"{u['mean']:.3f} ± {u['spread']:.3f} | {t['mean']:.3f} ± {t['spread']:.3f} | "
+                f"{t['mean'] - u['mean']:+.3f} | {u1['mean']:.3f} | {t1['mean']:.3f} |"
+            )
+    lines += ["", "![transfer](transfer.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = parse_args(argv)
+    started = time.perf_counter()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    builders = {
+        "clinc_heldout": clinc_heldout,
+        "clinc_to_bitext": clinc_to_bitext,
+        "bitext_to_clinc_finance": bitext_to_clinc_finance,
+    }
+    report: dict[str, Any] = {
+        "tag": args.tag,
+        "seeds": seeds,
+        "train_per_label": args.train_per_label,
+        "val_per_label": args.val_per_label,
+        "machine": machine(),
+        "train_config": {
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "max_length": args.max_length,
+            "batch_size": args.batch_size,
+            **json.loads(args.config),
+        },
+        "scenarios": {},
+    }
+    for name in args.scenarios.split(","):
+        runs = []
+        for seed in seeds:
+            scenario = builders[name](args, seed)
+            print(
+                f"[{name} seed {seed}] training on {len(scenario.train.split('train').documents)} docs, "
+                f"{len(scenario.train.labels)} labels",
+                flush=True,
+            )
+            runs.append(run_scenario(scenario, args, seed))
+            print(
+                json.dumps({k: v for k, v in runs[-1].items() if k in ("untrained", "trained")}, indent=1),
+                flush=True,
+            )
+        eval_names = list(runs[0]["evals"])
+        report["scenarios"][name] = {
+            "eval_names": eval_names,
+            "runs": runs,
+            "aggregate": aggregate(runs, eval_names),
+        }
+    report["wall_s"] = time.perf_counter() - started
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"transfer{'_' + args.tag if args.tag else ''}"
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"{stem}.png")
+    (args.out / f"{stem}.md").write_text(markdown(report).replace("transfer.png", f"{stem}.png"))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
