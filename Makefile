@@ -32,7 +32,7 @@ test: setup
 
 ## lint: ruff
 lint: setup
-	$(VENV)/bin/ruff check src tests bench components pipelines
+	$(VENV)/bin/ruff check src tests bench components pipelines images
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
 bench: bench-quality bench-tune bench-grpo bench-serve
@@ -47,7 +47,7 @@ CHARTS := charts/labelmatch-serving charts/labelmatch-pipelines
 HELM = $(shell PYTHON=$(PY) charts/get-helm.sh $(TOOLS))
 IMAGE_NAMES ?= base train serve
 
-.PHONY: helm chart-lint images image-smoke-serve
+.PHONY: helm chart-lint images base-image images-check image-smoke-serve
 
 ## helm: print the helm binary, extracting one into .tools/ when none is on PATH
 helm: setup
@@ -68,6 +68,14 @@ chart-lint: setup
 ## images: build base/train/serve with docker or buildah (PYTHON_IMAGE=local base image when offline)
 images:
 	images/build.sh $(IMAGE_NAMES)
+
+## base-image: a local Python base image from Debian packages (debootstrap), for machines without a registry
+base-image:
+	images/base-image.sh
+
+## images-check: build the images with buildah and run them as the cluster would (root; bench/results/images.*)
+images-check: setup
+	HF_HUB_OFFLINE=1 $(PY) images/check.py --out bench/results
 
 ## image-smoke-serve: run the built serve image read-only on 127.0.0.1 (MODEL_DIR=OnnxModel artifact)
 image-smoke-serve:

@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beta", type=float, default=GRPOConfig.beta)
     parser.add_argument("--target-kl", type=float, default=GRPOConfig.target_kl)
     parser.add_argument("--credit", choices=("set", "label"), default=GRPOConfig.credit)
-    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=GRPOConfig.group_size)
     parser.add_argument("--inner-iterations", type=int, default=GRPOConfig.inner_iterations)
     parser.add_argument(
         "--retune",
@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="val: re-tune GRPO's thresholds on the SFT validation split + the corrected feedback records; "
         "none: keep the SFT thresholds.",
     )
-    parser.add_argument("--label-gradients", action="store_true", help="Exact label-side gradients (slower).")
+    parser.add_argument(
+        "--label-gradients", action="store_true", default=GRPOConfig.label_gradients,
+        help="Exact label-side gradients (slower).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",

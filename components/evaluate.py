@@ -17,25 +17,32 @@ def evaluate(
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
     split: str = "test",
+    service: str = "",
+    release_root: str = "",
 ) -> bool:
-    """Evaluate the candidate and decide whether it may replace the serving model.
+    """Evaluate the candidate as it would be served and decide whether it may replace the serving model.
 
-    Calls :func:`labelmatch.gate.evaluate_candidate`: both models are scored on the same split
-    with their own thresholds; deploy when macro-F1 gains at least ``min_improvement`` and no
-    label's F1 drops by more than ``max_label_regression`` (always, when nothing serves).
+    Calls :func:`labelmatch.gate.evaluate_candidate`: both models are scored, as the server runs
+    them, on the same split with their own thresholds; deploy when macro-F1 gains at least
+    ``min_improvement`` and no label's F1 drops by more than ``max_label_regression`` (always,
+    when nothing serves).
 
     Args:
-        model: Input candidate Model artifact (from ``tune_sft`` or ``grpo``); verified.
+        model: Input candidate: the OnnxModel artifact from ``export_onnx`` (int8 with its fp32
+            fallback and shipped thresholds, exactly what would be deployed), or a Model; verified.
         dataset: Input Dataset artifact (from ``data_prep``); verified.
         metrics: Output KFP metrics of the candidate: ``macro_f1``, ``micro_f1``, ``ece``, ...
             and ``serving_macro_f1`` when a model serves.
         report: Output Report artifact: ``metrics.json``, ``serving_metrics.json``,
             ``decision.json``, ``report.md`` and PNG plots.
         report_page: Output Markdown page (report with plots inlined) for the KFP UI.
-        serving_model_uri: Path of the Model artifact serving now; empty: nothing serves.
+        serving_model_uri: The artifact serving now (path, ``s3://``); empty: the latest release
+            of ``service`` from the release log, and nothing serves when there is none.
         min_improvement: Macro-F1 the candidate must gain (0.02 = two points).
         max_label_regression: Largest allowed per-label F1 drop.
         split: Dataset split to evaluate on.
+        service: The service whose latest release is the baseline (with ``release_root``).
+        release_root: ``s3://`` root of the release records; empty: ``$LABELMATCH_STORE_ROOT``.
 
     Returns:
         The gate's decision: ``True`` to export and deploy the candidate. (A single return
@@ -48,7 +55,8 @@ def evaluate(
     config = GateConfig(
         min_improvement=min_improvement, max_label_regression=max_label_regression, split=split
     )
-    result = evaluate_candidate(model.path, dataset.path, report.path, serving_model_uri or None, config)
+    result = evaluate_candidate(model.path, dataset.path, report.path, serving_model_uri or None, config,
+                                service=service, release_root=release_root)
     for name in (
         "macro_f1",
         "micro_f1",

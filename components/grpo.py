@@ -15,10 +15,10 @@ def grpo(
     metrics: Output[Metrics],
     epochs: int = 3,
     steps: int = 0,
-    group_size: int = 8,
+    group_size: int = 16,
     batch_size: int = 16,
-    beta: float = 0.05,
-    lr: float = 5e-4,
+    beta: float = 0.1,
+    lr: float = 1e-3,
     seed: int = 0,
 ) -> float:
     """Train a new LoRA on the SFT model from user feedback (GRPO with a KL penalty).
@@ -31,10 +31,12 @@ def grpo(
             starting policy; verified against its manifest.
         feedback: Input FeedbackExport artifact (``labelmatch feedback export``):
             ``feedback.jsonl`` (+ ``labels.json``) and ``manifest.json``; verified.
-        dataset: Input Dataset artifact (from ``data_prep``): its ``val`` split re-tunes thresholds.
+        dataset: Input Dataset artifact (from ``data_prep``): its ``val`` split re-tunes thresholds;
+            feedback on its ``test`` documents is not trained on (the gate scores them).
         model: Output Model artifact: merged ``encoder/`` (SFT + GRPO), recomputed label
             embeddings and thresholds, ``labelmatch.json`` with the reference and feedback digests.
-        metrics: Output KFP metrics: ``final_kl``, ``final_reward``, ``steps``, ``feedback_records``.
+        metrics: Output KFP metrics: ``final_kl``, ``final_reward``, ``steps``, ``feedback_records``,
+            ``feedback_excluded_test_overlap``.
         epochs: Passes over the feedback (ignored when ``steps`` > 0).
         steps: Exact number of GRPO steps (0: derived from ``epochs``).
         group_size: Label sets sampled per document (the GRPO group).
@@ -51,6 +53,7 @@ def grpo(
     from labelmatch.grpo import GRPOConfig, train_grpo
 
     verify_artifact(dataset.path, "Dataset")
+    data = load_dataset(dataset.path)
     config = GRPOConfig(
         epochs=epochs,
         steps=steps or None,
@@ -62,11 +65,13 @@ def grpo(
         progress=False,
     )
     summary = train_grpo(
-        sft_model.path, feedback.path, model.path, config, val_dataset=load_dataset(dataset.path).split("val")
+        sft_model.path, feedback.path, model.path, config, val_dataset=data.split("val"),
+        test_texts=[d.text for d in data.split("test").documents],
     )
     metrics.log_metric("final_kl", summary["final_kl"])
     metrics.log_metric("final_reward", summary["reward_curve"][-1] if summary["reward_curve"] else 0.0)
     metrics.log_metric("steps", summary["steps"])
     metrics.log_metric("feedback_records", summary["feedback_records"])
+    metrics.log_metric("feedback_excluded_test_overlap", summary["feedback_excluded_test_overlap"])
     model.metadata.update({"kind": "Model", "feedback_digest": summary["feedback_digest"]})
     return float(summary["final_kl"])

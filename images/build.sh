@@ -8,7 +8,11 @@
 #   PYTHON_IMAGE    base image of every stage; point it at a local image when nothing can be pulled
 #   TORCH_VERSION   torch pin of the train image (default 2.13.0)
 #   TORCH_INDEX_URL index the train image's torch comes from (default PyPI: CUDA build)
+#   TORCH_WHEEL     a torch wheel file to install instead (e.g. a CPU build on disk)
+#   CA_BUNDLE       CA certificates for a TLS-intercepting proxy, passed as a build secret (never
+#                   stored in a layer); default: none
 # buildah runs with --storage-driver vfs --isolation chroot, which works as root without a daemon.
+# Prints "IMAGE DIGEST SECONDS" per image on stdout (progress on stderr).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +36,16 @@ CONTEXT="$(mktemp -d "${TMPDIR:-/tmp}/labelmatch-context.XXXXXX")"
 trap 'rm -rf "${CONTEXT}"' EXIT
 tar -C "${ROOT}" --exclude='__pycache__' --exclude='*.egg-info' -cf - pyproject.toml README.md src \
     | tar -C "${CONTEXT}" -xf -
+mkdir -p "${CONTEXT}/wheels"
+if [[ -n "${TORCH_WHEEL:-}" ]]; then
+    [[ -f "${TORCH_WHEEL}" ]] || { echo "error: TORCH_WHEEL ${TORCH_WHEEL} not found" >&2; exit 2; }
+    cp "${TORCH_WHEEL}" "${CONTEXT}/wheels/"
+fi
+secret=()
+if [[ -n "${CA_BUNDLE:-}" ]]; then
+    [[ -f "${CA_BUNDLE}" ]] || { echo "error: CA_BUNDLE ${CA_BUNDLE} not found" >&2; exit 2; }
+    secret=(--secret "id=ca_bundle,src=${CA_BUNDLE}")
+fi
 
 for image in "${IMAGES[@]}"; do
     dockerfile="${ROOT}/images/${image}/Dockerfile"
@@ -41,9 +55,14 @@ for image in "${IMAGES[@]}"; do
           --build-arg "PYTHON_IMAGE=${PYTHON_IMAGE}" --build-arg "LABELMATCH_VERSION=${VERSION}"
           --build-arg "TORCH_VERSION=${TORCH_VERSION}" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL}")
     echo "building ${tag} with ${ENGINE}" >&2
+    started=$(date +%s)
     case "${ENGINE}" in
-        docker) docker build "${args[@]}" "${CONTEXT}" ;;
-        buildah) buildah --storage-driver vfs bud --isolation chroot "${args[@]}" "${CONTEXT}" ;;
+        docker) DOCKER_BUILDKIT=1 docker build "${secret[@]}" "${args[@]}" "${CONTEXT}" >&2
+                digest="$(docker image inspect --format '{{.Id}}' "${tag}")" ;;
+        buildah) buildah --storage-driver vfs bud --isolation chroot --layers=false "${secret[@]}" "${args[@]}" \
+                     "${CONTEXT}" >&2
+                 digest="$(buildah --storage-driver vfs inspect --type image --format '{{.FromImageDigest}}' "${tag}")" ;;
         *) echo "error: ENGINE must be docker or buildah, not '${ENGINE}'" >&2; exit 2 ;;
     esac
+    echo "${tag} ${digest} $(( $(date +%s) - started ))"
 done

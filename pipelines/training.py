@@ -3,7 +3,9 @@
 ``kfp.local`` in kfp 2.17.0 runs ``dsl.If``/``dsl.Else`` and nested pipelines but not
 ``dsl.OneOf`` (it fails with "Expected 1 artifact in ArtifactSelectorSpec"), so the candidate
 is not merged from the two branches; instead each branch calls the same ``release`` sub-pipeline
-(evaluate → ``dsl.If(deploy)`` → ``ship``: export → deploy) with its own candidate.
+(export → evaluate the exported model as served → ``dsl.If(gate)`` → ``ship``: deploy) with its
+own candidate. The gate judges exactly the artifact that ships: the int8 OnnxModel with its fp32
+fallback and shipped thresholds, against the model serving now (given, or the latest release).
 
 Every task that sits under a ``dsl.If`` is wrapped in a sub-pipeline (``ship``,
 ``improve_and_release``): the kfp 2.17.0 compiler does not declare the parameters a task's
@@ -41,39 +43,33 @@ TRAINING_PIPELINE = "labelmatch-training"
 TUNE_TIMEOUT_S = 24 * 3600
 
 
-@dsl.pipeline(name="labelmatch-ship", description="Export an accepted candidate to ONNX and deploy it.")
+@dsl.pipeline(name="labelmatch-ship", description="Deploy an accepted OnnxModel and record the release.")
 def ship(
-    candidate: Input[Model],
-    dataset: Input[Dataset],
-    export_agreement_gate: float = 0.98,
+    onnx_model: Input[Model],
     deploy_target: str = "kserve",
     service: str = "labelmatch",
     namespace: str = "default",
     release_root: str = "",
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
-    export_cpu: str = "4",
-    export_memory: str = "16Gi",
     deploy_cpu: str = "1",
     deploy_memory: str = "2Gi",
 ):
-    """Export ``candidate`` (int8 ONNX, parity-gated) and deploy it."""
-    cluster = Cluster(s3_secret, pipeline_config)
-    exported = export_onnx(model=candidate, dataset=dataset, agreement_gate=export_agreement_gate)
-    configure_step(exported, "export", cluster, export_cpu, export_memory)
+    """Deploy ``onnx_model`` (the artifact the gate accepted, unchanged)."""
     deployed = deploy(
-        onnx_model=exported.outputs["onnx_model"],
+        onnx_model=onnx_model,
         target=deploy_target,
         service=service,
         namespace=namespace,
         release_root=release_root,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # a side effect: always run
-    configure_step(deployed, "deploy", cluster, deploy_cpu, deploy_memory, retries=NETWORK_RETRIES)
+    configure_step(deployed, "deploy", Cluster(s3_secret, pipeline_config), deploy_cpu, deploy_memory,
+                   retries=NETWORK_RETRIES)
 
 
 @dsl.pipeline(
-    name="labelmatch-release", description="Evaluate a candidate, gate it, and ship it when it passes."
+    name="labelmatch-release", description="Export a candidate, gate it as served, ship it when it passes."
 )
 def release(
     candidate: Input[Model],
@@ -95,31 +91,31 @@ def release(
     deploy_cpu: str = "1",
     deploy_memory: str = "2Gi",
 ):
-    """Evaluate ``candidate`` against the serving model; when the gate passes, export and deploy it."""
+    """Export ``candidate``; gate the exported model, as served, against what serves now; ship it."""
+    cluster = Cluster(s3_secret, pipeline_config)
+    exported = export_onnx(model=candidate, dataset=dataset, agreement_gate=export_agreement_gate)
+    configure_step(exported, "export", cluster, export_cpu, export_memory)
     evaluation = evaluate(
-        model=candidate,
+        model=exported.outputs["onnx_model"],
         dataset=dataset,
         serving_model_uri=serving_model_uri,
         min_improvement=min_improvement,
         max_label_regression=max_label_regression,
+        service=service,
+        release_root=release_root,
     )
     # The serving model behind serving_model_uri changes without the URI changing: never reuse a verdict.
     evaluation.set_caching_options(False)
-    cluster = Cluster(s3_secret, pipeline_config)
     configure_step(evaluation, "evaluate", cluster, evaluate_cpu, evaluate_memory, retries=NETWORK_RETRIES)
     with dsl.If(evaluation.outputs["Output"] == True, name="gate-passed"):  # noqa: E712 (a KFP condition)
         ship(
-            candidate=candidate,
-            dataset=dataset,
-            export_agreement_gate=export_agreement_gate,
+            onnx_model=exported.outputs["onnx_model"],
             deploy_target=deploy_target,
             service=service,
             namespace=namespace,
             release_root=release_root,
             s3_secret=s3_secret,
             pipeline_config=pipeline_config,
-            export_cpu=export_cpu,
-            export_memory=export_memory,
             deploy_cpu=deploy_cpu,
             deploy_memory=deploy_memory,
         )
@@ -289,7 +285,8 @@ def training_pipeline(
         feedback_uri: A FeedbackExport artifact; when given, GRPO refines the tuned model.
         grpo_epochs: GRPO passes over the feedback.
         grpo_steps: Exact GRPO steps (0: from ``grpo_epochs``).
-        serving_model_uri: The Model artifact serving now (gate baseline); empty: none.
+        serving_model_uri: The artifact serving now (gate baseline, scored as served); empty: the
+            latest release of ``service`` in the release log, or none.
         min_improvement: Macro-F1 gain the candidate needs over the serving model.
         max_label_regression: Largest allowed per-label F1 drop.
         export_agreement_gate: Least share of validation documents whose served ONNX label set

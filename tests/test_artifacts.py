@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,61 @@ def test_atomic_dir_leaves_previous_artifact_on_failure(tmp_path):
     with atomic_artifact_dir(out) as tmp:
         (tmp / "v.json").write_text(json.dumps(3))
     assert json.loads((out / "v.json").read_text()) == 3
+
+
+def test_an_unlisted_extra_file_is_refused(tmp_path):
+    make_artifact(tmp_path)
+    (tmp_path / "sub" / "planted.py").write_text("import os")
+    with pytest.raises(ArtifactError, match=r"file sub/planted.py is not listed in manifest.json"):
+        verify_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/hostname", "sub/../../outside.txt", ""])
+def test_a_manifest_name_leaving_the_artifact_is_refused(tmp_path, name):
+    root = tmp_path / "art"
+    make_artifact(root)
+    (tmp_path / "outside.txt").write_text("alpha")  # same content as a.txt: only the path is wrong
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][name] = manifest["files"].pop("a.txt")
+    (root / "a.txt").unlink()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"manifest.json lists an unsafe file name"):
+        verify_artifact(root)
+
+
+def test_replacing_an_artifact_never_leaves_the_path_missing_and_flushes_first(tmp_path, monkeypatch):
+    import os
+
+    import labelmatch.artifacts as artifacts
+
+    out = tmp_path / "out"
+    with atomic_artifact_dir(out) as tmp:
+        (tmp / "v.json").write_text(json.dumps(1))
+    synced, seen_missing = [], []
+    real_fsync, real_exchange = os.fsync, artifacts.exchange_paths
+    monkeypatch.setattr(artifacts.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
+                        real_fsync(fd))
+
+    def exchange(a, b):
+        real_exchange(a, b)
+        seen_missing.append(not Path(b).exists())
+
+    monkeypatch.setattr(artifacts, "exchange_paths", exchange)
+    with atomic_artifact_dir(out) as tmp:
+        (tmp / "v.json").write_text(json.dumps(2))
+        staged = tmp
+    assert json.loads((out / "v.json").read_text()) == 2
+    assert str(staged / "v.json") in synced, "the new file is on disk before it becomes visible"
+    assert seen_missing == [False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_exchange_swaps_two_directories_in_one_step(tmp_path):
+    from labelmatch.artifacts import exchange_paths
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("from a")
+    (tmp_path / "b" / "x").write_text("from b")
+    exchange_paths(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "x").read_text() == "from a" and (tmp_path / "a" / "x").read_text() == "from b"

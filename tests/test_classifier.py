@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from labelmatch.artifacts import artifact_digest, verify_artifact
+from labelmatch.chunking import Chunking, document_windows
 from labelmatch.classifier import Classifier
 
 CUSTOMS = {"customs_duty": "Import duties, tariffs and customs declarations for goods crossing a border."}
@@ -56,13 +58,15 @@ def test_chunking_max_pools_over_windows(classifier):
     long_text = (
         "Routine board minutes about catering and parking. " * 60
     ) + "The VAT refund claim for 2021 was rejected."
-    classifier.long_documents = "chunk"
+    truncate = classifier.chunking
+    classifier.chunking = Chunking.for_model("chunk", classifier.encoder.max_length)
     try:
-        docs = classifier.document_embeddings([long_text, "short text"])
-        assert docs[0].shape[0] > 1 and docs[1].shape[0] == 1
+        texts = [long_text, "short text"]
+        _, owner = document_windows(texts, classifier.encoder.offsets, classifier.chunking)
+        assert (owner == 0).sum() > 1 and (owner == 1).sum() == 1
         names, chunked = classifier.scores([long_text])
     finally:
-        classifier.long_documents = "truncate"
+        classifier.chunking = truncate
     _, truncated = classifier.scores([long_text])
     assert chunked[0, names.index("vat")] > truncated[0, names.index("vat")]
     assert np.all(chunked >= truncated - 1e-6)
@@ -87,6 +91,8 @@ def test_cli_train_evaluate_predict(tmp_path, sample_dir):
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((report / "metrics.json").read_text())
     assert 0.0 <= metrics["macro_f1"] <= 1.0 and (report / "reliability.png").stat().st_size > 1000
+    manifest = verify_artifact(report, "Report")  # the report is an artifact like any other
+    assert manifest["lineage"]["model"] == artifact_digest(model) and manifest["summary"]["split"] == "test"
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps(CUSTOMS))
     predicted = run("predict", "--model", str(model), "--labels", str(extra), "Import duties on steel.")

@@ -142,3 +142,61 @@ def test_deploy_step_settings_are_checked(monkeypatch) -> None:
     assert DeployStepConfig(target="kserve").release_root == "s3://labelmatch"
     assert as_s3_uri("minio://mlpipeline/v2/artifacts/x") == "s3://mlpipeline/v2/artifacts/x"
     assert as_s3_uri("s3://bucket/key") == "s3://bucket/key"
+
+
+def _library_defaults() -> dict[str, dict]:
+    """Each component's parameters that a library config also has, with the library's default."""
+    from labelmatch.export import ExportConfig
+    from labelmatch.gate import GateConfig
+    from labelmatch.grpo import GRPOConfig
+    from labelmatch.prep import PrepConfig
+    from labelmatch.tune import TuneConfig
+
+    tune = TuneConfig()
+    grpo = GRPOConfig()
+    return {
+        "data_prep": {k: getattr(PrepConfig(), k) for k in
+                      ("val_fraction", "test_fraction", "seed", "redact_pii", "deduplicate")},
+        "tune_sft": {
+            "trials": tune.trials, "iterations": tune.iterations, "seed": tune.seed,
+            **{k: getattr(tune.train_config, k) for k in
+               ("base_model", "steps_per_iteration", "batch_size", "max_length")},
+        },
+        "grpo": {
+            **{k: getattr(grpo, k) for k in ("epochs", "group_size", "batch_size", "beta", "lr", "seed")},
+            "steps": 0,  # 0 = GRPOConfig.steps None (from epochs)
+        },
+        "evaluate": {
+            k: getattr(GateConfig(), k) for k in ("min_improvement", "max_label_regression", "split")
+        },
+        "export_onnx": {k: getattr(ExportConfig(), k) for k in
+                        ("agreement_gate", "per_channel", "optimize", "keep_fp32", "max_parity_docs",
+                         "fp32_fallback")},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_library_defaults()))
+def test_component_defaults_are_the_librarys(name: str) -> None:
+    """One source of defaults: what a component (hence the compiled IR) runs with unless told
+    otherwise is what the library, its CLI and the benchmarks use."""
+    inputs = getattr(components, name).component_spec.inputs
+    assert {k: inputs[k].default for k in _library_defaults()[name]} == _library_defaults()[name]
+    from labelmatch.grpo import GRPOConfig
+
+    assert GRPOConfig.steps is None
+
+
+def test_pipeline_defaults_pass_the_component_defaults_through() -> None:
+    """A pipeline parameter feeding a component parameter has the component's default."""
+    from pipelines.training import training_pipeline
+
+    pipeline = training_pipeline.component_spec.inputs
+    feeds = {"trials": "tune_sft", "iterations": "tune_sft", "steps_per_iteration": "tune_sft",
+             "batch_size": "tune_sft", "max_length": "tune_sft", "base_model": "tune_sft",
+             "grpo_epochs": ("grpo", "epochs"), "grpo_steps": ("grpo", "steps"),
+             "min_improvement": "evaluate", "max_label_regression": "evaluate",
+             "export_agreement_gate": ("export_onnx", "agreement_gate"), "redact_pii": "data_prep"}
+    for param, target in feeds.items():
+        component, name = target if isinstance(target, tuple) else (target, param)
+        component_default = getattr(components, component).component_spec.inputs[name].default
+        assert pipeline[param].default == component_default, param

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from labelmatch.data import Dataset, assign_splits, load_dataset
+from labelmatch.data import Dataset, Document, assign_splits, load_dataset, load_labels, load_pairs
 from labelmatch.errors import DataError
 
 LABELS = {
@@ -83,16 +83,28 @@ def test_load_pair_format_groups_documents_and_soft_scores(tmp_path):
     assert d2.labels == ["tp"]
 
 
-def test_assign_splits_is_seeded_and_stratified(sample_dir):
+def test_assign_splits_is_seeded_and_proportional(sample_dir):
     a = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=3)
     b = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=3)
     assert [d.split for d in a.documents] == [d.split for d in b.documents]
+    n = len(a.documents)
     counts = {s: len(a.split(s).documents) for s in ("train", "val", "test")}
-    assert counts["test"] == pytest.approx(0.15 * 320, abs=3) and counts["val"] == pytest.approx(
-        0.15 * 272, abs=3
-    )
-    for split in ("val", "test"):  # every label present in each split (iterative stratification)
-        assert all(v > 0 for v in a.split(split).counts()["labels"].values())
+    for split in ("val", "test"):  # a binomial share: within 4 standard deviations
+        assert abs(counts[split] - 0.15 * n) < 4 * (n * 0.15 * 0.85) ** 0.5, counts
+    c = assign_splits(load_dataset(sample_dir), 0.15, 0.15, seed=4)
+    assert [d.split for d in a.documents] != [d.split for d in c.documents], "the seed salts the hash"
+
+
+def test_adding_documents_never_moves_an_existing_one(sample_dir):
+    """A document keeps its split as the data grows (and shrinks): it depends on its id alone."""
+    full = load_dataset(sample_dir)
+    before = assign_splits(Dataset([d for d in full.documents[:150]], full.labels), 0.15, 0.15, seed=0)
+    grown = load_dataset(sample_dir)
+    extra = [Document(f"new-{i}", f"new text {i}", ["vat"]) for i in range(200)]
+    after = assign_splits(Dataset(grown.documents + extra, grown.labels), 0.15, 0.15, seed=0)
+    split_after = {d.id: d.split for d in after.documents}
+    assert all(split_after[d.id] == d.split for d in before.documents)
+    assert {d.split for d in after.documents[-200:]} == {"train", "val", "test"}
 
 
 def test_existing_test_split_kept_and_val_carved_from_train(tmp_path):
@@ -100,9 +112,12 @@ def test_existing_test_split_kept_and_val_carved_from_train(tmp_path):
         {"id": str(i), "text": f"doc {i}", "labels": ["vat"], "split": "test" if i < 5 else "train"}
         for i in range(25)
     ]
+    docs += [{"id": f"u{i}", "text": f"unsplit {i}", "labels": ["vat"]} for i in range(100)]
     ds = assign_splits(load_dataset(write_docs(tmp_path, docs)), 0.2, 0.5, seed=0)
-    assert len(ds.split("test").documents) == 5
-    assert len(ds.split("val").documents) == 4
+    assert {d.id for d in ds.split("test").documents} == {str(i) for i in range(5)}  # the data's own
+    val = ds.split("val").documents
+    assert 0 < len(val) < 0.2 * 120 + 4 * (120 * 0.2 * 0.8) ** 0.5
+    assert all(d.id.startswith("u") or int(d.id) >= 5 for d in val)
 
 
 BROKEN = [
@@ -193,3 +208,55 @@ def test_cli_bad_input_one_line_error_and_nothing_written(tmp_path):
 def test_dataset_counts(tiny_dataset: Dataset):
     counts = tiny_dataset.counts()
     assert counts["documents"] == 120 and sum(counts["splits"].values()) == 120
+
+
+def test_a_label_given_twice_in_labels_json_is_refused(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text('{"vat": "Value added tax.", "tp": "Transfer pricing.", "vat": "VAT again."}')
+    with pytest.raises(DataError, match=r"labels.json: field 'vat': label given twice"):
+        load_labels(path)
+
+
+def _pairs(tmp_path, rows):
+    path = tmp_path / "pairs.jsonl"
+    base = {"doc_text": "text", "target": 1, "soft_score": None}
+    path.write_text("\n".join(json.dumps({**base, **row}) for row in rows) + "\n")
+    return path
+
+
+def test_pair_file_with_two_descriptions_for_one_label_is_refused(tmp_path):
+    path = _pairs(tmp_path, [
+        {"doc_id": "1", "label_name": "vat", "label_text": "Value added tax."},
+        {"doc_id": "2", "label_name": "vat", "label_text": "Sales tax on goods."},
+    ])
+    expected = r"pairs.jsonl:2: field 'label_text': label 'vat' has a different description"
+    with pytest.raises(DataError, match=expected):
+        load_pairs(path)
+
+
+def test_labels_json_beside_a_pair_file_wins_with_a_warning(tmp_path, caplog):
+    path = _pairs(tmp_path, [
+        {"doc_id": "1", "label_name": "vat", "label_text": "Old wording.", "split": "dev"},
+        {"doc_id": "2", "label_name": "vat", "label_text": "Value added tax."},
+    ])
+    with caplog.at_level("WARNING", logger="labelmatch.data"):
+        dataset = load_pairs(path, {"vat": "Value added tax."})
+    assert dataset.labels == {"vat": "Value added tax."}
+    assert dataset.documents[0].split == "val", "'dev' means val"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}:1: label 'vat': the labels.json description replaces the pairs' label_text"]
+    bad = _pairs(tmp_path, [{"doc_id": "1", "label_name": "vat", "label_text": "x", "split": "holdout"}])
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'split': unknown split 'holdout'"):
+        load_pairs(bad)
+
+
+def test_training_warns_about_a_label_without_training_positives(caplog):
+    from conftest import make_tiny_dataset, tiny_config
+
+    from labelmatch.train import SFTTrainer
+
+    dataset = make_tiny_dataset()
+    dataset.labels["customs"] = "Import duties and customs procedures."
+    with caplog.at_level("WARNING", logger="labelmatch.train"):
+        SFTTrainer(dataset, tiny_config())
+    assert "label 'customs' has no positive training document (none in validation either)" in caplog.text

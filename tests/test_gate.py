@@ -9,7 +9,7 @@ import pytest
 from conftest import make_tiny_dataset
 
 from labelmatch.artifacts import verify_artifact, write_manifest
-from labelmatch.data import save_dataset
+from labelmatch.data import load_dataset, save_dataset
 from labelmatch.errors import ArtifactError, ConfigError
 from labelmatch.gate import GateConfig, decide, evaluate_candidate
 
@@ -81,7 +81,7 @@ def test_real_models_gate_both_ways(trained_model: Path, dataset_artifact: Path,
     first = evaluate_candidate(trained_model, dataset_artifact, tmp_path / "first")
     assert first["decision"]["deploy"] and first["serving_metrics"] is None
     same = evaluate_candidate(
-        trained_model, dataset_artifact, tmp_path / "same", serving_model_dir=trained_model
+        trained_model, dataset_artifact, tmp_path / "same", serving_model=trained_model
     )
     assert not same["decision"]["deploy"]
     assert same["decision"]["candidate_macro_f1"] == same["decision"]["serving_macro_f1"]
@@ -95,8 +95,45 @@ def test_real_models_gate_both_ways(trained_model: Path, dataset_artifact: Path,
 
 
 def test_bad_input_artifacts_are_named(trained_model: Path, dataset_artifact: Path, tmp_path: Path) -> None:
-    with pytest.raises(ArtifactError, match=r"kind is 'Dataset', expected 'Model'"):
+    with pytest.raises(ArtifactError, match=r"kind is 'Dataset', expected 'Model' or 'OnnxModel'"):
         evaluate_candidate(dataset_artifact, dataset_artifact, tmp_path / "r")
     with pytest.raises(ArtifactError, match=r"missing manifest\.json"):
         evaluate_candidate(trained_model, tmp_path, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_the_gate_scores_the_exported_model_as_served_against_the_latest_release(
+    onnx_model, trained_model: Path, dataset_artifact: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The candidate is the OnnxModel (int8, its fallback, its shipped thresholds); with no
+    baseline given, the latest release record of the service names what serves."""
+    from s3_server import moto_s3_server, s3_env
+
+    from labelmatch.artifacts import artifact_digest
+    from labelmatch.evaluate import evaluate
+    from labelmatch.onnx_classifier import OnnxClassifier
+    from labelmatch.releases import ReleaseLog, ReleaseRecord
+    from labelmatch.store import ArtifactStore
+
+    onnx_dir, _ = onnx_model
+    served = evaluate(OnnxClassifier.load(onnx_dir), load_dataset(dataset_artifact), "test")
+    with moto_s3_server() as url:
+        for key, value in s3_env(url).items():
+            monkeypatch.setenv(key, value)
+        store = ArtifactStore.from_env()
+        uri = "s3://lm-gate/models/onnx/a"
+        digest = store.upload_artifact(onnx_dir, uri, kind="OnnxModel")
+        record = ReleaseRecord.new(service="tax", namespace="ml", model_uri=uri, model_digest=digest,
+                                   pipeline_version="0.1.0", run_id="")
+        ReleaseLog(store, "s3://lm-gate").append(record)
+        result = evaluate_candidate(onnx_dir, dataset_artifact, tmp_path / "r", service="tax",
+                                    release_root="s3://lm-gate")
+        nothing = evaluate_candidate(onnx_dir, dataset_artifact, tmp_path / "n", service="other",
+                                     release_root="s3://lm-gate")
+    assert result["metrics"]["macro_f1"] == served["macro_f1"], "the candidate scored as the server scores it"
+    assert result["serving_metrics"]["macro_f1"] == served["macro_f1"] and not result["decision"]["deploy"]
+    decision = json.loads((tmp_path / "r" / "decision.json").read_text())
+    assert decision["serving_model"]["uri"] == uri and decision["serving_model"]["digest"] == digest
+    assert decision["serving_model"]["source"].startswith("release ")
+    assert verify_artifact(tmp_path / "r", "Report")["lineage"]["serving_model"] == artifact_digest(onnx_dir)
+    assert nothing["serving_metrics"] is None and nothing["decision"]["deploy"]

@@ -36,7 +36,7 @@ def export_dir(tmp_path_factory, sample_dir) -> Path:
 @pytest.fixture(scope="module")
 def grpo_run(trained_model, export_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    # label_gradients=False here; the other test steps with the default (True): both paths run
+    # label_gradients=False (the default) here; the next test steps with True: both paths run
     config = small_config(checkpoint_every=1, checkpoint_dir=str(root / "ckpt"), label_gradients=False)
     summary = train_grpo(trained_model, export_dir, root / "model", config)
     return summary, root
@@ -67,7 +67,8 @@ def test_output_is_a_merged_model_recording_its_inputs(grpo_run, trained_model, 
 def test_policy_starts_at_reference_and_resumes_from_checkpoint(grpo_run, trained_model, export_dir):
     _, root = grpo_run
     labels = list(json.loads((trained_model / "labels.json").read_text()))
-    trainer = GRPOTrainer(trained_model, feedback_tensors(export_dir, labels), small_config(steps=3))
+    config = small_config(steps=3, label_gradients=True)
+    trainer = GRPOTrainer(trained_model, feedback_tensors(export_dir, labels), config)
     with torch.no_grad():
         _, logits = trainer.model(trainer.feedback.texts, trainer.label_texts)
     torch.testing.assert_close(logits, trainer.ref_logits, atol=1e-4, rtol=0)  # new LoRA starts at zero
@@ -116,3 +117,16 @@ def test_config_validation():
         GRPOConfig(target_kl=0.0)
     with pytest.raises(ConfigError, match="unknown GRPOConfig field"):
         GRPOConfig.from_dict({"gamma": 0.9})
+
+
+def test_feedback_on_test_documents_is_not_trained_on(trained_model, export_dir):
+    labels = list(json.loads((trained_model / "labels.json").read_text()))
+    everything = feedback_tensors(export_dir, labels)
+    # Two records' texts appear (re-spaced, re-cased) among the evaluation's test documents.
+    test_texts = [f"  {everything.texts[0].upper()} ", everything.texts[3].replace(" ", "  "), "unrelated"]
+    kept = feedback_tensors(export_dir, labels, exclude_texts=test_texts)
+    assert kept.excluded_test_overlap == 2 and len(kept.texts) == len(everything.texts) - 2
+    assert everything.texts[0] not in kept.texts and everything.texts[3] not in kept.texts
+    assert kept.served.shape[0] == kept.weights.shape[0] == len(kept.texts)
+    with pytest.raises(DataError, match=r"all 12 feedback records are test documents"):
+        feedback_tensors(export_dir, labels, exclude_texts=everything.texts)

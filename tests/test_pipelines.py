@@ -293,10 +293,9 @@ def test_artifacts_flow_between_stages(first_run: Path, feedback_export: Path) -
     grpo_lineage = read_manifest(improved)["lineage"]
     assert grpo_lineage["reference_model_digest"] == artifact_digest(tuned)
     assert grpo_lineage["feedback_digest"] == artifact_digest(feedback_export)
+    # The gate judged the exported model, the very artifact deployed.
     evaluation = read_manifest(first_run / "evaluate/report")["lineage"]
-    assert evaluation["model"] == artifact_digest(improved) and evaluation["dataset"] == artifact_digest(
-        dataset
-    )
+    assert evaluation["model"] == artifact_digest(onnx) and evaluation["dataset"] == artifact_digest(dataset)
     assert read_manifest(onnx)["lineage"]["model"] == artifact_digest(improved)
     release = json.loads((first_run / "deploy/release/release.json").read_text())
     assert release["model_digest"] == artifact_digest(onnx) and release["target"] == "local"
@@ -309,13 +308,14 @@ def test_artifacts_flow_between_stages(first_run: Path, feedback_export: Path) -
 
 
 @pytest.mark.slow
-def test_a_worse_candidate_is_not_exported_or_deployed(
+def test_a_worse_candidate_is_not_deployed(
     first_run: Path, sample_dir: Path, tmp_path: Path, ray_tmp: str
 ) -> None:
-    """Second run without feedback: the candidate sees 8 tokens per text, the serving model 48."""
+    """Second run without feedback: the candidate sees 8 tokens per text, the serving model 48.
+    The baseline is the OnnxModel the first run deployed, scored as it is served."""
     from pipelines.local import run_artifacts, run_locally, task_names
 
-    serving = first_run / "grpo/model"
+    serving = first_run / "export-onnx/onnx_model"
     run = run_locally(
         TRAINING_IR,
         tmp_path / "root",
@@ -326,10 +326,12 @@ def test_a_worse_candidate_is_not_exported_or_deployed(
         **TINY,
     )
     ran = task_names(run)
-    assert {"data-prep", "tune-sft", "evaluate-2"} <= ran
-    assert not ran & {"grpo", "export-onnx", "export-onnx-2", "deploy", "deploy-2"}, ran
+    assert {"data-prep", "tune-sft", "export-onnx-2", "evaluate-2"} <= ran
+    assert not ran & {"grpo", "deploy", "deploy-2"}, ran
     decision = json.loads((run / "evaluate-2/report/decision.json").read_text())
     assert not decision["deploy"] and decision["serving_macro_f1"] is not None
     assert decision["candidate_macro_f1"] < decision["serving_macro_f1"] + 0.02
     assert "do not deploy" in (run / "evaluate-2/report/report.md").read_text()
-    assert {a.kind for a in run_artifacts(run)} == {"Dataset", "Model", "Report"}
+    assert {a.kind for a in run_artifacts(run)} == {"Dataset", "Model", "OnnxModel", "Report"}
+    baseline = json.loads((run / "evaluate-2/report/decision.json").read_text())["serving_model"]
+    assert baseline["uri"] == str(serving) and baseline["digest"] == artifact_digest(serving)

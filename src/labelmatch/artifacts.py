@@ -2,17 +2,21 @@
 
 A manifest records the schema version, the artifact kind, when and by what it was created, its
 lineage (digests of the input artifacts, pipeline version, run id) and the sha256 of every file.
-Readers call :func:`verify_artifact`, which refuses a missing file, an unlisted extra file in a
-checked sub-tree, a digest mismatch or a wrong kind with a message naming the artifact and file.
+Readers call :func:`verify_artifact`, which refuses a missing file, a file the manifest does not
+list, a listed name that leaves the artifact directory (``../``, an absolute path), a digest
+mismatch or a wrong kind, with a message naming the artifact and file.
 
 Writers use :func:`atomic_artifact_dir`: everything is written into a temporary sibling
-directory and moved into place only when complete, so a crash never leaves a half-written
-artifact where a reader would look.
+directory, flushed to disk (files and directories fsync'd), and swapped into place in one
+atomic step only when complete (``renameat2(RENAME_EXCHANGE)`` on Linux), so a crash never leaves
+a half-written artifact where a reader would look, and a reader never finds the output missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
@@ -20,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from labelmatch import __version__
@@ -111,6 +115,24 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def member_path(root: str | Path, name: str, where: str | None = None, listing: str = MANIFEST) -> Path:
+    """The path of a listed file inside ``root``; a name that would leave it is refused.
+
+    Args:
+        root: The artifact directory.
+        name: A file name as the listing gives it (POSIX, relative).
+        where: How to name the artifact in the error (default: ``artifact <root>``).
+        listing: What listed the name (``manifest.json``, an object store listing).
+
+    Raises:
+        ArtifactError: ``name`` is absolute, empty, has a ``..`` part or a backslash.
+    """
+    path = PurePosixPath(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ArtifactError(f"{where or f'artifact {root}'}: {listing} lists an unsafe file name {name!r}")
+    return Path(root).joinpath(*path.parts)
+
+
 def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
     """Verify an artifact directory against its manifest and return the manifest.
 
@@ -120,7 +142,8 @@ def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None)
 
     Raises:
         ArtifactError: naming the artifact and the file when the manifest is missing, the kind
-            is wrong, a listed file is missing or its sha256 differs.
+            is wrong, a listed name leaves the directory, a listed file is missing or its sha256
+            differs, or a file is there that the manifest does not list.
     """
     root = Path(root)
     manifest = read_manifest(root)
@@ -135,7 +158,7 @@ def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None)
             f"artifact {root}: kind is {manifest['kind']!r}, expected {' or '.join(map(repr, kinds))}"
         )
     for name, expected in manifest["files"].items():
-        path = root / name
+        path = member_path(root, name)
         if not path.is_file():
             raise ArtifactError(f"artifact {root}: file {name} listed in {MANIFEST} is missing")
         actual = sha256_file(path)
@@ -144,6 +167,10 @@ def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None)
                 f"artifact {root}: file {name} is corrupted "
                 f"(sha256 {actual[:12]}… != manifest {expected[:12]}…)"
             )
+    unlisted = sorted(set(_artifact_files(root)) - set(manifest["files"]))
+    if unlisted:
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise ArtifactError(f"artifact {root}: file {unlisted[0]} is not listed in {MANIFEST}{more}")
     return manifest
 
 
@@ -151,8 +178,11 @@ def verify_artifact(root: str | Path, kind: str | tuple[str, ...] | None = None)
 def atomic_artifact_dir(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``out`` only if the block succeeds.
 
-    The temporary directory is a sibling of ``out`` (same filesystem, so the final rename is
-    atomic). On error it is removed and ``out`` is left exactly as it was.
+    The temporary directory is a sibling of ``out`` (same filesystem). When the block succeeds
+    its files and directories are fsync'd, then it takes ``out``'s place in one atomic exchange
+    (:func:`exchange_paths`), so ``out`` is at every moment either the old artifact or the new
+    one, and the new one is on disk before it becomes visible. On error the temporary directory
+    is removed and ``out`` is left exactly as it was.
 
     Args:
         out: Final artifact directory.
@@ -165,16 +195,59 @@ def atomic_artifact_dir(out: str | Path, overwrite: bool = True) -> Iterator[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            exchange_paths(tmp, out)  # tmp now holds the old artifact
+            shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under ``root`` (and ``root``): on disk before it is renamed."""
+    root = Path(root)
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | Path, b: str | Path) -> None:
+    """Swap two directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Where the kernel or filesystem lacks it, falls back to two renames, which leave a moment in
+    which ``b`` does not exist (never a half-written ``b``).
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is not None:
+        result = renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE)
+        if result == 0:
+            return
+    parked = Path(tempfile.mkdtemp(prefix=".exchange-", dir=Path(b).parent)) / "x"
+    os.replace(b, parked)
+    os.replace(a, b)
+    os.replace(parked, a)
+    parked.parent.rmdir()
 
 
 def write_json(path: str | Path, obj: Any) -> None:

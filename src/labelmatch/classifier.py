@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.encoder import TextEncoder, load_base
+from labelmatch.chunking import Chunking, document_windows, max_over_windows
+from labelmatch.encoder import Pooling, TextEncoder, base_pooling, load_base
 from labelmatch.model_io import Thresholds, load_encoder_model
 
 
@@ -45,7 +46,8 @@ class Classifier:
         scale: Cosine scale.
         bias: Logit bias.
         thresholds: Decision thresholds.
-        long_documents: ``truncate`` or ``chunk`` (max-pool scores over overlapping windows).
+        chunking: The long-document rule (:class:`~labelmatch.chunking.Chunking`; truncation
+            at the encoder's maximum length when ``None``).
         info: The model's ``labelmatch.json`` (empty for a zero-shot classifier).
 
     Example::
@@ -63,7 +65,7 @@ class Classifier:
         scale: float,
         bias: float,
         thresholds: Thresholds,
-        long_documents: str = "truncate",
+        chunking: Chunking | None = None,
         info: dict[str, Any] | None = None,
     ):
         self.encoder = encoder.eval()
@@ -71,7 +73,7 @@ class Classifier:
         self.scale = float(scale)
         self.bias = float(bias)
         self.thresholds = thresholds
-        self.long_documents = long_documents
+        self.chunking = chunking or Chunking.for_model("truncate", encoder.max_length)
         self.info = info or {}
         self._cache: dict[str, np.ndarray] = {}
         if label_embeddings is None:
@@ -89,9 +91,9 @@ class Classifier:
         labels = json.loads((root / "labels.json").read_text())
         embeddings = np.load(root / "label_embeddings.npy")
         thresholds = Thresholds.from_json(json.loads((root / "thresholds.json").read_text()))
-        encoder = TextEncoder(model.to(device), tokenizer, int(info["max_length"]))
-        long_docs = info.get("config", {}).get("long_documents", "truncate")
-        return cls(encoder, labels, embeddings, info["scale"], info["bias"], thresholds, long_docs, info)
+        encoder = TextEncoder(model.to(device), tokenizer, int(info["max_length"]), Pooling.from_info(info))
+        chunking = Chunking.from_info(info)
+        return cls(encoder, labels, embeddings, info["scale"], info["bias"], thresholds, chunking, info)
 
     @classmethod
     def zero_shot(
@@ -107,9 +109,11 @@ class Classifier:
         ``boundary`` is the cosine at which a label's probability is 0.5.
         """
         model, tokenizer = load_base(base_model)
-        encoder = TextEncoder(model, tokenizer, max_length)
-        info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": -scale * boundary}
-        return cls(encoder, labels, None, scale, -scale * boundary, Thresholds(0.5), "truncate", info)
+        pooling = base_pooling(base_model)
+        encoder = TextEncoder(model, tokenizer, max_length, pooling)
+        info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": -scale * boundary,
+                "pooling": pooling.mode, "normalize": pooling.normalize}
+        return cls(encoder, labels, None, scale, -scale * boundary, Thresholds(0.5), None, info)
 
     def _embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         return self.encoder.embed(texts, batch_size=batch_size).numpy()
@@ -128,27 +132,6 @@ class Classifier:
             return dict(self.labels)
         return dict(labels) if replace else {**self.labels, **labels}
 
-    def document_embeddings(self, texts: Sequence[str], batch_size: int = 64) -> list[np.ndarray]:
-        """Per document, a ``(n_windows, dim)`` matrix: one row (truncate) or one per chunk."""
-        if self.long_documents != "chunk":
-            return list(self._embed(texts, batch_size)[:, None, :])
-        windows, owner = [], []
-        tokenizer = self.encoder.tokenizer
-        body = self.encoder.max_length - 2
-        stride = max(body // 2, 1)
-        for i, text in enumerate(texts):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            starts = range(0, max(len(ids) - body, 0) + 1, stride) if len(ids) > body else [0]
-            for start in starts:
-                windows.append(tokenizer.decode(ids[start : start + body]))
-                owner.append(i)
-            if len(ids) > body and (len(ids) - body) % stride:
-                windows.append(tokenizer.decode(ids[-body:]))
-                owner.append(i)
-        embedded = self._embed(windows, batch_size)
-        owner_arr = np.array(owner)
-        return [embedded[owner_arr == i] for i in range(len(texts))]
-
     def similarities(
         self,
         texts: Sequence[str],
@@ -156,14 +139,11 @@ class Classifier:
         replace: bool = False,
         batch_size: int = 64,
     ) -> tuple[list[str], np.ndarray]:
-        """``(label names, cos)`` with ``cos`` of shape ``(n_docs, n_labels)`` (max over chunks)."""
+        """``(label names, cos)`` with ``cos`` of shape ``(n_docs, n_labels)`` (max over a long
+        document's windows under the ``chunk`` rule)."""
         label_set = self.resolve_labels(labels, replace)
         label_emb = self.label_embeddings(label_set)
-        docs = self.document_embeddings(texts, batch_size)
-        cos = (
-            np.stack([(d @ label_emb.T).max(axis=0) for d in docs]) if docs else np.zeros((0, len(label_set)))
-        )
-        return list(label_set), cos.astype(np.float32)
+        return list(label_set), chunked_cosines(self.encoder, texts, label_emb, self.chunking, batch_size)
 
     def scores(
         self,
@@ -175,6 +155,21 @@ class Classifier:
         """``(label names, probabilities)`` of shape ``(n_docs, n_labels)``."""
         names, cos = self.similarities(texts, labels, replace, batch_size)
         return names, self.probabilities(cos)
+
+    def label_probabilities(
+        self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False
+    ) -> tuple[list[str], np.ndarray]:
+        """``(label names, probabilities)``: the interface evaluation shares with the ONNX classifier."""
+        return self.scores(texts, labels, replace)
+
+    def thresholds_for(self, names: Sequence[str]) -> np.ndarray:
+        """Threshold vector for ``names`` (labels without a tuned one get the default)."""
+        return self.thresholds.for_labels(list(names))
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold of labels without a tuned one."""
+        return self.thresholds.default
 
     def probabilities(self, cos: np.ndarray) -> np.ndarray:
         """``sigmoid(scale * cos + bias)``, elementwise."""
@@ -210,3 +205,22 @@ class Classifier:
                 )
             )
         return out
+
+
+def chunked_cosines(
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    label_emb: np.ndarray,
+    chunking: Chunking,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """``(n_docs, n_labels)`` cosines of ``texts`` with ``label_emb`` under the long-document rule.
+
+    Shared by prediction, validation and threshold tuning during training, and the export's
+    parity check, so every one of them reads long documents the same way.
+    """
+    windows, owner = document_windows(texts, encoder.offsets, chunking)
+    if not windows:
+        return np.zeros((0, len(label_emb)), dtype=np.float32)
+    window_cos = encoder.embed(windows, batch_size=batch_size).numpy() @ label_emb.T
+    return max_over_windows(window_cos, owner, len(texts))

@@ -50,7 +50,10 @@ class TrainConfig:
             report to a tuner each); ``None`` means one epoch.
         eval_batch_size: Batch size when embedding for validation / prediction.
         long_documents: ``truncate`` (default) or ``chunk``: split long texts into overlapping
-            windows and max-pool the label scores over them (at prediction / evaluation time).
+            windows and take each label's maximum over them (:mod:`labelmatch.chunking`). One
+            rule for validation, threshold tuning, evaluation, the ONNX export and the server;
+            training itself reads the first ``max_length`` tokens.
+        chunk_stride: Tokens between window starts with ``chunk``; ``None``: half a window.
         grad_clip: Gradient norm clip.
         seed: Seed for Python, NumPy and torch.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -83,6 +86,7 @@ class TrainConfig:
     steps_per_iteration: int | None = None
     eval_batch_size: int = 64
     long_documents: Literal["truncate", "chunk"] = "truncate"
+    chunk_stride: int | None = None
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -124,6 +128,8 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.inference_max_length must be > 0 or None, got {self.inference_max_length}"
             )
+        if self.chunk_stride is not None and self.chunk_stride <= 0:
+            raise ConfigError(f"TrainConfig.chunk_stride must be > 0 or None, got {self.chunk_stride}")
         if self.steps_per_iteration is not None and self.steps_per_iteration <= 0:
             raise ConfigError("TrainConfig.steps_per_iteration must be > 0 or None")
 

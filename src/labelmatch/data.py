@@ -12,19 +12,26 @@ Two input formats are accepted:
   ``label_text`` supplies the label description when no ``labels.json`` is given.
 
 Every problem is reported as a :class:`~labelmatch.errors.DataError` naming file, line and field.
+Label files are strict: a label given twice in ``labels.json``, or two different ``label_text``
+for one label in a pair file, is an error; a ``labels.json`` beside a pair file wins over its
+``label_text``, with a warning per label that differs. A document's ``split`` is ``train``,
+``val`` or ``test``; ``validation`` and ``dev`` mean ``val``; anything else is an error.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
+import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from labelmatch.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DOCS_FILE = "docs.jsonl"
 LABELS_FILE = "labels.json"
@@ -156,7 +163,7 @@ def load_labels(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise DataError(path, "label file not found")
     try:
-        labels = json.loads(path.read_bytes().decode("utf-8"))
+        labels = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys(path))
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not valid UTF-8 (byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
@@ -169,6 +176,20 @@ def load_labels(path: str | Path) -> dict[str, str]:
         if not isinstance(description, str) or not description.strip():
             raise DataError(path, "label has no description (expected a non-empty string)", field=name)
     return labels
+
+
+def _unique_keys(path: Path):
+    """A ``json`` ``object_pairs_hook`` refusing a key given twice (``json`` keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise DataError(path, "label given twice (the same key appears twice)", field=key)
+            seen[key] = value
+        return seen
+
+    return hook
 
 
 def _check_str(path: Path, line: int, obj: dict[str, Any], key: str, max_chars: int | None = None) -> str:
@@ -237,14 +258,22 @@ def load_documents(
                 soft[label] = _check_score(path, line, score, f"soft.{label}")
         split = obj.get("split")
         if split is not None:
-            split = {"validation": "val", "dev": "val"}.get(split, split)
-            if split not in SPLITS:
-                raise DataError(
-                    path, f"unknown split {split!r}; expected one of {SPLITS}", line=line, field="split"
-                )
+            split = _split_name(path, line, split)
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         documents.append(Document(doc_id, text, list(dict.fromkeys(raw_labels)), soft or None, split, meta))
     return documents
+
+
+#: Split names accepted in the data and what they mean (``dev`` and ``validation`` are ``val``).
+SPLIT_ALIASES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+def _split_name(path: Path, line: int, split: Any) -> str:
+    """The canonical split of a document's ``split`` field; an unknown name is a DataError."""
+    if split not in SPLIT_ALIASES:
+        expected = ", ".join(SPLIT_ALIASES)
+        raise DataError(path, f"unknown split {split!r}; expected {expected}", line=line, field="split")
+    return SPLIT_ALIASES[split]
 
 
 def is_pair_file(path: str | Path) -> bool:
@@ -267,12 +296,20 @@ def load_pairs(
 
     Args:
         path: JSON-lines file, one (document, label) pair per line.
-        labels: Optional label descriptions; when ``None`` they come from ``label_text``.
+        labels: Optional label descriptions (``labels.json``); they take precedence over the
+            pairs' ``label_text``, and a ``label_text`` that differs is reported with a warning.
+            When ``None`` the descriptions come from ``label_text``, which must be the same on
+            every line of a label.
         max_chars: Longest accepted text.
+
+    Raises:
+        DataError: a missing or malformed field, an unknown label, a document with two texts, or
+            (without ``labels``) a label given two different descriptions.
     """
     path = Path(path)
     docs: dict[str, Document] = {}
     descriptions: dict[str, str] = dict(labels or {})
+    overridden: dict[str, int] = {}
     for line, obj in _iter_json_lines(path):
         for key in PAIR_FIELDS:
             if key not in obj:
@@ -284,11 +321,21 @@ def load_pairs(
             raise DataError(
                 path, f"unknown label {label!r} (not in labels.json)", line=line, field="label_name"
             )
+        description = obj.get("label_text")
         if labels is None:
-            description = obj.get("label_text")
             if not isinstance(description, str) or not description.strip():
                 raise DataError(path, "label has no description", line=line, field="label_text")
-            descriptions.setdefault(label, description)
+            first = descriptions.setdefault(label, description)
+            if first != description:
+                raise DataError(
+                    path,
+                    f"label {label!r} has a different description than on an earlier line "
+                    f"({first[:60]!r}); give each label one description (or a labels.json)",
+                    line=line,
+                    field="label_text",
+                )
+        elif isinstance(description, str) and description.strip() and description != labels[label]:
+            overridden.setdefault(label, line)
         target = obj["target"]
         if isinstance(target, bool) or target not in (0, 1):
             raise DataError(path, f"expected 0 or 1, got {target!r}", line=line, field="target")
@@ -310,8 +357,12 @@ def load_pairs(
         for key in ("pii_flag", "pii_score", "pii_types"):
             if key in obj:
                 doc.meta[key] = obj[key]
-        if obj.get("split") in SPLITS:
-            doc.split = obj["split"]
+        split = obj.get("split")
+        if split is not None:
+            doc.split = _split_name(path, line, split)
+    for label, line in overridden.items():
+        log.warning("%s:%d: label %r: the labels.json description replaces the pairs' label_text",
+                    path, line, label)
     return Dataset(list(docs.values()), descriptions)
 
 
@@ -353,56 +404,46 @@ def save_dataset(dataset: Dataset, out_dir: str | Path) -> None:
 def assign_splits(
     dataset: Dataset, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
 ) -> Dataset:
-    """Give every unsplit document a split, stratified for multi-label data.
+    """Give every unsplit document a split that depends on its id alone, so it never moves.
 
-    Uses iterative stratification (Sechidis et al., 2011; ``iterstrat``), which keeps each
-    label's share close to equal across splits even for rare labels. Documents that already
-    have a split keep it; when there is no ``val`` split, it is carved out of ``train``.
+    A document's split is read off a hash of ``seed`` and its id (:func:`split_of`): adding,
+    removing or editing other documents never moves it, so a document a serving model trained
+    on cannot land in a later candidate's test split, and a test document stays a test document
+    across data versions. The split is stratified in expectation (every label's documents are
+    divided in the same proportions); a label with very few documents can miss a split by chance,
+    which ``data_prep`` reports. Documents that already have a split keep it; when the data
+    brings its own ``test`` split, only ``val`` is carved (from ``train``, by the same hash).
 
     Args:
         dataset: The dataset (modified in place and returned).
         val_fraction: Share of the (unsplit or train) documents for validation.
         test_fraction: Share of unsplit documents for test (ignored when a test split exists).
-        seed: Random seed.
+        seed: Salt of the hash; the same seed always gives the same split per id.
     """
     has_test = any(d.split == "test" for d in dataset.documents)
-    unsplit = [d for d in dataset.documents if d.split is None]
-    if unsplit:
-        fractions = {"test": 0.0 if has_test else test_fraction}
-        _stratified_assign(unsplit, dataset.labels, fractions, "train", seed)
-    if not any(d.split == "val" for d in dataset.documents):
-        train = [d for d in dataset.documents if d.split == "train"]
-        _stratified_assign(train, dataset.labels, {"val": val_fraction}, "train", seed + 1)
+    has_val = any(d.split == "val" for d in dataset.documents)
+    val = 0.0 if has_val else val_fraction
+    test = 0.0 if has_test else test_fraction
+    for doc in dataset.documents:
+        if doc.split is None:
+            doc.split = split_of(doc.id, seed, val, test)
+        elif doc.split == "train" and split_of(doc.id, seed + 1, val, 0.0) == "val":
+            doc.split = "val"  # the data's own train split, with no val beside it
     return dataset
 
 
-def _stratified_assign(
-    docs: Sequence[Document], labels: dict[str, str], fractions: dict[str, float], rest: str, seed: int
-) -> None:
-    remaining = list(docs)
-    total = len(docs)
-    for split, fraction in fractions.items():
-        count = round(total * fraction)
-        if count <= 0 or count >= len(remaining):
-            continue
-        chosen = _stratified_pick(remaining, labels, count, seed)
-        for i in chosen:
-            remaining[i].split = split
-        chosen_set = set(chosen)
-        remaining = [d for i, d in enumerate(remaining) if i not in chosen_set]
-        seed += 1
-    for doc in remaining:
-        doc.split = rest
+def labels_without_positives(dataset: Dataset, split: str = "train") -> list[str]:
+    """The labels no document of ``split`` is positive for (they can only be learnt from their
+    description)."""
+    positive = {label for doc in dataset.split(split).documents for label in doc.labels}
+    return [name for name in dataset.labels if name not in positive]
 
 
-def _stratified_pick(docs: Sequence[Document], labels: dict[str, str], count: int, seed: int) -> list[int]:
-    import numpy as np
-    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
-
-    matrix = Dataset(list(docs), labels).label_matrix()
-    if matrix.shape[1] == 0 or matrix.sum() == 0:
-        rng = random.Random(seed)
-        return rng.sample(range(len(docs)), count)
-    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=count / len(docs), random_state=seed)
-    _, picked = next(splitter.split(np.zeros(len(docs)), matrix))
-    return sorted(int(i) for i in picked)
+def split_of(doc_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """``test``, ``val`` or ``train`` for ``doc_id``: a uniform number from sha256(seed, id)
+    below ``test_fraction`` is test, below ``test_fraction + val_fraction`` val, else train."""
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"

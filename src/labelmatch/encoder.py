@@ -1,14 +1,18 @@
-"""The shared text encoder: loading a base model, LoRA, mean pooling and L2 normalisation.
+"""The shared text encoder: loading a base model, LoRA, pooling and L2 normalisation.
 
-Documents and label descriptions go through the *same* encoder. Embeddings are the mean of the
-last hidden states over the attention mask, L2-normalised, so a dot product is a cosine.
+Documents and label descriptions go through the *same* encoder. Embeddings pool the last hidden
+states the way the base model was trained to (:class:`Pooling`: the mean over the attention mask,
+the CLS token, or the last token, read from the model's own sentence-transformers files), then
+are L2-normalised, so a dot product is a cosine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,20 +120,98 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
+#: sentence-transformers' Pooling flags → our mode, in the order they are checked.
+_ST_POOLING_FLAGS = (("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last"),
+                     ("pooling_mode_mean_tokens", "mean"))
+POOLING_MODES = ("mean", "cls", "last")
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one embedding.
+
+    Attributes:
+        mode: ``mean`` (over the attention mask), ``cls`` (the first token, e.g. BAAI/bge-m3) or
+            ``last`` (the last non-padding token; right padding assumed, as the tokenizers of
+            encoders pad).
+        normalize: Whether the base model's own pipeline L2-normalises (recorded; labelmatch
+            always normalises, because it compares by cosine).
+    """
+
+    mode: str = "mean"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in POOLING_MODES:
+            raise ConfigError(f"pooling mode must be one of {', '.join(POOLING_MODES)}, got {self.mode!r}")
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(batch, dim)`` pooled states (not normalised)."""
+        if self.mode == "cls":
+            return hidden[:, 0]
+        if self.mode == "last":
+            last = attention_mask.sum(dim=1).clamp(min=1) - 1
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return mean_pool(hidden, attention_mask)
+
+    @classmethod
+    def from_info(cls, info: dict[str, Any]) -> Pooling:
+        """The pooling recorded in a model's ``labelmatch.json`` (mean for models made before it was)."""
+        return cls(info.get("pooling", "mean"), bool(info.get("normalize", True)))
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> Pooling:
+        """Read the pooling from a sentence-transformers model directory (``modules.json`` →
+        its Pooling module's ``config.json``); mean pooling where there is none."""
+        root = Path(model_dir)
+        modules_file = root / "modules.json"
+        if not modules_file.is_file():
+            return cls()
+        try:
+            modules = json.loads(modules_file.read_text())
+            pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+            normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+            if pooling is None:
+                return cls("mean", normalize)
+            config = json.loads((root / pooling.get("path", "") / "config.json").read_text())
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigError(f"{modules_file}: cannot read the pooling module: {exc}") from exc
+        if config.get("pooling_mode"):  # newer sentence-transformers write the mode by name
+            named = {"mean": "mean", "cls": "cls", "lasttoken": "last"}.get(config["pooling_mode"])
+            if named is None:
+                raise ConfigError(f"{root}: pooling_mode {config['pooling_mode']!r} is not supported")
+            return cls(named, normalize)
+        for flag, mode in _ST_POOLING_FLAGS:
+            if config.get(flag):
+                return cls(mode, normalize)
+        where = root / pooling.get("path", "")
+        raise ConfigError(f"{where}: no supported pooling mode (mean, cls, last token)")
+
+
+def base_pooling(name_or_path: str) -> Pooling:
+    """The pooling of a base model (see :meth:`Pooling.from_model_dir`); mean for a hub id."""
+    path = Path(resolve_base_model(name_or_path))
+    return Pooling.from_model_dir(path) if path.is_dir() else Pooling()
+
+
 class TextEncoder(nn.Module):
-    """Encoder + tokenizer producing L2-normalised mean-pooled embeddings.
+    """Encoder + tokenizer producing pooled, L2-normalised embeddings.
 
     Args:
         model: A Hugging Face encoder (optionally wrapped by peft).
         tokenizer: Its tokenizer.
         max_length: Texts are truncated to this many tokens.
+        pooling: How token states become one embedding (the base model's own).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, max_length: int = 256):
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, max_length: int = 256, pooling: Pooling | None = None
+    ):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pooling = pooling or Pooling()
 
     @property
     def device(self) -> torch.device:
@@ -143,11 +225,16 @@ class TextEncoder(nn.Module):
         )
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens, without special tokens or truncation (for
+        cutting long documents into windows, :mod:`labelmatch.chunking`)."""
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Embed tokenised inputs: mean pooling then L2 normalisation."""
+        """Embed tokenised inputs: pooling then L2 normalisation."""
         accepted = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         hidden = self.model(**accepted).last_hidden_state
-        return nn.functional.normalize(mean_pool(hidden, inputs["attention_mask"]), dim=-1)
+        return nn.functional.normalize(self.pooling.pool(hidden, inputs["attention_mask"]), dim=-1)
 
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Embed texts in batches without gradients; returns a float32 ``(n, dim)`` CPU tensor."""

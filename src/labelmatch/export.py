@@ -1,9 +1,10 @@
 """Export a Model artifact to an int8 ONNX OnnxModel artifact, with parity gates.
 
 Steps: merge the LoRA adapter into the base weights; export a wrapper whose graph does the
-encoder, mean pooling and L2 normalisation (dynamic batch and sequence axes); fuse it with ONNX
-Runtime's transformer optimizer (EmbedLayerNormalization, Attention, BiasGelu; residual Add +
-LayerNormalization deliberately left unfused, see ``OrtConfig.disabled_optimizers``); quantise
+encoder, the model's own pooling (mean, CLS or last token, from ``labelmatch.json``) and L2
+normalisation (dynamic batch and sequence axes); fuse it with ONNX Runtime's transformer
+optimizer (EmbedLayerNormalization, Attention, BiasGelu; residual Add + LayerNormalization
+deliberately left unfused, see ``OrtConfig.disabled_optimizers``); quantise
 the weights to int8 *per channel* (dynamic quantisation: per-tensor scales visibly change
 MiniLM's predictions); then compare torch and ONNX on a validation set and refuse an export
 whose label sets drift.
@@ -81,6 +82,7 @@ from labelmatch.artifacts import (
     write_json,
     write_manifest,
 )
+from labelmatch.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
 from labelmatch.metrics import macro_f1, tune_thresholds
@@ -189,7 +191,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
     Raises:
         ParityError: when int8 label-set agreement with torch is below the gate.
     """
-    from labelmatch.encoder import TextEncoder
+    from labelmatch.encoder import Pooling, TextEncoder
     from labelmatch.model_io import load_encoder_model
 
     config = config or ExportConfig()
@@ -201,12 +203,16 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
     thresholds = json.loads((source / "thresholds.json").read_text())
     texts, targets, eval_labels = _parity_data(labels, dataset, config)
     max_length = int(info["max_length"])
-    torch_encoder = TextEncoder(hf_model, tokenizer, max_length)
+    pooling = Pooling.from_info(info)
+    torch_encoder = TextEncoder(hf_model, tokenizer, max_length, pooling)
+    # The model's long-document rule: parity is measured on the windows the server will embed.
+    chunking = Chunking.from_info(info)
+    windows = document_windows(texts, torch_encoder.offsets, chunking)
 
     with atomic_artifact_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp / "tokenizer")
         raw = tmp / "model_raw.onnx"
-        _export_graph(hf_model, tokenizer, raw, config.opset)
+        _export_graph(hf_model, tokenizer, raw, config.opset, pooling)
         fp32 = tmp / FP32_MODEL_FILE
         fusions = _optimize(raw, fp32, hf_model.config, config.optimize)
         _quantize(fp32, tmp / MODEL_FILE, config, hf_model.config)
@@ -221,7 +227,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
             name: _onnx_classifier(tmp, name, labels, label_emb, thresholds, onnx_info, ort_config)
             for name in (FP32_MODEL_FILE, MODEL_FILE)
         }
-        parity, tuned = _parity(torch_encoder, runs, texts, targets, eval_labels, thresholds, config)
+        parity, tuned = _parity(torch_encoder, runs, windows, targets, eval_labels, thresholds, config)
         check_parity(parity, config.agreement_gate, source)
         if not config.keep_fp32:
             fp32.unlink()
@@ -234,7 +240,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         write_json(tmp / "labelmatch.json", {
             **info,
             "format": "labelmatch.onnx",
-            "long_documents": "truncate",
+            "long_documents": chunking.mode,
+            "chunk_stride": chunking.stride,
             "source_model_digest": artifact_digest(source),
             "onnx": {
                 "output": OUTPUT_NAME,
@@ -343,15 +350,13 @@ def _parity_data(labels: dict[str, str], dataset: Dataset | None,
     return [d.text for d in part.documents], part.label_matrix(), dataset.labels
 
 
-def _export_graph(hf_model: Any, tokenizer: Any, path: Path, opset: int) -> None:
-    """Export encoder + mean pooling + L2 norm with symbolic batch and sequence dimensions.
+def _export_graph(hf_model: Any, tokenizer: Any, path: Path, opset: int, pooling: Any) -> None:
+    """Export encoder + pooling (the model's own) + L2 norm with symbolic batch and sequence dimensions.
 
     TorchScript exporter and eager attention: the graph ONNX Runtime's fusions recognise (see the
     module docstring). Eager and SDPA attention compute the same function.
     """
     import torch
-
-    from labelmatch.encoder import mean_pool
 
     known = ("input_ids", "attention_mask", "token_type_ids")
     input_names = [n for n in known if n in tokenizer.model_input_names]
@@ -367,7 +372,7 @@ def _export_graph(hf_model: Any, tokenizer: Any, path: Path, opset: int) -> None
                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-            return torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
+            return torch.nn.functional.normalize(pooling.pool(hidden, attention_mask), dim=-1)
 
     sample = tokenizer(["a short text", "a somewhat longer text to give the sequence axis a size"],
                        padding=True, return_tensors="pt")
@@ -441,13 +446,16 @@ def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], label_
     return OnnxClassifier(encoder, labels, label_emb, info["scale"], info["bias"], thresholds, info)
 
 
-def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str], targets: np.ndarray | None,
-            eval_labels: dict[str, str], thresholds: dict[str, Any],
+def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], windows: tuple[list[str], np.ndarray],
+            targets: np.ndarray | None, eval_labels: dict[str, str], thresholds: dict[str, Any],
             config: ExportConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Compare torch with the fp32 and int8 graphs and choose the thresholds that ship.
 
     Every graph is scored against the *torch* label embeddings (the ones shipped), so the
-    comparison isolates the document side. Two threshold sets are candidates: the model's, and
+    comparison isolates the document side. ``windows`` are the parity documents cut by the
+    model's long-document rule (one window per document when it truncates); a document's cosine
+    with a label is its maximum over its windows, as the server computes it, and the embedding
+    cosines between torch and ONNX are per window. Two threshold sets are candidates: the model's, and
     the same rule (:func:`~labelmatch.metrics.tune_thresholds`) re-tuned on the scores the model's
     thresholds would serve. Each candidate is judged as it would be served: its own fp32
     fallback calibrated on its own decision boundaries, its served macro-F1 on this split. The
@@ -460,16 +468,19 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], texts: list[str
     """
     names = list(eval_labels)
     served_run = runs[MODEL_FILE]  # built with the model's scale, bias and thresholds
+    texts, owner = windows
+    n_docs = int(owner.max()) + 1 if len(owner) else 0
     torch_docs = torch_encoder.embed(texts, batch_size=config.batch_size).numpy()
     label_emb = torch_encoder.embed(list(eval_labels.values()), batch_size=config.batch_size).numpy()
-    cosines = {"torch": torch_docs @ label_emb.T}
+    cosines = {"torch": max_over_windows(torch_docs @ label_emb.T, owner, n_docs)}
     doc_cosine: dict[str, np.ndarray] = {}
     for key, run in (("fp32", runs[FP32_MODEL_FILE]), ("int8", runs[MODEL_FILE])):
         docs = run.encoder.embed(texts)
-        cosines[key] = docs @ label_emb.T
+        cosines[key] = max_over_windows(docs @ label_emb.T, owner, n_docs)
         doc_cosine[key] = (docs * torch_docs).sum(axis=1)
     summary: dict[str, Any] = {
-        "documents": len(texts),
+        "documents": n_docs,
+        "windows": len(texts),
         "source": f"dataset split {config.split!r}" if targets is not None else "label descriptions",
         "gate": config.agreement_gate,
         "label_embeddings": "torch (full precision), shared by every graph",

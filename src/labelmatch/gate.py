@@ -14,21 +14,17 @@ every reason behind it and both models' metrics are written to the report.
 
 from __future__ import annotations
 
-import tempfile
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from labelmatch.artifacts import (
-    artifact_digest,
-    atomic_artifact_dir,
-    verify_artifact,
-    write_json,
-    write_manifest,
-)
+from labelmatch.artifacts import artifact_digest, verify_artifact
 from labelmatch.errors import ConfigError
 
 DECISION_FILE = "decision.json"
+#: The variable naming the labelmatch store root (release records live under it).
+STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
 
 
 @dataclass
@@ -117,9 +113,12 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any] | None, config: Ga
     return GateDecision(ok_gain and not regressions, reasons, cand_f1, serv_f1, deltas)
 
 
-def _gate_markdown(decision: GateDecision, config: GateConfig) -> str:
+def _gate_markdown(decision: GateDecision, config: GateConfig, baseline: dict[str, Any] | None = None) -> str:
     verdict = "**deploy**" if decision.deploy else "**do not deploy**"
     lines = ["## Deploy gate", "", f"Decision: {verdict}", ""] + [f"- {r}" for r in decision.reasons]
+    if baseline:
+        digest = baseline["digest"][:12]
+        lines += ["", f"Serving now: `{baseline['uri']}` ({baseline['source']}, digest {digest}…)."]
     lines += [
         "",
         f"Rule: macro-F1 gain ≥ {config.min_improvement:+.3f} and no label F1 drop > "
@@ -132,38 +131,58 @@ def _gate_markdown(decision: GateDecision, config: GateConfig) -> str:
     return "\n".join(lines)
 
 
-def _download_model(uri: str, work_dir: Path) -> Path:
-    """Fetch a Model artifact from the S3/MinIO store into ``work_dir`` (verified on arrival)."""
+def find_serving_model(
+    serving_model: str | Path | None, service: str = "", release_root: str = ""
+) -> tuple[str, str] | None:
+    """What serves now: ``(artifact URI or path, where that came from)``, or ``None``.
+
+    An explicit ``serving_model`` wins. Otherwise the latest release record of ``service`` under
+    ``release_root`` (or ``$LABELMATCH_STORE_ROOT``) names it: release records name the OnnxModel
+    that was deployed, which the gate then scores as it is served.
+    """
+    if serving_model:
+        return str(serving_model), "given"
+    root = release_root or os.environ.get(STORE_ROOT_VAR, "")
+    if not service or not root:
+        return None
+    from labelmatch.releases import ReleaseLog
     from labelmatch.store import ArtifactStore
 
-    dest = work_dir / "serving_model"
-    ArtifactStore.from_env().download_artifact(
-        "s3://" + uri.removeprefix("minio://").removeprefix("s3://"), dest, kind="Model"
-    )
-    return dest
+    records = ReleaseLog(ArtifactStore.from_env(), root).list(service)
+    if not records:
+        return None
+    latest = records[-1]
+    return latest.model_uri, f"release {latest.release_id} of {service} ({latest.time})"
 
 
 def evaluate_candidate(
     model_dir: str | Path,
     dataset_dir: str | Path,
     report_dir: str | Path,
-    serving_model_dir: str | Path | None = None,
+    serving_model: str | Path | None = None,
     config: GateConfig | None = None,
     lineage: dict[str, Any] | None = None,
+    service: str = "",
+    release_root: str = "",
 ) -> dict[str, Any]:
-    """Evaluate a candidate Model against the serving one and write the gated report.
+    """Evaluate a candidate against the model serving now, both as served, and write the gated report.
+
+    Both models are scored by the classifier a server would run (an OnnxModel: int8 with its
+    fp32 fallback and its shipped thresholds; a Model: torch), on the same split.
 
     Args:
-        model_dir: The candidate Model artifact.
+        model_dir: The candidate: an OnnxModel (the pipeline gates the exported model) or a Model.
         dataset_dir: The Dataset artifact (from ``data_prep``) holding the evaluation split.
         report_dir: The Report artifact directory to write: ``metrics.json`` (candidate),
             ``serving_metrics.json`` (when a model serves), ``decision.json``, ``report.md``
             and its PNG plots.
-        serving_model_dir: The Model artifact serving now, or ``None``; an ``s3://`` (or KFP
-            ``minio://``) URI is downloaded from the artifact store first (credentials from the
-            environment, see :class:`labelmatch.store.ArtifactStore`).
+        serving_model: The artifact serving now (path, ``s3://`` or KFP ``minio://`` URI:
+            downloaded and verified first); ``None``: the latest release of ``service``.
         config: Gate thresholds.
         lineage: Recorded in the report manifest.
+        service: The service whose latest release is the baseline when ``serving_model`` is not
+            given.
+        release_root: Where the release records are (default ``$LABELMATCH_STORE_ROOT``).
 
     Returns:
         ``{"metrics": candidate metrics, "serving_metrics": ... | None, "decision": {...}}``.
@@ -172,44 +191,36 @@ def evaluate_candidate(
         ArtifactError: an input artifact is missing, of the wrong kind or corrupted (naming the
             artifact and the file).
     """
-    from labelmatch.classifier import Classifier
     from labelmatch.data import load_dataset
-    from labelmatch.evaluate import evaluate
-    from labelmatch.report import markdown_report, plot_per_label_f1, plot_reliability, plot_thresholds
+    from labelmatch.evaluate import evaluate, load_as_served, write_report
+    from labelmatch.store import local_artifact
 
     config = config or GateConfig()
     verify_artifact(dataset_dir, "Dataset")
-    verify_artifact(model_dir, "Model")
     dataset = load_dataset(dataset_dir)
-    metrics = evaluate(Classifier.load(model_dir), dataset, config.split)
-    serving = None
-    if serving_model_dir and str(serving_model_dir).startswith(("s3://", "minio://")):
-        serving_model_dir = _download_model(str(serving_model_dir), Path(tempfile.mkdtemp(prefix="serving-")))
-    if serving_model_dir:
-        verify_artifact(serving_model_dir, "Model")
-        serving = evaluate(Classifier.load(serving_model_dir), dataset, config.split)
+    metrics = evaluate(load_as_served(model_dir), dataset, config.split)
+    serving, baseline = None, find_serving_model(serving_model, service, release_root)
+    serving_digest = None
+    if baseline is not None:
+        with local_artifact(baseline[0], ("Model", "OnnxModel")) as local:
+            serving = evaluate(load_as_served(local), dataset, config.split)
+            serving_digest = artifact_digest(local)
     decision = decide(metrics, serving, config)
     lineage = {
         **(lineage or {}),
         "model": artifact_digest(model_dir),
         "dataset": artifact_digest(dataset_dir),
-        **({"serving_model": artifact_digest(serving_model_dir)} if serving_model_dir else {}),
+        **({"serving_model": serving_digest} if serving_digest else {}),
     }
-    with atomic_artifact_dir(report_dir) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        if serving is not None:
-            write_json(tmp / "serving_metrics.json", serving)
-        write_json(tmp / DECISION_FILE, {**decision.to_json(), "config": asdict(config)})
-        images = {
-            "Per-label F1": plot_per_label_f1(metrics, tmp / "per_label_f1.png").name,
-            "Reliability diagram": plot_reliability(metrics, tmp / "reliability.png").name,
-            "Thresholds": plot_thresholds(
-                metrics["thresholds"], metrics["default_threshold"], tmp / "thresholds.png"
-            ).name,
-        }
-        title = f"Evaluation of the candidate on the {config.split} split"
-        (tmp / "report.md").write_text(
-            _gate_markdown(decision, config) + "\n" + markdown_report(metrics, title, images)
-        )
-        write_manifest(tmp, "Report", lineage=lineage, extra={"stage": "evaluate", "deploy": decision.deploy})
+    baseline_info = None
+    if baseline is not None:
+        baseline_info = {"uri": baseline[0], "source": baseline[1], "digest": serving_digest}
+    title = f"Evaluation of the candidate, as served, on the {config.split} split"
+    write_report(
+        metrics, report_dir, title, lineage, {"stage": "evaluate", "deploy": decision.deploy},
+        preface=_gate_markdown(decision, config, baseline_info) + "\n",
+        extra_json={**({"serving_metrics.json": serving} if serving is not None else {}),
+                    DECISION_FILE: {**decision.to_json(), "serving_model": baseline_info,
+                                    "config": asdict(config)}},
+    )
     return {"metrics": metrics, "serving_metrics": serving, "decision": decision.to_json()}

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,9 @@ import numpy as np
 import torch
 
 from labelmatch.artifacts import artifact_digest, atomic_artifact_dir, verify_artifact
+from labelmatch.chunking import Chunking
 from labelmatch.data import Dataset
-from labelmatch.encoder import TextEncoder, add_lora
+from labelmatch.encoder import Pooling, TextEncoder, add_lora
 from labelmatch.errors import ConfigError, DataError
 from labelmatch.feedback import FEEDBACK_FILE, read_export
 from labelmatch.grpo_math import (
@@ -48,6 +51,8 @@ from labelmatch.grpo_math import (
 from labelmatch.model import DualEncoder
 from labelmatch.model_io import Thresholds, load_encoder_model, save_model
 from labelmatch.rewards import RewardConfig, feedback_label_rewards, feedback_rewards
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "grpo_state.pt"
 
@@ -84,8 +89,9 @@ class GRPOConfig:
         lora_dropout: Its dropout (0: the ratio must compare the same function, see module doc).
         max_length: Tokens per text; ``None`` keeps the SFT model's.
         label_gradients: Back-propagate through the label descriptions too (exact). ``False``
-            embeds the labels once per step with the sampling policy, without gradient, and
-            reuses them in the inner iterations: 2–3× cheaper with many labels on a CPU.
+            (the default, as benchmarked) embeds the labels once per step with the sampling
+            policy, without gradient, and reuses them in the inner iterations: 2–3× cheaper with
+            many labels on a CPU.
         checkpoint_every: Save a resumable checkpoint every this many steps (0: never).
         checkpoint_dir: Where; a run finding a checkpoint there resumes from it.
         seed: Seed of sampling and shuffling.
@@ -93,7 +99,7 @@ class GRPOConfig:
         progress: Show a progress bar.
     """
 
-    group_size: int = 8
+    group_size: int = 16
     batch_size: int = 16
     epochs: int = 3
     steps: int | None = None
@@ -113,7 +119,7 @@ class GRPOConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     max_length: int | None = None
-    label_gradients: bool = True
+    label_gradients: bool = False
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     seed: int = 0
@@ -166,22 +172,41 @@ class FeedbackTensors:
     corrected: torch.Tensor
     has_correction: torch.Tensor
     weights: torch.Tensor
+    excluded_test_overlap: int = 0
 
 
-def feedback_tensors(feedback_dir: str | Path, label_names: list[str]) -> FeedbackTensors:
+def feedback_tensors(
+    feedback_dir: str | Path, label_names: list[str], exclude_texts: Collection[str] = ()
+) -> FeedbackTensors:
     """Read a FeedbackExport and encode it against ``label_names``.
 
+    Args:
+        feedback_dir: The FeedbackExport artifact.
+        label_names: The model's labels, in order.
+        exclude_texts: Texts that must not be trained on (the evaluation's test documents):
+            feedback records whose text is one of them (:func:`labelmatch.prep.text_key`) are
+            dropped and counted in ``excluded_test_overlap``, so the gate's test split stays
+            unseen.
+
     Raises:
-        DataError: when the export is empty or names a label the model does not have.
+        DataError: when the export is empty (or nothing is left) or names a label the model lacks.
     """
+    from labelmatch.prep import text_key
+
     exported = read_export(feedback_dir)
     path = Path(feedback_dir) / FEEDBACK_FILE
     if not exported.records:
         raise DataError(path, "no feedback records to learn from")
+    excluded = {text_key(t) for t in exclude_texts}
+    keep = [i for i, record in enumerate(exported.records) if text_key(record.text) not in excluded]
+    if not keep:
+        raise DataError(path, f"all {len(exported.records)} feedback records are test documents")
+    records = [exported.records[i] for i in keep]
+    weights = [exported.weights[i] for i in keep]
     index = {name: j for j, name in enumerate(label_names)}
-    n, width = len(exported.records), len(label_names)
+    n, width = len(records), len(label_names)
     served, corrected = torch.zeros((n, width)), torch.zeros((n, width))
-    for i, record in enumerate(exported.records):
+    for i, record in enumerate(records):
         for row, names, field_name in (
             (served, record.predicted_labels, "predicted_labels"),
             (corrected, record.corrected_labels or [], "corrected_labels"),
@@ -191,17 +216,18 @@ def feedback_tensors(feedback_dir: str | Path, label_names: list[str]) -> Feedba
                     raise DataError(
                         path,
                         f"record {record.id}: label {name!r} is not a label of the model",
-                        line=i + 1,
+                        line=keep[i] + 1,
                         field=field_name,
                     )
                 row[i, index[name]] = 1.0
     return FeedbackTensors(
-        texts=[r.text for r in exported.records],
+        texts=[r.text for r in records],
         served=served,
-        scores=torch.tensor([float(r.score) for r in exported.records]),
+        scores=torch.tensor([float(r.score) for r in records]),
         corrected=corrected,
-        has_correction=torch.tensor([r.corrected_labels is not None for r in exported.records]),
-        weights=torch.tensor(exported.weights, dtype=torch.float32),
+        has_correction=torch.tensor([r.corrected_labels is not None for r in records]),
+        weights=torch.tensor(weights, dtype=torch.float32),
+        excluded_test_overlap=len(exported.records) - len(records),
     )
 
 
@@ -232,7 +258,9 @@ class GRPOTrainer:
         policy = add_lora(merged, config.lora_rank, config.lora_alpha, config.lora_dropout)
         max_length = config.max_length or int(self.info["max_length"])
         self.model = DualEncoder(
-            TextEncoder(policy, self.tokenizer, max_length), self.info["scale"], self.info["bias"]
+            TextEncoder(policy, self.tokenizer, max_length, Pooling.from_info(self.info)),
+            self.info["scale"],
+            self.info["bias"],
         )
         self.model.bias.requires_grad_(False)
         self.model.to(self.device).eval()
@@ -400,7 +428,7 @@ class GRPOTrainer:
     def merged_encoder(self) -> TextEncoder:
         """The policy with its new adapter merged (a plain Hugging Face model) as a TextEncoder."""
         plain = self.model.encoder.model.merge_and_unload()
-        return TextEncoder(plain, self.tokenizer, self.model.encoder.max_length)
+        return TextEncoder(plain, self.tokenizer, self.model.encoder.max_length, self.model.encoder.pooling)
 
 
 def retune_thresholds(classifier: Any, val_dataset: Dataset) -> tuple[Thresholds, float]:
@@ -447,6 +475,7 @@ def train_grpo(
     out_dir: str | Path,
     config: GRPOConfig,
     val_dataset: Dataset | None = None,
+    test_texts: Collection[str] = (),
 ) -> dict[str, Any]:
     """Optimise a new LoRA on the SFT model from a feedback export; write the SFT+GRPO Model artifact.
 
@@ -457,16 +486,22 @@ def train_grpo(
         config: GRPO settings.
         val_dataset: Optional labelled documents (with the model's labels) to re-tune thresholds
             on; without it the SFT thresholds are kept.
+        test_texts: The evaluation's test documents: feedback on any of them is not trained on
+            (counted in ``feedback_excluded_test_overlap``).
 
     Returns:
         Summary: ``steps``, ``reward_curve``, ``kl_curve``, ``final_kl``, ``history``, ``seconds``,
-        ``reference_model_digest``, ``feedback_digest`` and ``out_dir``.
+        ``reference_model_digest``, ``feedback_digest``, ``feedback_records``,
+        ``feedback_excluded_test_overlap`` and ``out_dir``.
     """
     started = time.perf_counter()
     model_dir, feedback_dir = Path(model_dir), Path(feedback_dir)
     verify_artifact(model_dir, "Model")
     labels = json.loads((model_dir / "labels.json").read_text())
-    trainer = GRPOTrainer(model_dir, feedback_tensors(feedback_dir, list(labels)), config)
+    feedback = feedback_tensors(feedback_dir, list(labels), test_texts)
+    if feedback.excluded_test_overlap:
+        log.warning("%d feedback records are test documents: not trained on", feedback.excluded_test_overlap)
+    trainer = GRPOTrainer(model_dir, feedback, config)
     if config.checkpoint_dir:
         trainer.load_checkpoint(config.checkpoint_dir)
     trainer.fit()
@@ -483,6 +518,7 @@ def train_grpo(
         "reference_model_digest": artifact_digest(model_dir),
         "feedback_digest": artifact_digest(feedback_dir),
         "feedback_records": len(trainer.feedback.texts),
+        "feedback_excluded_test_overlap": feedback.excluded_test_overlap,
     }
     info = {
         **{
@@ -491,6 +527,12 @@ def train_grpo(
             if k not in ("format", "format_version", "labelmatch_version", "layout")
         },
         "max_length": encoder.max_length,
+        # GRPO may read another length than SFT: the window (and a stride chosen for the old
+        # window) follows the new one.
+        "chunk_stride": Chunking.for_model(
+            Chunking.from_info(trainer.info).mode, encoder.max_length,
+            trainer.info.get("chunk_stride") if encoder.max_length == trainer.info["max_length"] else None,
+        ).stride,
         "metrics": val_metrics,
         "history": history,
         "reference_model": str(model_dir),
@@ -500,6 +542,8 @@ def train_grpo(
         "grpo": {
             "config": config.to_dict(),
             "steps": trainer.step,
+            "feedback_records": summary["feedback_records"],
+            "feedback_excluded_test_overlap": summary["feedback_excluded_test_overlap"],
             "final_kl": summary["final_kl"],
             "stopped_early": trainer.stopped_early,
         },

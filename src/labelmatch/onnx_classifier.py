@@ -1,7 +1,7 @@
 """Torch-free prediction with an exported OnnxModel artifact (tokenizers + ONNX Runtime + numpy).
 
 This is the serving path: importing it must never import torch, so the serving image stays
-small. The graph in ``model.onnx`` already does mean pooling and L2 normalisation, so a document
+small. The graph in ``model.onnx`` already pools (the model's own pooling) and L2-normalises, so a document
 embedding is one ``session.run`` and a cosine is a dot product.
 
 **fp32 fallback.** Where the export found that int8 alone changes too many label sets (see
@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from labelmatch.artifacts import artifact_digest, verify_artifact
+from labelmatch.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.errors import ArtifactError, ConfigError
 
 MODEL_FILE = "model.onnx"
@@ -119,6 +120,10 @@ class OnnxEncoder:
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         self.tokenizer.enable_truncation(max_length=self.max_length)
         self.tokenizer.enable_padding(**_padding_of(Path(tokenizer_path), self.tokenizer))
+        # A second instance, neither truncating nor padding, reads whole documents' offsets.
+        self._whole = Tokenizer.from_file(str(tokenizer_path))
+        self._whole.no_truncation()
+        self._whole.no_padding()
         self.session = self.config.create_session(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.dim = int(self.session.get_outputs()[0].shape[-1])
@@ -132,6 +137,11 @@ class OnnxEncoder:
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
         return {name: arrays[name] for name in self.input_names}
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens, without special tokens or truncation (the same
+        as the torch side's: both read the same ``tokenizer.json``)."""
+        return self._whole.encode(text, add_special_tokens=False).offsets
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, dim)`` float32 embeddings, batched by length to keep padding small."""
@@ -211,6 +221,7 @@ class OnnxClassifier:
         self.scale = float(scale)
         self.bias = float(bias)
         self.info = info or {}
+        self.chunking = Chunking.from_info({"max_length": encoder.max_length, **self.info})
         self.model_version = model_version
         self._lock = threading.Lock()
         self._request_cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -311,14 +322,25 @@ class OnnxClassifier:
         label_set = self.resolve_labels(labels, replace)
         names = list(label_set)
         label_emb = self.label_embeddings(label_set)
-        cos = self.encoder.embed(texts) @ label_emb.T
+        windows, owner = document_windows(texts, self.encoder.offsets, self.chunking)
+        window_cos = self.encoder.embed(windows) @ label_emb.T
+        cos = max_over_windows(window_cos, owner, len(texts))
         if self.fallback is not None and self.fallback_margin > 0 and len(texts):
             rows = np.flatnonzero(near_boundary(cos, self.boundary_cosines(names), self.fallback_margin))
             if len(rows):
-                cos[rows] = self.fallback.embed([texts[i] for i in rows]) @ label_emb.T
+                again = np.flatnonzero(np.isin(owner, rows))  # every window of those documents
+                window_cos[again] = self.fallback.embed([windows[i] for i in again]) @ label_emb.T
+                cos = max_over_windows(window_cos, owner, len(texts))
             if self.on_fallback is not None:
                 self.on_fallback(len(rows))
         return names, cos.astype(np.float32), self.probabilities(cos).astype(np.float32)
+
+    def label_probabilities(
+        self, texts: Sequence[str], labels: dict[str, str] | None = None, replace: bool = False
+    ) -> tuple[list[str], np.ndarray]:
+        """``(label names, probabilities)`` as served (int8, fp32 fallback, the long-document rule)."""
+        names, _, probs = self.scores(texts, labels, replace)
+        return names, probs
 
     def probabilities(self, cos: np.ndarray) -> np.ndarray:
         """``sigmoid(scale * cos + bias)``, elementwise."""

@@ -82,6 +82,14 @@ def normalise_text(text: str) -> str:
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
 
 
+def text_key(text: str) -> str:
+    """What makes two texts the same document: normalised (:func:`normalise_text`), case-folded.
+
+    De-duplication uses it, and so does GRPO to keep feedback on test documents out of training.
+    """
+    return normalise_text(text).casefold()
+
+
 def deduplicate(documents: list[Document]) -> tuple[list[Document], dict[str, int]]:
     """Merge documents with equal case-folded text; returns ``(kept, stats)``.
 
@@ -91,7 +99,7 @@ def deduplicate(documents: list[Document]) -> tuple[list[Document], dict[str, in
     kept: dict[str, Document] = {}
     stats = {"exact": 0, "near": 0, "label_conflicts": 0}
     for doc in documents:
-        key = doc.text.casefold()
+        key = text_key(doc.text)
         first = kept.get(key)
         if first is None:
             kept[key] = doc

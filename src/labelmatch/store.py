@@ -56,6 +56,7 @@ from labelmatch.artifacts import (
     MANIFEST,
     atomic_artifact_dir,
     manifest_digest,
+    member_path,
     verify_artifact,
     write_manifest,
 )
@@ -459,7 +460,7 @@ class ArtifactStore:
         loc = S3Uri.parse(uri)
         with atomic_artifact_dir(dest) as tmp:
             for name in tqdm(sorted(manifest["files"]), desc=f"download {uri}", unit="file", leave=False):
-                target = tmp / _safe_relative(name, uri)
+                target = member_path(tmp, name, where=uri)
                 source = loc.child(name)
                 try:
                     self._client.fget_object(source.bucket, source.prefix, str(target))
@@ -568,7 +569,10 @@ class ArtifactStore:
         else:
             folder = f"{loc.prefix}/" if loc.prefix else ""
             keys = list(self.list_keys(loc))
-            pairs = [(S3Uri(loc.bucket, key), dest / _safe_relative(key[len(folder):], uri)) for key in keys]
+            pairs = [
+                (S3Uri(loc.bucket, key), member_path(dest, key[len(folder) :], uri, "the object listing"))
+                for key in keys
+            ]
             result = dest
         if not pairs:
             raise DataError(
@@ -647,13 +651,6 @@ class ArtifactStore:
         return target
 
 
-def _safe_relative(name: str, uri: str) -> Path:
-    """A manifest file name as a relative path; names escaping the artifact are refused."""
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise ArtifactError(f"{uri}: {MANIFEST} lists an unsafe file name {name!r}")
-    return Path(*path.parts)
-
 
 def is_s3_uri(uri: str | Path | None) -> bool:
     """True for ``s3://`` URIs (and KFP's ``minio://`` form of the same objects)."""
@@ -693,3 +690,23 @@ def local_input(uri: str | Path | None, store: ArtifactStore | None = None) -> I
             if not exc.path.startswith(str(local)):
                 raise
             raise DataError(remote + exc.path[len(str(local)):], exc.message, exc.line, exc.field) from None
+
+
+@contextlib.contextmanager
+def local_artifact(
+    uri: str | Path, kind: str | tuple[str, ...] | None = None, store: ArtifactStore | None = None
+) -> Iterator[Path]:
+    """A verified local directory of the artifact at ``uri`` for the ``with`` block.
+
+    A local path is verified in place; an ``s3://`` (or KFP ``minio://``) URI is downloaded into
+    a temporary directory (:meth:`ArtifactStore.download_artifact`, every file verified), removed
+    afterwards.
+    """
+    if not is_s3_uri(uri):
+        verify_artifact(uri, kind)
+        yield Path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="labelmatch-artifact-") as staging:
+        local = Path(staging) / "artifact"
+        (store or ArtifactStore.from_env()).download_artifact(as_s3_uri(str(uri)), local, kind)
+        yield local

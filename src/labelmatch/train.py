@@ -18,6 +18,7 @@ refreshed every ``N`` steps and row-wise whenever a label is embedded live. On R
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -31,14 +32,25 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from labelmatch.artifacts import artifact_digest, atomic_artifact_dir, read_manifest
+from labelmatch.chunking import Chunking
+from labelmatch.classifier import chunked_cosines
 from labelmatch.config import TrainConfig
-from labelmatch.data import Dataset
-from labelmatch.encoder import TextEncoder, add_lora, load_base, resolve_base_model, weights_digest
+from labelmatch.data import Dataset, labels_without_positives
+from labelmatch.encoder import (
+    TextEncoder,
+    add_lora,
+    base_pooling,
+    load_base,
+    resolve_base_model,
+    weights_digest,
+)
 from labelmatch.errors import ConfigError, DataError
 from labelmatch.losses import LossWeights, label_match_loss, positive_weights
 from labelmatch.metrics import binarize, macro_f1, tune_global_threshold, tune_thresholds
 from labelmatch.model import DualEncoder
 from labelmatch.model_io import Thresholds, save_model
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "trainer_state.pt"
 #: Hyper-parameters that may change when a checkpoint is restored (PBT explore).
@@ -139,13 +151,22 @@ class SFTTrainer:
             )
         self.label_names = dataset.label_names
         self.label_texts = list(dataset.labels.values())
+        no_val = set(labels_without_positives(dataset, "val"))
+        for name in labels_without_positives(dataset, "train"):
+            where = "none in validation either" if name in no_val else "it has some only in validation"
+            log.warning("label %r has no positive training document (%s): it is learnt from its "
+                        "description alone", name, where)
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         base, self.tokenizer = load_base(config.base_model)
         peft_model = add_lora(
             base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
         )
-        encoder = TextEncoder(peft_model, self.tokenizer, config.max_length)
+        self.pooling = base_pooling(config.base_model)
+        self.chunking = Chunking.for_model(
+            config.long_documents, config.predict_max_length, config.chunk_stride
+        )
+        encoder = TextEncoder(peft_model, self.tokenizer, config.max_length, self.pooling)
         self.model = DualEncoder(encoder, config.scale, 0.0).to(self.device)
         self.targets = torch.from_numpy(self.train_set.label_matrix())
         soft, mask = self.train_set.soft_matrix()
@@ -281,14 +302,17 @@ class SFTTrainer:
     def validation_scores(self) -> np.ndarray:
         """Probabilities of every label for every validation document.
 
-        Texts are read with ``config.predict_max_length`` tokens, as the saved model will read them.
+        Texts are read as the saved model will read them: ``config.predict_max_length`` tokens,
+        and long documents by the model's rule (``config.long_documents``: truncated, or the
+        maximum over windows), so thresholds are tuned on the scores the model will serve.
         """
+        size = self.config.eval_batch_size
         with self._reading_predict_length() as enc:
-            doc_emb = enc.embed([d.text for d in self.val_set.documents], self.config.eval_batch_size)
-            label_emb = enc.embed(self.label_texts, self.config.eval_batch_size)
-        with torch.no_grad():
-            _, logits = self.model.logits(doc_emb.to(self.device), label_emb.to(self.device))
-        return torch.sigmoid(logits).float().cpu().numpy()
+            label_emb = enc.embed(self.label_texts, size).numpy()
+            texts = [d.text for d in self.val_set.documents]
+            cos = chunked_cosines(enc, texts, label_emb, self.chunking, size)
+        logits = self.model.scale * cos + float(self.model.bias.item())
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
 
     def run_iteration(self) -> IterationResult:
         """Train ``steps_per_iteration`` steps (or until the end), then validate.
@@ -485,6 +509,10 @@ class SFTTrainer:
             "base_model": self.config.base_model,
             "base_model_digest": weights_digest(base_path),
             "max_length": self.config.predict_max_length,
+            "pooling": self.pooling.mode,
+            "normalize": self.pooling.normalize,
+            "long_documents": self.chunking.mode,
+            "chunk_stride": self.chunking.stride,
             "scale": self.model.scale,
             "bias": self.model.bias.item(),
             "embedding_dim": int(label_emb.shape[1]),

@@ -1,0 +1,517 @@
+"""``make images-check``: build the images and run them the way the cluster would, on this machine.
+
+No Docker daemon and no Kubernetes are needed: buildah builds the images (from a registry base or
+the local Debian base ``images/base-image.sh`` makes), and every run uses the image's own root file
+system (``buildah from`` + ``buildah mount``) in a private mount namespace: the root bind-mounted
+**read-only**, a tmpfs on ``/tmp``, ``/proc``, ``/dev`` and ``/sys`` from the host, the model or an
+output directory bound in, then ``chroot --userspec=10001:10001`` with the image's own environment
+(``ENV``), as the pod's ``securityContext`` (``runAsUser: 10001``, ``readOnlyRootFilesystem``)
+would run it. Processes share the host network: servers bind 127.0.0.1.
+
+Checks:
+
+* **serve**: runs as 10001; the root is read-only and ``/tmp`` writable; ``import torch`` fails;
+  ``labelmatch serve`` on an OnnxModel (the demo's export, or one trained here) answers readiness
+  and one inference over KServe v1 and over OIP v2, each equal to the host's
+  :class:`~labelmatch.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
+* **train**: runs the compiled training IR's ``data_prep`` executor — the IR's own command and
+  arguments, with an executor input built by ``kfp.local``'s code, as KFP's launcher would — and
+  writes a Dataset artifact the host verifies; then a short SFT (``labelmatch train``) on the
+  sample data writes a Model artifact the host verifies;
+* **base**: the CLI starts, as 10001, on a read-only root.
+
+Writes ``images.json`` and ``images.md`` (sizes, build times, digests, every check) under ``--out``.
+Needs root (buildah's vfs storage, mount namespaces).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSION = __import__("labelmatch").__version__
+LOCAL_BASE = "localhost/labelmatch-python:3.11-bookworm"
+UID = "10001:10001"
+TEXT = "Our Q2 VAT return was filed late and the tax office charged a penalty."
+
+
+def log(message: str) -> None:
+    print(f"[images-check] {message}", file=sys.stderr, flush=True)
+
+
+def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, check=True, text=True, **kwargs)
+
+
+def buildah(*args: str, capture: bool = True) -> str:
+    out = run(["buildah", "--storage-driver", "vfs", *args], capture_output=capture)
+    return out.stdout.strip() if capture else ""
+
+
+def image_exists(name: str) -> bool:
+    return (
+        subprocess.run(
+            ["buildah", "--storage-driver", "vfs", "inspect", "--type", "image", name], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+def base_image(args: argparse.Namespace) -> str:
+    """The PYTHON_IMAGE to build from: given, else the local Debian base (made when missing)."""
+    if args.python_image:
+        return args.python_image
+    if not image_exists(LOCAL_BASE):
+        log(f"no {LOCAL_BASE}: making it with images/base-image.sh (debootstrap)")
+        run([str(ROOT / "images" / "base-image.sh"), LOCAL_BASE], env={**os.environ, "ENGINE": "podman"})
+    return LOCAL_BASE
+
+
+def torch_wheel() -> str | None:
+    """A local CPU torch wheel of the pinned version (pip's find-links), for the check's train image."""
+    wanted = os.environ.get("TORCH_VERSION", "2.13.0")
+    for folder in (os.environ.get("PIP_FIND_LINKS", ""), "/opt/wheels"):
+        for path in sorted(Path(folder).glob(f"torch-{wanted}*cpu*.whl")) if folder else []:
+            return str(path)
+    return None
+
+
+def build(names: list[str], python_image: str) -> dict[str, dict[str, Any]]:
+    env = {**os.environ, "ENGINE": "buildah", "PYTHON_IMAGE": python_image}
+    wheel = torch_wheel()
+    if wheel:
+        env["TORCH_WHEEL"] = wheel
+    ca = os.environ.get("CA_BUNDLE") or (
+        "/etc/ssl/certs/ca-certificates.crt" if Path("/etc/ssl/certs/ca-certificates.crt").is_file() else ""
+    )
+    if ca:
+        env["CA_BUNDLE"] = ca
+    built = {}
+    for name in names:
+        log(
+            f"building {name} from {python_image}"
+            + (f" (torch {Path(wheel).name})" if wheel and name == "train" else "")
+        )
+        out = run([str(ROOT / "images" / "build.sh"), name], env=env, capture_output=True).stdout.split()
+        tag, digest, seconds = out[-3], out[-2], int(out[-1])
+        size = int(
+            run(
+                ["podman", "--storage-driver", "vfs", "image", "inspect", "--format", "{{.Size}}", tag],
+                capture_output=True,
+            ).stdout.strip()
+        )
+        built[name] = {"tag": tag, "digest": digest, "build_seconds": seconds, "size_bytes": size}
+        log(f"{tag}: {size / 2**20:.0f} MiB, {seconds} s, {digest}")
+    return built
+
+
+def image_env(tag: str) -> dict[str, str]:
+    config = json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", tag))
+    return dict(item.split("=", 1) for item in config.get("Env", []))
+
+
+@contextlib.contextmanager
+def rootfs(tag: str) -> Iterator[Path]:
+    """The image's root file system (a throwaway working container), mounted on the host."""
+    container = buildah("from", "--pull-never", tag)
+    try:
+        path = Path(buildah("mount", container))
+        for mountpoint in ("tmp", "proc", "dev", "sys", "mnt/models", "kfp-outputs", "data", "out"):
+            (path / mountpoint).mkdir(parents=True, exist_ok=True)
+        yield path
+    finally:
+        subprocess.run(["buildah", "--storage-driver", "vfs", "umount", container], capture_output=True)
+        subprocess.run(["buildah", "--storage-driver", "vfs", "rm", container], capture_output=True)
+
+
+def as_the_pod(
+    root: Path, env: dict[str, str], command: list[str], binds: dict[str, tuple[Path, bool]], **popen: Any
+) -> subprocess.Popen:
+    """Start ``command`` in ``root``: read-only root, tmpfs /tmp, user 10001, the image's ENV.
+
+    Args:
+        binds: ``{container path: (host path, writable)}``.
+    """
+    mounts = [
+        f"mount --rbind /dev {root}/dev",
+        f"mount --rbind /proc {root}/proc",
+        f"mount --rbind /sys {root}/sys",
+        f"mount -t tmpfs -o size=1g,mode=1777 tmpfs {root}/tmp",
+    ]
+    for target, (source, writable) in binds.items():
+        mounts.append(f"mount --bind {shlex.quote(str(source))} {root}{target}")
+        if not writable:
+            mounts.append(f"mount -o remount,bind,ro {root}{target}")
+    mounts += [f"mount --bind {root} {root}", f"mount -o remount,bind,ro {root}"]
+    environment = [f"{k}={v}" for k, v in env.items()]
+    inner = (
+        " && ".join(mounts)
+        + " && exec chroot --userspec="
+        + UID
+        + f" {root} /usr/bin/env -i "
+        + " ".join(shlex.quote(e) for e in environment)
+        + " "
+        + " ".join(shlex.quote(c) for c in command)
+    )
+    return subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", inner], text=True, **popen
+    )
+
+
+def in_pod(
+    root: Path,
+    env: dict[str, str],
+    command: list[str],
+    binds: dict[str, tuple[Path, bool]] | None = None,
+    timeout: float = 1800,
+) -> subprocess.CompletedProcess[str]:
+    proc = as_the_pod(root, env, command, binds or {}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Checks:
+    """Collects named checks; a failed one is recorded, not raised, so every check runs."""
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def add(self, image: str, name: str, passed: bool, detail: str = "") -> None:
+        self.results.append({"image": image, "check": name, "passed": bool(passed), "detail": detail[-2000:]})
+        why = f" — {detail[-300:]}" if detail and not passed else ""
+        log(f"{'PASS' if passed else 'FAIL'} {image}: {name}{why}")
+
+    @property
+    def ok(self) -> bool:
+        return all(r["passed"] for r in self.results)
+
+
+def the_model(args: argparse.Namespace, work: Path) -> Path:
+    """The OnnxModel to serve: --model, else the newest demo export, else a tiny one made here."""
+    if args.model:
+        return args.model
+    exports = sorted(
+        (ROOT / "runs" / "demo").glob("pipeline_root/*/export-onnx/onnx_model"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if exports:
+        return exports[-1]
+    log("no demo export (make demo): training and exporting a tiny model on the sample data")
+    from labelmatch.config import TrainConfig
+    from labelmatch.data import assign_splits, load_dataset
+    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.sample_data import sample_path
+    from labelmatch.train import train_sft
+
+    dataset = assign_splits(load_dataset(sample_path("tax")), 0.15, 0.15, 0)
+    train_sft(dataset, TrainConfig(epochs=1, max_length=64, progress=False), work / "model")
+    export_onnx(work / "model", work / "onnx", ExportConfig(agreement_gate=0.0), dataset)
+    return work / "onnx"
+
+
+def check_serve(tag: str, model: Path, checks: Checks) -> None:
+    import requests
+
+    from labelmatch.onnx_classifier import OnnxClassifier
+
+    env = image_env(tag)
+    with rootfs(tag) as root:
+        who = in_pod(root, env, ["python", "-c", "import os; print(os.getuid(), os.getgid())"])
+        checks.add("serve", "runs as 10001:10001", who.stdout.strip().endswith("10001 10001"), who.stdout)
+        writes = in_pod(
+            root,
+            env,
+            [
+                "python",
+                "-c",
+                "import pathlib; pathlib.Path('/tmp/x').write_text('ok');"
+                "pathlib.Path('/opt/venv/x').write_text('no')",
+            ],
+        )
+        checks.add(
+            "serve",
+            "root read-only, /tmp writable",
+            writes.returncode != 0 and "Read-only file system" in writes.stdout,
+            writes.stdout,
+        )
+        torch = in_pod(root, env, ["python", "-c", "import torch"])
+        checks.add(
+            "serve",
+            "torch is not importable",
+            torch.returncode != 0 and "No module named 'torch'" in torch.stdout,
+            torch.stdout,
+        )
+        port = free_port()
+        binds = {"/mnt/models": (model, False)}
+        server = as_the_pod(
+            root,
+            env,
+            [
+                "labelmatch",
+                "serve",
+                "--model",
+                "/mnt/models",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model-name",
+                "labelmatch",
+            ],
+            binds,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            ready, deadline = False, time.monotonic() + 240
+            while time.monotonic() < deadline and server.poll() is None:
+                with contextlib.suppress(requests.ConnectionError):
+                    if requests.get(f"{base}/v2/models/labelmatch/ready", timeout=2).status_code == 200:
+                        ready = True
+                        break
+                time.sleep(1)
+            health = ready and requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200
+            checks.add(
+                "serve",
+                "readiness (v2 health and model ready)",
+                health,
+                "" if ready else f"server exited {server.poll()}",
+            )
+            if not ready:
+                return
+            host = OnnxClassifier.load(model).predict([TEXT])[0]
+            v1 = requests.post(
+                f"{base}/v1/models/labelmatch:predict", json={"instances": [{"text": TEXT}]}, timeout=60
+            ).json()["predictions"][0]
+            v2 = requests.post(
+                f"{base}/v2/models/labelmatch/infer",
+                timeout=60,
+                json={"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [TEXT]}]},
+            ).json()
+            for protocol, answer in (("v1", v1), ("v2", _v2_prediction(v2))):
+                same = answer["labels"] == host["labels"] and all(
+                    abs(answer["scores"][k] - v) <= 1e-6 for k, v in host["scores"].items()
+                )
+                checks.add(
+                    "serve",
+                    f"{protocol} inference equals the host's OnnxClassifier",
+                    same,
+                    json.dumps({"served": answer, "host": host})[:1500],
+                )
+        finally:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=20)
+            if server.poll() is None:
+                server.kill()
+
+
+def _v2_prediction(response: dict[str, Any]) -> dict[str, Any]:
+    """The one document's ``{"labels", "scores"}`` from an OIP v2 response (labels as a JSON string
+    per document, scores an FP32 tensor in the order of the ``label_names`` parameter)."""
+    outputs = {o["name"]: o for o in response["outputs"]}
+    names = json.loads(response["parameters"]["label_names"])
+    return {
+        "labels": json.loads(outputs["labels"]["data"][0]),
+        "scores": dict(zip(names, outputs["scores"]["data"][: len(names)], strict=True)),
+    }
+
+
+def check_train(tag: str, work: Path, checks: Checks) -> None:
+    import yaml
+    from google.protobuf import json_format
+    from kfp.local import executor_input_utils
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from labelmatch.artifacts import verify_artifact
+    from labelmatch.sample_data import sample_path
+
+    ir_path = ROOT / "pipelines" / "compiled" / f"labelmatch-training-{VERSION}.yaml"
+    ir = next(yaml.safe_load_all(ir_path.read_text()))
+    container = ir["deploymentSpec"]["executors"]["exec-data-prep"]["container"]
+    spec = json_format.ParseDict(ir["components"]["comp-data-prep"], pipeline_spec_pb2.ComponentSpec())
+    executor_input = executor_input_utils.construct_executor_input(
+        spec, {"data_uri": "/data/tax"}, task_root="/kfp-outputs", block_input_artifact=True
+    )
+    as_json = json_format.MessageToJson(executor_input, indent=None)
+    command = container["command"] + [a.replace("{{$}}", as_json) for a in container["args"]]
+    outputs = work / "kfp-outputs"
+    outputs.mkdir(mode=0o777)
+    os.chmod(outputs, 0o777)
+    env = image_env(tag)
+    binds = {"/data": (sample_path("tax").parent, False), "/kfp-outputs": (outputs, True)}
+    with rootfs(tag) as root:
+        started = time.perf_counter()
+        prep = in_pod(root, env, command, binds)
+        try:
+            manifest = verify_artifact(outputs / "dataset", "Dataset")
+            ok = prep.returncode == 0 and manifest["summary"]["documents"] > 0
+        except Exception as exc:  # report, do not stop the other checks
+            ok, prep.stdout = False, f"{prep.stdout}\n{exc}"
+        checks.add(
+            "train",
+            "compiled IR's data_prep command writes a verified Dataset",
+            ok,
+            f"{time.perf_counter() - started:.0f} s; {prep.stdout[-1500:]}",
+        )
+        out = work / "out"
+        out.mkdir(mode=0o777)
+        os.chmod(out, 0o777)
+        started = time.perf_counter()
+        sft = in_pod(
+            root,
+            env,
+            [
+                "labelmatch",
+                "train",
+                "--data",
+                "/data/tax",
+                "--out",
+                "/out/model",
+                "--epochs",
+                "1",
+                "--max-length",
+                "32",
+                "--batch-size",
+                "16",
+            ],
+            {"/data": (sample_path("tax").parent, False), "/out": (out, True)},
+        )
+        try:
+            verify_artifact(out / "model", "Model")
+            ok = sft.returncode == 0
+        except Exception as exc:
+            ok, sft.stdout = False, f"{sft.stdout}\n{exc}"
+        checks.add(
+            "train",
+            "short SFT on the sample data writes a verified Model",
+            ok,
+            f"{time.perf_counter() - started:.0f} s; {sft.stdout[-1500:]}",
+        )
+
+
+def check_base(tag: str, checks: Checks) -> None:
+    env = image_env(tag)
+    with rootfs(tag) as root:
+        out = in_pod(root, env, ["labelmatch", "--help"])
+        checks.add(
+            "base",
+            "CLI starts as 10001 on a read-only root",
+            out.returncode == 0 and "pipeline" in out.stdout,
+            out.stdout,
+        )
+
+
+def machine() -> dict[str, str]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in run(["lscpu"], capture_output=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
+        "",
+    )
+    return {
+        "cpu": model,
+        "kernel": platform.release(),
+        "buildah": run(["buildah", "--version"], capture_output=True).stdout.strip(),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Container images, built and run here",
+        "",
+        f"Built with {report['machine']['buildah']} from `{report['python_image']}` on "
+        f"{report['machine']['cpu']}; whole check {report['wall_seconds']:.0f} s "
+        f"({'all checks passed' if report['passed'] else 'FAILED'}).",
+        "",
+        "| image | size | build time | digest |",
+        "|---|---|---|---|",
+    ]
+    for image in report["images"].values():
+        lines.append(
+            f"| `{image['tag']}` | {image['size_bytes'] / 2**20:.0f} MiB | {image['build_seconds']} s | "
+            f"`{image['digest'][:19]}` |"
+        )
+    lines += ["", "| image | check | result |", "|---|---|---|"]
+    lines += [
+        f"| {c['image']} | {c['check']} | {'pass' if c['passed'] else 'FAIL'} |" for c in report["checks"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--python-image",
+        default=os.environ.get("PYTHON_IMAGE", ""),
+        help=f"Base image (default: {LOCAL_BASE}, made with images/base-image.sh).",
+    )
+    parser.add_argument("--model", type=Path, help="OnnxModel to serve (default: the newest demo export).")
+    parser.add_argument("--images", default="base,train,serve")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("images-check needs root (buildah vfs storage, mount namespaces)", file=sys.stderr)
+        return 2
+    for tool in ("buildah", "podman", "unshare", "chroot"):
+        if not shutil.which(tool):
+            print(f"images-check needs {tool} (apt-get install buildah podman debootstrap)", file=sys.stderr)
+            return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    names = args.images.split(",")
+    python_image = base_image(args)
+    images = build(names, python_image)
+    checks = Checks()
+    with tempfile.TemporaryDirectory(prefix="images-check-") as tmp:
+        work = Path(tmp)
+        os.chmod(work, 0o755)
+        if "serve" in images:
+            check_serve(images["serve"]["tag"], the_model(args, work), checks)
+        if "train" in images:
+            check_train(images["train"]["tag"], work, checks)
+        if "base" in images:
+            check_base(images["base"]["tag"], checks)
+    report = {
+        "version": VERSION,
+        "python_image": python_image,
+        "machine": machine(),
+        "images": images,
+        "checks": checks.results,
+        "passed": checks.ok,
+        "wall_seconds": round(time.perf_counter() - started),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "images.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "images.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if checks.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
