@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench bench-quality bench-tune bench-grpo bench-serve
+.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,7 +35,15 @@ lint: setup
 	$(VENV)/bin/ruff check src tests bench components pipelines images
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-quality bench-tune bench-grpo bench-serve
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve
+
+## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
+bench-suite: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_suite.py --out bench/results
+
+## bench-transfer: zero-shot transfer to labels never trained on, untrained vs trained (needs ../shared/data)
+bench-transfer: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_transfer.py --out bench/results
 
 ## bench-quality: dual encoder vs zero-shot vs TF-IDF+LR on Reuters-21578 (needs ../shared/data)
 bench-quality: setup

@@ -62,13 +62,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
 import random
-import resource
-import time
 from pathlib import Path
 from typing import Any
+
+from common import measure
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reuters21578_modapte"
 
@@ -162,26 +160,6 @@ def run_sft(args, docs: int, epochs: int, refresh: int, keep_as: str | None = No
         "label_refresh_steps": refresh,
         "train_docs": docs,
     }
-
-
-def _child(queue, name, fn, args, kwargs):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    started = time.perf_counter()
-    result = fn(args, **kwargs)
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    queue.put((name, result))
-
-
-def measure(name, fn, args, **kwargs) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs))
-    proc.start()
-    _, result = queue.get()
-    proc.join()
-    print(f"{name}: {json.dumps(result)}", flush=True)
-    return result
 
 
 def write_report(results: dict[str, Any], args, out: Path) -> None:

@@ -49,6 +49,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import requests
+from common import machine
 
 from labelmatch.artifacts import atomic_artifact_dir
 from labelmatch.data import Dataset, load_dataset
@@ -72,20 +73,6 @@ def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) ->
     with atomic_artifact_dir(out) as tmp:
         save_model(tmp, model, tokenizer, labels, label_emb, Thresholds(0.5), info)
     return out
-
-
-def machine() -> dict[str, Any]:
-    """The CPU the ratios were measured on (int8 speed depends on VNNI/AMX above all)."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    return {"cpu": model, "cores": os.cpu_count(),
-            "int8_dot_product": [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
 
 
 def long_texts(dataset: Dataset, n: int, min_chars: int = 2000) -> list[str]:

@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import resource
-import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import machine, mean_spread
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SCENARIOS = ("clinc_heldout", "clinc_to_bitext", "bitext_to_clinc_finance")
@@ -282,32 +280,12 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dic
 
 
 def aggregate(runs: list[dict[str, Any]], eval_names: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for model in ("untrained", "trained"):
-        for name in eval_names:
-            for metric in ("macro_f1", "micro_f1", "top1_accuracy"):
-                values = [r[model][name][metric] for r in runs]
-                out[f"{model}/{name}/{metric}"] = {
-                    "mean": statistics.fmean(values),
-                    "spread": (max(values) - min(values)) / 2 if len(values) > 1 else 0.0,
-                    "values": values,
-                }
-    return out
-
-
-def machine() -> dict[str, Any]:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-            if line.startswith("Model name")
-        ),
-        "",
-    )
+    """Mean ± half-range over seeds of every model, evaluation set and metric."""
     return {
-        "cpu": model,
-        "python": platform.python_version(),
-        "cores": len(__import__("os").sched_getaffinity(0)),
+        f"{model}/{name}/{metric}": mean_spread([r[model][name][metric] for r in runs])
+        for model in ("untrained", "trained")
+        for name in eval_names
+        for metric in ("macro_f1", "micro_f1", "top1_accuracy")
     }
 
 

@@ -120,7 +120,8 @@ def build(names: list[str], python_image: str) -> dict[str, dict[str, Any]]:
 
 
 def image_env(tag: str) -> dict[str, str]:
-    config = json.loads(buildah("inspect", "--type", "image", "--format", "{{json .OCIv1.Config}}", tag))
+    """The image's ``ENV``, as the container runtime would set it."""
+    config = json.loads(buildah("inspect", "--type", "image", tag))["OCIv1"]["config"]
     return dict(item.split("=", 1) for item in config.get("Env", []))
 
 
@@ -146,7 +147,10 @@ def as_the_pod(
     Args:
         binds: ``{container path: (host path, writable)}``.
     """
+    # The root becomes a mount point first, so that the mounts below sit on it; it turns
+    # read-only last (a remount changes that one mount, not the ones on top of it).
     mounts = [
+        f"mount --bind {root} {root}",
         f"mount --rbind /dev {root}/dev",
         f"mount --rbind /proc {root}/proc",
         f"mount --rbind /sys {root}/sys",
@@ -156,7 +160,7 @@ def as_the_pod(
         mounts.append(f"mount --bind {shlex.quote(str(source))} {root}{target}")
         if not writable:
             mounts.append(f"mount -o remount,bind,ro {root}{target}")
-    mounts += [f"mount --bind {root} {root}", f"mount -o remount,bind,ro {root}"]
+    mounts.append(f"mount -o remount,bind,ro {root}")
     environment = [f"{k}={v}" for k, v in env.items()]
     inner = (
         " && ".join(mounts)
@@ -292,12 +296,9 @@ def check_serve(tag: str, model: Path, checks: Checks) -> None:
                         break
                 time.sleep(1)
             health = ready and requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200
-            checks.add(
-                "serve",
-                "readiness (v2 health and model ready)",
-                health,
-                "" if ready else f"server exited {server.poll()}",
-            )
+            output = "" if ready or server.poll() is None else (server.stdout.read() if server.stdout else "")
+            why = "" if ready else f"server exited {server.poll()}: {output}"
+            checks.add("serve", "readiness (v2 health and model ready)", health, why)
             if not ready:
                 return
             host = OnnxClassifier.load(model).predict([TEXT])[0]
@@ -474,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, help="OnnxModel to serve (default: the newest demo export).")
     parser.add_argument("--images", default="base,train,serve")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Check the images an earlier run built (its images.json) instead of building.")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("images-check needs root (buildah vfs storage, mount namespaces)", file=sys.stderr)
@@ -485,14 +488,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     names = args.images.split(",")
-    python_image = base_image(args)
-    images = build(names, python_image)
+    if args.reuse:
+        earlier = json.loads((args.out / "images.json").read_text())
+        python_image, images = earlier["python_image"], {k: earlier["images"][k] for k in names}
+    else:
+        python_image = base_image(args)
+        images = build(names, python_image)
     checks = Checks()
     with tempfile.TemporaryDirectory(prefix="images-check-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
         if "serve" in images:
-            check_serve(images["serve"]["tag"], the_model(args, work), checks)
+            # A copy readable by the server's user, as KServe's storage initializer leaves it.
+            model = work / "served-model"
+            shutil.copytree(the_model(args, work), model)
+            for path in [model, *model.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            check_serve(images["serve"]["tag"], model, checks)
         if "train" in images:
             check_train(images["train"]["tag"], work, checks)
         if "base" in images:

@@ -124,3 +124,16 @@ def test_exchange_swaps_two_directories_in_one_step(tmp_path):
     (tmp_path / "b" / "x").write_text("from b")
     exchange_paths(tmp_path / "a", tmp_path / "b")
     assert (tmp_path / "b" / "x").read_text() == "from a" and (tmp_path / "a" / "x").read_text() == "from b"
+
+
+def test_an_artifact_is_readable_by_other_users_as_the_umask_allows(tmp_path):
+    """mkdtemp makes private directories; a model server running as another user must read the model."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with atomic_artifact_dir(tmp_path / "out") as tmp:
+            (tmp / "v.json").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

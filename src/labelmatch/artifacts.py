@@ -193,6 +193,11 @@ def atomic_artifact_dir(out: str | Path, overwrite: bool = True) -> Iterator[Pat
     if out.exists() and not overwrite:
         raise ArtifactError(f"output {out} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes the directory private (0700); an artifact is as readable as any directory
+    # this process makes (the umask decides), e.g. by a model server running as another user.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         fsync_tree(tmp)

@@ -11,7 +11,8 @@ import numpy as np
 
 from labelmatch.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.encoder import Pooling, TextEncoder, base_pooling, load_base
-from labelmatch.model_io import Thresholds, load_encoder_model
+from labelmatch.hierarchy import Hierarchy
+from labelmatch.model_io import Thresholds, load_encoder_model, read_hierarchy
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Classifier:
         self.bias = float(bias)
         self.thresholds = thresholds
         self.chunking = chunking or Chunking.for_model("truncate", encoder.max_length)
+        #: Child → parent links; a predicted child brings its parent (``hierarchy.json``).
+        self.hierarchy: Hierarchy | None = None
         self.info = info or {}
         self._cache: dict[str, np.ndarray] = {}
         if label_embeddings is None:
@@ -93,7 +96,9 @@ class Classifier:
         thresholds = Thresholds.from_json(json.loads((root / "thresholds.json").read_text()))
         encoder = TextEncoder(model.to(device), tokenizer, int(info["max_length"]), Pooling.from_info(info))
         chunking = Chunking.from_info(info)
-        return cls(encoder, labels, embeddings, info["scale"], info["bias"], thresholds, chunking, info)
+        classifier = cls(encoder, labels, embeddings, info["scale"], info["bias"], thresholds, chunking, info)
+        classifier.hierarchy = read_hierarchy(root)
+        return classifier
 
     @classmethod
     def zero_shot(
@@ -197,6 +202,8 @@ class Classifier:
         out = []
         for row_p, row_c in zip(probs, cos, strict=True):
             chosen = [names[j] for j in np.argsort(-row_p) if row_p[j] >= thresholds[j]]
+            if self.hierarchy is not None:
+                chosen = self.hierarchy.enforce(chosen, names)
             out.append(
                 Prediction(
                     chosen,

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.errors import DataError
+from labelmatch.hierarchy import HIERARCHY_FILE, Hierarchy, load_hierarchy
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,12 @@ class Dataset:
     Attributes:
         documents: The documents.
         labels: ``{label name: description}``; its order is the label order everywhere.
+        hierarchy: Child → parent links between the labels (``hierarchy.json``), or ``None``.
     """
 
     documents: list[Document]
     labels: dict[str, str]
+    hierarchy: Hierarchy | None = None
 
     @property
     def label_names(self) -> list[str]:
@@ -93,7 +96,7 @@ class Dataset:
 
     def split(self, name: str) -> Dataset:
         """The documents of one split (``train``, ``val`` or ``test``), same labels."""
-        return Dataset([d for d in self.documents if d.split == name], self.labels)
+        return Dataset([d for d in self.documents if d.split == name], self.labels, self.hierarchy)
 
     def label_matrix(self) -> Any:
         """Binary ``(n_docs, n_labels)`` float32 numpy matrix of hard targets."""
@@ -372,7 +375,8 @@ def load_dataset(
     """Load a dataset from a directory or a JSON-lines file, in either format.
 
     Args:
-        path: A directory holding ``docs.jsonl`` (+ ``labels.json``), or a ``.jsonl`` file.
+        path: A directory holding ``docs.jsonl`` (+ ``labels.json``, + an optional
+            ``hierarchy.json``, see :mod:`labelmatch.hierarchy`), or a ``.jsonl`` file.
         labels_path: ``labels.json``; defaults to the one beside the documents. Required for the
             normalised format, optional for pairs (descriptions then come from ``label_text``).
         max_chars: Longest accepted text.
@@ -385,20 +389,27 @@ def load_dataset(
     if not docs_path.is_file():
         raise DataError(docs_path, "file not found")
     if is_pair_file(docs_path):
-        return load_pairs(docs_path, labels, max_chars)
-    if labels is None:
+        dataset = load_pairs(docs_path, labels, max_chars)
+    elif labels is None:
         raise DataError(docs_path.parent / LABELS_FILE, "label file not found (pass --labels)")
-    return Dataset(load_documents(docs_path, labels, max_chars), labels)
+    else:
+        dataset = Dataset(load_documents(docs_path, labels, max_chars), labels)
+    hierarchy_path = docs_path.parent / HIERARCHY_FILE
+    if hierarchy_path.is_file():
+        dataset.hierarchy = load_hierarchy(hierarchy_path, dataset.labels)
+    return dataset
 
 
 def save_dataset(dataset: Dataset, out_dir: str | Path) -> None:
-    """Write ``docs.jsonl`` and ``labels.json`` into ``out_dir`` (no manifest)."""
+    """Write ``docs.jsonl``, ``labels.json`` (and ``hierarchy.json``) into ``out_dir`` (no manifest)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / DOCS_FILE, "w", encoding="utf-8") as handle:
         for doc in dataset.documents:
             handle.write(json.dumps(doc.to_json(), ensure_ascii=False) + "\n")
     (out_dir / LABELS_FILE).write_text(json.dumps(dataset.labels, indent=2, ensure_ascii=False) + "\n")
+    if dataset.hierarchy is not None:
+        (out_dir / HIERARCHY_FILE).write_text(json.dumps(dataset.hierarchy.to_json(), indent=2) + "\n")
 
 
 def assign_splits(

@@ -18,6 +18,7 @@ from labelmatch.artifacts import (
 from labelmatch.classifier import Classifier
 from labelmatch.data import Dataset
 from labelmatch.errors import DataError
+from labelmatch.hierarchy import level_metrics
 from labelmatch.metrics import binarize, classification_metrics
 from labelmatch.report import markdown_report, plot_per_label_f1, plot_reliability, plot_thresholds
 
@@ -52,12 +53,22 @@ def evaluate(classifier: Any, dataset: Dataset, split: str = "test") -> dict[str
         split: ``train``, ``val``, ``test`` or ``all``.
 
     Returns:
-        :func:`labelmatch.metrics.classification_metrics` plus ``thresholds`` and ``split``.
+        :func:`labelmatch.metrics.classification_metrics` plus ``thresholds`` and ``split``, and
+        for a model with a label hierarchy ``levels`` (per-level micro/macro-F1 and the share of
+        documents whose raw decisions broke the hierarchy before it was enforced).
     """
     targets, probs = score_split(classifier, dataset, split)
     names = dataset.label_names
     thresholds = classifier.thresholds_for(names)
-    metrics = classification_metrics(targets, binarize(probs, thresholds), probs, names)
+    decisions = binarize(probs, thresholds)
+    hierarchy = getattr(classifier, "hierarchy", None)
+    levels = None
+    if hierarchy is not None:  # scored as served: every predicted child brings its parent
+        levels = level_metrics(targets.astype(np.int64), decisions, names, hierarchy)
+        decisions = hierarchy.enforce_matrix(decisions, names)
+    metrics = classification_metrics(targets, decisions, probs, names)
+    if levels is not None:
+        metrics["levels"] = levels
     metrics["split"] = split
     metrics["thresholds"] = {n: float(t) for n, t in zip(names, thresholds, strict=True)}
     metrics["default_threshold"] = classifier.default_threshold

@@ -85,6 +85,7 @@ from labelmatch.artifacts import (
 from labelmatch.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.data import Dataset
 from labelmatch.errors import ConfigError, DataError, LabelmatchError
+from labelmatch.hierarchy import HIERARCHY_FILE
 from labelmatch.metrics import macro_f1, tune_thresholds
 from labelmatch.model_card import write_model_card
 from labelmatch.onnx_classifier import (
@@ -236,6 +237,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         fallback = parity["fallback"]
         write_json(tmp / "labels.json", labels)
         write_json(tmp / "thresholds.json", tuned)
+        if (source / HIERARCHY_FILE).is_file():
+            shutil.copyfile(source / HIERARCHY_FILE, tmp / HIERARCHY_FILE)
         write_json(tmp / "parity.json", parity)
         write_json(tmp / "labelmatch.json", {
             **info,

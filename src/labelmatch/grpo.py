@@ -49,7 +49,7 @@ from labelmatch.grpo_math import (
     sample_label_sets,
 )
 from labelmatch.model import DualEncoder
-from labelmatch.model_io import Thresholds, load_encoder_model, save_model
+from labelmatch.model_io import Thresholds, load_encoder_model, read_hierarchy, save_model
 from labelmatch.rewards import RewardConfig, feedback_label_rewards, feedback_rewards
 
 log = logging.getLogger(__name__)
@@ -556,7 +556,8 @@ def train_grpo(
     }
     with atomic_artifact_dir(out_dir) as tmp:
         save_model(
-            tmp, encoder.model, trainer.tokenizer, labels, label_emb, thresholds, info, lineage=lineage
+            tmp, encoder.model, trainer.tokenizer, labels, label_emb, thresholds, info, lineage=lineage,
+            hierarchy=read_hierarchy(model_dir),
         )
     summary.update(history=history, seconds=round(time.perf_counter() - started, 2), out_dir=str(out_dir))
     return summary

@@ -24,6 +24,7 @@ import numpy as np
 from labelmatch import __version__
 from labelmatch.artifacts import verify_artifact, write_json, write_manifest
 from labelmatch.errors import ArtifactError
+from labelmatch.hierarchy import HIERARCHY_FILE, Hierarchy, load_hierarchy
 from labelmatch.model_card import write_model_card
 
 MODEL_INFO = "labelmatch.json"
@@ -66,6 +67,7 @@ def save_model(
     info: dict[str, Any],
     save_merged: bool = False,
     lineage: dict[str, Any] | None = None,
+    hierarchy: Hierarchy | None = None,
 ) -> dict[str, Any]:
     """Write a complete Model artifact into ``out_dir`` (normally a temporary directory).
 
@@ -80,6 +82,8 @@ def save_model(
             ``metrics``, ``history`` and anything else worth keeping.
         save_merged: With an adapter, also write the merged encoder to ``encoder/``.
         lineage: Recorded in the manifest.
+        hierarchy: Child → parent links of the labels, written as ``hierarchy.json`` (predictions
+            then keep label sets consistent).
 
     Returns:
         The manifest.
@@ -100,6 +104,8 @@ def save_model(
     write_json(out / "labels.json", labels)
     np.save(out / "label_embeddings.npy", label_embeddings.astype(np.float32))
     write_json(out / "thresholds.json", thresholds.to_json())
+    if hierarchy is not None and hierarchy.parent_of:
+        write_json(out / HIERARCHY_FILE, hierarchy.to_json())
     full_info = {
         "format": "labelmatch.model",
         "format_version": FORMAT_VERSION,
@@ -116,6 +122,14 @@ def save_model(
     write_model_card(out, "Model")
     summary = {"labels": len(labels), "layout": full_info["layout"], "base_model": full_info["base_model"]}
     return write_manifest(out, "Model", lineage=lineage, extra=summary)
+
+
+def read_hierarchy(model_dir: str | Path) -> Hierarchy | None:
+    """The label hierarchy an artifact carries (``hierarchy.json``), or ``None``."""
+    path = Path(model_dir) / HIERARCHY_FILE
+    if not path.is_file():
+        return None
+    return load_hierarchy(path, json.loads((Path(model_dir) / "labels.json").read_text()))
 
 
 def read_model_info(model_dir: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import numpy as np
 from labelmatch.artifacts import artifact_digest, verify_artifact
 from labelmatch.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.errors import ArtifactError, ConfigError
+from labelmatch.hierarchy import HIERARCHY_FILE, Hierarchy, load_hierarchy
 
 MODEL_FILE = "model.onnx"
 FP32_MODEL_FILE = "model_fp32.onnx"
@@ -222,6 +223,8 @@ class OnnxClassifier:
         self.bias = float(bias)
         self.info = info or {}
         self.chunking = Chunking.from_info({"max_length": encoder.max_length, **self.info})
+        #: Child → parent links; a predicted child brings its parent (``hierarchy.json``).
+        self.hierarchy: Hierarchy | None = None
         self.model_version = model_version
         self._lock = threading.Lock()
         self._request_cache: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -253,9 +256,13 @@ class OnnxClassifier:
                 raise ArtifactError(f"artifact {root}: no {plan['model']} (its fp32 fallback graph)")
             fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config)
         version = info.get("model_version") or artifact_digest(root)[:12]
-        return cls(encoder, _read_json(root, "labels.json"), np.load(root / "label_embeddings.npy"),
-                   info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
-                   fallback, float(plan["margin"]) if plan else 0.0)
+        labels = _read_json(root, "labels.json")
+        classifier = cls(encoder, labels, np.load(root / "label_embeddings.npy"),
+                         info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
+                         fallback, float(plan["margin"]) if plan else 0.0)
+        if (root / HIERARCHY_FILE).is_file():
+            classifier.hierarchy = load_hierarchy(root / HIERARCHY_FILE, labels)
+        return classifier
 
     def set_labels(self, labels: dict[str, str], thresholds: dict[str, Any],
                    label_embeddings: np.ndarray | None = None) -> None:
@@ -361,6 +368,8 @@ class OnnxClassifier:
         out = []
         for row_p, row_c in zip(probs, cos, strict=True):
             chosen = [names[j] for j in np.argsort(-row_p, kind="stable") if row_p[j] >= thresholds[j]]
+            if self.hierarchy is not None:
+                chosen = self.hierarchy.enforce(chosen, names)
             prediction: dict[str, Any] = {
                 "labels": chosen,
                 "scores": {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},

@@ -225,7 +225,10 @@ def prepare_dataset(
     if not documents:
         raise DataError(data, "no documents left after validation and de-duplication")
     dataset = assign_splits(
-        Dataset(documents, dataset.labels), config.val_fraction, config.test_fraction, config.seed
+        Dataset(documents, dataset.labels, dataset.hierarchy),
+        config.val_fraction,
+        config.test_fraction,
+        config.seed,
     )
     label_counts = {
         name: {s: c[name] for s, c in _split_label_counts(dataset).items()} for name in dataset.labels

@@ -541,6 +541,7 @@ class SFTTrainer:
                 info,
                 save_merged=self.config.save_merged,
                 lineage=lineage,
+                hierarchy=self.dataset.hierarchy,
             )
         return Path(out_dir)
 
