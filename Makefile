@@ -33,6 +33,7 @@ test: setup
 ## lint: ruff
 lint: setup
 	$(VENV)/bin/ruff check src tests bench components pipelines images
+	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
 bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve

@@ -9,9 +9,9 @@ Scenario (Bitext customer-support intents, ``../shared/data/bitext_customer_supp
 2. **Simulated feedback** on a separate pool of training documents from the focus categories
    (never seen by SFT): the SFT model's served prediction is compared with the true labels;
    ``score = clip(round(1 + 4·F1 + noise), 1, 5)`` and a share of records carries the true labels
-   as corrections. Records go through the real :class:`~labelmatch.feedback.FeedbackStore`
+   as corrections. Records go through the real :class:`~labelmatch.feedback.store.FeedbackStore`
    (SQLite) and its export.
-3. **GRPO** (:func:`labelmatch.grpo.train_grpo`) from the SFT model on that export.
+3. **GRPO** (:func:`labelmatch.feedback.grpo.train_grpo`) from the SFT model on that export.
 4. **Test macro-F1** of SFT and SFT+GRPO on the test split, separately on the feedback's
    distribution (focus categories) and on the rest, with each model's own thresholds. Macro-F1
    is over the labels that occur in that part; micro-F1 over all labels is reported too.
@@ -36,16 +36,16 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from labelmatch.artifacts import verify_artifact
-from labelmatch.classifier import Classifier
-from labelmatch.config import TrainConfig
-from labelmatch.data import Dataset, Document, assign_splits, load_dataset
-from labelmatch.errors import ArtifactError
-from labelmatch.feedback import FeedbackRecord, FeedbackStore
-from labelmatch.grpo import GRPOConfig, retune_thresholds, train_grpo
-from labelmatch.metrics import binarize
-from labelmatch.report import _pyplot
-from labelmatch.train import train_sft
+from labelmatch.core.artifacts import verify_artifact
+from labelmatch.core.errors import ArtifactError
+from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset
+from labelmatch.evaluation.metrics import binarize
+from labelmatch.evaluation.report import pyplot
+from labelmatch.feedback.grpo import GRPOConfig, retune_thresholds, train_grpo
+from labelmatch.feedback.store import FeedbackRecord, FeedbackStore
+from labelmatch.model.classifier import Classifier
+from labelmatch.training.config import TrainConfig
+from labelmatch.training.sft import train_sft
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bitext_customer_support"
 
@@ -201,7 +201,7 @@ def part_metrics(classifier: Classifier, docs: list[Document], labels: dict[str,
 
 def plot_curve(values: list[float], title: str, ylabel: str, path: Path) -> str:
     """A curve with its moving average."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(values, color="#88ccee", label="per step")
     window = max(1, len(values) // 10)

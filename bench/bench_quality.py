@@ -72,7 +72,7 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reuters
 
 
 def load_subsets(train_docs: int, seed: int):
-    from labelmatch.data import Dataset, load_dataset
+    from labelmatch.data.dataset import Dataset, load_dataset
 
     full = load_dataset(DATA)
     train = [d for d in full.documents if d.split == "train"]
@@ -87,7 +87,7 @@ def load_subsets(train_docs: int, seed: int):
 
 
 def scores_metrics(dataset, val_scores, test_scores) -> dict[str, Any]:
-    from labelmatch.metrics import binarize, classification_metrics, tune_global_threshold
+    from labelmatch.evaluation.metrics import binarize, classification_metrics, tune_global_threshold
 
     threshold, _ = tune_global_threshold(dataset.split("val").label_matrix(), val_scores)
     test = dataset.split("test")
@@ -121,7 +121,7 @@ def run_tfidf(args, full_train: bool) -> dict[str, Any]:
 
 
 def run_zero_shot(args) -> dict[str, Any]:
-    from labelmatch.classifier import Classifier
+    from labelmatch.model.classifier import Classifier
 
     dataset, _ = load_subsets(args.train_docs, args.seed)
     clf = Classifier.zero_shot(dataset.labels, max_length=args.inference_max_length or args.max_length)
@@ -131,10 +131,10 @@ def run_zero_shot(args) -> dict[str, Any]:
 
 
 def run_sft(args, docs: int, epochs: int, refresh: int, keep_as: str | None = None) -> dict[str, Any]:
-    from labelmatch.classifier import Classifier
-    from labelmatch.config import TrainConfig
-    from labelmatch.evaluate import evaluate
-    from labelmatch.train import train_sft
+    from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.training.sft import train_sft
 
     dataset, _ = load_subsets(docs, args.seed)
     config = TrainConfig(
@@ -197,7 +197,7 @@ def write_report(results: dict[str, Any], args, out: Path) -> None:
         f"Training reads {args.max_length} tokens per document; validation, "
         f"thresholds, test and the zero-shot row read {args.inference_max_length or args.max_length}. "
         "Per-label thresholds are shrunk towards the global one by validation evidence "
-        "(`labelmatch.metrics.tune_label_thresholds`).",
+        "(`labelmatch.evaluation.metrics.tune_label_thresholds`).",
         "",
         f"Training documents: a seeded random subsample of {args.train_docs} of the 7,770 official "
         "train documents (10% of them held out as validation for early stopping and thresholds), "

@@ -8,7 +8,7 @@ compare like with like on a shared, noisy CPU. Reported (``bench/results/serve.j
   (texts from Reuters-21578 long enough that every sequence is full);
 * label-set agreement of ORT fp32/int8 with torch and cosine parity (from the export's
   ``parity.json``, on Reuters test documents);
-* the HTTP server (``labelmatch.serve`` subprocess on 127.0.0.1) under ``--clients`` concurrent
+* the HTTP server (``labelmatch.serving.server`` subprocess on 127.0.0.1) under ``--clients`` concurrent
   clients for ``--duration`` seconds: throughput, p50/p99, error count, server RSS before/after;
 * server overhead at batch 1: sequential single-document requests (``http.client``, one
   keep-alive connection), each one's client-side latency minus the model time the server
@@ -51,10 +51,16 @@ import numpy as np
 import requests
 from common import machine
 
-from labelmatch.artifacts import atomic_artifact_dir
-from labelmatch.data import Dataset, load_dataset
-from labelmatch.export import ExportConfig, export_onnx
-from labelmatch.onnx_classifier import FP32_MODEL_FILE, MODEL_FILE, TOKENIZER_FILE, OnnxEncoder, OrtConfig
+from labelmatch.core.artifacts import atomic_artifact_dir
+from labelmatch.data.dataset import Dataset, load_dataset
+from labelmatch.export.onnx import ExportConfig, export_onnx
+from labelmatch.serving.onnx_classifier import (
+    FP32_MODEL_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    OnnxEncoder,
+    OrtConfig,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
 ENGINES = ("torch_fp32", "ort_fp32", "ort_int8")
@@ -62,8 +68,9 @@ ENGINES = ("torch_fp32", "ort_fp32", "ort_int8")
 
 def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) -> Path:
     """The bundled encoder + Reuters label descriptions as a Model artifact (cos 0.3 → p 0.5)."""
-    from labelmatch.encoder import TextEncoder, load_base, resolve_base_model, weights_digest
-    from labelmatch.model_io import Thresholds, save_model
+    from labelmatch.model.encoder import TextEncoder, load_base, resolve_base_model, weights_digest
+    from labelmatch.model.io import save_model
+    from labelmatch.model.matching import Thresholds
 
     model, tokenizer = load_base("bundled:minilm")
     label_emb = TextEncoder(model, tokenizer, max_length).embed(list(labels.values())).numpy()
@@ -87,8 +94,8 @@ class Engines:
     def __init__(self, model_dir: Path, onnx_dir: Path, seq: int, threads: int):
         import torch
 
-        from labelmatch.encoder import TextEncoder
-        from labelmatch.model_io import load_encoder_model
+        from labelmatch.model.encoder import TextEncoder
+        from labelmatch.model.io import load_encoder_model
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -170,7 +177,7 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
-    command = [sys.executable, "-m", "labelmatch.serve", "--model_dir", str(onnx_dir),
+    command = [sys.executable, "-m", "labelmatch.serving.server", "--model_dir", str(onnx_dir),
                "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", str(threads),
                "--enable_latency_logging", "false"]
     with log.open("w") as handle:
@@ -266,7 +273,7 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
 
 def model_only_p50(onnx_dir: Path, texts: list[str], threads: int, n: int) -> float:
     """p50 of ``OnnxClassifier.predict`` on one document (what the server does per request)."""
-    from labelmatch.onnx_classifier import OnnxClassifier
+    from labelmatch.serving.onnx_classifier import OnnxClassifier
 
     clf = OnnxClassifier.load(onnx_dir, OrtConfig(intra_op_threads=threads))
     for text in texts[:10]:

@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def split_dataset(name: str, train_docs: int, val_docs: int, seed: int) -> Any:
     """The official test split whole; validation and a training subsample from the official train split."""
-    from labelmatch.data import Dataset, Document, load_dataset
+    from labelmatch.data.dataset import Dataset, Document, load_dataset
 
     full = load_dataset(DATA / name)
     rng = random.Random(seed)
@@ -76,7 +76,7 @@ def split_dataset(name: str, train_docs: int, val_docs: int, seed: int) -> Any:
 
 def _metrics(dataset: Any, val_scores: np.ndarray, test_scores: np.ndarray) -> dict[str, Any]:
     """Micro/macro-F1 on test at the global threshold tuned on validation."""
-    from labelmatch.metrics import binarize, classification_metrics, tune_global_threshold
+    from labelmatch.evaluation.metrics import binarize, classification_metrics, tune_global_threshold
 
     threshold, _ = tune_global_threshold(dataset.split("val").label_matrix(), val_scores)
     test = dataset.split("test")
@@ -94,7 +94,7 @@ def run_tfidf(name: str, args: argparse.Namespace, seed: int, model: str) -> dic
     from sklearn.multiclass import OneVsRestClassifier
     from sklearn.svm import LinearSVC
 
-    from labelmatch.metrics import binarize, tune_global_threshold
+    from labelmatch.evaluation.metrics import binarize, tune_global_threshold
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, seed)
     train, val, test = (dataset.split(s) for s in ("train", "val", "test"))
@@ -138,7 +138,7 @@ def run_tfidf(name: str, args: argparse.Namespace, seed: int, model: str) -> dic
 
 
 def run_zero_shot(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from labelmatch.classifier import Classifier
+    from labelmatch.model.classifier import Classifier
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, seed)
     clf = Classifier.zero_shot(dataset.labels, max_length=INFERENCE_LENGTH.get(name, args.max_length))
@@ -148,10 +148,10 @@ def run_zero_shot(name: str, args: argparse.Namespace, seed: int) -> dict[str, A
 
 
 def run_dual_encoder(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from labelmatch.classifier import Classifier
-    from labelmatch.config import TrainConfig
-    from labelmatch.evaluate import evaluate
-    from labelmatch.train import train_sft
+    from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.training.sft import train_sft
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, seed)
     config = TrainConfig(

@@ -57,7 +57,7 @@ class Scenario:
     """A training set (train/val splits) and the evaluation sets scored after training."""
 
     name: str
-    train: Any  # labelmatch.data.Dataset with train and val splits
+    train: Any  # labelmatch.data.dataset.Dataset with train and val splits
     evals: list[EvalSet]
 
 
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load(name: str):
-    from labelmatch.data import load_dataset
+    from labelmatch.data.dataset import load_dataset
 
     return load_dataset(DATA / name)
 
@@ -100,7 +100,7 @@ def _hierarchy(name: str) -> dict[str, list[str]]:
 
 def _leaf_docs(dataset, leaves: set[str]):
     """Documents whose leaf (intent) label is in ``leaves``, relabelled with that leaf only."""
-    from labelmatch.data import Document
+    from labelmatch.data.dataset import Document
 
     out = []
     for doc in dataset.documents:
@@ -114,7 +114,7 @@ def _train_val(
     docs, labels: dict[str, str], per_label: int, val_per_label: int, seed: int, is_val=lambda d: False
 ):
     """A Dataset with ``per_label`` train and ``val_per_label`` validation documents per label."""
-    from labelmatch.data import Dataset, Document
+    from labelmatch.data.dataset import Dataset, Document
 
     rng = random.Random(seed)
     by_label: dict[str, list] = {name: [] for name in labels}
@@ -207,7 +207,7 @@ def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
     micro-F1 and top-1 accuracy, and as a miss of its true label, but the seen labels' own F1
     (zero positives) do not dilute the macro average.
     """
-    from labelmatch.metrics import binarize, macro_f1
+    from labelmatch.evaluation.metrics import binarize, macro_f1
 
     _, probs = clf.scores(evalset.texts, evalset.labels, replace=True)
     pred = binarize(probs, threshold)
@@ -224,7 +224,7 @@ def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
 
 def val_threshold(clf: Any, dataset: Any) -> float:
     """The global threshold tuned on the scenario's validation split (seen labels)."""
-    from labelmatch.metrics import tune_global_threshold
+    from labelmatch.evaluation.metrics import tune_global_threshold
 
     val = dataset.split("val")
     _, probs = clf.scores([d.text for d in val.documents], dataset.labels, replace=True)
@@ -232,9 +232,9 @@ def val_threshold(clf: Any, dataset: Any) -> float:
 
 
 def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from labelmatch.classifier import Classifier
-    from labelmatch.config import TrainConfig
-    from labelmatch.train import train_sft
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.training.sft import train_sft
 
     train = scenario.train
     result: dict[str, Any] = {

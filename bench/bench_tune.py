@@ -35,10 +35,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 
-from labelmatch.config import TrainConfig
-from labelmatch.data import Dataset, assign_splits, load_dataset
-from labelmatch.tune import METRIC, TuneConfig, best_checkpoint, init_local_ray, run_tune
+from labelmatch.data.dataset import Dataset, assign_splits, load_dataset
+from labelmatch.training.config import TrainConfig
 from labelmatch.tuning.history import build_history, plot_history, progress_frame
+from labelmatch.tuning.pbt import METRIC, TuneConfig, best_checkpoint, init_local_ray, run_tune
 from labelmatch.tuning.search_space import SearchSpace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bitext_customer_support"
@@ -71,9 +71,9 @@ def curve(results: Any) -> list[dict[str, Any]]:
 
 def test_f1(results: Any, dataset: Dataset, work: Path) -> dict[str, Any]:
     """Macro-F1 on the test split of the best checkpoint (by validation F1)."""
-    from labelmatch.classifier import Classifier
-    from labelmatch.evaluate import evaluate
-    from labelmatch.train import SFTTrainer
+    from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.training.sft import SFTTrainer
 
     checkpoint, metrics = best_checkpoint(results)
     with checkpoint.as_directory() as directory:

@@ -21,7 +21,7 @@ def data_prep(
 ) -> int:
     """Validate, normalise, PII-redact, de-duplicate and split labelled documents.
 
-    Calls :func:`labelmatch.prep.prepare_dataset`.
+    Calls :func:`labelmatch.data.prepare.prepare_dataset`.
 
     Args:
         data_uri: Path of the input: a directory with ``docs.jsonl`` (+ ``labels.json``) or a
@@ -36,14 +36,14 @@ def data_prep(
         val_fraction: Validation share of documents without a split.
         test_fraction: Test share of documents without a split.
         seed: Seed of the stratified split.
-        redact_pii: Replace PII with ``<ENTITY>`` placeholders (:mod:`labelmatch.pii`).
+        redact_pii: Replace PII with ``<ENTITY>`` placeholders (:mod:`labelmatch.data.pii`).
         deduplicate: Merge documents with the same normalised, case-folded text.
 
     Returns:
         The number of documents written.
     """
-    from labelmatch.prep import PrepConfig, prepare_dataset
-    from labelmatch.report import write_report_page
+    from labelmatch.data.prepare import PrepConfig, prepare_dataset
+    from labelmatch.evaluation.report import write_report_page
 
     config = PrepConfig(
         val_fraction=val_fraction,

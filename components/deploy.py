@@ -19,7 +19,7 @@ def deploy(
 ) -> str:
     """Deploy the model and record the release.
 
-    Calls :func:`labelmatch.deploy_step.run_deploy_step`. ``local`` starts the labelmatch model
+    Calls :func:`labelmatch.stages.deploy.run_deploy_step`. ``local`` starts the labelmatch model
     server on 127.0.0.1, classifies a few documents over its KServe v1 API and stops it (and
     records the release when there is a release root); ``kserve`` points the InferenceService
     ``namespace/service`` at the artifact's store URI, waits for Ready and appends a release
@@ -42,7 +42,7 @@ def deploy(
     Returns:
         The deployed model's artifact digest.
     """
-    from labelmatch.deploy_step import DeployStepConfig, run_deploy_step
+    from labelmatch.stages.deploy import DeployStepConfig, run_deploy_step
 
     config = DeployStepConfig(
         target=target,

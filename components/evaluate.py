@@ -22,7 +22,7 @@ def evaluate(
 ) -> bool:
     """Evaluate the candidate as it would be served and decide whether it may replace the serving model.
 
-    Calls :func:`labelmatch.gate.evaluate_candidate`: both models are scored, as the server runs
+    Calls :func:`labelmatch.evaluation.gate.evaluate_candidate`: both models are scored, as the server runs
     them, on the same split with their own thresholds; deploy when macro-F1 gains at least
     ``min_improvement`` and no label's F1 drops by more than ``max_label_regression`` (always,
     when nothing serves).
@@ -49,8 +49,8 @@ def evaluate(
         value on purpose: ``kfp.local`` 2.17.0 cannot resolve a named NamedTuple output in a
         ``dsl.If`` condition; the reasons are in ``report/decision.json``.)
     """
-    from labelmatch.gate import GateConfig, evaluate_candidate
-    from labelmatch.report import write_report_page
+    from labelmatch.evaluation.gate import GateConfig, evaluate_candidate
+    from labelmatch.evaluation.report import write_report_page
 
     config = GateConfig(
         min_improvement=min_improvement, max_label_regression=max_label_regression, split=split

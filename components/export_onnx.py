@@ -21,7 +21,7 @@ def export_onnx(
 ) -> float:
     """Merge the LoRA, export to ONNX, quantise to int8 and check parity with torch.
 
-    Calls :func:`labelmatch.export.export_onnx`; thresholds re-tuned on the served scores of the
+    Calls :func:`labelmatch.export.onnx.export_onnx`; thresholds re-tuned on the served scores of the
     dataset's validation split ship only when they score at least as well there as the model's
     (both recorded in ``parity.json``), and the export fails when what is served (int8, or int8
     with its fp32 fallback) and torch agree on fewer than ``agreement_gate`` of the validation
@@ -46,9 +46,9 @@ def export_onnx(
     Returns:
         The served label-set agreement with torch.
     """
-    from labelmatch.artifacts import verify_artifact
-    from labelmatch.data import load_dataset
-    from labelmatch.export import ExportConfig, export_onnx, served_agreement
+    from labelmatch.core.artifacts import verify_artifact
+    from labelmatch.data.dataset import load_dataset
+    from labelmatch.export.onnx import ExportConfig, export_onnx, served_agreement
 
     verify_artifact(dataset.path, "Dataset")
     config = ExportConfig(

@@ -23,7 +23,7 @@ def grpo(
 ) -> float:
     """Train a new LoRA on the SFT model from user feedback (GRPO with a KL penalty).
 
-    Calls :func:`labelmatch.grpo.train_grpo`; thresholds are re-tuned on the dataset's
+    Calls :func:`labelmatch.feedback.grpo.train_grpo`; thresholds are re-tuned on the dataset's
     validation split.
 
     Args:
@@ -48,9 +48,9 @@ def grpo(
     Returns:
         The KL divergence to the reference after the last step.
     """
-    from labelmatch.artifacts import verify_artifact
-    from labelmatch.data import load_dataset
-    from labelmatch.grpo import GRPOConfig, train_grpo
+    from labelmatch.core.artifacts import verify_artifact
+    from labelmatch.data.dataset import load_dataset
+    from labelmatch.feedback.grpo import GRPOConfig, train_grpo
 
     verify_artifact(dataset.path, "Dataset")
     data = load_dataset(dataset.path)

@@ -42,7 +42,7 @@ def tune_sft(
 ) -> float:
     """Tune SFT hyper-parameters with Ray Tune PBT and write the best trial's model.
 
-    Calls :func:`labelmatch.tune_step.run_tune_step`: trials run on a Ray started in this step
+    Calls :func:`labelmatch.stages.tune.run_tune_step`: trials run on a Ray started in this step
     (``local``, bound to 127.0.0.1), on the Ray cluster at ``ray_address`` (``ray``), or on a
     KubeRay RayJob this step creates, follows (status lines in this log) and deletes
     (``rayjob``), with checkpoints in the store.
@@ -89,11 +89,11 @@ def tune_sft(
     Returns:
         The best validation macro-F1.
     """
-    from labelmatch.artifacts import verify_artifact
-    from labelmatch.config import TrainConfig
-    from labelmatch.report import write_report_page
-    from labelmatch.tune import TuneConfig
-    from labelmatch.tune_step import TuneStepConfig, run_tune_step
+    from labelmatch.core.artifacts import verify_artifact
+    from labelmatch.evaluation.report import write_report_page
+    from labelmatch.stages.tune import TuneStepConfig, run_tune_step
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.tuning.pbt import TuneConfig
 
     verify_artifact(dataset.path, "Dataset")
     resources = {"CPU": cpus_per_trial, **({"GPU": gpus_per_trial} if gpus_per_trial > 0 else {})}

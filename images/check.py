@@ -13,7 +13,7 @@ Checks:
 * **serve**: runs as 10001; the root is read-only and ``/tmp`` writable; ``import torch`` fails;
   ``labelmatch serve`` on an OnnxModel (the demo's export, or one trained here) answers readiness
   and one inference over KServe v1 and over OIP v2, each equal to the host's
-  :class:`~labelmatch.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
+  :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
 * **train**: runs the compiled training IR's ``data_prep`` executor — the IR's own command and
   arguments, with an executor input built by ``kfp.local``'s code, as KFP's launcher would — and
   writes a Dataset artifact the host verifies; then a short SFT (``labelmatch train``) on the
@@ -221,11 +221,11 @@ def the_model(args: argparse.Namespace, work: Path) -> Path:
     if exports:
         return exports[-1]
     log("no demo export (make demo): training and exporting a tiny model on the sample data")
-    from labelmatch.config import TrainConfig
-    from labelmatch.data import assign_splits, load_dataset
-    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.data.dataset import assign_splits, load_dataset
+    from labelmatch.export.onnx import ExportConfig, export_onnx
     from labelmatch.sample_data import sample_path
-    from labelmatch.train import train_sft
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.training.sft import train_sft
 
     dataset = assign_splits(load_dataset(sample_path("tax")), 0.15, 0.15, 0)
     train_sft(dataset, TrainConfig(epochs=1, max_length=64, progress=False), work / "model")
@@ -236,7 +236,7 @@ def the_model(args: argparse.Namespace, work: Path) -> Path:
 def check_serve(tag: str, model: Path, checks: Checks) -> None:
     import requests
 
-    from labelmatch.onnx_classifier import OnnxClassifier
+    from labelmatch.serving.onnx_classifier import OnnxClassifier
 
     env = image_env(tag)
     with rootfs(tag) as root:
@@ -301,7 +301,7 @@ def check_serve(tag: str, model: Path, checks: Checks) -> None:
             checks.add("serve", "readiness (v2 health and model ready)", health, why)
             if not ready:
                 return
-            host = OnnxClassifier.load(model).predict([TEXT])[0]
+            host = OnnxClassifier.load(model).predict([TEXT])[0].to_json()
             v1 = requests.post(
                 f"{base}/v1/models/labelmatch:predict", json={"instances": [{"text": TEXT}]}, timeout=60
             ).json()["predictions"][0]
@@ -345,7 +345,7 @@ def check_train(tag: str, work: Path, checks: Checks) -> None:
     from kfp.local import executor_input_utils
     from kfp.pipeline_spec import pipeline_spec_pb2
 
-    from labelmatch.artifacts import verify_artifact
+    from labelmatch.core.artifacts import verify_artifact
     from labelmatch.sample_data import sample_path
 
     ir_path = ROOT / "pipelines" / "compiled" / f"labelmatch-training-{VERSION}.yaml"

@@ -1,9 +1,9 @@
 """The deploy-only pipeline: deploy a model artifact given by URI (used by rollbacks).
 
-``labelmatch.rollback`` re-runs *this pipeline of an earlier version* with the
+``labelmatch.platform.rollback`` re-runs *this pipeline of an earlier version* with the
 ``model_uri``/``model_digest``/``service``/``namespace``/``target``/``release_root`` of an
 earlier release, so those parameter names are a contract
-(:data:`labelmatch.deploy.DEPLOY_PARAMETERS`); every other parameter has a default.
+(:data:`labelmatch.platform.kserve.DEPLOY_PARAMETERS`); every other parameter has a default.
 """
 
 from kfp import dsl

@@ -8,7 +8,7 @@ is listed in ``docs/pipelines.md`` (resource requests and kfp-kubernetes setting
 What runs is the **compiled IR** (``pipelines/compiled/<name>-<version>.yaml``, loaded with
 ``kfp.components.load_component_from_file``): the very file a cluster runs, component code
 embedded. :class:`LocalPipelineRegistry` serves those files the way a KFP server serves
-pipeline versions, so a rollback (:mod:`labelmatch.rollback`) can re-run an earlier version's
+pipeline versions, so a rollback (:mod:`labelmatch.platform.rollback`) can re-run an earlier version's
 deploy IR here.
 """
 
@@ -20,9 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labelmatch.artifacts import MANIFEST, verify_artifact
-from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.kfp_api import PipelineVersion, RunInfo, convert_parameter, pipeline_inputs, read_package
+from labelmatch.core.artifacts import MANIFEST, verify_artifact
+from labelmatch.core.errors import ArtifactError
+from labelmatch.platform.kfp import (
+    PipelineVersion,
+    RunInfo,
+    pick_version,
+    pipeline_inputs,
+    read_package,
+)
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def task_names(run_dir: str | Path) -> set[str]:
 class LocalPipelineRegistry:
     """The compiled IR files of a directory served like pipeline versions, run with ``kfp.local``.
 
-    The same two calls :class:`labelmatch.kfp_api.PipelineRegistry` offers a rollback
+    The same two calls :class:`labelmatch.platform.kfp.PipelineRegistry` offers a rollback
     (``find_version``, ``create_run``), answered from ``<compiled_dir>/<name>-<version>.yaml``.
 
     Args:
@@ -128,13 +134,7 @@ class LocalPipelineRegistry:
 
     def find_version(self, name: str, version: str) -> PipelineVersion:
         """The compiled version ``version`` of ``name``; :class:`ConfigError` lists the known ones."""
-        versions = self.versions(name)
-        for item in versions:
-            if item.version == version:
-                return item
-        known = ", ".join(item.version for item in versions) or "none"
-        raise ConfigError(f"pipeline {name!r} has no compiled version {version!r} in {self.compiled_dir} "
-                          f"(versions: {known})")
+        return pick_version(self.versions(name), name, version, f"compiled in {self.compiled_dir}")
 
     def create_run(self, name: str, version: str, params: dict[str, str] | None = None,
                    run_name: str | None = None, **_: Any) -> RunInfo:
@@ -150,12 +150,7 @@ class LocalPipelineRegistry:
             The run; ``run_id`` is its directory.
         """
         target = self.find_version(name, version)
-        typed = {}
-        for key, value in (params or {}).items():
-            if key not in target.parameters:
-                known = ", ".join(sorted(target.parameters)) or "none"
-                raise ConfigError(f"parameter '{key}': not an input of {name} {version} (inputs: {known})")
-            typed[key] = convert_parameter(key, value, target.parameters[key])
+        typed = target.typed_parameters(params)
         run_dir = run_locally(target.version_id, self.pipeline_root, **typed)
         return RunInfo(run_id=str(run_dir), name=run_name or f"{name} {version}", pipeline=name,
                        version=version, parameters=typed)

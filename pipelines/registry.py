@@ -2,7 +2,7 @@
 
 A pipeline's version is the package version: the components' image tag
 (:mod:`components._image`), the compiled IR file ``compiled/<name>-<version>.yaml`` and the KFP
-pipeline version uploaded by :mod:`labelmatch.kfp_api` all carry the same number, so a rollback
+pipeline version uploaded by :mod:`labelmatch.platform.kfp` all carry the same number, so a rollback
 to version X runs the exact IR, image and library of release X. Compiled files of earlier
 versions stay in ``compiled/`` (they are what a rollback re-runs); only the current version's
 files are rewritten.

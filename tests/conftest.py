@@ -17,9 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from labelmatch.config import TrainConfig
-from labelmatch.data import Dataset, assign_splits, load_dataset
+from labelmatch.data.dataset import Dataset, assign_splits, load_dataset
 from labelmatch.sample_data import sample_path
+from labelmatch.training.config import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +51,7 @@ def tiny_config(**changes) -> TrainConfig:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
     """A Model artifact trained once per session on the tiny dataset."""
-    from labelmatch.train import train_sft
+    from labelmatch.training.sft import train_sft
 
     out = tmp_path_factory.mktemp("model") / "sft"
     train_sft(make_tiny_dataset(), tiny_config(), out)
@@ -66,7 +66,7 @@ def onnx_model(trained_model, tmp_path_factory) -> tuple[Path, dict]:
     labels), so int8 flips a few label sets; the gate is lowered here and the parity numbers
     are asserted in tests/test_export.py instead.
     """
-    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.export.onnx import ExportConfig, export_onnx
 
     out = tmp_path_factory.mktemp("onnx") / "onnx"
     parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.5), make_tiny_dataset())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from labelmatch.artifacts import artifact_digest, atomic_artifact_dir, verify_artifact, write_manifest
-from labelmatch.errors import ArtifactError
+from labelmatch.core.artifacts import artifact_digest, atomic_artifact_dir, verify_artifact, write_manifest
+from labelmatch.core.errors import ArtifactError
 
 
 def make_artifact(root, kind="Dataset"):
@@ -91,7 +91,7 @@ def test_a_manifest_name_leaving_the_artifact_is_refused(tmp_path, name):
 def test_replacing_an_artifact_never_leaves_the_path_missing_and_flushes_first(tmp_path, monkeypatch):
     import os
 
-    import labelmatch.artifacts as artifacts
+    import labelmatch.core.artifacts as artifacts
 
     out = tmp_path / "out"
     with atomic_artifact_dir(out) as tmp:
@@ -116,7 +116,7 @@ def test_replacing_an_artifact_never_leaves_the_path_missing_and_flushes_first(t
 
 
 def test_exchange_swaps_two_directories_in_one_step(tmp_path):
-    from labelmatch.artifacts import exchange_paths
+    from labelmatch.core.artifacts import exchange_paths
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -19,8 +19,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from labelmatch.errors import ConfigError
-from labelmatch.k8s_schema import validate_against_crd
+from labelmatch.core.errors import ConfigError
+from labelmatch.platform.k8s_schema import validate_against_crd
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARTS = ROOT / "charts"
@@ -246,7 +246,7 @@ def _pipeline_objects(rendered: dict[Path, list[dict]], values: str) -> dict[tup
 
 def test_pipeline_runner_rbac_grants_exactly_what_the_steps_need(rendered: dict[Path, list[dict]]) -> None:
     """The IR's tune step creates/reads/deletes RayJobs and its deploy step reads/creates/patches
-    InferenceServices (labelmatch.tuning.rayjob, labelmatch.deploy); KFP's launcher reads its
+    InferenceServices (labelmatch.tuning.rayjob, labelmatch.platform.kserve); KFP's launcher reads its
     ConfigMap and the S3 Secret; Argo reports outputs. Nothing else: no list/watch, no wildcard."""
     objects = _pipeline_objects(rendered, "default-values.yaml")
     role = objects[("Role", "labelmatch-pipeline-runner")]

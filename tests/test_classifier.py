@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from labelmatch.artifacts import artifact_digest, verify_artifact
-from labelmatch.chunking import Chunking, document_windows
-from labelmatch.classifier import Classifier
+from labelmatch.core.artifacts import artifact_digest, verify_artifact
+from labelmatch.model.chunking import Chunking, document_windows
+from labelmatch.model.classifier import Classifier
 
 CUSTOMS = {"customs_duty": "Import duties, tariffs and customs declarations for goods crossing a border."}
 

@@ -14,7 +14,7 @@ import pytest
 import components
 from components._image import IMAGE
 from labelmatch import __version__
-from labelmatch.artifacts import write_manifest
+from labelmatch.core.artifacts import write_manifest
 
 STAGES = ("data_prep", "tune_sft", "grpo", "evaluate", "export_onnx", "deploy")
 
@@ -108,7 +108,7 @@ def test_evaluate_refuses_a_model_that_is_a_dataset(tmp_path: Path, capfd, sampl
     """A Dataset passed where the candidate Model goes: the evaluate step names it."""
     from kfp import dsl
 
-    from labelmatch.prep import prepare_dataset
+    from labelmatch.data.prepare import prepare_dataset
     from pipelines.local import run_locally
 
     prepare_dataset(sample_dir, tmp_path / "ds", tmp_path / "rep")
@@ -126,9 +126,9 @@ def test_evaluate_refuses_a_model_that_is_a_dataset(tmp_path: Path, capfd, sampl
 
 
 def test_deploy_step_settings_are_checked(monkeypatch) -> None:
-    from labelmatch.deploy_step import DeployStepConfig
-    from labelmatch.errors import ConfigError
-    from labelmatch.store import as_s3_uri
+    from labelmatch.core.errors import ConfigError
+    from labelmatch.platform.store import as_s3_uri
+    from labelmatch.stages.deploy import DeployStepConfig
 
     monkeypatch.delenv("LABELMATCH_STORE_ROOT", raising=False)
     with pytest.raises(ConfigError, match="'local' or 'kserve'"):
@@ -146,11 +146,11 @@ def test_deploy_step_settings_are_checked(monkeypatch) -> None:
 
 def _library_defaults() -> dict[str, dict]:
     """Each component's parameters that a library config also has, with the library's default."""
-    from labelmatch.export import ExportConfig
-    from labelmatch.gate import GateConfig
-    from labelmatch.grpo import GRPOConfig
-    from labelmatch.prep import PrepConfig
-    from labelmatch.tune import TuneConfig
+    from labelmatch.data.prepare import PrepConfig
+    from labelmatch.evaluation.gate import GateConfig
+    from labelmatch.export.onnx import ExportConfig
+    from labelmatch.feedback.grpo import GRPOConfig
+    from labelmatch.tuning.pbt import TuneConfig
 
     tune = TuneConfig()
     grpo = GRPOConfig()
@@ -181,7 +181,7 @@ def test_component_defaults_are_the_librarys(name: str) -> None:
     otherwise is what the library, its CLI and the benchmarks use."""
     inputs = getattr(components, name).component_spec.inputs
     assert {k: inputs[k].default for k in _library_defaults()[name]} == _library_defaults()[name]
-    from labelmatch.grpo import GRPOConfig
+    from labelmatch.feedback.grpo import GRPOConfig
 
     assert GRPOConfig.steps is None
 

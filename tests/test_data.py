@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from labelmatch.data import Dataset, Document, assign_splits, load_dataset, load_labels, load_pairs
-from labelmatch.errors import DataError
+from labelmatch.core.errors import DataError
+from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset, load_labels, load_pairs
 
 LABELS = {
     "vat": "Value added tax on goods and services.",
@@ -239,7 +239,7 @@ def test_labels_json_beside_a_pair_file_wins_with_a_warning(tmp_path, caplog):
         {"doc_id": "1", "label_name": "vat", "label_text": "Old wording.", "split": "dev"},
         {"doc_id": "2", "label_name": "vat", "label_text": "Value added tax."},
     ])
-    with caplog.at_level("WARNING", logger="labelmatch.data"):
+    with caplog.at_level("WARNING", logger="labelmatch.data.dataset"):
         dataset = load_pairs(path, {"vat": "Value added tax."})
     assert dataset.labels == {"vat": "Value added tax."}
     assert dataset.documents[0].split == "val", "'dev' means val"
@@ -253,10 +253,10 @@ def test_labels_json_beside_a_pair_file_wins_with_a_warning(tmp_path, caplog):
 def test_training_warns_about_a_label_without_training_positives(caplog):
     from conftest import make_tiny_dataset, tiny_config
 
-    from labelmatch.train import SFTTrainer
+    from labelmatch.training.sft import SFTTrainer
 
     dataset = make_tiny_dataset()
     dataset.labels["customs"] = "Import duties and customs procedures."
-    with caplog.at_level("WARNING", logger="labelmatch.train"):
+    with caplog.at_level("WARNING", logger="labelmatch.training.sft"):
         SFTTrainer(dataset, tiny_config())
     assert "label 'customs' has no positive training document (none in validation either)" in caplog.text

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from conftest import make_tiny_dataset
 
-from labelmatch.artifacts import verify_artifact
-from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.export import (
+from labelmatch.core.artifacts import verify_artifact
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.evaluation.metrics import tune_global_threshold
+from labelmatch.export.onnx import (
     ExportConfig,
     ParityError,
     calibrate_fallback,
@@ -21,8 +22,7 @@ from labelmatch.export import (
     choose_thresholds,
     export_onnx,
 )
-from labelmatch.metrics import tune_global_threshold
-from labelmatch.onnx_classifier import OnnxClassifier, OrtConfig
+from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
 
 
 def test_artifact_follows_the_contract(onnx_model):
@@ -111,7 +111,7 @@ def test_retuned_thresholds_are_tuned_on_the_served_scores(trained_model, tmp_pa
     dataset = make_tiny_dataset()
     val = dataset.split("val")
     clf = OnnxClassifier.load(out)
-    _, _, probs = clf.scores([d.text for d in val.documents], dataset.labels, replace=True)
+    _, probs = clf.scores([d.text for d in val.documents], dataset.labels, replace=True)
     default, _ = tune_global_threshold(val.label_matrix(), probs)
     retuned = parity["thresholds"]["candidates"]["retuned"]
     assert retuned["thresholds"]["default"] == pytest.approx(default)
@@ -158,7 +158,7 @@ def test_corrupted_onnx_artifact_is_refused_by_name(onnx_model, tmp_path):
 
 
 def test_serving_path_imports_no_torch():
-    code = ("import sys, labelmatch.serve, labelmatch.onnx_classifier; "
+    code = ("import sys, labelmatch.serving.server, labelmatch.serving.onnx_classifier; "
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -200,8 +200,8 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
     config = OrtConfig(intra_op_threads=1)
     int8 = OnnxClassifier.load(root, config)
     fp32 = OnnxClassifier.load(root, config, model_file="model_fp32.onnx")
-    names, int8_cos, _ = int8.scores(texts)
-    _, fp32_cos, _ = fp32.scores(texts)
+    names, int8_cos = int8.similarities(texts)
+    _, fp32_cos = fp32.similarities(texts)
     distance = np.abs(int8_cos - int8.boundary_cosines(names)).min(axis=1)
     margin = float(np.median(distance))
     copy = tmp_path / "onnx"
@@ -212,7 +212,7 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
     counts: list[int] = []
     cascade = OnnxClassifier.load(copy, config, verify=False)
     cascade.on_fallback = counts.append
-    _, cos, _ = cascade.scores(texts)
+    _, cos = cascade.similarities(texts)
     near = distance < margin
     assert counts == [int(near.sum())] and 0 < near.sum() < len(texts)
     assert np.allclose(cos[near], fp32_cos[near], atol=1e-5)

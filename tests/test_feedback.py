@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from labelmatch.artifacts import verify_artifact
-from labelmatch.errors import ConfigError, DataError
-from labelmatch.feedback import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, read_export
+from labelmatch.core.artifacts import verify_artifact
+from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.feedback.store import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, read_export
 
 LABELS = {
     "vat": "Value added tax.",
@@ -183,9 +183,9 @@ def test_migrations_are_applied_once_and_a_newer_schema_is_refused(tmp_path):
 
 
 def test_cli_import_export_stats(tmp_path, sample_dir):
-    from labelmatch.cli import _register, app
+    from labelmatch.cli import app, register_commands
 
-    _register()
+    register_commands()
     runner = CliRunner()
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     result = runner.invoke(

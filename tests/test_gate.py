@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_dataset
 
-from labelmatch.artifacts import verify_artifact, write_manifest
-from labelmatch.data import load_dataset, save_dataset
-from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.gate import GateConfig, decide, evaluate_candidate
+from labelmatch.core.artifacts import verify_artifact, write_manifest
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.data.dataset import load_dataset, save_dataset
+from labelmatch.evaluation.gate import GateConfig, decide, evaluate_candidate
 
 
 def _metrics(macro: float, per_label: dict[str, float], support: int = 5) -> dict:
@@ -109,11 +109,11 @@ def test_the_gate_scores_the_exported_model_as_served_against_the_latest_release
     baseline given, the latest release record of the service names what serves."""
     from s3_server import moto_s3_server, s3_env
 
-    from labelmatch.artifacts import artifact_digest
-    from labelmatch.evaluate import evaluate
-    from labelmatch.onnx_classifier import OnnxClassifier
-    from labelmatch.releases import ReleaseLog, ReleaseRecord
-    from labelmatch.store import ArtifactStore
+    from labelmatch.core.artifacts import artifact_digest
+    from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
+    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.serving.onnx_classifier import OnnxClassifier
 
     onnx_dir, _ = onnx_model
     served = evaluate(OnnxClassifier.load(onnx_dir), load_dataset(dataset_artifact), "test")

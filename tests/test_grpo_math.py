@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from labelmatch.grpo_math import (
+from labelmatch.feedback.grpo_math import (
     bernoulli_entropy,
     bernoulli_kl,
     clipped_surrogate,

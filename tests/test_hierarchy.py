@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_tiny_dataset
 
-from labelmatch.artifacts import write_manifest
-from labelmatch.errors import DataError
-from labelmatch.hierarchy import Hierarchy, level_metrics, load_hierarchy
+from labelmatch.core.artifacts import write_manifest
+from labelmatch.core.errors import DataError
+from labelmatch.data.hierarchy import Hierarchy, level_metrics, load_hierarchy
 
 LABELS = {"banking": "Banking.", "transfer": "Move money.", "balance": "Account balance.", "travel": "Trips."}
 
@@ -64,9 +64,9 @@ def _with_hierarchy(src, dst, kind, hierarchy):
 def test_torch_and_onnx_predictions_are_consistent_and_evaluation_reports_levels(
     trained_model, onnx_model, tmp_path, tax_hierarchy
 ):
-    from labelmatch.classifier import Classifier
-    from labelmatch.evaluate import evaluate
-    from labelmatch.onnx_classifier import OnnxClassifier
+    from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.serving.onnx_classifier import OnnxClassifier
 
     dataset = make_tiny_dataset()
     texts = [d.text for d in dataset.documents]
@@ -74,7 +74,7 @@ def test_torch_and_onnx_predictions_are_consistent_and_evaluation_reports_levels
     onnx_dir = _with_hierarchy(onnx_model[0], tmp_path / "o", "OnnxModel", tax_hierarchy)
     for clf in (Classifier.load(torch_dir), OnnxClassifier.load(onnx_dir)):
         predictions = clf.predict(texts)
-        labels = [p.labels if hasattr(p, "labels") else p["labels"] for p in predictions]
+        labels = [p.labels for p in predictions]
         with_child = [ls for ls in labels if {"vat", "withholding_tax"} & set(ls)]
         assert with_child and all("tax_problem" in ls for ls in with_child), "100% consistent"
         metrics = evaluate(clf, dataset, "test")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labelmatch.errors import ConfigError
-from labelmatch.k8s_schema import strict_schema, validate_against_crd
+from labelmatch.core.errors import ConfigError
+from labelmatch.platform.k8s_schema import strict_schema, validate_against_crd
 
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
 ISVC_CRD = CRDS / "serving.kserve.io_inferenceservices.yaml"

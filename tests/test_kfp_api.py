@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from kfp_stub import API, kfp_stub_server, shipped_ir
 
-from labelmatch.deploy import DEPLOY_PARAMETERS
-from labelmatch.errors import ConfigError
-from labelmatch.kfp_api import PipelineRegistry, compiled_packages, convert_parameter, read_package
+from labelmatch.core.errors import ConfigError
+from labelmatch.platform.kfp import PipelineRegistry, compiled_packages, convert_parameter, read_package
+from labelmatch.platform.kserve import DEPLOY_PARAMETERS
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_tiny_dataset
 
-from labelmatch.artifacts import write_manifest
-from labelmatch.chunking import Chunking, document_windows, max_over_windows
-from labelmatch.errors import ConfigError
+from labelmatch.core.artifacts import write_manifest
+from labelmatch.core.errors import ConfigError
+from labelmatch.model.chunking import Chunking, document_windows, max_over_windows
 
 FILLER = ("The committee met on Tuesday to discuss the new office furniture, the parking rules and the "
           "summer party; members also reviewed the cafeteria menu and the cleaning schedule. ") * 6
@@ -39,7 +39,7 @@ def chunked_models(trained_model, tmp_path_factory):
     """The tiny model with the ``chunk`` rule, exported; the server re-embeds every document in
     fp32 (fallback margin covering every cosine), so its scores are torch's up to float noise
     on any CPU, whatever int8 would round."""
-    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.export.onnx import ExportConfig, export_onnx
 
     root = tmp_path_factory.mktemp("chunk")
     model = root / "model"
@@ -60,9 +60,9 @@ def chunked_models(trained_model, tmp_path_factory):
 
 
 def test_a_long_document_gets_the_same_labels_from_torch_and_from_the_server(chunked_models, tmp_path):
-    from labelmatch.classifier import Classifier
-    from labelmatch.deploy_step import serve_and_classify
+    from labelmatch.model.classifier import Classifier
     from labelmatch.sample_data import sample_path
+    from labelmatch.stages.deploy import serve_and_classify
 
     model, onnx = chunked_models
     docs = [json.loads(line) for line in (sample_path("tax") / "docs.jsonl").read_text().splitlines()]

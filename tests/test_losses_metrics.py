@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from labelmatch.losses import LossWeights, label_match_loss, positive_weights
-from labelmatch.metrics import expected_calibration_error, tune_global_threshold, tune_label_thresholds
+from labelmatch.evaluation.metrics import (
+    expected_calibration_error,
+    tune_global_threshold,
+    tune_label_thresholds,
+)
+from labelmatch.model.losses import LossWeights, label_match_loss, positive_weights
 
 
 def bce(z: float, y: float, w: float = 1.0) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from labelmatch.artifacts import read_manifest
+from labelmatch.core.artifacts import read_manifest
 
 
 def _rows(card: str, header: str) -> dict[str, list[str]]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from labelmatch.pii import PiiRedactor, luhn_valid, redact_text
+from labelmatch.data.pii import PiiRedactor, luhn_valid, redact_text
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import yaml
 from s3_server import moto_s3_server, s3_env
 
 from labelmatch import __version__
-from labelmatch.artifacts import artifact_digest, read_manifest
+from labelmatch.core.artifacts import artifact_digest, read_manifest
 from pipelines.registry import COMPILED_DIR, compile_all, registered_pipelines, stale_files
 
 #: The IR that ships (what a cluster runs, and what the runs below execute).
@@ -99,7 +99,7 @@ def test_training_ir_has_every_stage_typed(compiled: dict) -> None:
 
 
 def test_deploy_ir_takes_the_rollback_parameters(compiled: dict) -> None:
-    from labelmatch.deploy import DEPLOY_PARAMETERS
+    from labelmatch.platform.kserve import DEPLOY_PARAMETERS
 
     ir = compiled[f"labelmatch-deploy-{__version__}.yaml"]
     assert set(DEPLOY_PARAMETERS) <= set(_params(ir))
@@ -175,8 +175,8 @@ def _tasks(ir: dict) -> dict[str, dict]:
 def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
     """GRPO asks for the GPU pool; network steps retry; data_prep is never cached; and the RayJob
     the tune step creates with the IR's own defaults is valid against KubeRay's CRD, strictly."""
-    from labelmatch.tune import TuneConfig
-    from labelmatch.tune_step import TuneStepConfig
+    from labelmatch.stages.tune import TuneStepConfig
+    from labelmatch.tuning.pbt import TuneConfig
     from labelmatch.tuning.rayjob import build_rayjob, cluster_entrypoint
 
     ir, platform = load_ir(TRAINING_IR)
@@ -238,7 +238,7 @@ def ray_tmp():
 @pytest.fixture(scope="module")
 def s3_data(sample_dir: Path):
     """The sample data in an S3 server on 127.0.0.1; the environment points every step at it."""
-    from labelmatch.store import ArtifactStore, S3Config
+    from labelmatch.platform.store import ArtifactStore, S3Config
 
     with moto_s3_server() as url:
         env = s3_env(url)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny_dataset, tiny_config
 
-from labelmatch.encoder import Pooling, base_pooling, resolve_base_model
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
+from labelmatch.model.encoder import Pooling, base_pooling, resolve_base_model
 
 
 def _encoder_dir(tmp_path, pooling_config: dict | None) -> str:
@@ -40,10 +40,10 @@ def test_pooling_is_read_from_the_models_files(tmp_path):
 
 
 def test_a_cls_pooled_encoder_trains_exports_and_serves_with_fp32_parity(tmp_path):
-    from labelmatch.classifier import Classifier
-    from labelmatch.export import ExportConfig, export_onnx
-    from labelmatch.onnx_classifier import OnnxClassifier, OrtConfig
-    from labelmatch.train import train_sft
+    from labelmatch.export.onnx import ExportConfig, export_onnx
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+    from labelmatch.training.sft import train_sft
 
     base = _encoder_dir(tmp_path, {"word_embedding_dimension": 384, "pooling_mode_cls_token": True,
                                    "pooling_mode_mean_tokens": False})

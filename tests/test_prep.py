@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from labelmatch.artifacts import read_manifest, verify_artifact
-from labelmatch.data import load_dataset
-from labelmatch.errors import ConfigError, DataError
-from labelmatch.prep import PrepConfig, deduplicate, normalise_text, prepare_dataset
+from labelmatch.core.artifacts import read_manifest, verify_artifact
+from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.data.dataset import load_dataset
+from labelmatch.data.prepare import PrepConfig, deduplicate, normalise_text, prepare_dataset
 
 LABELS = {"vat": "Value added tax on goods and services.", "pii_bearing": "Contains personal data."}
 
@@ -105,7 +105,7 @@ def test_bad_input_names_file_line_and_field(tmp_path: Path) -> None:
 def test_normalise_and_deduplicate_helpers() -> None:
     assert normalise_text(" a\u00a0b \n\tc ") == "a b c"
     assert normalise_text("e\u0301") == "\u00e9"
-    from labelmatch.data import Document
+    from labelmatch.data.dataset import Document
 
     kept, stats = deduplicate(
         [Document("1", "A b", ["x"]), Document("2", "a B", ["x"]), Document("3", "c", [])]

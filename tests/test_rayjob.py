@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kuberay_double import KubeRayState, kuberay_double
 
-from labelmatch.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import ConfigError, LabelmatchError
 from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, delete_rayjob, submit_rayjob
 
 ENTRYPOINT = "labelmatch tune --data /data --out /tmp/model --address auto --trials 4"
@@ -121,9 +121,9 @@ def test_a_failed_rayjob_is_deleted_and_reported(tmp_path, kube_api, monkeypatch
     from conftest import make_tiny_dataset
     from s3_server import moto_s3_server, s3_env
 
-    from labelmatch.artifacts import write_manifest
-    from labelmatch.data import save_dataset
-    from labelmatch.tune import TuneConfig
+    from labelmatch.core.artifacts import write_manifest
+    from labelmatch.data.dataset import save_dataset
+    from labelmatch.tuning.pbt import TuneConfig
     from labelmatch.tuning.rayjob import run_tune_rayjob
 
     api, state = kube_api

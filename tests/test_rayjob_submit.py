@@ -10,7 +10,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import ray_sandbox  # noqa: E402
 
-from labelmatch.tune import init_local_ray  # noqa: E402
+from labelmatch.tuning.pbt import init_local_ray  # noqa: E402
 from labelmatch.tuning.rayjob import submit_ray_job  # noqa: E402
 
 
@@ -52,11 +52,11 @@ def test_the_tune_step_runs_pbt_on_a_rayjob_and_brings_the_best_model_back(
     from kuberay_double import KubeRayState, kuberay_double
     from s3_server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, moto_s3_server, s3_env
 
-    from labelmatch.artifacts import verify_artifact, write_manifest
-    from labelmatch.data import save_dataset
-    from labelmatch.store import ArtifactStore
-    from labelmatch.tune import TuneConfig
-    from labelmatch.tune_step import TuneStepConfig, run_tune_step
+    from labelmatch.core.artifacts import verify_artifact, write_manifest
+    from labelmatch.data.dataset import save_dataset
+    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.stages.tune import TuneStepConfig, run_tune_step
+    from labelmatch.tuning.pbt import TuneConfig
 
     save_dataset(make_tiny_dataset(n_docs=90), tmp_path / "ds")
     write_manifest(tmp_path / "ds", "Dataset")

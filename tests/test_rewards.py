@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labelmatch.rewards import RewardConfig, feedback_label_rewards, feedback_rewards, set_f1
+from labelmatch.feedback.rewards import RewardConfig, feedback_label_rewards, feedback_rewards, set_f1
 
 
 def rewards_for(actions, served=(1, 1, 0), score=5, corrected=None, cos=None, cosine_weight=0.0):

@@ -15,10 +15,10 @@ from kfp_stub import kfp_stub_server, shipped_ir
 from s3_server import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, moto_s3_server, s3_env
 from typer.testing import CliRunner
 
-from labelmatch.artifacts import write_manifest
-from labelmatch.cli import _register, app
-from labelmatch.errors import ArtifactError
-from labelmatch.store import ArtifactStore, S3Config, S3Uri
+from labelmatch.cli import app, register_commands
+from labelmatch.core.artifacts import write_manifest
+from labelmatch.core.errors import ArtifactError
+from labelmatch.platform.store import ArtifactStore, S3Config, S3Uri
 
 FAKE_SESSION_TOKEN = "lm-fake-session-token-Hq2LwX9bE"
 SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY)
@@ -26,7 +26,7 @@ SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY)
 
 def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
-    _register()
+    register_commands()
     runner = CliRunner()
     outputs: list[str] = []
 

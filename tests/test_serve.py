@@ -27,7 +27,7 @@ def _free_port() -> int:
 
 
 def _server_command(model_dir: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "labelmatch.serve", "--model_dir", str(model_dir),
+    return [sys.executable, "-m", "labelmatch.serving.server", "--model_dir", str(model_dir),
             "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", "1", *extra]
 
 
@@ -217,7 +217,7 @@ def test_admin_label_update_is_versioned_and_persisted(server):
 
 
 def test_feedback_by_prediction_id(server):
-    from labelmatch.feedback import FeedbackStore
+    from labelmatch.feedback.store import FeedbackStore
 
     base, feedback_url = server[0], server[3]
     prediction = _v1(base, {"instances": ["VAT return corrected after audit"]}).json()["predictions"][0]

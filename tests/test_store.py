@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from s3_server import FAKE_SECRET_KEY, moto_s3_server, s3_env
 
-from labelmatch.artifacts import artifact_digest, verify_artifact, write_manifest
-from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.store import ArtifactStore, S3Config, S3Uri
+from labelmatch.core.artifacts import artifact_digest, verify_artifact, write_manifest
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.platform.store import ArtifactStore, S3Config, S3Uri
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_local_artifact_is_verified_before_upload(store, tmp_path):
 
 
 def test_encoder_registry_mirrors_and_resolves_base_model(endpoint, store, tmp_path, monkeypatch):
-    from labelmatch.encoder import load_base, resolve_base_model, weights_digest
+    from labelmatch.model.encoder import load_base, resolve_base_model, weights_digest
 
     local = Path(resolve_base_model("bundled:minilm"))
     uri = "s3://lm-registry/encoders/minilm"
@@ -184,9 +184,9 @@ def test_config_from_env_and_secret_dir(tmp_path):
 
 def test_data_prep_reads_a_dataset_from_s3_and_names_the_uri_in_errors(store, endpoint, sample_dir, tmp_path,
                                                                         monkeypatch):
-    from labelmatch.errors import DataError
-    from labelmatch.prep import prepare_dataset
-    from labelmatch.store import local_input
+    from labelmatch.core.errors import DataError
+    from labelmatch.data.prepare import prepare_dataset
+    from labelmatch.platform.store import local_input
 
     for key, value in s3_env(endpoint).items():
         monkeypatch.setenv(key, value)
@@ -217,9 +217,9 @@ def test_data_prep_reads_a_dataset_from_s3_and_names_the_uri_in_errors(store, en
 def test_store_put_uploads_plain_files_under_a_prefix(store, endpoint, sample_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from labelmatch.cli import _register, app
+    from labelmatch.cli import app, register_commands
 
-    _register()
+    register_commands()
     for key, value in s3_env(endpoint).items():
         monkeypatch.setenv(key, value)
     result = CliRunner().invoke(app, ["store", "put", str(sample_dir), "s3://lm-put/data/tax"])

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from conftest import make_tiny_dataset, tiny_config
 
-from labelmatch.artifacts import verify_artifact
-from labelmatch.classifier import Classifier
-from labelmatch.errors import ArtifactError, ConfigError
-from labelmatch.model_io import read_model_info
-from labelmatch.train import SFTTrainer, lr_multiplier
+from labelmatch.core.artifacts import verify_artifact
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.model.classifier import Classifier
+from labelmatch.model.io import read_model_info
+from labelmatch.training.sft import SFTTrainer, lr_multiplier
 
 PROBE = [
     "Late VAT filing for FY2022 led to a penalty notice.",
@@ -51,7 +51,7 @@ def test_training_improves_over_zero_shot_on_validation(tmp_path):
 def test_reload_in_fresh_process_gives_identical_scores(trained_model, tmp_path):
     _, here = Classifier.load(trained_model).scores(PROBE)
     script = (
-        "import json,sys; from labelmatch.classifier import Classifier; "
+        "import json,sys; from labelmatch.model.classifier import Classifier; "
         f"print(json.dumps(Classifier.load(sys.argv[1]).scores({PROBE!r})[1].tolist()))"
     )
     out = subprocess.run(
@@ -119,7 +119,7 @@ def test_bad_config_is_refused():
 
 
 def test_lora_targets_default_per_architecture_overridable_and_checked():
-    from labelmatch.encoder import add_lora, load_base
+    from labelmatch.model.encoder import add_lora, load_base
 
     def adapted(targets):
         model = add_lora(load_base("bundled:minilm")[0], 4, 8.0, 0.0, targets)

@@ -10,12 +10,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from labelmatch.cli import _register, app
-from labelmatch.errors import ConfigError
-from labelmatch.tune import TuneConfig
+from labelmatch.cli import app, register_commands
+from labelmatch.core.errors import ConfigError
+from labelmatch.tuning.pbt import TuneConfig
 from labelmatch.tuning.search_space import ClipToBounds, SearchSpace
 
-_register()
+register_commands()
 
 
 @pytest.mark.parametrize(

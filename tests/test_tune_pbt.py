@@ -22,9 +22,9 @@ from conftest import make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
 from ray import tune  # noqa: E402
 from s3_server import moto_s3_server, s3_env  # noqa: E402
 
-from labelmatch.artifacts import verify_artifact  # noqa: E402
-from labelmatch.data import load_dataset, save_dataset  # noqa: E402
-from labelmatch.tune import TuneConfig, init_local_ray, run_tune, tune_sft  # noqa: E402
+from labelmatch.core.artifacts import verify_artifact  # noqa: E402
+from labelmatch.data.dataset import load_dataset, save_dataset  # noqa: E402
+from labelmatch.tuning.pbt import TuneConfig, init_local_ray, run_tune, tune_sft  # noqa: E402
 from labelmatch.tuning.search_space import SearchSpace  # noqa: E402
 from labelmatch.tuning.trainable import RECORD_FILE  # noqa: E402
 
@@ -64,7 +64,7 @@ def ray_home():
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
-            from labelmatch.store import ArtifactStore
+            from labelmatch.platform.store import ArtifactStore
 
             ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
             init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
@@ -192,7 +192,7 @@ def test_lora_rank_travels_with_the_cloned_checkpoint(pbt_run):
 
 
 def test_best_checkpoint_is_chosen_by_validation_f1_and_written_as_a_model(pbt_run):
-    from labelmatch.classifier import Classifier
+    from labelmatch.model.classifier import Classifier
 
     summary, root = pbt_run["summary"], pbt_run["root"]
     history = json.loads((root / "report" / "pbt_history.json").read_text())

@@ -6,7 +6,7 @@ subprocess of this interpreter, no Docker, no cluster — on the bundled tax sam
 bundled MiniLM encoder:
 
 1. the sample feedback (``sample_data/tax/feedback.jsonl``) is imported into a SQLite
-   :class:`~labelmatch.feedback.FeedbackStore` (PII-redacted) and exported as a FeedbackExport;
+   :class:`~labelmatch.feedback.store.FeedbackStore` (PII-redacted) and exported as a FeedbackExport;
 2. ``data_prep`` validates, redacts, de-duplicates and splits the documents;
 3. ``tune_sft`` runs Population Based Training with a small population on a local Ray;
 4. ``grpo`` refines the best model from the feedback export;
@@ -36,7 +36,7 @@ def _import_pipelines():
     try:
         from pipelines import local, registry
     except ModuleNotFoundError as exc:
-        from labelmatch.errors import ConfigError
+        from labelmatch.core.errors import ConfigError
 
         raise ConfigError(
             f"cannot import the pipeline definitions ({exc}); run the demo from the "
@@ -47,8 +47,8 @@ def _import_pipelines():
 
 def export_sample_feedback(out_dir: Path) -> Path:
     """Import the bundled sample feedback into a SQLite store and export it (FeedbackExport)."""
-    from labelmatch.feedback import FeedbackStore
-    from labelmatch.pii import redact_text
+    from labelmatch.data.pii import redact_text
+    from labelmatch.feedback.store import FeedbackStore
     from labelmatch.sample_data import sample_path
 
     db = out_dir / "feedback.db"
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from labelmatch import __version__
-    from labelmatch.artifacts import verify_artifact
+    from labelmatch.core.artifacts import verify_artifact
     from labelmatch.sample_data import sample_path
 
     local, registry = _import_pipelines()
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from labelmatch.errors import LabelmatchError
+    from labelmatch.core.errors import LabelmatchError
 
     try:
         main()

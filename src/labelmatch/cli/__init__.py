@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from labelmatch.errors import LabelmatchError
+from labelmatch.core.errors import LabelmatchError
 
 app = typer.Typer(
     name="labelmatch",
@@ -26,14 +26,15 @@ app = typer.Typer(
 COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "pipeline"]
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Import every command module so its commands register on :data:`app`."""
     for name in COMMAND_MODULES:
         importlib.import_module(f"labelmatch.cli.{name}")
 
 
 def main() -> None:
     """Entry point of the ``labelmatch`` script."""
-    _register()
+    register_commands()
     try:
         app()
     except LabelmatchError as exc:

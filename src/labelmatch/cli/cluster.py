@@ -1,7 +1,7 @@
 """``labelmatch pipeline | store | deploy | releases | rollback``: the cluster path.
 
 S3 settings and credentials come from the environment or a mounted Secret (see
-:mod:`labelmatch.store`); they are never printed. KFP and Kubernetes errors are turned into
+:mod:`labelmatch.platform.store`); they are never printed. KFP and Kubernetes errors are turned into
 one-line ``error:`` messages.
 """
 
@@ -17,7 +17,7 @@ import typer
 
 from labelmatch import __version__
 from labelmatch.cli import app
-from labelmatch.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import ConfigError, LabelmatchError
 
 pipeline_app = typer.Typer(help="Versioned KFP pipelines: upload, list versions, run.", no_args_is_help=True)
 store_app = typer.Typer(
@@ -82,7 +82,7 @@ def _remote_errors(what: str) -> Iterator[None]:
 
 
 def _registry(host: str, token_file: Path | None, namespace: str | None):
-    from labelmatch.kfp_api import PipelineRegistry
+    from labelmatch.platform.kfp import PipelineRegistry
 
     token = None
     if token_file is not None:
@@ -122,7 +122,7 @@ def pipeline_upload(
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
     """Upload compiled pipelines as the KFP pipeline version named by the package version."""
-    from labelmatch.kfp_api import compiled_packages
+    from labelmatch.platform.kfp import compiled_packages
 
     packages = package or compiled_packages(compiled_dir, version)
     with _remote_errors(f"upload to {host}"):
@@ -143,7 +143,7 @@ def pipeline_versions(
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
     """List the versions of labelmatch pipelines on the server."""
-    from labelmatch.kfp_api import DEPLOY_PIPELINE, TRAINING_PIPELINE
+    from labelmatch.platform.kfp import DEPLOY_PIPELINE, TRAINING_PIPELINE
 
     with _remote_errors(f"list versions on {host}"):
         registry = _registry(host, token_file, kfp_namespace)
@@ -184,7 +184,7 @@ def store_push(
     kind: KindOpt = None,
 ) -> None:
     """Upload an artifact (files first, manifest.json last; verified before sending)."""
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.store import ArtifactStore
 
     digest = ArtifactStore.from_env().upload_artifact(source, uri, kind)
     typer.echo(f"{uri}: digest {digest}")
@@ -196,7 +196,7 @@ def store_put(
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix to copy it under (a pipeline's data_uri).")],
 ) -> None:
     """Upload plain files (a pipeline's input data), not an artifact: no manifest is written."""
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.store import ArtifactStore
 
     for written in ArtifactStore.from_env().upload_tree(source, uri):
         typer.echo(written)
@@ -209,8 +209,8 @@ def store_pull(
     kind: KindOpt = None,
 ) -> None:
     """Download an artifact and verify every file against its manifest."""
-    from labelmatch.artifacts import manifest_digest
-    from labelmatch.store import ArtifactStore
+    from labelmatch.core.artifacts import manifest_digest
+    from labelmatch.platform.store import ArtifactStore
 
     manifest = ArtifactStore.from_env().download_artifact(uri, dest, kind)
     typer.echo(f"{dest}: {manifest['kind']} digest {manifest_digest(manifest)}")
@@ -221,7 +221,7 @@ def store_ls(
     uri: Annotated[str, typer.Argument(help="s3://bucket[/prefix] to list artifacts under.")],
 ) -> None:
     """List the complete artifacts (those with a manifest) under a prefix."""
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.store import ArtifactStore
 
     for info in ArtifactStore.from_env().list_artifacts(uri):
         typer.echo(f"{info.uri}\t{info.kind}\t{info.digest[:16]}\t{info.files} files\t{info.created_at}")
@@ -234,7 +234,7 @@ def store_push_encoder(
     root: RootOpt = "s3://labelmatch",
 ) -> None:
     """Mirror a base encoder into the store; train with --base-model <root>/encoders/<name>."""
-    from labelmatch.store import ArtifactStore, S3Uri
+    from labelmatch.platform.store import ArtifactStore, S3Uri
 
     uri = str(S3Uri.parse(root).child(f"encoders/{name}"))
     digest = ArtifactStore.from_env().push_encoder(model_dir, uri)
@@ -268,8 +268,8 @@ def deploy(
     ] = None,
 ) -> None:
     """Create or patch the KServe InferenceService, wait for Ready, append a release record."""
-    from labelmatch.deploy import SERVE_IMAGE, DeployConfig, deploy_model
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.kserve import SERVE_IMAGE, DeployConfig, deploy_model
+    from labelmatch.platform.store import ArtifactStore
 
     config = DeployConfig(
         service=service,
@@ -294,8 +294,8 @@ def releases(
     root: RootOpt = "s3://labelmatch",
 ) -> None:
     """List a service's release records, oldest first."""
-    from labelmatch.releases import ReleaseLog
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.releases import ReleaseLog
+    from labelmatch.platform.store import ArtifactStore
 
     for record in ReleaseLog(ArtifactStore.from_env(), root).list(service):
         typer.echo(
@@ -316,9 +316,9 @@ def rollback(
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
     """Re-run the deploy pipeline of an earlier version with that release's model (digest-checked)."""
-    from labelmatch.releases import ReleaseLog
-    from labelmatch.rollback import rollback as run_rollback
-    from labelmatch.store import ArtifactStore
+    from labelmatch.platform.releases import ReleaseLog
+    from labelmatch.platform.rollback import rollback as run_rollback
+    from labelmatch.platform.store import ArtifactStore
 
     store = ArtifactStore.from_env()
     with _remote_errors(f"rollback through {host}"):

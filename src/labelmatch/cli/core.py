@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from labelmatch.cli import app
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
 
 DataOpt = Annotated[
     Path,
@@ -28,7 +28,7 @@ LabelsOpt = Annotated[
 def _load_split_dataset(
     data: Path, labels: Path | None, val_fraction: float, test_fraction: float, seed: int
 ):
-    from labelmatch.data import assign_splits, load_dataset
+    from labelmatch.data.dataset import assign_splits, load_dataset
 
     return assign_splits(load_dataset(data, labels), val_fraction, test_fraction, seed)
 
@@ -69,8 +69,8 @@ def train(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Fine-tune the dual encoder with LoRA (SFT) and write a Model artifact."""
-    from labelmatch.config import TrainConfig
-    from labelmatch.train import train_sft
+    from labelmatch.training.config import TrainConfig
+    from labelmatch.training.sft import train_sft
 
     values = json.loads(config.read_text()) if config else {}
     if not isinstance(values, dict):
@@ -111,7 +111,7 @@ def evaluate(
     ] = 0,
 ) -> None:
     """Evaluate a model: micro/macro F1, per-label P/R/F1, calibration, confusions; writes a report."""
-    from labelmatch.evaluate import evaluate_model
+    from labelmatch.evaluation.evaluate import evaluate_model
 
     dataset = _load_split_dataset(data, labels, 0.15, 0.15, seed)
     metrics = evaluate_model(model, dataset, out, split)
@@ -151,8 +151,8 @@ def predict(
     ] = False,
 ) -> None:
     """Classify documents; prints one JSON object per document."""
-    from labelmatch.classifier import Classifier
-    from labelmatch.data import load_documents, load_labels
+    from labelmatch.data.dataset import load_documents, load_labels
+    from labelmatch.model.classifier import Classifier
 
     extra = load_labels(labels) if labels else None
     docs: list[tuple[str, str]] = [(f"arg-{i}", t) for i, t in enumerate(texts or [])]

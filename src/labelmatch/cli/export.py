@@ -37,8 +37,8 @@ def export(
     ] = None,
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
-    from labelmatch.data import assign_splits, load_dataset
-    from labelmatch.export import ExportConfig, export_onnx
+    from labelmatch.data.dataset import assign_splits, load_dataset
+    from labelmatch.export.onnx import ExportConfig, export_onnx
 
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,

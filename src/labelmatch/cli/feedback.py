@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from labelmatch.cli import app
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
 
 feedback_app = typer.Typer(
     help="The feedback store: record, import, export and count user feedback.", no_args_is_help=True
@@ -25,13 +25,13 @@ DbOpt = Annotated[
     ),
 ]
 RedactOpt = Annotated[
-    bool, typer.Option("--redact/--no-redact", help="Redact PII (labelmatch.pii) before storing texts.")
+    bool, typer.Option("--redact/--no-redact", help="Redact PII (labelmatch.data.pii) before storing texts.")
 ]
 DEFAULT_DB = "sqlite:///feedback.db"
 
 
 def _store(db: str, redact: bool = False):
-    from labelmatch.feedback import FeedbackStore
+    from labelmatch.feedback.store import FeedbackStore
 
     return FeedbackStore(db, redact=redact)
 
@@ -50,7 +50,7 @@ def register(
     db: DbOpt = DEFAULT_DB,
 ) -> None:
     """Declare a model version and its labels; from then on feedback must name a registered version."""
-    from labelmatch.data import load_labels
+    from labelmatch.data.dataset import load_labels
 
     if (labels is None) == (model is None):
         raise ConfigError("give exactly one of --labels or --model")
@@ -78,7 +78,7 @@ def add(
     redact: RedactOpt = False,
 ) -> None:
     """Store one feedback record; prints its id."""
-    from labelmatch.feedback import FeedbackRecord
+    from labelmatch.feedback.store import FeedbackRecord
 
     record = FeedbackRecord(
         text, model_version, _names(predicted) or [], score, {}, _names(corrected), source, record_id

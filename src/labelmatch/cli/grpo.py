@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from labelmatch.cli import app
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
 
 
 @app.command()
@@ -44,8 +44,8 @@ def grpo(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
 ) -> None:
     """Optimise a new LoRA on the SFT model from user feedback (GRPO) and write a Model artifact."""
-    from labelmatch.data import load_dataset
-    from labelmatch.grpo import GRPOConfig, train_grpo
+    from labelmatch.data.dataset import load_dataset
+    from labelmatch.feedback.grpo import GRPOConfig, train_grpo
 
     values = json.loads(config.read_text()) if config else {}
     if not isinstance(values, dict):

@@ -15,7 +15,7 @@ import typer
 
 from labelmatch import __version__
 from labelmatch.cli.cluster import _parse_params, pipeline_app
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
 
 
 def _registry() -> Any:

@@ -25,9 +25,9 @@ def serve(
 
     Further KServe and labelmatch flags pass through, e.g. ``--model_name tax --max_docs 32
     --intra_op_threads 2 --feedback_url sqlite:///feedback.db`` (see ``python -m
-    labelmatch.serve --help``).
+    labelmatch.serving.server --help``).
     """
-    from labelmatch.serve import serve as run_server
+    from labelmatch.serving.server import serve as run_server
 
     argv = ["--model_dir", str(model), "--host", host, "--http_port", str(port), "--model_name", model_name]
     for flag, value in (("--labels", labels), ("--thresholds", thresholds), ("--state_dir", state_dir)):

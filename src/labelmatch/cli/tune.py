@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from labelmatch.cli import app
-from labelmatch.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import ConfigError, LabelmatchError
 
 
 def _json_option(value: str | None, what: str) -> Any:
@@ -211,7 +211,7 @@ def tune(
     Every setting is checked before anything starts: a reversed range, an unknown hyper-parameter
     or fewer than 2 trials for PBT fail at once with one line naming the problem.
     """
-    from labelmatch.tune import TuneConfig
+    from labelmatch.tuning.pbt import TuneConfig
 
     values = _json_option(config, "--config") or {}
     if not isinstance(values, dict):
@@ -282,8 +282,8 @@ def tune(
 
 
 def _run_here(config: Any, data: str, out: Path, report: Path, upload_to: str | None) -> None:
-    from labelmatch.store import ArtifactStore, local_input
-    from labelmatch.tune import tune_sft
+    from labelmatch.platform.store import ArtifactStore, local_input
+    from labelmatch.tuning.pbt import tune_sft
 
     with local_input(data) as local:
         summary = tune_sft(local, out, report, config)
@@ -312,7 +312,7 @@ def _run_on_cluster(
     import dataclasses
     import time
 
-    from labelmatch.store import ArtifactStore, is_s3_uri
+    from labelmatch.platform.store import ArtifactStore, is_s3_uri
     from labelmatch.tuning.rayjob import cluster_entrypoint
 
     if not is_s3_uri(config.storage_path):

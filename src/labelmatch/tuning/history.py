@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from labelmatch.report import _pyplot
+from labelmatch.evaluation.report import pyplot
 from labelmatch.tuning.search_space import LOG_SCALE, MUTATED
 
 TIMELINE_KEYS = (
@@ -87,7 +87,7 @@ def _plain(value: Any) -> Any:
 
 def plot_history(history: dict[str, Any], path: Path) -> Path:
     """Validation macro-F1 and every tuned hyper-parameter over training time, exploits marked."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = ["val_macro_f1", *MUTATED, "lora_rank"]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.0 * len(panels)), sharex=True)
     colours = plt.get_cmap("tab10")

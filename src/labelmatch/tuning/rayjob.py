@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from labelmatch import kube
-from labelmatch.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import ConfigError, LabelmatchError
+from labelmatch.platform import kube
 
 if TYPE_CHECKING:
-    from labelmatch.store import ArtifactStore
-    from labelmatch.tune import TuneConfig
+    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.tuning.pbt import TuneConfig
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 #: RayJob ``status.jobDeploymentStatus`` values after which nothing changes any more.
@@ -407,7 +407,7 @@ def run_tune_rayjob(
         ConfigError: ``work_uri`` is not ``s3://``.
         LabelmatchError: the RayJob failed, or did not finish in time.
     """
-    from labelmatch.store import ArtifactStore, S3Uri, is_s3_uri
+    from labelmatch.platform.store import ArtifactStore, S3Uri, is_s3_uri
 
     if not is_s3_uri(work_uri):
         raise ConfigError(

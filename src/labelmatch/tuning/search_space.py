@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.errors import ConfigError
+from labelmatch.core.errors import ConfigError
 
-#: Hyper-parameters PBT mutates (a subset of ``labelmatch.train.MUTABLE``).
+#: Hyper-parameters PBT mutates (a subset of ``labelmatch.training.sft.MUTABLE``).
 MUTATED = ("lr", "weight_decay", "warmup_ratio", "contrastive_weight", "scale")
 #: Hyper-parameters sampled on a log scale.
 LOG_SCALE = ("lr",)

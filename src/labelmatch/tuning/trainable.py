@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from labelmatch.config import TrainConfig
-from labelmatch.data import Dataset
+from labelmatch.data.dataset import Dataset
+from labelmatch.training.config import TrainConfig
 from labelmatch.tuning.search_space import MUTATED
 
 RECORD_FILE = "pbt_record.json"
@@ -38,7 +38,7 @@ def _start(config: dict[str, Any], dataset: Dataset, base_config: dict[str, Any]
     """Build the trainer: fresh, or from the checkpoint Tune hands over (exploit, retry, resume)."""
     from ray import tune
 
-    from labelmatch.train import SFTTrainer
+    from labelmatch.training.sft import SFTTrainer
 
     overrides = {name: config[name] for name in MUTATED}
     checkpoint = tune.get_checkpoint()

@@ -1,0 +1,105 @@
+"""Prediction with a trained (or untrained, zero-shot) label-matching model in torch.
+
+The matching itself (labels, thresholds, long documents, hierarchy, the Prediction contract)
+is :class:`~labelmatch.model.matching.LabelMatcher`, shared with the ONNX serving classifier;
+this module only says how torch turns text into vectors and how a Model artifact loads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelmatch.model.chunking import Chunking
+from labelmatch.model.encoder import Pooling, TextEncoder, base_pooling, load_base
+from labelmatch.model.io import load_encoder_model, read_hierarchy
+from labelmatch.model.matching import LabelMatcher, Prediction, Thresholds
+
+__all__ = ["Classifier", "Prediction", "Thresholds"]
+
+
+class Classifier(LabelMatcher):
+    """A dual-encoder classifier ready to predict.
+
+    Args:
+        encoder: The text encoder (merged, inference only).
+        labels: ``{label: description}`` in order.
+        label_embeddings: ``(n_labels, dim)`` embeddings of ``labels`` (computed when ``None``).
+        scale: Cosine scale.
+        bias: Logit bias.
+        thresholds: Decision thresholds.
+        chunking: The long-document rule (:class:`~labelmatch.model.chunking.Chunking`; truncation
+            at the encoder's maximum length when ``None``).
+        info: The model's ``labelmatch.json`` (empty for a zero-shot classifier).
+        batch_size: Texts per forward pass.
+
+    Example::
+
+        clf = Classifier.load("runs/model")
+        clf.predict(["VAT return filed late, penalty assessed"])[0].labels
+        clf.predict(texts, labels={"customs": "Import duties and customs procedures."})
+    """
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        labels: dict[str, str],
+        label_embeddings: np.ndarray | None,
+        scale: float,
+        bias: float,
+        thresholds: Thresholds | dict[str, Any],
+        chunking: Chunking | None = None,
+        info: dict[str, Any] | None = None,
+        batch_size: int = 64,
+    ):
+        self.encoder = encoder.eval()
+        self.info = info or {}
+        self.batch_size = batch_size
+        super().__init__(labels, label_embeddings, scale, bias, thresholds,
+                         chunking or Chunking.for_model("truncate", encoder.max_length))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> Classifier:
+        """Load a Model artifact, verifying every file's digest first."""
+        root = Path(path)
+        model, tokenizer, info = load_encoder_model(root)
+        labels = json.loads((root / "labels.json").read_text())
+        embeddings = np.load(root / "label_embeddings.npy")
+        thresholds = Thresholds.from_json(json.loads((root / "thresholds.json").read_text()))
+        encoder = TextEncoder(model.to(device), tokenizer, int(info["max_length"]), Pooling.from_info(info))
+        chunking = Chunking.from_info(info)
+        classifier = cls(encoder, labels, embeddings, info["scale"], info["bias"], thresholds, chunking, info)
+        classifier.hierarchy = read_hierarchy(root)
+        return classifier
+
+    @classmethod
+    def zero_shot(
+        cls,
+        labels: dict[str, str],
+        base_model: str = "bundled:minilm",
+        scale: float = 20.0,
+        boundary: float = 0.3,
+        max_length: int = 256,
+    ) -> Classifier:
+        """An untrained classifier: the base encoder as is, ``bias = -scale * boundary``.
+
+        ``boundary`` is the cosine at which a label's probability is 0.5.
+        """
+        model, tokenizer = load_base(base_model)
+        pooling = base_pooling(base_model)
+        encoder = TextEncoder(model, tokenizer, max_length, pooling)
+        info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": -scale * boundary,
+                "pooling": pooling.mode, "normalize": pooling.normalize}
+        return cls(encoder, labels, None, scale, -scale * boundary, Thresholds(0.5), None, info)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, dim)`` float32 unit vectors of ``texts`` (torch, no gradients)."""
+        return self.encoder.embed(list(texts), batch_size=self.batch_size).numpy()
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens (no special tokens, no truncation)."""
+        return self.encoder.offsets(text)

@@ -1,0 +1,253 @@
+"""The prediction core both classifiers share: label matching over whatever turns text into vectors.
+
+``p = sigmoid(scale · cos(document, label description) + bias)``; a label is predicted when
+``p`` reaches its threshold. Everything but the embedding itself lives here, once: the served
+label set and its thresholds (:class:`Thresholds`), request-time labels (embedded once, cached),
+the long-document rule (:mod:`labelmatch.model.chunking`), the label hierarchy, probabilities,
+decision boundaries and the Prediction contract. The torch
+:class:`~labelmatch.model.classifier.Classifier` and the ONNX
+:class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` differ only in :meth:`LabelMatcher.embed`
+(and the ONNX one in re-embedding uncertain documents in fp32, :meth:`LabelMatcher.refine`).
+
+This module imports neither torch nor transformers (the serving path uses it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.data.hierarchy import Hierarchy
+from labelmatch.model.chunking import Chunking, chunked_cosines
+
+
+@dataclass
+class Thresholds:
+    """Decision thresholds on label probabilities (``thresholds.json``).
+
+    Attributes:
+        default: Used for labels without a tuned threshold (e.g. labels added at request time).
+        labels: ``{label: threshold}`` tuned per label on validation scores.
+    """
+
+    default: float = 0.5
+    labels: dict[str, float] = field(default_factory=dict)
+
+    def for_labels(self, names: Sequence[str]) -> np.ndarray:
+        """Threshold vector in the order of ``names``."""
+        return np.array([self.labels.get(n, self.default) for n in names], dtype=np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form of ``thresholds.json``."""
+        return {"default": self.default, "labels": self.labels}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any] | Thresholds) -> Thresholds:
+        """Parse ``thresholds.json`` (a :class:`Thresholds` passes through)."""
+        if isinstance(obj, Thresholds):
+            return obj
+        return cls(float(obj.get("default", 0.5)), {k: float(v) for k, v in obj.get("labels", {}).items()})
+
+
+@dataclass
+class Prediction:
+    """One document's prediction (the Prediction contract).
+
+    Attributes:
+        labels: Names of the labels at or above their threshold, by decreasing score (and the
+            parents their hierarchy implies).
+        scores: ``{label: probability}``.
+        similarities: ``{label: cosine}``.
+    """
+
+    labels: list[str]
+    scores: dict[str, float]
+    similarities: dict[str, float]
+
+    def to_json(self, with_similarities: bool = False) -> dict[str, Any]:
+        """JSON form."""
+        out: dict[str, Any] = {"labels": self.labels, "scores": self.scores}
+        if with_similarities:
+            out["similarities"] = self.similarities
+        return out
+
+
+def boundary_cosines(thresholds: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """Decision boundaries in cosine units: ``(logit(threshold) - bias) / scale`` per label."""
+    t = np.clip(np.asarray(thresholds, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return ((np.log(t / (1 - t)) - bias) / scale).astype(np.float32)
+
+
+class LabelMatcher:
+    """Label matching over :meth:`embed`; subclasses say how text becomes unit vectors.
+
+    Args:
+        labels: Served ``{label: description}`` in order.
+        label_embeddings: Their ``(n_labels, dim)`` embeddings (computed when ``None``).
+        scale: Cosine scale.
+        bias: Logit bias.
+        thresholds: Decision thresholds (:class:`Thresholds` or the ``thresholds.json`` mapping).
+        chunking: The long-document rule (truncation when ``None``).
+        hierarchy: Child → parent links; a predicted child brings its parent.
+        label_cache_size: Request-time label descriptions kept embedded.
+    """
+
+    def __init__(
+        self,
+        labels: dict[str, str],
+        label_embeddings: np.ndarray | None,
+        scale: float,
+        bias: float,
+        thresholds: Thresholds | dict[str, Any],
+        chunking: Chunking | None = None,
+        hierarchy: Hierarchy | None = None,
+        label_cache_size: int = 4096,
+    ):
+        self.scale = float(scale)
+        self.bias = float(bias)
+        self.chunking = chunking or Chunking()
+        self.hierarchy = hierarchy
+        self.label_cache_size = label_cache_size
+        self._lock = threading.Lock()
+        self._request_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.set_labels(labels, thresholds, label_embeddings)
+
+    # -- what subclasses provide ---------------------------------------------------------------
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, dim)`` float32 unit vectors of ``texts`` (each read up to the model's length)."""
+        raise NotImplementedError
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens (no special tokens, no truncation)."""
+        raise NotImplementedError
+
+    def embed_labels(self, descriptions: Sequence[str]) -> np.ndarray:
+        """Embeddings of label descriptions (the most precise encoder available)."""
+        return self.embed(descriptions)
+
+    def refine(self, names: list[str], texts: Sequence[str], cos: np.ndarray,
+               label_emb: np.ndarray) -> np.ndarray:
+        """A hook to improve the ``(n_docs, n_labels)`` cosines after the first pass (default: none)."""
+        return cos
+
+    # -- the label set -------------------------------------------------------------------------
+    def set_labels(self, labels: dict[str, str], thresholds: Thresholds | dict[str, Any],
+                   label_embeddings: np.ndarray | None = None) -> None:
+        """Replace the served label set (and its thresholds) in one step."""
+        if not labels:
+            raise ConfigError("the served label set cannot be empty")
+        embeddings = label_embeddings
+        if embeddings is None:
+            embeddings = self.embed_labels(list(labels.values()))
+        if embeddings.shape[0] != len(labels):
+            raise ArtifactError(f"{embeddings.shape[0]} label embeddings for {len(labels)} labels")
+        served = dict(zip(labels.values(), np.asarray(embeddings, dtype=np.float32), strict=True))
+        with self._lock:
+            self.labels = dict(labels)
+            self.thresholds = Thresholds.from_json(thresholds)
+            self._served = served
+
+    @property
+    def default_threshold(self) -> float:
+        """The threshold of labels without a tuned one."""
+        return self.thresholds.default
+
+    @property
+    def label_thresholds(self) -> dict[str, float]:
+        """``{label: threshold}`` of the labels with a tuned one."""
+        return self.thresholds.labels
+
+    def resolve_labels(self, labels: dict[str, str] | None = None, replace: bool = False) -> dict[str, str]:
+        """The label set of a request: the served one, extended (or replaced) by ``labels``."""
+        if not labels:
+            return dict(self.labels)
+        return dict(labels) if replace else {**self.labels, **labels}
+
+    def label_embeddings(self, labels: dict[str, str]) -> np.ndarray:
+        """Embeddings of label descriptions; unseen ones are embedded once and cached (LRU).
+
+        One lock covers lookup and embedding: new descriptions are rare after warm-up, and it
+        keeps two requests from embedding the same description twice.
+        """
+        with self._lock:
+            served, cache = self._served, self._request_cache
+            missing = [d for d in dict.fromkeys(labels.values()) if d not in served and d not in cache]
+            if missing:
+                cache.update(zip(missing, self.embed_labels(missing), strict=True))
+            rows = []
+            for description in labels.values():
+                if description in served:
+                    rows.append(served[description])
+                else:
+                    cache.move_to_end(description)
+                    rows.append(cache[description])
+            while len(cache) > self.label_cache_size:
+                cache.popitem(last=False)
+        return np.stack(rows)
+
+    def thresholds_for(self, names: Sequence[str]) -> np.ndarray:
+        """Threshold vector for ``names`` (request-time labels get the default)."""
+        return self.thresholds.for_labels(names)
+
+    def boundary_cosines(self, names: Sequence[str]) -> np.ndarray:
+        """Each label's decision boundary in cosine units (see :func:`boundary_cosines`)."""
+        return boundary_cosines(self.thresholds_for(names), self.scale, self.bias)
+
+    # -- scoring -------------------------------------------------------------------------------
+    def probabilities(self, cos: np.ndarray) -> np.ndarray:
+        """``sigmoid(scale * cos + bias)``, elementwise."""
+        return 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+
+    def similarities(self, texts: Sequence[str], labels: dict[str, str] | None = None,
+                     replace: bool = False) -> tuple[list[str], np.ndarray]:
+        """``(label names, cos)``, ``cos`` of shape ``(n_docs, n_labels)``: under the ``chunk``
+        rule each document's maximum over its windows."""
+        label_set = self.resolve_labels(labels, replace)
+        names = list(label_set)
+        label_emb = self.label_embeddings(label_set)
+        cos = chunked_cosines(texts, self.embed, self.offsets, label_emb, self.chunking)
+        if len(texts):
+            cos = self.refine(names, texts, cos, label_emb)
+        return names, cos.astype(np.float32)
+
+    def scores(self, texts: Sequence[str], labels: dict[str, str] | None = None,
+               replace: bool = False) -> tuple[list[str], np.ndarray]:
+        """``(label names, probabilities)`` of shape ``(n_docs, n_labels)``."""
+        names, cos = self.similarities(texts, labels, replace)
+        return names, self.probabilities(cos).astype(np.float32)
+
+    def label_probabilities(self, texts: Sequence[str], labels: dict[str, str] | None = None,
+                            replace: bool = False) -> tuple[list[str], np.ndarray]:
+        """``(label names, probabilities)`` as predicted (what evaluation scores)."""
+        return self.scores(texts, labels, replace)
+
+    def predict(self, texts: Sequence[str], labels: dict[str, str] | None = None,
+                replace: bool = False) -> list[Prediction]:
+        """Predict label sets.
+
+        Args:
+            texts: Documents (long ones read by the model's long-document rule).
+            labels: Extra label descriptions (or, with ``replace``, the whole label set); new
+                descriptions are embedded once and cached. New labels use the default threshold.
+            replace: Use ``labels`` instead of the served labels.
+        """
+        names, cos = self.similarities(texts, labels, replace)
+        probs = self.probabilities(cos)
+        thresholds = self.thresholds_for(names)
+        out = []
+        for row_p, row_c in zip(probs, cos, strict=True):
+            chosen = [names[j] for j in np.argsort(-row_p, kind="stable") if row_p[j] >= thresholds[j]]
+            if self.hierarchy is not None:
+                chosen = self.hierarchy.enforce(chosen, names)
+            out.append(Prediction(
+                chosen,
+                {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},
+                {n: round(float(c), 6) for n, c in zip(names, row_c, strict=True)},
+            ))
+        return out

@@ -1,0 +1,296 @@
+"""Versioned labelmatch pipelines on a Kubeflow Pipelines server (v2beta1 REST API, ``kfp.Client``).
+
+One version number flows from the package to the cluster: the compiled IR
+``pipelines/compiled/<pipeline>-<version>.yaml`` is uploaded as the KFP *pipeline version* named
+``<version>`` of the KFP *pipeline* named after the IR's ``pipelineInfo.name``.
+
+The first upload needs care: ``POST /apis/v2beta1/pipelines/upload`` creates the pipeline *and*
+a first version whose name is the pipeline's name, and takes no version name. So a first upload
+is three calls: upload the pipeline, upload the same IR again as the version named ``<version>``
+(``upload_version``), then delete the auto-named version. Afterwards every version of a labelmatch
+pipeline is named by a package version, so ``--version 0.1.0`` always means the same IR. A later
+upload is one ``upload_version`` call; uploading a version name that exists is a no-op.
+
+Run parameters given as ``key=value`` strings are converted to the types the version's pipeline
+spec declares (``root.inputDefinitions.parameters``), so a run is refused here, with the name of
+the parameter, rather than failing in the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from labelmatch.core.errors import ConfigError, LabelmatchError
+
+log = logging.getLogger(__name__)
+
+#: KFP pipeline names (= ``pipelineInfo.name`` of the compiled IR).
+TRAINING_PIPELINE = "labelmatch-training"
+DEPLOY_PIPELINE = "labelmatch-deploy"
+DEFAULT_EXPERIMENT = "labelmatch"
+#: Where ``make compile`` writes the IR.
+COMPILED_DIR = Path("pipelines/compiled")
+
+
+@dataclass(frozen=True)
+class PipelineVersion:
+    """A version of a pipeline on the server.
+
+    Args:
+        pipeline: Pipeline name.
+        pipeline_id: Server id of the pipeline.
+        version: Version name (= the labelmatch package version).
+        version_id: Server id of the version.
+        created_at: Creation time as the server reports it.
+        parameters: The pipeline's input parameters: ``{name: parameterType}``.
+        required: The parameters without a default (a run must give them).
+    """
+
+    pipeline: str
+    pipeline_id: str
+    version: str
+    version_id: str
+    created_at: str
+    parameters: dict[str, str]
+    required: tuple[str, ...] = ()
+
+    def typed_parameters(self, params: dict[str, str] | None) -> dict[str, Any]:
+        """Command-line ``params`` converted to this version's declared types.
+
+        Raises:
+            ConfigError: A name that is not an input of this version (the inputs are listed),
+                or a value that does not convert.
+        """
+        typed = {}
+        for key, value in (params or {}).items():
+            if key not in self.parameters:
+                known = ", ".join(sorted(self.parameters)) or "none"
+                raise ConfigError(f"parameter '{key}': not an input of {self.pipeline} {self.version} "
+                                  f"(inputs: {known})")
+            typed[key] = convert_parameter(key, value, self.parameters[key])
+        return typed
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run the server accepted."""
+
+    run_id: str
+    name: str
+    pipeline: str
+    version: str
+    parameters: dict[str, Any]
+
+
+def pick_version(versions: list[PipelineVersion], name: str, version: str, where: str) -> PipelineVersion:
+    """The entry of ``versions`` named ``version``; :class:`ConfigError` lists the known ones.
+
+    Args:
+        versions: The versions of pipeline ``name`` a registry holds.
+        name: The pipeline.
+        version: The version wanted.
+        where: Where the registry keeps them, for the message (``"on the server"``).
+    """
+    for item in versions:
+        if item.version == version:
+            return item
+    known = ", ".join(item.version for item in versions) or "none"
+    raise ConfigError(f"pipeline {name!r} has no version {version!r} {where} (versions: {known})")
+
+
+def read_package(path: str | Path) -> tuple[str, str]:
+    """The pipeline name and description of a compiled IR YAML file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            spec = next(yaml.safe_load_all(handle), None)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read pipeline package: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    info = spec.get("pipelineInfo") if isinstance(spec, dict) else None
+    if not isinstance(info, dict) or not info.get("name"):
+        raise ConfigError(f"{path}: field 'pipelineInfo.name' missing: not a compiled KFP pipeline")
+    return info["name"], info.get("description", "")
+
+
+def compiled_packages(directory: str | Path, version: str) -> list[Path]:
+    """The compiled IR files of ``version`` in ``directory`` (``<name>-<version>.yaml``)."""
+    packages = sorted(Path(directory).glob(f"*-{version}.yaml"))
+    if not packages:
+        raise ConfigError(f"{directory}: no compiled pipelines '*-{version}.yaml' (run `make compile`)")
+    return packages
+
+
+def _pipeline_part(pipeline_spec: dict[str, Any] | None) -> dict[str, Any]:
+    """The pipeline spec itself: the server wraps an IR that has a Kubernetes platform document as
+    ``{"pipeline_spec": ..., "platform_spec": ...}`` (every labelmatch IR has one)."""
+    spec = pipeline_spec or {}
+    return spec.get("pipeline_spec", spec) if "root" not in spec else spec
+
+
+def _parameter_types(pipeline_spec: dict[str, Any] | None) -> dict[str, str]:
+    root = _pipeline_part(pipeline_spec).get("root", {})
+    parameters = root.get("inputDefinitions", {}).get("parameters", {})
+    return {name: spec.get("parameterType", "STRING") for name, spec in parameters.items()}
+
+
+def _required_parameters(pipeline_spec: dict[str, Any] | None) -> tuple[str, ...]:
+    root = _pipeline_part(pipeline_spec).get("root", {})
+    parameters = root.get("inputDefinitions", {}).get("parameters", {})
+    return tuple(
+        sorted(name for name, spec in parameters.items()
+               if not spec.get("isOptional") and "defaultValue" not in spec)
+    )
+
+
+def pipeline_inputs(path: str | Path) -> tuple[dict[str, str], tuple[str, ...]]:
+    """``({name: parameterType}, required names)`` of a compiled IR file's pipeline parameters."""
+    read_package(path)
+    with open(path, encoding="utf-8") as handle:
+        spec = next(yaml.safe_load_all(handle))
+    return _parameter_types(spec), _required_parameters(spec)
+
+
+def convert_parameter(name: str, value: str, parameter_type: str) -> Any:
+    """Convert a command-line value to the KFP parameter type; :class:`ConfigError` names ``name``."""
+    try:
+        if parameter_type == "NUMBER_INTEGER":
+            return int(value)
+        if parameter_type == "NUMBER_DOUBLE":
+            return float(value)
+        if parameter_type == "BOOLEAN":
+            lowered = value.lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return lowered in ("true", "1")
+        if parameter_type in ("LIST", "STRUCT"):
+            parsed = json.loads(value)
+            if not isinstance(parsed, list if parameter_type == "LIST" else dict):
+                raise ValueError(value)
+            return parsed
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"parameter '{name}': {value!r} is not a valid {parameter_type}") from None
+    return value
+
+
+class PipelineRegistry:
+    """Upload, list and run labelmatch pipeline versions on one KFP server.
+
+    Args:
+        host: KFP API endpoint, e.g. ``http://ml-pipeline.kubeflow:8888`` or a port-forward.
+        token: Bearer token (e.g. a service-account token for a multi-user KFP); never logged.
+        namespace: Kubernetes namespace of a multi-user KFP; None for single-user.
+    """
+
+    def __init__(self, host: str, token: str | None = None, namespace: str | None = None):
+        import kfp
+
+        self.namespace = namespace
+        self.client = kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+
+    def pipeline_id(self, name: str) -> str | None:
+        """The server id of the pipeline named ``name``, or None."""
+        return self.client.get_pipeline_id(name)
+
+    def _versions(self, pipeline_id: str, name: str) -> list[PipelineVersion]:
+        found, token = [], ""
+        while True:
+            page = self.client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100)
+            for item in page.pipeline_versions or []:
+                found.append(
+                    PipelineVersion(
+                        pipeline=name,
+                        pipeline_id=pipeline_id,
+                        version=item.display_name,
+                        version_id=item.pipeline_version_id,
+                        created_at=str(item.created_at or ""),
+                        parameters=_parameter_types(item.pipeline_spec),
+                        required=_required_parameters(item.pipeline_spec),
+                    )
+                )
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def versions(self, name: str) -> list[PipelineVersion]:
+        """Every version of pipeline ``name`` (empty when the pipeline does not exist)."""
+        pipeline_id = self.pipeline_id(name)
+        return self._versions(pipeline_id, name) if pipeline_id else []
+
+    def find_version(self, name: str, version: str) -> PipelineVersion:
+        """The version named ``version`` of pipeline ``name``; :class:`ConfigError` lists the known ones."""
+        return pick_version(self.versions(name), name, version, "on the server")
+
+    def upload(self, package: str | Path, version: str) -> PipelineVersion:
+        """Upload a compiled pipeline as the version named ``version`` (see the module docstring).
+
+        Returns:
+            The version, new or already on the server.
+        """
+        name, description = read_package(package)
+        pipeline_id = self.pipeline_id(name)
+        auto_named: list[PipelineVersion] = []
+        if pipeline_id is None:
+            pipeline = self.client.upload_pipeline(
+                str(package), pipeline_name=name, description=description or None
+            )
+            pipeline_id = pipeline.pipeline_id
+            # The server named the version it created after the pipeline: replaced below.
+            auto_named = self._versions(pipeline_id, name)
+        else:
+            for item in self._versions(pipeline_id, name):
+                if item.version == version:
+                    log.info("pipeline %s version %s is on the server already", name, version)
+                    return item
+        self.client.upload_pipeline_version(
+            str(package),
+            pipeline_version_name=version,
+            pipeline_id=pipeline_id,
+            description=description or None,
+        )
+        for item in auto_named:
+            if item.version != version:
+                self.client.delete_pipeline_version(pipeline_id, item.version_id)
+        return self.find_version(name, version)
+
+    def create_run(
+        self,
+        name: str,
+        version: str,
+        params: dict[str, str] | None = None,
+        run_name: str | None = None,
+        experiment: str = DEFAULT_EXPERIMENT,
+        service_account: str | None = None,
+    ) -> RunInfo:
+        """Create a run of version ``version`` of pipeline ``name``.
+
+        Args:
+            name: Pipeline name.
+            version: Version name.
+            params: Parameters as strings, converted to the declared types; unknown names are refused.
+            run_name: Display name of the run (default ``<name> <version>``).
+            experiment: Experiment to file the run under (created when missing).
+            service_account: Kubernetes service account of the run's pods.
+        """
+        target = self.find_version(name, version)
+        typed = target.typed_parameters(params)
+        experiment_id = self.client.create_experiment(experiment, namespace=self.namespace).experiment_id
+        run_name = run_name or f"{name} {version}"
+        run = self.client.run_pipeline(
+            experiment_id=experiment_id,
+            job_name=run_name,
+            params=typed,
+            pipeline_id=target.pipeline_id,
+            version_id=target.version_id,
+            service_account=service_account,
+        )
+        if not run.run_id:
+            raise LabelmatchError(f"KFP accepted run {run_name!r} but returned no run id")
+        return RunInfo(run_id=run.run_id, name=run_name, pipeline=name, version=version, parameters=typed)

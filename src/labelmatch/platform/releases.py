@@ -1,0 +1,147 @@
+"""Release records: an append-only log of what each service was deployed with.
+
+Every deploy writes one JSON object to
+``<root>/releases/<service>/<YYYYmmddTHHMMSSffffffZ>-<release id>.json``; records are never
+rewritten or deleted, and the time-stamped key sorts them in deploy order. A record names the
+model artifact (URI *and* digest), the pipeline version and run that deployed it, so a rollback
+can re-run exactly that deploy (see :mod:`labelmatch.platform.rollback`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from labelmatch.core.errors import ArtifactError, ConfigError, DataError
+from labelmatch.platform.store import ArtifactStore, S3Uri
+
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """One deploy of a service.
+
+    Args:
+        release_id: Short random id, unique per deploy.
+        service: InferenceService name.
+        namespace: Its Kubernetes namespace.
+        model_uri: ``s3://`` URI of the deployed model artifact.
+        model_digest: The artifact digest of that model (``manifest_digest``).
+        pipeline_version: KFP pipeline version (= package version) whose deploy step ran.
+        run_id: KFP run id ("" when deployed from the command line).
+        time: UTC time of the deploy, ISO 8601.
+        image: Predictor container image.
+        target: Where it was deployed: ``kserve`` (an InferenceService) or ``local`` (the model
+            server on the deploying machine); a rollback deploys to the same kind of target.
+    """
+
+    release_id: str
+    service: str
+    namespace: str
+    model_uri: str
+    model_digest: str
+    pipeline_version: str
+    run_id: str
+    time: str
+    image: str = ""
+    target: str = "kserve"
+
+    @classmethod
+    def new(cls, **values: Any) -> ReleaseRecord:
+        """A record with a fresh ``release_id`` and the current time."""
+        stamp = time.time()
+        values.setdefault("release_id", uuid.uuid4().hex[:12])
+        values.setdefault(
+            "time", time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1e6):06d}Z"
+        )
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> ReleaseRecord:
+        """Parse a record; a missing or non-string field is a :class:`DataError` naming ``source``."""
+        if not isinstance(data, dict):
+            raise DataError(source, "expected a JSON object")
+        values = {}
+        for spec in fields(cls):
+            value = data.get(spec.name, None if spec.default is MISSING else spec.default)
+            if not isinstance(value, str):
+                raise DataError(source, "missing or not a string", field=spec.name)
+            values[spec.name] = value
+        return cls(**values)
+
+    @property
+    def key_name(self) -> str:
+        """The object name: time stamp (sortable) and release id."""
+        compact = self.time.replace("-", "").replace(":", "").replace(".", "")
+        return f"{compact}-{self.release_id}.json"
+
+
+class ReleaseLog:
+    """The release records of every service under ``<root>/releases/``.
+
+    Args:
+        store: The artifact store.
+        root: ``s3://bucket/prefix`` of the labelmatch store (releases live under ``releases/``).
+    """
+
+    def __init__(self, store: ArtifactStore, root: str):
+        self.store = store
+        self.root = S3Uri.parse(root)
+
+    def _folder(self, service: str) -> S3Uri:
+        if not _SERVICE_NAME.match(service):
+            raise ConfigError(
+                f"service name {service!r}: expected a Kubernetes name (lower-case, digits, '-')"
+            )
+        return self.root.child(f"releases/{service}")
+
+    def append(self, record: ReleaseRecord) -> str:
+        """Write ``record`` as a new object and return its URI; an existing key is never overwritten."""
+        target = self._folder(record.service).child(record.key_name)
+        if self.store.exists(target):
+            raise ArtifactError(f"{target}: release record exists already; records are append-only")
+        self.store.put_bytes(
+            target, (json.dumps(asdict(record), indent=2) + "\n").encode(), "application/json"
+        )
+        return str(target)
+
+    def list(self, service: str) -> list[ReleaseRecord]:
+        """The service's records, oldest first."""
+        folder = self._folder(service)
+        records = []
+        for key in self.store.list_keys(folder):
+            uri = S3Uri(folder.bucket, key)
+            data = self.store.get_bytes(uri)
+            if data is None:
+                continue
+            try:
+                parsed = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise DataError(str(uri), f"not valid JSON ({exc.msg})", line=exc.lineno) from None
+            records.append(ReleaseRecord.from_dict(parsed, str(uri)))
+        return sorted(records, key=lambda record: (record.time, record.release_id))
+
+    def find(self, service: str, ref: str) -> ReleaseRecord:
+        """The release ``ref`` names: a release id, a record's object name, or a pipeline version.
+
+        A pipeline version selects the latest release deployed by that version.
+
+        Raises:
+            ConfigError: Nothing matches, listing what exists.
+        """
+        records = self.list(service)
+        for record in records:
+            if ref in (record.release_id, record.key_name, record.key_name.removesuffix(".json")):
+                return record
+        by_version = [record for record in records if record.pipeline_version == ref]
+        if by_version:
+            return by_version[-1]
+        known = ", ".join(f"{r.release_id} ({r.pipeline_version}, {r.time})" for r in records[-10:]) or "none"
+        raise ConfigError(
+            f"service {service!r}: no release or pipeline version {ref!r}; recent releases: {known}"
+        )

@@ -1,0 +1,290 @@
+"""Torch-free prediction with an exported OnnxModel artifact (tokenizers + ONNX Runtime + numpy).
+
+This is the serving path: importing it must never import torch, so the serving image stays
+small. The graph in ``model.onnx`` already pools (the model's own pooling) and L2-normalises, so a document
+embedding is one ``session.run`` and a cosine is a dot product.
+
+**fp32 fallback.** Where the export found that int8 alone changes too many label sets (see
+:mod:`labelmatch.export.onnx`), the artifact names ``model_fp32.onnx`` and a cosine ``margin``: a
+document whose int8 cosine with some label lies within ``margin`` of that label's decision
+boundary is embedded again by the fp32 graph, and those cosines are used. Only the uncertain
+documents pay for fp32; label embeddings always come from full precision (torch at export, the
+fp32 graph for request-time labels when it is loaded).
+
+Example::
+
+    clf = OnnxClassifier.load("runs/onnx")
+    clf.predict(["VAT return filed late, penalty assessed"])[0].labels
+    clf.predict(texts, labels={"customs": "Import duties and customs procedures."})
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from labelmatch.core.artifacts import artifact_digest, verify_artifact
+from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.data.hierarchy import HIERARCHY_FILE, load_hierarchy
+from labelmatch.model.chunking import Chunking, chunked_cosines
+from labelmatch.model.matching import LabelMatcher, Thresholds
+
+MODEL_FILE = "model.onnx"
+FP32_MODEL_FILE = "model_fp32.onnx"
+TOKENIZER_FILE = "tokenizer/tokenizer.json"
+OUTPUT_NAME = "sentence_embedding"
+
+
+@dataclass
+class OrtConfig:
+    """ONNX Runtime session settings.
+
+    Attributes:
+        intra_op_threads: Threads inside one operator; 0 lets ONNX Runtime pick (one per core).
+        inter_op_threads: Threads running independent operators in parallel.
+        allow_spinning: Let idle ORT threads busy-wait for work. Off by default: spinning
+            lowers latency by microseconds but burns whole cores between requests, which a
+            shared node or a CPU-limited pod pays for.
+        batch_size: Documents per ``session.run``.
+        label_cache_size: Label descriptions embedded at request time that stay cached.
+        disabled_optimizers: ONNX Runtime graph transformers not to run at session creation.
+            By default ``SkipLayerNormFusion``: ONNX Runtime 1.32's CPU SkipLayerNormalization
+            kernel took 0.25 ms per call on a 128 × 384 activation where the plain Add +
+            LayerNormalization it replaces take 0.05 ms (12 calls: 19% of MiniLM-L6's int8 time
+            at sequence 128, batch 1; measured with ORT's profiler, see ``docs/serving.md``). The
+            export leaves the pair unfused for the same reason.
+    """
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    allow_spinning: bool = False
+    batch_size: int = 32
+    label_cache_size: int = 4096
+    disabled_optimizers: tuple[str, ...] = ("SkipLayerNormFusion",)
+
+    def session_options(self) -> Any:
+        """The ``onnxruntime.SessionOptions`` these settings describe."""
+        import onnxruntime as ort
+
+        if self.intra_op_threads < 0 or self.inter_op_threads < 1 or self.batch_size < 1:
+            raise ConfigError(
+                f"invalid ONNX Runtime settings: intra_op_threads={self.intra_op_threads} (>= 0), "
+                f"inter_op_threads={self.inter_op_threads} (>= 1), batch_size={self.batch_size} (>= 1)"
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.inter_op_threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        spin = "1" if self.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return options
+
+    def create_session(self, model_path: str | Path, options: Any = None) -> Any:
+        """A CPU ``onnxruntime.InferenceSession`` with these settings.
+
+        Args:
+            model_path: The ``.onnx`` file.
+            options: ``SessionOptions`` to use instead of :meth:`session_options` (e.g. with
+                profiling on); the disabled optimizers apply either way.
+        """
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            str(model_path), options or self.session_options(), providers=["CPUExecutionProvider"],
+            disabled_optimizers=list(self.disabled_optimizers),
+        )
+
+
+class OnnxEncoder:
+    """Tokenizer + ONNX session producing L2-normalised embeddings.
+
+    Args:
+        model_path: An ``.onnx`` file whose graph outputs ``sentence_embedding``.
+        tokenizer_path: A Hugging Face fast-tokenizer ``tokenizer.json``.
+        max_length: Texts are truncated to this many tokens (never rejected for length).
+        config: Session settings.
+    """
+
+    def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int,
+                 config: OrtConfig | None = None):
+        from tokenizers import Tokenizer
+
+        self.config = config or OrtConfig()
+        self.max_length = int(max_length)
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.tokenizer.enable_truncation(max_length=self.max_length)
+        self.tokenizer.enable_padding(**_padding_of(Path(tokenizer_path), self.tokenizer))
+        # A second instance, neither truncating nor padding, reads whole documents' offsets.
+        self._whole = Tokenizer.from_file(str(tokenizer_path))
+        self._whole.no_truncation()
+        self._whole.no_padding()
+        self.session = self.config.create_session(model_path)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.dim = int(self.session.get_outputs()[0].shape[-1])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Batch inputs of the graph (padded to the longest text, truncated to ``max_length``)."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        arrays = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        return {name: arrays[name] for name in self.input_names}
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens, without special tokens or truncation (the same
+        as the torch side's: both read the same ``tokenizer.json``)."""
+        return self._whole.encode(text, add_special_tokens=False).offsets
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, dim)`` float32 embeddings, batched by length to keep padding small."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        size = self.config.batch_size
+        for start in range(0, len(order), size):
+            rows = order[start : start + size]
+            (embedded,) = self.session.run([OUTPUT_NAME], self.tokenize([texts[i] for i in rows]))
+            out[rows] = embedded
+        return out
+
+
+def near_boundary(cos: np.ndarray, boundary: np.ndarray, margin: float) -> np.ndarray:
+    """Rows of ``cos`` with some label's cosine within ``margin`` of its ``boundary`` (the rows
+    the fp32 fallback re-embeds)."""
+    return (np.abs(cos - boundary) < margin).any(axis=1)
+
+
+def _padding_of(tokenizer_path: Path, tokenizer: Any) -> dict[str, Any]:
+    """Padding settings from ``tokenizer_config.json`` beside ``tokenizer.json``."""
+    config_path = tokenizer_path.parent / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    pad = config.get("pad_token") or "[PAD]"
+    pad = pad.get("content", "[PAD]") if isinstance(pad, dict) else pad
+    pad_id = tokenizer.token_to_id(pad)
+    if pad_id is None:
+        raise ArtifactError(f"{tokenizer_path}: pad token {pad!r} is not in the vocabulary")
+    return {"pad_id": pad_id, "pad_token": pad}
+
+
+class OnnxClassifier(LabelMatcher):
+    """Label matching over an :class:`OnnxEncoder`: ``p = sigmoid(scale * cos + bias)``.
+
+    Args:
+        encoder: The document/label encoder.
+        labels: Served ``{label: description}`` in order.
+        label_embeddings: Their ``(n_labels, dim)`` embeddings (computed when ``None``).
+        scale: Cosine scale.
+        bias: Logit bias.
+        thresholds: :class:`~labelmatch.model.matching.Thresholds` or the ``thresholds.json``
+            mapping ``{"default": t, "labels": {label: t}}``.
+        info: The artifact's ``labelmatch.json``.
+        model_version: Shown in every response (the artifact digest by default).
+        fallback: A full-precision encoder for documents near a decision boundary (and for
+            embedding label descriptions), or ``None``.
+        fallback_margin: Cosine distance to a label's boundary under which a document is
+            re-embedded by ``fallback``.
+        on_fallback: Called with the number of documents re-embedded by each call (metrics).
+    """
+
+    def __init__(self, encoder: OnnxEncoder, labels: dict[str, str], label_embeddings: np.ndarray | None,
+                 scale: float, bias: float, thresholds: Thresholds | dict[str, Any],
+                 info: dict[str, Any] | None = None, model_version: str = "unversioned",
+                 fallback: OnnxEncoder | None = None, fallback_margin: float = 0.0,
+                 on_fallback: Callable[[int], None] | None = None):
+        if fallback_margin < 0:
+            raise ConfigError(f"fallback_margin must be >= 0, got {fallback_margin}")
+        if label_embeddings is not None and label_embeddings.shape != (len(labels), encoder.dim):
+            raise ArtifactError(
+                f"label embeddings have shape {label_embeddings.shape}, expected {(len(labels), encoder.dim)}"
+            )
+        self.encoder = encoder
+        self.fallback = fallback
+        self.fallback_margin = float(fallback_margin) if fallback is not None else 0.0
+        self.on_fallback = on_fallback
+        self.info = info or {}
+        self.model_version = model_version
+        super().__init__(labels, label_embeddings, scale, bias, thresholds,
+                         Chunking.from_info({"max_length": encoder.max_length, **self.info}),
+                         label_cache_size=encoder.config.label_cache_size)
+
+    @classmethod
+    def load(cls, path: str | Path, config: OrtConfig | None = None, model_file: str = MODEL_FILE,
+             verify: bool = True) -> OnnxClassifier:
+        """Load an OnnxModel artifact, verifying every file's digest first.
+
+        Args:
+            path: The artifact directory.
+            config: ONNX Runtime settings.
+            model_file: ``model.onnx`` (int8) or ``model_fp32.onnx`` where it was kept.
+            verify: Check the manifest (refuses a corrupted or missing file by name).
+        """
+        root = Path(path)
+        if verify:
+            verify_artifact(root, "OnnxModel")
+        info = _read_json(root, "labelmatch.json")
+        if not (root / model_file).is_file():
+            raise ArtifactError(f"artifact {root}: no {model_file}")
+        max_length = int(info["max_length"])
+        encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, max_length, config)
+        plan = (info.get("onnx") or {}).get("fallback") if model_file == MODEL_FILE else None
+        fallback = None
+        if plan:
+            if not (root / plan["model"]).is_file():
+                raise ArtifactError(f"artifact {root}: no {plan['model']} (its fp32 fallback graph)")
+            fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config)
+        version = info.get("model_version") or artifact_digest(root)[:12]
+        labels = _read_json(root, "labels.json")
+        classifier = cls(encoder, labels, np.load(root / "label_embeddings.npy"),
+                         info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
+                         fallback, float(plan["margin"]) if plan else 0.0)
+        if (root / HIERARCHY_FILE).is_file():
+            classifier.hierarchy = load_hierarchy(root / HIERARCHY_FILE, labels)
+        return classifier
+
+    @property
+    def precise_encoder(self) -> OnnxEncoder:
+        """The encoder for label descriptions: the fp32 fallback where loaded, else the main one."""
+        return self.fallback or self.encoder
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(n, dim)`` unit vectors from the served graph (int8 where quantised)."""
+        return self.encoder.embed(texts)
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of ``text``'s tokens (no special tokens, no truncation)."""
+        return self.encoder.offsets(text)
+
+    def embed_labels(self, descriptions: Sequence[str]) -> np.ndarray:
+        """Label descriptions through :attr:`precise_encoder`."""
+        return self.precise_encoder.embed(descriptions)
+
+    def refine(self, names: list[str], texts: Sequence[str], cos: np.ndarray,
+               label_emb: np.ndarray) -> np.ndarray:
+        """The fp32 fallback: documents with a cosine within ``fallback_margin`` of some label's
+        boundary are embedded again (every window) by the fp32 graph."""
+        if self.fallback is None or self.fallback_margin <= 0:
+            return cos
+        rows = np.flatnonzero(near_boundary(cos, self.boundary_cosines(names), self.fallback_margin))
+        if len(rows):
+            cos = cos.copy()
+            cos[rows] = chunked_cosines([texts[i] for i in rows], self.fallback.embed, self.offsets,
+                                        label_emb, self.chunking)
+        if self.on_fallback is not None:
+            self.on_fallback(len(rows))
+        return cos
+
+
+def _read_json(root: Path, name: str) -> Any:
+    try:
+        return json.loads((root / name).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"artifact {root}: cannot read {name}: {exc}") from exc

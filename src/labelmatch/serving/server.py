@@ -1,0 +1,613 @@
+"""The KServe model server over an OnnxModel artifact (no torch on this path).
+
+Run::
+
+    labelmatch serve --model runs/onnx --host 127.0.0.1 --port 8080
+    python -m labelmatch.serving.server --model_dir runs/onnx --http_port 8080 --host 127.0.0.1
+
+Endpoints (``NAME`` is ``--model_name``, default ``labelmatch``):
+
+* ``POST /v1/models/NAME:predict`` ``{"instances": [{"text": ...} | "text", ...], "labels": {...},
+  "replace_labels": false, "similarities": false}``
+* ``POST /v2/models/NAME/infer`` Open Inference Protocol v2: a BYTES tensor ``text`` of shape
+  ``[n]``; request ``parameters`` may carry ``labels`` (a JSON object string) and ``replace_labels``.
+* ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME/ready``, ``GET /v2/models/NAME``
+  (metadata with the model version), ``GET /metrics`` (Prometheus).
+* ``GET|PUT /v2/models/NAME/labels``: the served label set; ``PUT`` (admin, bearer token from
+  ``LABELMATCH_ADMIN_TOKEN``) stores a new version in the state directory and serves it.
+* ``POST /v2/models/NAME/feedback``: ``{"prediction_id" | "text" + "predicted_labels", "score": 1-5,
+  "corrected_labels": [...]}`` into the feedback store (``--feedback_url``).
+
+KServe's REST server binds ``0.0.0.0`` unconditionally (``RESTServer`` builds its uvicorn config
+with a fixed host); :class:`BoundModelServer` sets the bind address from ``--host`` (default
+``127.0.0.1``) before serving. KServe's gRPC server always binds ``[::]``, so gRPC is off unless
+asked for, and then only together with an all-interfaces ``--host``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kserve
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve.model_server import ModelServer
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from starlette.concurrency import run_in_threadpool
+
+from labelmatch.core.artifacts import artifact_digest, verify_artifact
+from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
+from labelmatch.data.dataset import load_labels
+from labelmatch.model.matching import Thresholds
+from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
+from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+
+logger = logging.getLogger("labelmatch.serving.server")
+ALL_INTERFACES = ("0.0.0.0", "::")
+
+
+class RequestRejected(Exception):
+    """A request the server refuses, with the HTTP status and a message naming the problem."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServeConfig:
+    """Everything the model server needs besides KServe's own flags.
+
+    Attributes:
+        model_dir: The OnnxModel artifact (may be read-only).
+        name: Model name on the endpoint paths.
+        state_dir: Writable directory for versioned label sets (default ``<model_dir>-state``).
+        limits: Request limits.
+        ort: ONNX Runtime settings.
+        feedback_url: SQLAlchemy URL of the feedback store; feedback is refused without one.
+        admin_token: Bearer token for label-set updates; updates are refused without one.
+        inference_threads: Threads running predictions (requests queue for them, which keeps
+            the event loop free for health checks and metrics under load).
+        recent_predictions: Predictions remembered for feedback by ``prediction_id``.
+        labels_file: A ``labels.json`` (e.g. from a ConfigMap) served instead of the model's.
+        thresholds_file: A ``thresholds.json`` to go with it (or on its own).
+        expected_digest: Refuse to start unless the artifact has this digest (set by deploy).
+    """
+
+    model_dir: Path
+    name: str = "labelmatch"
+    state_dir: Path | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    ort: OrtConfig = field(default_factory=OrtConfig)
+    feedback_url: str | None = None
+    admin_token: str | None = None
+    inference_threads: int = 1
+    recent_predictions: int = 2048
+    labels_file: Path | None = None
+    thresholds_file: Path | None = None
+    expected_digest: str | None = None
+
+
+class LabelSetStore:
+    """Versioned served label sets: ``labels-v0001.json``, ... and ``current.json`` naming one.
+
+    Each version records the labels, thresholds and the model version it was made for; a
+    stored set is only applied to that model version, so rolling back a model also rolls back
+    to its own labels.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def current(self) -> dict[str, Any] | None:
+        """The current stored label set, or ``None``."""
+        pointer = self.root / "current.json"
+        if not pointer.is_file():
+            return None
+        try:
+            version = int(json.loads(pointer.read_text())["version"])
+            path = self.root / f"labels-v{version:04d}.json"
+            stored = json.loads(path.read_text())
+            return {"version": version, "labels": dict(stored["labels"]),
+                    "thresholds": dict(stored["thresholds"]), "model_version": stored.get("model_version")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            message = f"label state {self.root}: cannot read the current label set: {exc!r}"
+            raise ArtifactError(message) from exc
+
+    def save(self, labels: dict[str, str], thresholds: dict[str, Any], model_version: str) -> int:
+        """Store a new version (atomic writes) and make it current; returns its number."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            existing = [int(p.stem.split("-v")[1]) for p in self.root.glob("labels-v*.json")]
+            version = max(existing, default=0) + 1
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            record = {"version": version, "labels": labels, "thresholds": thresholds,
+                      "model_version": model_version, "created_at": created}
+            _write_atomic(self.root / f"labels-v{version:04d}.json", record)
+            _write_atomic(self.root / "current.json", {"version": version})
+        except OSError as exc:
+            raise RequestRejected(503, f"cannot persist the label set in {self.root}: {exc}; "
+                                       "pass a writable --state_dir") from exc
+        return version
+
+
+def _write_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+@dataclass
+class ParsedRequest:
+    """A validated prediction request of either protocol."""
+
+    texts: list[str]
+    ids: list[str | None]
+    labels: dict[str, str] | None
+    replace: bool
+    similarities: bool
+    v2_id: str | None = None
+
+
+class LabelmatchModel(kserve.Model):
+    """A KServe predictor over :class:`OnnxClassifier` (v1 and v2 protocols).
+
+    Args:
+        config: Server configuration.
+        metrics: Prometheus metrics.
+    """
+
+    def __init__(self, config: ServeConfig, metrics: ServeMetrics):
+        super().__init__(config.name, return_response_headers=True)
+        self.config = config
+        self.metrics = metrics
+        self.classifier: OnnxClassifier | None = None
+        self.label_set_version = 0
+        self.state = LabelSetStore(config.state_dir or Path(f"{config.model_dir}-state"))
+        self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._feedback_store: Any = None
+
+    @property
+    def model_version(self) -> str:
+        """The served artifact's version ("loading" before :meth:`load`)."""
+        return self.classifier.model_version if self.classifier else "loading"
+
+    def load(self) -> bool:
+        """Verify the artifact (refusing a corrupted file by name), load it and the label state."""
+        verify_artifact(self.config.model_dir, "OnnxModel")
+        expected = self.config.expected_digest
+        actual = artifact_digest(self.config.model_dir)
+        if expected and actual != expected:
+            raise ArtifactError(f"artifact {self.config.model_dir}: digest {actual} is not the expected "
+                                f"{expected} (LABELMATCH_MODEL_DIGEST)")
+        self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False)
+        self.classifier.on_fallback = self.metrics.fp32_fallback.inc
+        self._apply_config_files()
+        stored = self.state.current()
+        if stored and stored.get("model_version") == self.classifier.model_version:
+            self.classifier.set_labels(stored["labels"], stored["thresholds"])
+            self.label_set_version = int(stored["version"])
+        elif stored:
+            logger.warning("label set v%s in %s was made for model %s, not %s: serving the model's labels",
+                           stored["version"], self.state.root, stored.get("model_version"),
+                           self.model_version)
+        if self.config.feedback_url:
+            from labelmatch.feedback.store import FeedbackStore
+
+            self._feedback_store = FeedbackStore(self.config.feedback_url, redact=True)
+        self.metrics.label_set_version.set(self.label_set_version)
+        self.ready = True
+        return True
+
+    def _apply_config_files(self) -> None:
+        """Serve the label set / thresholds of ``--labels`` / ``--thresholds`` (a ConfigMap)."""
+        classifier = self.classifier
+        assert classifier is not None
+        if not (self.config.labels_file or self.config.thresholds_file):
+            return
+        labels = load_labels(self.config.labels_file) if self.config.labels_file else classifier.labels
+        thresholds = {"default": classifier.default_threshold, "labels": classifier.label_thresholds}
+        if self.config.thresholds_file:
+            path = self.config.thresholds_file
+            try:
+                thresholds = Thresholds.from_json(json.loads(path.read_text())).to_json()
+            except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                raise DataError(path, f'expected {{"default": t, "labels": {{label: t}}}}: {exc}') from exc
+        classifier.set_labels(labels, thresholds)
+
+    # -- KServe handlers -------------------------------------------------------------------
+    def get_input_types(self) -> list[dict[str, Any]]:
+        return [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        return [
+            {"name": "labels", "datatype": "BYTES", "shape": [-1]},
+            {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "prediction_ids", "datatype": "BYTES", "shape": [-1]},
+        ]
+
+    async def preprocess(self, payload: dict | InferRequest,
+                         headers: dict[str, str] | None = None) -> ParsedRequest:
+        if isinstance(payload, InferRequest):
+            return self._parse_v2(payload)
+        return self._parse_v1(payload)
+
+    async def predict(self, payload: ParsedRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._predict, payload)
+
+    async def postprocess(self, result: dict[str, Any], headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> dict | InferResponse:
+        request: ParsedRequest = result["request"]
+        if response_headers is not None:  # W3C Server-Timing: lets a client split model time from the rest
+            response_headers["server-timing"] = f"inference;dur={result['inference_ms']:.3f}"
+        if request.v2_id is None:
+            return {"model_name": self.name, "model_version": result["model_version"],
+                    "label_set_version": result["label_set_version"], "predictions": result["predictions"]}
+        predictions = result["predictions"]
+        names = result["label_names"]
+        scores = [p["scores"][n] for p in predictions for n in names]
+        label_lists = [json.dumps(p["labels"]) for p in predictions]
+        outputs = [
+            InferOutput("labels", [len(predictions)], "BYTES", label_lists),
+            InferOutput("scores", [len(predictions), len(names)], "FP32", scores),
+            InferOutput("prediction_ids", [len(predictions)], "BYTES", [p["id"] for p in predictions]),
+        ]
+        parameters = {"label_names": json.dumps(names), "label_set_version": result["label_set_version"]}
+        return InferResponse(request.v2_id, self.name, outputs, model_version=result["model_version"],
+                             parameters=parameters)
+
+    # -- request parsing -------------------------------------------------------------------
+    def _check_texts(self, texts: list[str]) -> None:
+        limits = self.config.limits
+        if not texts:
+            raise RequestRejected(400, "the request has no documents")
+        if len(texts) > limits.max_docs:
+            raise RequestRejected(413, f"the request has {len(texts)} documents; the limit is "
+                                       f"{limits.max_docs} per request (--max_docs)")
+        for i, text in enumerate(texts):
+            if len(text) > limits.max_chars:
+                raise RequestRejected(413, f"document {i} has {len(text)} characters; the limit is "
+                                           f"{limits.max_chars} (--max_chars)")
+
+    def _parse_v1(self, payload: Any) -> ParsedRequest:
+        if isinstance(payload, bytes | str):
+            # KServe hands over the raw body when the content type is not JSON (curl -d); the
+            # RequestGuard has already checked that it parses.
+            payload = json.loads(payload)
+        if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
+            raise RequestRejected(400, 'expected a JSON object with an "instances" list')
+        texts, ids = [], []
+        for i, instance in enumerate(payload["instances"]):
+            if isinstance(instance, str):
+                texts.append(instance)
+                ids.append(None)
+            elif isinstance(instance, dict) and isinstance(instance.get("text"), str):
+                texts.append(instance["text"])
+                ids.append(str(instance["id"]) if "id" in instance else None)
+            else:
+                message = f'instances[{i}]: expected a string or an object with a string "text"'
+                raise RequestRejected(400, message)
+        self._check_texts(texts)
+        labels = _check_labels(payload.get("labels"), "labels")
+        replace = _check_bool(payload.get("replace_labels", False), "replace_labels")
+        if replace and not labels:
+            raise RequestRejected(400, "replace_labels is true but the request carries no labels")
+        similarities = _check_bool(payload.get("similarities", False), "similarities")
+        return ParsedRequest(texts, ids, labels, replace, similarities)
+
+    def _parse_v2(self, request: InferRequest) -> ParsedRequest:
+        inputs = [i for i in request.inputs if i.name == "text"] or request.inputs
+        if len(inputs) != 1:
+            raise RequestRejected(400, 'expected one BYTES input tensor named "text"')
+        tensor = inputs[0]
+        if tensor.datatype != "BYTES":
+            message = f'input "{tensor.name}" has datatype {tensor.datatype}; expected BYTES'
+            raise RequestRejected(400, message)
+        texts = []
+        for item in _flatten(tensor.data if tensor.data is not None else []):
+            if isinstance(item, bytes):
+                try:
+                    item = item.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    message = f'input "{tensor.name}" holds bytes that are not UTF-8: {exc}'
+                    raise RequestRejected(400, message) from exc
+            if not isinstance(item, str):
+                message = f'input "{tensor.name}" must hold strings, got {type(item).__name__}'
+                raise RequestRejected(400, message)
+            texts.append(item)
+        self._check_texts(texts)
+        params = dict(request.parameters or {})
+        raw_labels = params.get("labels")
+        if isinstance(raw_labels, str):
+            try:
+                raw_labels = json.loads(raw_labels)
+            except json.JSONDecodeError as exc:
+                raise RequestRejected(400, f'parameters.labels is not a JSON object string: {exc}') from exc
+        labels = _check_labels(raw_labels, "parameters.labels")
+        replace = _check_bool(params.get("replace_labels", False), "parameters.replace_labels")
+        if replace and not labels:
+            raise RequestRejected(400, "replace_labels is true but the request carries no labels")
+        request_id = request.id or str(uuid.uuid4())
+        return ParsedRequest(texts, [None] * len(texts), labels, replace, False, request_id)
+
+    # -- prediction ------------------------------------------------------------------------
+    def _predict(self, request: ParsedRequest) -> dict[str, Any]:
+        classifier = self.classifier
+        assert classifier is not None  # KServe routes only to ready models
+        start = time.perf_counter()
+        names = list(classifier.resolve_labels(request.labels, request.replace))
+        predictions = [p.to_json(request.similarities)
+                       for p in classifier.predict(request.texts, request.labels, request.replace)]
+        elapsed = time.perf_counter() - start
+        self.metrics.inference_seconds.observe(elapsed)
+        self.metrics.batch_documents.observe(len(request.texts))
+        self.metrics.count_labels((p["labels"] for p in predictions), set(classifier.labels))
+        version = classifier.model_version
+        for doc_id, text, prediction in zip(request.ids, request.texts, predictions, strict=True):
+            prediction["id"] = uuid.uuid4().hex
+            if doc_id is not None:
+                prediction["doc_id"] = doc_id
+            if self._feedback_store is not None:
+                self._remember(prediction["id"], {"text": text, "labels": prediction["labels"],
+                                                  "scores": prediction["scores"], "model_version": version})
+        return {"request": request, "predictions": predictions, "label_names": names,
+                "model_version": version, "label_set_version": self.label_set_version,
+                "inference_ms": elapsed * 1000}
+
+    def _remember(self, prediction_id: str, record: dict[str, Any]) -> None:
+        self._recent[prediction_id] = record
+        while len(self._recent) > self.config.recent_predictions:
+            self._recent.popitem(last=False)
+
+    # -- admin and feedback ----------------------------------------------------------------
+    def label_state(self) -> dict[str, Any]:
+        """The served label set, thresholds and versions."""
+        classifier = self.classifier
+        assert classifier is not None
+        return {"model_version": classifier.model_version, "label_set_version": self.label_set_version,
+                "labels": classifier.labels,
+                "thresholds": {"default": classifier.default_threshold,
+                               "labels": classifier.label_thresholds}}
+
+    def update_labels(self, body: Any, authorization: str | None) -> dict[str, Any]:
+        """Validate, persist and serve a new label set (admin)."""
+        token = self.config.admin_token
+        if not token:
+            raise RequestRejected(403, "label updates are disabled: start the server with "
+                                       "LABELMATCH_ADMIN_TOKEN set")
+        if not authorization or not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+            raise RequestRejected(401, "label updates need the header 'Authorization: Bearer <admin token>'")
+        if not isinstance(body, dict):
+            raise RequestRejected(400, 'expected a JSON object with "labels"')
+        labels = _check_labels(body.get("labels"), "labels")
+        if not labels:
+            raise RequestRejected(400, '"labels" must be a non-empty object {label: description}')
+        thresholds = body.get("thresholds", {})
+        classifier = self.classifier
+        assert classifier is not None
+        try:
+            default = float(thresholds.get("default", classifier.default_threshold))
+            per_label = {str(k): float(v) for k, v in thresholds.get("labels", {}).items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            message = f'"thresholds" must be {{"default": t, "labels": {{label: t}}}}: {exc}'
+            raise RequestRejected(400, message) from exc
+        kept = {k: v for k, v in classifier.label_thresholds.items() if k in labels}
+        new_thresholds = {"default": default, "labels": {**kept, **per_label}}
+        version = self.state.save(labels, new_thresholds, classifier.model_version)
+        classifier.set_labels(labels, new_thresholds)
+        self.label_set_version = version
+        self.metrics.label_set_version.set(version)
+        return self.label_state()
+
+    def add_feedback(self, body: Any) -> dict[str, Any]:
+        """Store one feedback record (by ``prediction_id`` or by ``text`` + ``predicted_labels``)."""
+        if self._feedback_store is None:
+            raise RequestRejected(503, "feedback is not enabled: start the server with --feedback_url")
+        from labelmatch.feedback.store import FeedbackRecord
+
+        if not isinstance(body, dict):
+            raise RequestRejected(400, 'expected a JSON object with "score" and "prediction_id" or "text"')
+        if "prediction_id" in body:
+            served = self._recent.get(str(body["prediction_id"]))
+            if served is None:
+                raise RequestRejected(404, f"unknown prediction_id {body['prediction_id']!r}: only the last "
+                                           f"{self.config.recent_predictions} predictions are remembered; "
+                                           "send text and predicted_labels instead")
+        elif isinstance(body.get("text"), str) and isinstance(body.get("predicted_labels"), list):
+            served = {"text": body["text"], "labels": body["predicted_labels"],
+                      "scores": body.get("scores") or {},
+                      "model_version": self.model_version}
+        else:
+            raise RequestRejected(400, 'feedback needs "prediction_id", or "text" with "predicted_labels"')
+        record = FeedbackRecord(
+            text=served["text"], model_version=served["model_version"],
+            predicted_labels=list(served["labels"]), score=body.get("score"), scores=dict(served["scores"]),
+            corrected_labels=body.get("corrected_labels"),
+            source="serve",
+        )
+        try:
+            feedback_id = self._feedback_store.add(record)
+        except DataError as exc:
+            raise RequestRejected(400, f"feedback rejected: {exc.message}") from exc
+        self.metrics.feedback.inc()
+        return {"id": feedback_id, "model_version": record.model_version}
+
+
+def _flatten(data: Any) -> list[Any]:
+    if isinstance(data, list | tuple):
+        return [x for item in data for x in _flatten(item)]
+    return [data]
+
+
+def _check_labels(value: Any, where: str) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                              for k, v in value.items()):
+        raise RequestRejected(400, f"{where} must be an object of non-empty strings {{label: description}}")
+    return value
+
+
+def _check_bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise RequestRejected(400, f"{where} must be true or false")
+    return value
+
+
+def add_routes(app: Any, model: LabelmatchModel) -> None:
+    """Register labelmatch's own routes on KServe's FastAPI app (before KServe adds its own)."""
+    prefix = f"/v2/models/{model.name}"
+
+    async def rejected(_: Request, exc: RequestRejected) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', exc)}"}, status_code=400)
+
+    async def metadata() -> dict[str, Any]:
+        return {"name": model.name, "versions": [model.model_version], "platform": "onnxruntime",
+                "inputs": model.get_input_types(), "outputs": model.get_output_types(),
+                "label_set_version": model.label_set_version}
+
+    async def get_labels() -> dict[str, Any]:
+        return model.label_state()
+
+    async def put_labels(request: Request) -> dict[str, Any]:
+        body = json.loads(await request.body())
+        return await run_in_threadpool(model.update_labels, body, request.headers.get("authorization"))
+
+    async def feedback(request: Request) -> dict[str, Any]:
+        body = json.loads(await request.body())
+        return await run_in_threadpool(model.add_feedback, body)
+
+    app.add_exception_handler(RequestRejected, rejected)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_api_route(prefix, metadata, methods=["GET"])
+    app.add_api_route(f"{prefix}/labels", get_labels, methods=["GET"])
+    app.add_api_route(f"{prefix}/labels", put_labels, methods=["PUT"])
+    app.add_api_route(f"{prefix}/feedback", feedback, methods=["POST"])
+
+
+class BoundModelServer(ModelServer):
+    """KServe's ModelServer, listening on ``host`` instead of the hard-coded ``0.0.0.0``.
+
+    ``ModelServer.start`` builds the uvicorn config and then calls :meth:`setup_event_loop`
+    before serving; that is the one hook between the two, so the bind address is set there.
+    """
+
+    def __init__(self, host: str, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.host = host
+
+    def setup_event_loop(self) -> None:
+        if self._rest_server is not None:
+            self._rest_server.config.host = self.host
+        super().setup_event_loop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """KServe's own argument parser plus labelmatch's flags."""
+    from kserve.model_server import parser as kserve_parser
+
+    parser = argparse.ArgumentParser(
+        prog="labelmatch-serve", parents=[kserve_parser], allow_abbrev=False,
+        description="Serve an OnnxModel artifact with KServe (v1 + v2 protocols).",
+    )
+    parser.add_argument("--model_dir", required=True, type=Path, help="The OnnxModel artifact directory.")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 in a pod).")
+    parser.add_argument("--state_dir", type=Path, default=os.environ.get("LABELMATCH_STATE_DIR"),
+                        help="Writable directory for versioned label sets (default: <model_dir>-state).")
+    parser.add_argument("--max_docs", type=int, default=64, help="Most documents per request (413 above).")
+    parser.add_argument("--max_chars", type=int, default=20_000, help="Longest document (413 above).")
+    parser.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
+                        help="Largest request body (413 above).")
+    parser.add_argument("--labels", type=Path, help="labels.json served instead of the model's (ConfigMap).")
+    parser.add_argument("--thresholds", type=Path, help="thresholds.json served instead of the model's.")
+    parser.add_argument("--feedback_url", default=os.environ.get("LABELMATCH_FEEDBACK_URL"),
+                        help="SQLAlchemy URL of the feedback store (feedback endpoint off without it).")
+    parser.add_argument("--intra_op_threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads (0: one per core).")
+    parser.add_argument("--inter_op_threads", type=int, default=1, help="ONNX Runtime inter-op threads.")
+    parser.add_argument("--allow_spinning", action="store_true",
+                        help="Let ONNX Runtime threads busy-wait (off by default).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Documents per ONNX Runtime call.")
+    parser.add_argument("--inference_threads", type=int, default=1, help="Concurrent predictions.")
+    parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """:class:`ServeConfig` from parsed flags (and ``LABELMATCH_ADMIN_TOKEN``)."""
+    for flag in ("max_docs", "max_chars", "max_body_bytes", "batch_size", "inference_threads"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.workers != 1:
+        raise ConfigError("--workers must be 1: scale with replicas (each worker would load its own model)")
+    if args.enable_grpc and args.host not in ALL_INTERFACES:
+        raise ConfigError(f"KServe's gRPC server always binds all interfaces; with --host {args.host} keep "
+                          "--enable_grpc false")
+    return ServeConfig(
+        model_dir=args.model_dir, name=args.model_name, state_dir=args.state_dir,
+        limits=RequestLimits(args.max_body_bytes, args.max_docs, args.max_chars),
+        ort=OrtConfig(args.intra_op_threads, args.inter_op_threads, args.allow_spinning, args.batch_size),
+        feedback_url=args.feedback_url, admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,
+        inference_threads=args.inference_threads, labels_file=args.labels, thresholds_file=args.thresholds,
+        expected_digest=os.environ.get("LABELMATCH_MODEL_DIGEST") or None,
+    )
+
+
+def serve(argv: list[str] | None = None) -> None:
+    """Parse flags, load the model (refusing a corrupted artifact) and run the server."""
+    from kserve.model_server import app
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    metrics = ServeMetrics()
+    model = LabelmatchModel(config, metrics)
+    model.load()
+    add_routes(app, model)
+    app.add_middleware(RequestGuard, metrics=metrics, limits=config.limits,
+                       version=lambda: model.model_version)
+    server = BoundModelServer(
+        args.host, http_port=args.http_port, grpc_port=args.grpc_port, workers=args.workers,
+        enable_grpc=args.enable_grpc, enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging, access_log_format=args.access_log_format,
+        event_loop=args.event_loop, timeout_keep_alive=args.timeout_keep_alive,
+    )
+    logger.info("serving %s (model version %s) on http://%s:%s", config.model_dir, model.model_version,
+                args.host, args.http_port)
+    server.start([model])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m labelmatch.serving.server``: errors labelmatch raises on purpose are one line, exit 2."""
+    try:
+        serve(argv)
+    except LabelmatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

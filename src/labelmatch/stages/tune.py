@@ -1,0 +1,147 @@
+"""The pipeline's ``tune_sft`` stage: PBT on a local Ray, an existing Ray cluster, or a KubeRay RayJob.
+
+One entry point (:func:`run_tune_step`) for the three places tuning runs:
+
+* ``local`` (the default; ``kfp.local``, the demo, CI): a Ray started inside the step, bound to
+  127.0.0.1. In a cluster this runs the trials inside the KFP pod, with its CPUs and GPUs.
+* ``ray``: an existing Ray cluster at ``ray_address`` (``ray://head:10001``). Tune's storage must
+  then be ``s3://`` (the KFP pod's disk is not the workers').
+* ``rayjob``: the production path. The step creates a KubeRay RayJob (a head without GPUs and N
+  one-GPU workers, node selector and tolerations of the GPU pool), which runs the same tuning
+  against its own Ray cluster with checkpoints and experiment state in the store, follows it to
+  the end (status lines in the step's log), deletes it, and downloads the verified best Model.
+
+Storage for ``ray`` and ``rayjob`` defaults to ``<LABELMATCH_STORE_ROOT>/tune/<run id>``: the
+store root comes from the namespace's ``labelmatch-pipeline-config`` ConfigMap in a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from labelmatch.core.errors import ConfigError
+from labelmatch.platform.kube import pod_namespace
+from labelmatch.tuning.pbt import TuneConfig, tune_sft
+from labelmatch.tuning.rayjob import RayJobSpec, run_tune_rayjob
+
+BACKENDS = ("local", "ray", "rayjob")
+#: The variable naming the labelmatch store root (``s3://bucket[/prefix]``).
+STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
+
+
+@dataclass
+class TuneStepConfig:
+    """Where the tune step runs its trials.
+
+    Attributes:
+        backend: ``local``, ``ray`` (existing cluster at ``ray_address``) or ``rayjob`` (KubeRay).
+        ray_address: The Ray cluster of the ``ray`` backend (``ray://head:10001``).
+        storage_uri: Tune storage (checkpoints, experiment state): a directory or ``s3://``;
+            empty: next to the report for ``local``, ``<store root>/tune/<run id>`` otherwise.
+        run_id: The pipeline run (names the storage folder and the RayJob).
+        rayjob: The RayJob's shape; its ``name`` and ``namespace`` are filled in when empty.
+        timeout_s: Longest wait for the RayJob (it is deleted when the wait ends).
+        poll_s: Seconds between reads of the RayJob's status.
+    """
+
+    backend: Literal["local", "ray", "rayjob"] = "local"
+    ray_address: str = ""
+    storage_uri: str = ""
+    run_id: str = ""
+    rayjob: RayJobSpec = field(default_factory=RayJobSpec)
+    timeout_s: float = 86400.0
+    poll_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"tune backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "ray" and not self.ray_address:
+            raise ConfigError("the ray tune backend needs ray_address (e.g. ray://raycluster-head:10001)")
+        if self.backend == "rayjob" and not self.rayjob.image:
+            raise ConfigError("the rayjob tune backend needs the image of the RayJob's pods (rayjob_image)")
+        if self.backend != "ray" and self.ray_address:
+            raise ConfigError(
+                f"ray_address is set but the tune backend is {self.backend!r}: use backend 'ray'"
+            )
+
+    @classmethod
+    def from_parameters(cls, backend: str = "local", ray_address: str = "", storage_uri: str = "",
+                        run_id: str = "", **rayjob: Any) -> TuneStepConfig:
+        """Build from the tune component's flat parameters (``rayjob_<field>`` for the RayJob).
+
+        Args:
+            backend: ``local``, ``ray`` or ``rayjob``.
+            ray_address: The ``ray`` backend's cluster.
+            storage_uri: Tune storage.
+            run_id: The pipeline run.
+            rayjob: ``rayjob_image``, ``rayjob_workers``, ``rayjob_gpu_type`` (→ ``gpu_resource``),
+                ``rayjob_s3_secret`` (→ ``env_secret``), ``rayjob_config_map``
+                (→ ``env_config_map``) and the other :class:`RayJobSpec` fields, prefixed.
+        """
+        renamed = {"gpu_type": "gpu_resource", "s3_secret": "env_secret", "config_map": "env_config_map"}
+        values: dict[str, Any] = {}
+        for key, value in rayjob.items():
+            if not key.startswith("rayjob_"):
+                raise ConfigError(f"unknown tune step parameter {key!r}")
+            name = key.removeprefix("rayjob_")
+            values[renamed.get(name, name)] = value
+        for name in ("env_secret", "env_config_map"):
+            values[name] = values.get(name) or None
+        return cls(backend=backend, ray_address=ray_address, storage_uri=storage_uri, run_id=run_id,
+                   rayjob=RayJobSpec(**values))
+
+    def work_uri(self, env: dict[str, str] | None = None) -> str:
+        """Tune storage of a cluster backend: ``storage_uri``, else ``<store root>/tune/<run id>``."""
+        if self.storage_uri:
+            if not self.storage_uri.startswith("s3://"):
+                raise ConfigError(
+                    f"storage_uri {self.storage_uri!r}: the {self.backend} backend needs s3:// storage "
+                    "that every Ray node can reach"
+                )
+            return self.storage_uri.rstrip("/")
+        root = (os.environ if env is None else env).get(STORE_ROOT_VAR, "")
+        if not root.startswith("s3://"):
+            raise ConfigError(
+                f"the {self.backend} tune backend needs s3:// storage: set storage_uri, or {STORE_ROOT_VAR} "
+                "(the labelmatch-pipeline-config ConfigMap sets it in a cluster)"
+            )
+        return f"{root.rstrip('/')}/tune/{self.run_id or 'unnamed-run'}"
+
+    def rayjob_spec(self) -> RayJobSpec:
+        """The RayJob's shape, named after the run (short: KubeRay derives Service names from it)
+        and in this pod's namespace unless one is set."""
+        digest = hashlib.sha256((self.run_id or "unnamed-run").encode()).hexdigest()[:12]
+        namespace = self.rayjob.namespace or pod_namespace()
+        return replace(self.rayjob, name=f"lm-tune-{digest}", namespace=namespace)
+
+
+def run_tune_step(
+    dataset_dir: str | Path, model_dir: str | Path, report_dir: str | Path, tune: TuneConfig,
+    step: TuneStepConfig, api_client: Any = None,
+) -> dict[str, Any]:
+    """Run PBT where ``step`` says and write the best Model and the report.
+
+    Args:
+        dataset_dir: The Dataset artifact (from ``data_prep``).
+        model_dir: The best Model artifact to write.
+        report_dir: The tuning Report artifact to write.
+        tune: Tuning settings (population, iterations, resources per trial, ...).
+        step: Where the trials run.
+        api_client: Kubernetes API client for ``rayjob`` (default: the pod's service account).
+
+    Returns:
+        The tuning summary (:func:`labelmatch.tuning.pbt.tune_sft`).
+    """
+    if step.backend == "local":
+        config = replace(tune, address=None, storage_path=step.storage_uri or tune.storage_path)
+        return tune_sft(dataset_dir, model_dir, report_dir, config)
+    work = step.work_uri()
+    if step.backend == "ray":
+        config = replace(tune, address=step.ray_address, storage_path=f"{work}/ray")
+        return tune_sft(dataset_dir, model_dir, report_dir, config)
+    return run_tune_rayjob(dataset_dir, model_dir, report_dir, tune, step.rayjob_spec(), work,
+                           api_client=api_client, poll_seconds=step.poll_s, timeout_seconds=step.timeout_s)
