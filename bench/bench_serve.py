@@ -35,11 +35,8 @@ import http.client
 import json
 import os
 import random
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import requests
-from common import machine
+from common import concurrent_load, machine, server_timing_ms, start_model_server, wait_until_ready
 
 from labelmatch.core.artifacts import atomic_artifact_dir
 from labelmatch.data.dataset import Dataset, load_dataset
@@ -138,12 +135,6 @@ def latency_cell(engines: Engines, texts: list[str], batch: int, seconds: float,
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -162,37 +153,14 @@ def inference_totals(base: str) -> tuple[float, float]:
     return total, count
 
 
-def server_timing_ms(header: str) -> float:
-    """The model time the server reports in ``Server-Timing: inference;dur=MS``."""
-    for metric in header.split(","):
-        name, _, params = metric.strip().partition(";")
-        if name == "inference":
-            return float(params.split("dur=", 1)[1].split(";")[0])
-    raise ValueError(f"no inference duration in Server-Timing: {header!r}")
-
-
 def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, duration: float,
                sequential: int, model_p50_ms: float) -> dict[str, Any]:
     """Start the real server on 127.0.0.1 and measure it sequentially and under load."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkdtemp(prefix="bench-serve-")) / "server.log"
-    command = [sys.executable, "-m", "labelmatch.serving.server", "--model_dir", str(onnx_dir),
-               "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", str(threads),
-               "--enable_latency_logging", "false"]
-    with log.open("w") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"{base}/v1/models/labelmatch:predict"
+    process, base = start_model_server(onnx_dir, threads, log)
+    port = int(base.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start; see {log}")
-            try:
-                if requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+        wait_until_ready(process, base, log)
         # Sequential requests go through http.client on one keep-alive connection: a thin client,
         # so the measured overhead is the server's (requests adds about a millisecond per call).
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -219,33 +187,7 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
         server_model_mean = (after_sum - before_sum) / max(after_count - before_count, 1) * 1000
         rss_before = rss_mib(process.pid)
 
-        latencies: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        stop_at = time.perf_counter() + duration
-
-        def client(seed: int) -> None:
-            own = requests.Session()
-            rng = random.Random(seed)
-            while time.perf_counter() < stop_at:
-                start = time.perf_counter()
-                try:
-                    response = own.post(url, json={"instances": [rng.choice(texts)]}, timeout=60)
-                    ok = response.status_code == 200
-                    problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
-                except requests.RequestException as exc:
-                    problem = f"{type(exc).__name__}: {exc}"
-                elapsed = (time.perf_counter() - start) * 1000
-                with lock:
-                    (errors.append(problem) if problem else latencies.append(elapsed))
-
-        pool = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-        started = time.perf_counter()
-        for thread in pool:
-            thread.start()
-        for thread in pool:
-            thread.join()
-        wall = time.perf_counter() - started
+        load = concurrent_load([base], texts, clients, duration)
         rss_after = rss_mib(process.pid)
     finally:
         process.terminate()
@@ -254,7 +196,6 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
         except subprocess.TimeoutExpired:
             process.kill()
     seq = np.array(seq_ms)
-    load = np.array(latencies) if latencies else np.array([float("nan")])
     return {
         "threads": threads,
         "sequential": {"requests": sequential, "p50_ms": float(np.percentile(seq, 50)),
@@ -264,10 +205,7 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
                        "overhead_p99_ms": float(np.percentile(paired_ms, 99)),
                        "overhead_p50_unpaired_ms": float(np.percentile(seq, 50)) - model_p50_ms,
                        "overhead_mean_ms": float(seq.mean()) - server_model_mean},
-        "load": {"clients": clients, "duration_s": wall, "requests": len(latencies), "errors": len(errors),
-                 "error_examples": sorted(set(errors))[:5], "throughput_rps": len(latencies) / wall,
-                 "p50_ms": float(np.percentile(load, 50)), "p99_ms": float(np.percentile(load, 99)),
-                 "rss_before_mib": rss_before, "rss_after_mib": rss_after},
+        "load": {**load, "rss_before_mib": rss_before, "rss_after_mib": rss_after},
     }
 
 
@@ -365,8 +303,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Load, {load['clients']} clients for {load['duration_s']:.0f} s: {load['requests']} requests, "
         f"**{load['errors']} errors**, {load['throughput_rps']:.1f} req/s, p50 {load['p50_ms']:.1f} ms, "
         f"p99 {load['p99_ms']:.1f} ms; server RSS {load['rss_before_mib']:.0f} → "
-        f"{load['rss_after_mib']:.0f} MiB.",
-        "", "## Targets (issue 5)", "",
+        f"{load['rss_after_mib']:.0f} MiB.", "",
+    ]
+    if "replicas" in results:
+        from serve_replicas import replicas_markdown
+
+        lines += [replicas_markdown(results["replicas"])]
+    lines += [
+        "## Targets (issues 5 and 19)", "",
         "| target | measured | met |", "|---|---|---|",
     ]
     for name, (value, met) in results["targets"].items():
@@ -385,6 +329,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=45.0)
     parser.add_argument("--sequential", type=int, default=200)
+    parser.add_argument("--replicas_duration", type=float, default=60.0,
+                        help="Seconds of load per setup in the replicas row (bench/serve_replicas.py).")
     parser.add_argument("--work", type=Path, default=None, help="Keep the model and export here.")
     parser.add_argument("--model", type=Path, default=Path("bench/work/reuters-sft"),
                         help="A trained Reuters Model artifact (make bench-quality keeps one here): its "
@@ -427,6 +373,9 @@ def main() -> None:
         del engines
     model_p50 = model_only_p50(served, texts, args.threads, args.sequential)
     http = http_bench(served, texts, args.threads, args.clients, args.duration, args.sequential, model_p50)
+    from serve_replicas import replicas_bench
+
+    replicas = replicas_bench(served, texts, args.threads, args.clients, args.replicas_duration)
 
     b1 = latency["seq128_b1"]
     speedup = b1["ort_int8"]["docs_per_s"] / b1["torch_fp32"]["docs_per_s"]
@@ -444,7 +393,7 @@ def main() -> None:
         "latency": latency,
         "parity": parities, "parity_headline": headline, "served_model": headline,
         "trained_model": str(args.model) if "trained" in parities else None,
-        "model_only_p50_ms": model_p50, "http": http,
+        "model_only_p50_ms": model_p50, "http": http, "replicas": replicas,
         "targets": {
             "int8 ≥ 2.5× torch fp32 docs/s (seq 128, batch 1)": (f"{speedup:.2f}×", speedup >= 2.5),
             f"label-set agreement with torch ≥ 0.98 ({headline} model, int8 alone)": (
@@ -456,12 +405,20 @@ def main() -> None:
                 f"{cascade_speedup:.2f}×", cascade_speedup >= 2.5),
             "zero errors under load": (str(http["load"]["errors"]), http["load"]["errors"] == 0),
             "server p50 overhead ≤ 3 ms at batch 1": (f"{overhead:.2f} ms", overhead <= 3.0),
+            "replicas: zero errors, two servers sharing PostgreSQL": (
+                str(replicas["two_replicas_postgres"]["errors"]),
+                replicas["two_replicas_postgres"]["errors"] == 0),
+            "replicas: shared-store overhead ≤ 1 ms p50": (
+                f"{replicas['store_overhead_p50_ms']:.2f} ms", replicas["store_overhead_p50_ms"] <= 1.0),
         },
         "wall_s": time.perf_counter() - started,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     plot(results, args.out / "serve.png")
+    from serve_replicas import plot_replicas
+
+    plot_replicas(replicas, args.out / "serve_replicas.png")
     (args.out / "serve.md").write_text(markdown(results))
     print(markdown(results))
 

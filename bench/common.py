@@ -53,3 +53,101 @@ def mean_spread(values: Sequence[float]) -> dict[str, Any]:
     values = list(values)
     spread = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
     return {"mean": statistics.fmean(values), "spread": spread, "values": values}
+
+
+def start_model_server(onnx_dir: Path, threads: int, log: Path, *extra: str) -> tuple[Any, str]:
+    """Start ``labelmatch.serving.server`` on 127.0.0.1 (a free port); ``(process, base URL)``."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "labelmatch.serving.server", "--model_dir", str(onnx_dir),
+               "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", str(threads),
+               "--enable_latency_logging", "false", *extra]
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_until_ready(process: Any, base: str, log: Path, path: str = "/v2/health/ready",
+                     timeout_s: float = 240) -> None:
+    """Poll ``base + path`` until 200; RuntimeError naming ``log`` when the server exits or times out."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server did not start; see {log}")
+        try:
+            if requests.get(f"{base}{path}", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+
+
+def server_timing_ms(header: str, metric: str = "inference") -> float:
+    """A duration the server reports in ``Server-Timing`` (``inference;dur=MS, state;dur=MS``)."""
+    for entry in header.split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == metric:
+            return float(params.split("dur=", 1)[1].split(";")[0])
+    raise ValueError(f"no {metric} duration in Server-Timing: {header!r}")
+
+
+def concurrent_load(bases: list[str], texts: list[str], clients: int, duration: float) -> dict[str, Any]:
+    """``clients`` threads send one-document v1 requests for ``duration`` seconds, each client
+    alternating over ``bases``; requests, errors, throughput, p50/p99 and the server's
+    ``Server-Timing`` state time."""
+    import random
+    import threading
+
+    import numpy as np
+    import requests
+
+    latencies: list[float] = []
+    state_ms: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + duration
+
+    def client(seed: int) -> None:
+        session = requests.Session()
+        rng = random.Random(seed)
+        i = seed
+        while time.perf_counter() < stop_at:
+            base = bases[i % len(bases)]
+            i += 1
+            start = time.perf_counter()
+            try:
+                response = session.post(f"{base}/v1/models/labelmatch:predict",
+                                        json={"instances": [rng.choice(texts)]}, timeout=60)
+                ok = response.status_code == 200
+                problem = None if ok else f"HTTP {response.status_code}: {response.text[:200]}"
+                stored = server_timing_ms(response.headers.get("server-timing", ""), "state") if ok else None
+            except (requests.RequestException, ValueError) as exc:
+                problem, stored = f"{type(exc).__name__}: {exc}", None
+            elapsed = (time.perf_counter() - start) * 1000
+            with lock:
+                if problem:
+                    errors.append(problem)
+                else:
+                    latencies.append(elapsed)
+                    state_ms.append(stored)
+
+    pool = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    started = time.perf_counter()
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    wall = time.perf_counter() - started
+    load = np.array(latencies) if latencies else np.array([float("nan")])
+    state = np.array(state_ms) if state_ms else np.array([float("nan")])
+    return {"clients": clients, "duration_s": wall, "requests": len(latencies), "errors": len(errors),
+            "error_examples": sorted(set(errors))[:5], "throughput_rps": len(latencies) / wall,
+            "p50_ms": float(np.percentile(load, 50)), "p99_ms": float(np.percentile(load, 99)),
+            "state_p50_ms": float(np.percentile(state, 50)), "state_p99_ms": float(np.percentile(state, 99))}

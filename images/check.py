@@ -281,6 +281,9 @@ def check_serve(tag: str, model: Path, checks: Checks) -> None:
                 str(port),
                 "--model-name",
                 "labelmatch",
+                # As the chart runs it: the root is read-only, the SQLite state lives on /tmp.
+                "--state-dir",
+                "/tmp/labelmatch-state",
             ],
             binds,
             stdout=subprocess.PIPE,
@@ -296,9 +299,11 @@ def check_serve(tag: str, model: Path, checks: Checks) -> None:
                         break
                 time.sleep(1)
             health = ready and requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 200
+            state = f"{base}/v2/models/labelmatch/state"
+            health = health and requests.get(state, timeout=5).status_code == 200
             output = "" if ready or server.poll() is None else (server.stdout.read() if server.stdout else "")
             why = "" if ready else f"server exited {server.poll()}: {output}"
-            checks.add("serve", "readiness (v2 health and model ready)", health, why)
+            checks.add("serve", "readiness (v2 health, model ready, state writable)", health, why)
             if not ready:
                 return
             host = OnnxClassifier.load(model).predict([TEXT])[0].to_json()

@@ -158,3 +158,22 @@ def rayjob_crd():
         return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors]
 
     return check
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Base URL of a PostgreSQL server on 127.0.0.1 (``.ci/run``'s, or one started for the session)."""
+    import postgres_server
+
+    if not postgres_server.available():
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    with postgres_server.running() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """URL of a fresh, empty PostgreSQL database for one test."""
+    import postgres_server as pg
+
+    return pg.fresh_database(postgres_server)

@@ -82,7 +82,8 @@ def validate(doc: dict) -> None:
 
 def test_ci_values_exist() -> None:
     names = {path.name for path in SERVING.glob("ci/*.yaml")}
-    assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml"} <= names
+    assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml",
+            "single-replica-sqlite-values.yaml"} <= names
     assert {p.name for p in PIPELINES.glob("ci/*.yaml")} >= {"default-values.yaml", "tls-values.yaml"}
 
 
@@ -120,18 +121,38 @@ def test_serving_defaults_are_secure_and_listen_on_pod_ip(rendered: dict[Path, l
     args = container["args"]
     assert args[:3] == ["serve", "--model", "/mnt/models"]
     assert args[args.index("--host") + 1] == "0.0.0.0"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Ready means the shared state takes writes (the model serves either way, docs/serving.md).
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/rel-labelmatch-serving/state"
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in predictor["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["STORAGE_URI"].startswith("s3://")
+    state_url = next(item for item in container["env"] if item["name"] == "LABELMATCH_STATE_URL")
+    assert state_url["valueFrom"]["secretKeyRef"] == {"name": "labelmatch-state", "key": "url"}
     # Default: credentials live in a Secret the user creates; the chart renders no key material.
     assert not [doc for doc in docs if doc["kind"] == "Secret"]
     account = by_kind(docs, "ServiceAccount")
     assert account["secrets"] == [{"name": "labelmatch-s3-credentials"}]
     assert account["automountServiceAccountToken"] is False
     assert predictor["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_replicas_share_state_and_a_disruption_budget_keeps_one_serving(
+        rendered: dict[Path, list[dict]]) -> None:
+    docs = rendered[SERVING / "ci" / "default-values.yaml"]
+    predictor = by_kind(docs, "InferenceService")["spec"]["predictor"]
+    assert predictor["minReplicas"] >= 2
+    budget = by_kind(docs, "PodDisruptionBudget")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= predictor["labels"].items()
+    args = predictor["containers"][0]["args"]
+    assert args[args.index("--label_sync_s") + 1] == "2"
+    assert args[args.index("--prediction_text") + 1] == "redacted"
+    single = rendered[SERVING / "ci" / "single-replica-sqlite-values.yaml"]
+    (container,) = by_kind(single, "InferenceService")["spec"]["predictor"]["containers"]
+    assert "LABELMATCH_STATE_URL" not in {item["name"] for item in container["env"]}
+    assert not [doc for doc in single if doc["kind"] == "PodDisruptionBudget"]
 
 
 def test_minio_values_create_annotated_secret_and_config(rendered: dict[Path, list[dict]]) -> None:
@@ -153,7 +174,7 @@ def test_minio_values_create_annotated_secret_and_config(rendered: dict[Path, li
     args = container["args"]
     assert args[args.index("--labels") + 1] == "/etc/labelmatch/labels.json"
     assert args[args.index("--model-name") + 1] == "tax"
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["LABELMATCH_MODEL_DIGEST"].startswith("3f1c9a0d")
     # The credentials never leak into the InferenceService or the ConfigMap.
     for doc in (isvc, config):
@@ -190,6 +211,8 @@ def test_helm_test_hook_checks_v2_readiness(rendered: dict[Path, list[dict]]) ->
         (["--set", "autoscaling.minReplica=2"], "minReplica"),
         (["--set", "s3.existingSecret="], "s3.accessKeyId is required"),
         (["--set", "model.storageUri=/local/path"], "storageUri"),
+        (["--set", "state.existingSecret="], "autoscaling.maxReplicas > 1 needs state.existingSecret"),
+        (["--set", "state.predictionText=plain"], "predictionText"),
     ],
 )
 def test_bad_values_are_refused(helm: str, override: list[str], message: str) -> None:

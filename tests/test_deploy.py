@@ -56,12 +56,20 @@ def config(**changes) -> DeployConfig:
 
 def storage_uri(obj: dict) -> str:
     [container] = obj["spec"]["predictor"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"]}["STORAGE_URI"]
+    return {e["name"]: e.get("value") for e in container["env"]}["STORAGE_URI"]
 
 
 def test_inference_service_is_valid_against_the_crd():
     body = inference_service(config(), "s3://labelmatch/models/onnx/a", "d" * 64, {"release-id": "r1"})
     validate_against_crd(body, CRD)
+    replicas = inference_service(config(max_replicas=3, state_secret="labelmatch-state"),
+                                 "s3://labelmatch/models/onnx/a", "d" * 64, {"release-id": "r1"})
+    validate_against_crd(replicas, CRD)
+    [container] = replicas["spec"]["predictor"]["containers"]
+    assert {"name": "LABELMATCH_STATE_URL",
+            "valueFrom": {"secretKeyRef": {"name": "labelmatch-state", "key": "url"}}} in container["env"]
+    with pytest.raises(ConfigError, match="max_replicas > 1 needs state_secret"):
+        config(max_replicas=3)
     body["spec"]["predictor"]["minReplica"] = 1  # a typo the API server would silently drop
     with pytest.raises(ConfigError, match=r"\$.spec.predictor: Additional properties are not allowed"):
         validate_against_crd(body, CRD)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["core", "data", "model", "training", "tuning", "feedback", "evaluation", "export", "serving",
-            "platform", "stages"]
+            "platform", "stages", "state"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

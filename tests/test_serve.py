@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
+from model_server import ADMIN_TOKEN, ModelServer, free_port
 
-TOKEN = "test-admin-token"
+TOKEN = ADMIN_TOKEN
 LIMITS = {"max_docs": 4, "max_chars": 3000, "max_body_bytes": 16384}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _server_command(model_dir: Path, port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "labelmatch.serving.server", "--model_dir", str(model_dir),
-            "--http_port", str(port), "--host", "127.0.0.1", "--intra_op_threads", "1", *extra]
 
 
 def _read_only(root: Path) -> None:
@@ -44,34 +31,15 @@ def server(onnx_model, tmp_path_factory):
     shutil.copytree(onnx_model[0], model_dir)
     _read_only(model_dir)  # the server must never write next to a mounted model
     state_dir, feedback_url = root / "state", f"sqlite:///{root / 'feedback.db'}"
-    port = _free_port()
     limits = [f"--{k}={v}" for k, v in LIMITS.items()]
-    env = {**os.environ, "LABELMATCH_ADMIN_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
-    log = (root / "server.log").open("w")
-    command = _server_command(model_dir, port, "--state_dir", str(state_dir), "--feedback_url", feedback_url,
-                              *limits)
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            output = (root / "server.log").read_text()[-3000:]
-            pytest.fail(f"server exited with {process.returncode}: {output}")
-        try:
-            if requests.get(f"{base}/v2/models/labelmatch/ready", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 180 s")
-    yield base, model_dir, state_dir, feedback_url, port
-    process.terminate()
+    server = ModelServer(model_dir, root / "server.log", "--state_dir", str(state_dir), "--feedback_url",
+                         feedback_url, *limits)
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server.base, model_dir, state_dir, feedback_url, server.port
+    server.stop()
 
 
 def _v1(base: str, body, **kwargs) -> requests.Response:
@@ -99,8 +67,10 @@ def test_binds_loopback_only(server):
 
 
 def _inference_ms(response: requests.Response) -> float:
-    """Model time of one request from its W3C ``Server-Timing`` header."""
-    match = re.fullmatch(r"inference;dur=(\d+\.\d{3})", response.headers["server-timing"])
+    """Model time of one request from its W3C ``Server-Timing`` header (which also names the time
+    spent recording the predictions in the shared state)."""
+    timing = r"inference;dur=(\d+\.\d{3}), state;dur=(\d+\.\d{3})"
+    match = re.fullmatch(timing, response.headers["server-timing"])
     assert match, response.headers["server-timing"]
     return float(match.group(1))
 
@@ -210,10 +180,12 @@ def test_admin_label_update_is_versioned_and_persisted(server):
     prediction = _v1(base, {"instances": ["Monthly payroll tax withheld from wages"]}).json()
     assert prediction["label_set_version"] == 1
     assert set(prediction["predictions"][0]["scores"]) == {"vat", "payroll"}
-    stored = json.loads((state_dir / "labels-v0001.json").read_text())
-    assert stored["labels"] == labels
-    assert json.loads((state_dir / "current.json").read_text())["version"] == 1
-    assert not (model_dir / "current.json").exists()
+    from labelmatch.state.store import ServingState
+
+    model_version = prediction["model_version"]
+    stored = ServingState(f"sqlite:///{state_dir / 'serving.db'}").latest_label_set(model_version)
+    assert stored is not None and stored.version == 1 and stored.labels == labels
+    assert not any(p.name == "serving.db" for p in model_dir.rglob("*"))
 
 
 def test_feedback_by_prediction_id(server):
@@ -232,7 +204,7 @@ def test_feedback_by_prediction_id(server):
     bad_score = requests.post(url, json={"prediction_id": prediction["id"], "score": 9}, timeout=30)
     assert bad_score.status_code == 400 and "score" in bad_score.json()["error"]
     unknown = requests.post(url, json={"prediction_id": "nope", "score": 3}, timeout=30)
-    assert unknown.status_code == 404
+    assert unknown.status_code == 404 and "unknown or expired prediction_id" in unknown.json()["error"]
 
 
 def test_metrics(server):
@@ -255,6 +227,6 @@ def test_corrupted_model_refuses_to_start(onnx_model, tmp_path):
         handle.seek(1000)
         handle.write(b"\x00corrupt\x00")
     result = subprocess.run([sys.executable, "-m", "labelmatch", "serve", "--model", str(bad),
-                             "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "model.onnx is corrupted" in result.stderr

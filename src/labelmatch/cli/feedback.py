@@ -20,7 +20,7 @@ DbOpt = Annotated[
     str,
     typer.Option(
         "--db",
-        envvar="LABELMATCH_FEEDBACK_DB",
+        envvar="LABELMATCH_FEEDBACK_URL",
         help="SQLAlchemy URL of the store (SQLite file by default, PostgreSQL in production).",
     ),
 ]

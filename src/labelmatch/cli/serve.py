@@ -19,18 +19,22 @@ def serve(
     model_name: Annotated[str, typer.Option("--model-name", help="Endpoint model name.")] = "labelmatch",
     labels: Annotated[Path | None, typer.Option(help="labels.json served instead of the model's.")] = None,
     thresholds: Annotated[Path | None, typer.Option(help="thresholds.json to serve.")] = None,
-    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="Writable label-set dir.")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="Default SQLite state dir.")] = None,
+    state_url: Annotated[str | None, typer.Option(
+        "--state-url", envvar="LABELMATCH_STATE_URL",
+        help="SQLAlchemy URL of the shared state (PostgreSQL for several replicas).")] = None,
 ) -> None:
     """Serve a model: v1/v2 inference, health, metadata, /metrics, labels admin, feedback.
 
     Further KServe and labelmatch flags pass through, e.g. ``--model_name tax --max_docs 32
-    --intra_op_threads 2 --feedback_url sqlite:///feedback.db`` (see ``python -m
+    --intra_op_threads 2 --label_sync_s 1`` (see ``python -m
     labelmatch.serving.server --help``).
     """
     from labelmatch.serving.server import serve as run_server
 
     argv = ["--model_dir", str(model), "--host", host, "--http_port", str(port), "--model_name", model_name]
-    for flag, value in (("--labels", labels), ("--thresholds", thresholds), ("--state_dir", state_dir)):
+    for flag, value in (("--labels", labels), ("--thresholds", thresholds), ("--state_dir", state_dir),
+                        ("--state_url", state_url)):
         if value is not None:
             argv += [flag, str(value)]
     run_server([*argv, *ctx.args])

@@ -21,7 +21,8 @@ a crash never stores half a file.
 
 Schema migrations are explicit: :data:`MIGRATIONS` is an ordered list of SQL scripts; the
 ``schema_version`` table records the last one applied and opening a store applies the missing
-ones in order, inside one transaction. A database newer than this code is refused.
+ones in order, inside one transaction (:mod:`labelmatch.state.migrations`, safe when several
+replicas open one PostgreSQL database at once). A database newer than this code is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Literal
 
 from labelmatch.core.artifacts import atomic_artifact_dir, verify_artifact, write_json, write_manifest
 from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.state.migrations import migrate, schema_version
 
 FEEDBACK_FILE = "feedback.jsonl"
 LABELS_FILE = "labels.json"
@@ -228,34 +230,12 @@ class FeedbackStore:
     # -- schema ---------------------------------------------------------------------------
     def schema_version(self) -> int:
         """The schema version of the database (0 for an empty database)."""
-        from sqlalchemy import inspect, text
-
-        if not inspect(self.engine).has_table("schema_version"):
-            return 0
         with self.engine.connect() as conn:
-            return int(conn.execute(text("SELECT version FROM schema_version")).scalar_one())
+            return schema_version(conn, "schema_version")
 
     def migrate(self) -> int:
         """Apply the missing :data:`MIGRATIONS` in order (one transaction); return the version."""
-        from sqlalchemy import text
-
-        current = self.schema_version()
-        if current > SCHEMA_VERSION:
-            raise ConfigError(
-                f"feedback store {self.url}: schema version {current} is newer than this labelmatch "
-                f"understands ({SCHEMA_VERSION}); upgrade labelmatch"
-            )
-        if current == SCHEMA_VERSION:
-            return current
-        with self.engine.begin() as conn:
-            if current == 0:
-                conn.execute(text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
-                conn.execute(text("INSERT INTO schema_version (version) VALUES (0)"))
-            for statements in MIGRATIONS[current:]:
-                for statement in statements:
-                    conn.execute(text(statement))
-            conn.execute(text("UPDATE schema_version SET version = :v"), {"v": SCHEMA_VERSION})
-        return SCHEMA_VERSION
+        return migrate(self.engine, "schema_version", MIGRATIONS, f"feedback store {self.url}")
 
     # -- model versions -------------------------------------------------------------------
     def register_model(self, version: str, labels: dict[str, str]) -> None:

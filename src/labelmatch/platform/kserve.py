@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from labelmatch import __version__
-from labelmatch.core.errors import ArtifactError, LabelmatchError
+from labelmatch.core.errors import ArtifactError, ConfigError, LabelmatchError
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 from labelmatch.platform.store import ArtifactStore
 
@@ -51,7 +51,10 @@ class DeployConfig:
         image: Predictor image (used only when the InferenceService is created).
         service_account: Service account whose Secret holds the S3 credentials (KServe convention).
         min_replicas: Minimum predictor replicas (at least 1: no scale-from-zero model loads).
-        max_replicas: Maximum predictor replicas.
+        max_replicas: Maximum predictor replicas; more than 1 needs ``state_secret``.
+        state_secret: Secret holding the SQLAlchemy URL of the shared serving state (PostgreSQL)
+            under ``state_url_key``; empty means a SQLite file on the pod's ``/tmp`` (one replica).
+        state_url_key: Key of the URL in ``state_secret``.
         port: Container port of the model server.
         timeout_s: How long to wait for Ready.
         poll_s: Seconds between status checks.
@@ -63,11 +66,21 @@ class DeployConfig:
     image: str = SERVE_IMAGE
     service_account: str = "labelmatch-serving"
     min_replicas: int = 1
-    max_replicas: int = 3
+    max_replicas: int = 1
+    state_secret: str = ""
+    state_url_key: str = "url"
     port: int = 8080
     timeout_s: float = 600.0
     poll_s: float = 5.0
     crd_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(f"replicas: need 1 <= min_replicas <= max_replicas, got "
+                              f"{self.min_replicas}..{self.max_replicas}")
+        if self.max_replicas > 1 and not self.state_secret:
+            raise ConfigError("max_replicas > 1 needs state_secret (the PostgreSQL URL of the shared serving "
+                              "state): without it each pod keeps its own label sets and prediction records")
 
 
 def _set_env(container: dict[str, Any], name: str, value: str) -> None:
@@ -100,10 +113,15 @@ def inference_service(
             "0.0.0.0",
             "--port",
             str(config.port),
+            # The root filesystem is read-only: a SQLite state (one replica) lives on /tmp.
+            "--state-dir",
+            "/tmp/labelmatch-state",
         ],
         "env": [{"name": "STORAGE_URI", "value": model_uri}, {"name": DIGEST_ENV, "value": model_digest}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "ports": [{"name": "http1", "containerPort": config.port, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": config.port}, "periodSeconds": 10},
+        "readinessProbe": {"httpGet": {"path": f"/v2/models/{config.service}/state", "port": config.port},
+                           "periodSeconds": 10},
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "securityContext": {
             "runAsNonRoot": True,
@@ -113,6 +131,9 @@ def inference_service(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+    if config.state_secret:
+        container["env"].append({"name": "LABELMATCH_STATE_URL", "valueFrom": {"secretKeyRef": {
+            "name": config.state_secret, "key": config.state_url_key}}})
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "InferenceService",
@@ -135,6 +156,7 @@ def inference_service(
                 "serviceAccountName": config.service_account,
                 "automountServiceAccountToken": False,
                 "containers": [container],
+                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "512Mi"}}],
             }
         },
     }

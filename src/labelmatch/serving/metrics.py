@@ -54,6 +54,13 @@ class ServeMetrics:
             "labelmatch_fp32_fallback_documents_total",
             "Documents re-embedded by the fp32 graph because an int8 score sat near a decision boundary.",
             registry=registry)
+        self.state_seconds = Histogram(
+            "labelmatch_state_seconds", "Time writing one batch of prediction records to the shared state.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=registry)
+        self.state_errors = Counter(
+            "labelmatch_state_errors_total",
+            "Prediction records dropped (shared state unreachable or the record queue full).",
+            registry=registry)
         self.label_set_version = Gauge(
             "labelmatch_label_set_version", "Version of the served label set (0: the model's own).",
             registry=registry)

@@ -14,9 +14,16 @@ Endpoints (``NAME`` is ``--model_name``, default ``labelmatch``):
 * ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME/ready``, ``GET /v2/models/NAME``
   (metadata with the model version), ``GET /metrics`` (Prometheus).
 * ``GET|PUT /v2/models/NAME/labels``: the served label set; ``PUT`` (admin, bearer token from
-  ``LABELMATCH_ADMIN_TOKEN``) stores a new version in the state directory and serves it.
+  ``LABELMATCH_ADMIN_TOKEN``) stores a new version in the shared state and serves it; every
+  replica serves it within ``--label_sync_s``.
 * ``POST /v2/models/NAME/feedback``: ``{"prediction_id" | "text" + "predicted_labels", "score": 1-5,
-  "corrected_labels": [...]}`` into the feedback store (``--feedback_url``).
+  "corrected_labels": [...]}`` into the feedback store; a prediction id resolves on any replica.
+* ``GET /v2/models/NAME/state``: 200 while the shared state accepts writes, else 503 with the
+  reason (the chart's readiness probe).
+
+State (label sets, prediction records, feedback) lives in one SQL database named by
+``--state_url`` / ``LABELMATCH_STATE_URL`` (:mod:`labelmatch.state`): a SQLite file under
+``--state_dir`` by default, PostgreSQL when several replicas serve.
 
 KServe's REST server binds ``0.0.0.0`` unconditionally (``RESTServer`` builds its uvicorn config
 with a fixed host); :class:`BoundModelServer` sets the bind address from ``--host`` (default
@@ -33,12 +40,10 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.model_server import ModelServer
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from labelmatch.core.artifacts import artifact_digest, verify_artifact
@@ -56,6 +62,8 @@ from labelmatch.data.dataset import load_labels
 from labelmatch.model.matching import Thresholds
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
 from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+from labelmatch.state.replica import ReplicaState, StateConfig
+from labelmatch.state.store import LabelSet, StateUnavailable
 
 logger = logging.getLogger("labelmatch.serving.server")
 ALL_INTERFACES = ("0.0.0.0", "::")
@@ -76,14 +84,15 @@ class ServeConfig:
     Attributes:
         model_dir: The OnnxModel artifact (may be read-only).
         name: Model name on the endpoint paths.
-        state_dir: Writable directory for versioned label sets (default ``<model_dir>-state``).
+        state_dir: Writable directory of the default SQLite state (``<model_dir>-state``).
+        state: The shared serving state (label sets, prediction records); an empty ``url``
+            means a SQLite file under ``state_dir`` (one replica).
         limits: Request limits.
         ort: ONNX Runtime settings.
-        feedback_url: SQLAlchemy URL of the feedback store; feedback is refused without one.
+        feedback_url: SQLAlchemy URL of the feedback store (default: the state's URL).
         admin_token: Bearer token for label-set updates; updates are refused without one.
         inference_threads: Threads running predictions (requests queue for them, which keeps
             the event loop free for health checks and metrics under load).
-        recent_predictions: Predictions remembered for feedback by ``prediction_id``.
         labels_file: A ``labels.json`` (e.g. from a ConfigMap) served instead of the model's.
         thresholds_file: A ``thresholds.json`` to go with it (or on its own).
         expected_digest: Refuse to start unless the artifact has this digest (set by deploy).
@@ -92,65 +101,27 @@ class ServeConfig:
     model_dir: Path
     name: str = "labelmatch"
     state_dir: Path | None = None
+    state: StateConfig = field(default_factory=lambda: StateConfig(""))
     limits: RequestLimits = field(default_factory=RequestLimits)
     ort: OrtConfig = field(default_factory=OrtConfig)
     feedback_url: str | None = None
     admin_token: str | None = None
     inference_threads: int = 1
-    recent_predictions: int = 2048
     labels_file: Path | None = None
     thresholds_file: Path | None = None
     expected_digest: str | None = None
 
-
-class LabelSetStore:
-    """Versioned served label sets: ``labels-v0001.json``, ... and ``current.json`` naming one.
-
-    Each version records the labels, thresholds and the model version it was made for; a
-    stored set is only applied to that model version, so rolling back a model also rolls back
-    to its own labels.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def current(self) -> dict[str, Any] | None:
-        """The current stored label set, or ``None``."""
-        pointer = self.root / "current.json"
-        if not pointer.is_file():
-            return None
+    def state_config(self) -> StateConfig:
+        """The state settings, defaulting to a SQLite file under ``state_dir``."""
+        if self.state.url:
+            return self.state
+        directory = self.state_dir or Path(f"{self.model_dir}-state")
         try:
-            version = int(json.loads(pointer.read_text())["version"])
-            path = self.root / f"labels-v{version:04d}.json"
-            stored = json.loads(path.read_text())
-            return {"version": version, "labels": dict(stored["labels"]),
-                    "thresholds": dict(stored["thresholds"]), "model_version": stored.get("model_version")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            message = f"label state {self.root}: cannot read the current label set: {exc!r}"
-            raise ArtifactError(message) from exc
-
-    def save(self, labels: dict[str, str], thresholds: dict[str, Any], model_version: str) -> int:
-        """Store a new version (atomic writes) and make it current; returns its number."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            existing = [int(p.stem.split("-v")[1]) for p in self.root.glob("labels-v*.json")]
-            version = max(existing, default=0) + 1
-            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            record = {"version": version, "labels": labels, "thresholds": thresholds,
-                      "model_version": model_version, "created_at": created}
-            _write_atomic(self.root / f"labels-v{version:04d}.json", record)
-            _write_atomic(self.root / "current.json", {"version": version})
+            directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RequestRejected(503, f"cannot persist the label set in {self.root}: {exc}; "
-                                       "pass a writable --state_dir") from exc
-        return version
-
-
-def _write_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(obj, handle, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
+            raise ConfigError(f"cannot create the state directory {directory}: {exc}; pass a writable "
+                              "--state_dir or a --state_url") from exc
+        return replace(self.state, url=f"sqlite:///{directory / 'serving.db'}")
 
 
 @dataclass
@@ -178,11 +149,14 @@ class LabelmatchModel(kserve.Model):
         self.config = config
         self.metrics = metrics
         self.classifier: OnnxClassifier | None = None
-        self.label_set_version = 0
-        self.state = LabelSetStore(config.state_dir or Path(f"{config.model_dir}-state"))
+        self.state: ReplicaState | None = None
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
-        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._feedback_store: Any = None
+
+    @property
+    def label_set_version(self) -> int:
+        """The version of the label set served (0: the model's own)."""
+        return self.state.label_set_version if self.state else 0
 
     @property
     def model_version(self) -> str:
@@ -200,21 +174,28 @@ class LabelmatchModel(kserve.Model):
         self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False)
         self.classifier.on_fallback = self.metrics.fp32_fallback.inc
         self._apply_config_files()
-        stored = self.state.current()
-        if stored and stored.get("model_version") == self.classifier.model_version:
-            self.classifier.set_labels(stored["labels"], stored["thresholds"])
-            self.label_set_version = int(stored["version"])
-        elif stored:
-            logger.warning("label set v%s in %s was made for model %s, not %s: serving the model's labels",
-                           stored["version"], self.state.root, stored.get("model_version"),
-                           self.model_version)
-        if self.config.feedback_url:
-            from labelmatch.feedback.store import FeedbackStore
+        from labelmatch.data.pii import redact_text
 
-            self._feedback_store = FeedbackStore(self.config.feedback_url, redact=True)
+        self.state = ReplicaState(self.config.state_config(), self.classifier.model_version,
+                                  self._serve_label_set, lambda text: redact_text(text)[0],
+                                  on_written=self.metrics.state_seconds.observe,
+                                  on_dropped=self.metrics.state_errors.inc)
+        self.state.sync_labels()  # the newest label set stored for this model version, if any
+        self.state.start()
+        from labelmatch.feedback.store import FeedbackStore
+
+        self._feedback_store = FeedbackStore(self.config.feedback_url or self.state.config.url, redact=True)
         self.metrics.label_set_version.set(self.label_set_version)
         self.ready = True
         return True
+
+    def _serve_label_set(self, label_set: LabelSet) -> None:
+        """Serve a stored label set (from this replica's PUT or another's, via the sync)."""
+        classifier = self.classifier
+        assert classifier is not None
+        classifier.set_labels(label_set.labels, label_set.thresholds)
+        self.metrics.label_set_version.set(label_set.version)
+        logger.info("serving label set v%d (%d labels)", label_set.version, len(label_set.labels))
 
     def _apply_config_files(self) -> None:
         """Serve the label set / thresholds of ``--labels`` / ``--thresholds`` (a ConfigMap)."""
@@ -258,7 +239,8 @@ class LabelmatchModel(kserve.Model):
                           response_headers: dict[str, str] | None = None) -> dict | InferResponse:
         request: ParsedRequest = result["request"]
         if response_headers is not None:  # W3C Server-Timing: lets a client split model time from the rest
-            response_headers["server-timing"] = f"inference;dur={result['inference_ms']:.3f}"
+            response_headers["server-timing"] = (f"inference;dur={result['inference_ms']:.3f}, "
+                                                 f"state;dur={result['state_ms']:.3f}")
         if request.v2_id is None:
             return {"model_name": self.name, "model_version": result["model_version"],
                     "label_set_version": result["label_set_version"], "predictions": result["predictions"]}
@@ -353,30 +335,41 @@ class LabelmatchModel(kserve.Model):
     def _predict(self, request: ParsedRequest) -> dict[str, Any]:
         classifier = self.classifier
         assert classifier is not None  # KServe routes only to ready models
+        label_set_version = self.label_set_version
         start = time.perf_counter()
-        names = list(classifier.resolve_labels(request.labels, request.replace))
-        predictions = [p.to_json(request.similarities)
-                       for p in classifier.predict(request.texts, request.labels, request.replace)]
+        served = classifier.predict(request.texts, request.labels, request.replace)
+        names = list(served[0].scores) if served else list(classifier.resolve_labels(request.labels,
+                                                                                     request.replace))
+        predictions = [p.to_json(request.similarities) for p in served]
         elapsed = time.perf_counter() - start
         self.metrics.inference_seconds.observe(elapsed)
         self.metrics.batch_documents.observe(len(request.texts))
         self.metrics.count_labels((p["labels"] for p in predictions), set(classifier.labels))
-        version = classifier.model_version
-        for doc_id, text, prediction in zip(request.ids, request.texts, predictions, strict=True):
-            prediction["id"] = uuid.uuid4().hex
+        ids = [uuid.uuid4().hex for _ in predictions]
+        for doc_id, prediction_id, prediction in zip(request.ids, ids, predictions, strict=True):
+            prediction["id"] = prediction_id
             if doc_id is not None:
                 prediction["doc_id"] = doc_id
-            if self._feedback_store is not None:
-                self._remember(prediction["id"], {"text": text, "labels": prediction["labels"],
-                                                  "scores": prediction["scores"], "model_version": version})
+        state_seconds = self._record(ids, request.texts, predictions, label_set_version)
         return {"request": request, "predictions": predictions, "label_names": names,
-                "model_version": version, "label_set_version": self.label_set_version,
-                "inference_ms": elapsed * 1000}
+                "model_version": classifier.model_version, "label_set_version": label_set_version,
+                "inference_ms": elapsed * 1000, "state_ms": state_seconds * 1000}
 
-    def _remember(self, prediction_id: str, record: dict[str, Any]) -> None:
-        self._recent[prediction_id] = record
-        while len(self._recent) > self.config.recent_predictions:
-            self._recent.popitem(last=False)
+    def _record(self, ids: list[str], texts: list[str], predictions: list[dict[str, Any]],
+                label_set_version: int) -> float:
+        """Queue the predictions for the shared state (written behind the response); seconds it took.
+        A store outage never fails the request: the predictions are served, their ids just
+        cannot take feedback."""
+        assert self.state is not None
+        start = time.perf_counter()
+        self.state.record(ids, texts, predictions, label_set_version)
+        return time.perf_counter() - start
+
+    def stop(self) -> None:
+        """Write the queued prediction records and stop the state threads (KServe's unload)."""
+        super().stop()
+        if self.state is not None:
+            self.state.stop()
 
     # -- admin and feedback ----------------------------------------------------------------
     def label_state(self) -> dict[str, Any]:
@@ -412,26 +405,39 @@ class LabelmatchModel(kserve.Model):
             raise RequestRejected(400, message) from exc
         kept = {k: v for k, v in classifier.label_thresholds.items() if k in labels}
         new_thresholds = {"default": default, "labels": {**kept, **per_label}}
-        version = self.state.save(labels, new_thresholds, classifier.model_version)
-        classifier.set_labels(labels, new_thresholds)
-        self.label_set_version = version
-        self.metrics.label_set_version.set(version)
+        assert self.state is not None
+        try:
+            self.state.save_labels(labels, new_thresholds)
+        except StateUnavailable as exc:
+            raise RequestRejected(503, f"label set not stored (nothing changed): {exc}") from exc
         return self.label_state()
 
     def add_feedback(self, body: Any) -> dict[str, Any]:
         """Store one feedback record (by ``prediction_id`` or by ``text`` + ``predicted_labels``)."""
-        if self._feedback_store is None:
-            raise RequestRejected(503, "feedback is not enabled: start the server with --feedback_url")
         from labelmatch.feedback.store import FeedbackRecord
+        from labelmatch.state.replica import text_sha256
 
         if not isinstance(body, dict):
             raise RequestRejected(400, 'expected a JSON object with "score" and "prediction_id" or "text"')
+        assert self.state is not None and self._feedback_store is not None
         if "prediction_id" in body:
-            served = self._recent.get(str(body["prediction_id"]))
-            if served is None:
-                raise RequestRejected(404, f"unknown prediction_id {body['prediction_id']!r}: only the last "
-                                           f"{self.config.recent_predictions} predictions are remembered; "
-                                           "send text and predicted_labels instead")
+            try:
+                stored = self.state.resolve(str(body["prediction_id"]))
+            except StateUnavailable as exc:
+                raise RequestRejected(503, f"feedback not stored: {exc}") from exc
+            if stored is None:
+                ttl = self.state.config.prediction_ttl_s
+                raise RequestRejected(404, f"unknown or expired prediction_id {body['prediction_id']!r} "
+                                           f"(predictions are kept {ttl:g} s); send text and "
+                                           "predicted_labels instead")
+            text = stored.text
+            if text is None:  # only the hash was kept: the client sends the text again
+                text = body.get("text")
+                if not isinstance(text, str) or text_sha256(text) != stored.text_sha256:
+                    raise RequestRejected(400, 'this server keeps only a hash of predicted texts: send the '
+                                               'document as "text" with the prediction_id')
+            served = {"text": text, "labels": stored.labels, "scores": stored.scores,
+                      "model_version": stored.model_version}
         elif isinstance(body.get("text"), str) and isinstance(body.get("predicted_labels"), list):
             served = {"text": body["text"], "labels": body["predicted_labels"],
                       "scores": body.get("scores") or {},
@@ -448,6 +454,9 @@ class LabelmatchModel(kserve.Model):
             feedback_id = self._feedback_store.add(record)
         except DataError as exc:
             raise RequestRejected(400, f"feedback rejected: {exc.message}") from exc
+        except SQLAlchemyError as exc:
+            message = f"feedback not stored: the feedback store is unreachable: {exc}"
+            raise RequestRejected(503, message) from exc
         self.metrics.feedback.inc()
         return {"id": feedback_id, "model_version": record.model_version}
 
@@ -497,6 +506,16 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
         body = json.loads(await request.body())
         return await run_in_threadpool(model.update_labels, body, request.headers.get("authorization"))
 
+    async def state() -> JSONResponse:
+        replica = model.state
+        if replica is None or model.classifier is None:
+            return JSONResponse({"error": "the model is not loaded yet"}, status_code=503)
+        body = {"model_version": model.model_version, "label_set_version": model.label_set_version,
+                "store": replica.store.safe_url}
+        if replica.error is not None:
+            return JSONResponse({**body, "error": replica.error}, status_code=503)
+        return JSONResponse({**body, "state": "ok"})
+
     async def feedback(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
         return await run_in_threadpool(model.add_feedback, body)
@@ -507,6 +526,7 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
     app.add_api_route(f"{prefix}/labels", get_labels, methods=["GET"])
     app.add_api_route(f"{prefix}/labels", put_labels, methods=["PUT"])
     app.add_api_route(f"{prefix}/feedback", feedback, methods=["POST"])
+    app.add_api_route(f"{prefix}/state", state, methods=["GET"])
 
 
 class BoundModelServer(ModelServer):
@@ -536,8 +556,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_dir", required=True, type=Path, help="The OnnxModel artifact directory.")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 in a pod).")
+    parser.add_argument("--state_url", default=os.environ.get("LABELMATCH_STATE_URL"),
+                        help="SQLAlchemy URL of the shared serving state: label sets, prediction records "
+                             "and (by default) feedback; PostgreSQL for several replicas "
+                             "(default: a SQLite file under --state_dir).")
     parser.add_argument("--state_dir", type=Path, default=os.environ.get("LABELMATCH_STATE_DIR"),
-                        help="Writable directory for versioned label sets (default: <model_dir>-state).")
+                        help="Directory of the default SQLite state (default: <model_dir>-state).")
+    parser.add_argument("--label_sync_s", type=float, default=2.0,
+                        help="How often a replica picks up label sets stored by another.")
+    parser.add_argument("--record_delay_s", type=float, default=0.5,
+                        help="Longest time before a prediction id resolves on every replica (records "
+                             "are written behind the response).")
+    parser.add_argument("--prediction_ttl_s", type=float, default=7 * 24 * 3600.0,
+                        help="How long a prediction id takes feedback.")
+    parser.add_argument("--prediction_text", choices=["redacted", "hash"], default="redacted",
+                        help="Keep each prediction's PII-redacted text, or only its SHA-256 (feedback "
+                             "then sends the text again).")
     parser.add_argument("--max_docs", type=int, default=64, help="Most documents per request (413 above).")
     parser.add_argument("--max_chars", type=int, default=20_000, help="Longest document (413 above).")
     parser.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
@@ -545,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=Path, help="labels.json served instead of the model's (ConfigMap).")
     parser.add_argument("--thresholds", type=Path, help="thresholds.json served instead of the model's.")
     parser.add_argument("--feedback_url", default=os.environ.get("LABELMATCH_FEEDBACK_URL"),
-                        help="SQLAlchemy URL of the feedback store (feedback endpoint off without it).")
+                        help="SQLAlchemy URL of the feedback store (default: the state URL).")
     parser.add_argument("--intra_op_threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads (0: one per core).")
     parser.add_argument("--inter_op_threads", type=int, default=1, help="ONNX Runtime inter-op threads.")
@@ -567,8 +601,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.enable_grpc and args.host not in ALL_INTERFACES:
         raise ConfigError(f"KServe's gRPC server always binds all interfaces; with --host {args.host} keep "
                           "--enable_grpc false")
+    state = StateConfig(args.state_url or "", args.prediction_ttl_s, args.prediction_text, args.label_sync_s,
+                        record_delay_s=args.record_delay_s)
     return ServeConfig(
-        model_dir=args.model_dir, name=args.model_name, state_dir=args.state_dir,
+        model_dir=args.model_dir, name=args.model_name, state_dir=args.state_dir, state=state,
         limits=RequestLimits(args.max_body_bytes, args.max_docs, args.max_chars),
         ort=OrtConfig(args.intra_op_threads, args.inter_op_threads, args.allow_spinning, args.batch_size),
         feedback_url=args.feedback_url, admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,

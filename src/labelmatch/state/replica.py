@@ -1,0 +1,266 @@
+"""One replica's view of the shared serving state: label-set sync, prediction records, health.
+
+A model server holds one :class:`ReplicaState`. A background thread polls the store every
+``label_sync_s`` seconds: a newer label set of the served model version is applied (so a
+``PUT /labels`` on any replica is served everywhere within ``label_sync_s`` plus the time to
+embed new descriptions), expired predictions are purged now and then, and a write transaction
+checks that the store accepts writes (:attr:`ReplicaState.error` says why not).
+
+Prediction records are written behind the response: :meth:`ReplicaState.record` only queues
+them (microseconds in the request path); a writer thread redacts the texts and inserts what has
+queued in one transaction, within ``record_delay_s``. A feedback by id that arrives before its
+record is written (another replica, a few milliseconds later) waits up to ``record_delay_s``
+for it before answering "unknown".
+
+While the store is unreachable, predictions keep being served with the last label set applied;
+their records are dropped (counted: feedback by those ids gets 404), and label updates and
+feedback answer 503. Nothing here imports the server: it is handed a callback that applies a
+label set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from labelmatch.core.errors import ConfigError
+from labelmatch.state.store import LabelSet, PredictionRecord, ServingState, StateUnavailable
+
+logger = logging.getLogger("labelmatch.state")
+
+#: What a prediction record keeps of the document: its PII-redacted text, or only a SHA-256.
+TextPolicy = Literal["redacted", "hash"]
+
+
+@dataclass
+class StateConfig:
+    """Settings of the shared serving state.
+
+    Attributes:
+        url: SQLAlchemy URL (SQLite file for one replica; PostgreSQL for several).
+        prediction_ttl_s: How long a prediction id resolves for feedback.
+        prediction_text: ``redacted`` keeps the PII-redacted text with each prediction (feedback
+            by id alone is enough); ``hash`` keeps only its SHA-256 (feedback must send the text,
+            which is checked against the hash).
+        label_sync_s: How often each replica looks for a newer label set (the bound on how
+            stale another replica's labels can be, plus embedding time).
+        purge_every_s: How often a replica deletes expired prediction records.
+        record_delay_s: Longest time between a response and its prediction record being
+            resolvable on every replica (the writer flushes at least this often).
+        record_queue: Records that may wait for the writer; beyond that they are dropped (and
+            counted), so an outage never grows memory without bound.
+    """
+
+    url: str
+    prediction_ttl_s: float = 7 * 24 * 3600.0
+    prediction_text: TextPolicy = "redacted"
+    label_sync_s: float = 2.0
+    purge_every_s: float = 600.0
+    record_delay_s: float = 0.5
+    record_queue: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.prediction_text not in ("redacted", "hash"):
+            raise ConfigError(f"prediction_text must be redacted or hash, got {self.prediction_text!r}")
+        for name in ("prediction_ttl_s", "label_sync_s", "purge_every_s", "record_delay_s", "record_queue"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def text_sha256(text: str) -> str:
+    """Hex SHA-256 of a document's UTF-8 text (what a ``hash`` prediction record keeps)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class ReplicaState:
+    """The shared state as one replica uses it.
+
+    Args:
+        config: Store settings.
+        model_version: The served model's version (label sets are per model version).
+        apply: Called with a newer stored :class:`LabelSet` to serve it.
+        redact: ``text -> redacted text`` for ``prediction_text="redacted"``.
+        on_written: Called with the seconds each batch of prediction records took (metrics).
+        on_dropped: Called with the number of prediction records that could not be written.
+    """
+
+    def __init__(self, config: StateConfig, model_version: str, apply: Callable[[LabelSet], None],
+                 redact: Callable[[str], str] | None = None,
+                 on_written: Callable[[float], None] | None = None,
+                 on_dropped: Callable[[int], None] | None = None):
+        self.config = config
+        self.model_version = model_version
+        self.store = ServingState(config.url, config.prediction_ttl_s)
+        self._apply = apply
+        self._redact = redact or (lambda text: text)
+        self.label_set_version = 0
+        #: Why the store cannot be written now (``None`` when it can).
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sync_lock = threading.Lock()
+        self._last_purge = 0.0
+        self._pending: queue.Queue[tuple[str, str, dict[str, Any], int]] = queue.Queue(config.record_queue)
+        self._on_written = on_written or (lambda seconds: None)
+        self._on_dropped = on_dropped or (lambda count: None)
+        self._writer: threading.Thread | None = None
+
+    # -- label sets -----------------------------------------------------------------------------
+    def sync_labels(self) -> bool:
+        """Apply the newest stored label set of the served model when it is newer; True if applied."""
+        with self._sync_lock:
+            latest = self.store.latest_version(self.model_version)
+            if latest <= self.label_set_version:
+                return False
+            label_set = self.store.latest_label_set(self.model_version)
+            if label_set is None:
+                return False
+            self._apply(label_set)
+            self.label_set_version = label_set.version
+            return True
+
+    def save_labels(self, labels: dict[str, str], thresholds: dict[str, Any]) -> LabelSet:
+        """Store a new label set for the served model and serve it here at once.
+
+        Raises:
+            StateUnavailable: The store cannot be written (nothing changes).
+        """
+        with self._sync_lock:
+            label_set = self.store.save_label_set(self.model_version, labels, thresholds)
+            self._apply(label_set)
+            self.label_set_version = label_set.version
+        return label_set
+
+    # -- predictions ----------------------------------------------------------------------------
+    def record(self, ids: Sequence[str], texts: Sequence[str], predictions: Sequence[dict[str, Any]],
+               label_set_version: int) -> None:
+        """Queue served predictions for the writer (they become resolvable within ``record_delay_s``).
+
+        Never blocks: when the queue is full (the store has been unreachable for a while) the
+        records are dropped and counted.
+        """
+        dropped = 0
+        for item in zip(ids, texts, predictions, strict=True):
+            try:
+                self._pending.put_nowait((*item, label_set_version))
+            except queue.Full:
+                dropped += 1
+        if dropped:
+            self._on_dropped(dropped)
+
+    def _records(self, batch: list[tuple[str, str, dict[str, Any], int]]) -> list[PredictionRecord]:
+        keep_text = self.config.prediction_text == "redacted"
+        return [
+            PredictionRecord(
+                id=prediction_id, model_version=self.model_version, label_set_version=label_set_version,
+                labels=list(prediction["labels"]), scores=dict(prediction["scores"]),
+                text_sha256=text_sha256(text), text=self._redact(text) if keep_text else None,
+            )
+            for prediction_id, text, prediction, label_set_version in batch
+        ]
+
+    def write_pending(self, wait_s: float = 0.0) -> int:
+        """Write what has queued (waiting up to ``wait_s`` for a first record); returns how many."""
+        batch = []
+        try:
+            batch.append(self._pending.get(timeout=wait_s) if wait_s > 0 else self._pending.get_nowait())
+        except queue.Empty:
+            return 0
+        while len(batch) < 1000:
+            try:
+                batch.append(self._pending.get_nowait())
+            except queue.Empty:
+                break
+        start = time.perf_counter()
+        try:
+            self.store.record_predictions(self._records(batch))
+            self._on_written(time.perf_counter() - start)
+        except StateUnavailable as exc:
+            self._on_dropped(len(batch))
+            if self.error is None:
+                logger.error("prediction records dropped: %s", exc)
+            self.error = str(exc)
+        finally:
+            for _ in batch:
+                self._pending.task_done()
+        return len(batch)
+
+    def flush(self) -> None:
+        """Block until every queued record is written (or dropped)."""
+        if self._writer is None:
+            while self.write_pending():
+                pass
+        self._pending.join()
+
+    def resolve(self, prediction_id: str) -> PredictionRecord | None:
+        """The recorded prediction, or ``None`` when unknown or expired.
+
+        An id not found yet is looked up again for ``record_delay_s`` (its record may still be
+        on its way from the replica that served it).
+
+        Raises:
+            StateUnavailable: The store cannot be read.
+        """
+        deadline = time.monotonic() + self.config.record_delay_s
+        while True:
+            found = self.store.prediction(prediction_id)
+            if found is not None or time.monotonic() >= deadline:
+                return found
+            time.sleep(min(0.05, self.config.record_delay_s))
+
+    # -- background sync -------------------------------------------------------------------------
+    def check(self) -> None:
+        """One round of the background work: health (a write), label sync, purge when due."""
+        try:
+            self.store.check_writable()
+            self.sync_labels()
+            if time.monotonic() - self._last_purge >= self.config.purge_every_s:
+                purged = self.store.purge_expired()
+                self._last_purge = time.monotonic()
+                if purged:
+                    logger.info("purged %d expired prediction records", purged)
+            if self.error is not None:
+                logger.warning("serving state reachable again: %s", self.store.safe_url)
+            self.error = None
+        except StateUnavailable as exc:
+            if self.error is None:
+                logger.error("%s", exc)
+            self.error = str(exc)
+
+    def start(self) -> None:
+        """Start the background threads: one :meth:`check` every ``label_sync_s`` seconds, and the
+        prediction-record writer."""
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.config.label_sync_s):
+                self.check()
+
+        def write() -> None:
+            while not self._stop.is_set():
+                self.write_pending(wait_s=self.config.record_delay_s / 2)
+
+        self._thread = threading.Thread(target=loop, name="labelmatch-state", daemon=True)
+        self._thread.start()
+        self._writer = threading.Thread(target=write, name="labelmatch-records", daemon=True)
+        self._writer.start()
+
+    def stop(self) -> None:
+        """Write what is queued, stop the background threads and release connections."""
+        if self._writer is not None:
+            self.flush()
+        self._stop.set()
+        for thread in (self._thread, self._writer):
+            if thread is not None:
+                thread.join(timeout=10)
+        self.store.close()
+
+
+__all__ = ["ReplicaState", "StateConfig", "StateUnavailable", "text_sha256"]

@@ -1,0 +1,262 @@
+"""The serving state every replica shares: versioned label sets and the predictions feedback refers to.
+
+One SQLAlchemy URL names it: a SQLite file for one replica and the demo, PostgreSQL (driver
+``psycopg``, in the ``serve`` extra) when several replicas serve one model. What lives where:
+
+================  =====================================  ==========================================
+table             rows                                   read by
+================  =====================================  ==========================================
+``label_sets``    one per ``PUT /labels``: labels,        every replica, polled every
+                  thresholds, the model version it was   ``label_sync_s``; the newest row of the
+                  made for; ``version`` grows globally   served model version is served
+``predictions``   one per predicted document: model and  ``POST /feedback`` by ``prediction_id`` on
+                  label-set version, labels, scores,     any replica; gone after
+                  the redacted text or only its hash     ``prediction_ttl_s``
+================  =====================================  ==========================================
+
+Feedback itself goes to the feedback store (:mod:`labelmatch.feedback.store`), by default in the
+same database. The schema is versioned (:mod:`labelmatch.state.migrations`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from labelmatch.core.errors import LabelmatchError
+from labelmatch.state.migrations import migrate
+
+VERSION_TABLE = "serving_schema_version"
+
+
+class StateUnavailable(LabelmatchError):
+    """The shared state store cannot be reached (or written)."""
+
+
+def _create_v1(conn: Any) -> None:
+    from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+
+    metadata = MetaData()
+    Table(
+        "label_sets", metadata,
+        Column("version", Integer, primary_key=True, autoincrement=True),
+        Column("model_version", String(200), nullable=False, index=True),
+        Column("labels", Text, nullable=False),
+        Column("thresholds", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+    )
+    predictions = Table(
+        "predictions", metadata,
+        Column("id", String(64), primary_key=True),
+        Column("created_at", Float, nullable=False),
+        Column("expires_at", Float, nullable=False),
+        Column("model_version", String(200), nullable=False),
+        Column("label_set_version", Integer, nullable=False),
+        Column("labels", Text, nullable=False),
+        Column("scores", Text, nullable=False),
+        Column("text", Text),
+        Column("text_sha256", String(64), nullable=False),
+    )
+    Index("ix_predictions_expires_at", predictions.c.expires_at)
+    metadata.create_all(conn)
+
+
+#: Ordered schema migrations of the serving state.
+MIGRATIONS = [_create_v1]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """One stored label set.
+
+    Attributes:
+        version: Its number (grows over all model versions; responses name it).
+        model_version: The model version it was made for (a rolled-back model serves its own).
+        labels: ``{label: description}``.
+        thresholds: ``{"default": t, "labels": {label: t}}``.
+        created_at: Unix time.
+    """
+
+    version: int
+    model_version: str
+    labels: dict[str, str]
+    thresholds: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    """A served prediction, kept so feedback can name it by id on any replica.
+
+    Attributes:
+        id: The prediction id returned to the client.
+        model_version: The model that served it.
+        label_set_version: The label set it was served with (0: the model's own).
+        labels: The predicted labels.
+        scores: ``{label: probability}``.
+        text_sha256: SHA-256 of the document text.
+        text: The PII-redacted text, or ``None`` when only the hash is kept.
+        created_at: Unix time.
+        expires_at: Unix time after which the id is unknown.
+    """
+
+    id: str
+    model_version: str
+    label_set_version: int
+    labels: list[str]
+    scores: dict[str, float]
+    text_sha256: str
+    text: str | None = None
+    created_at: float = 0.0
+    expires_at: float = 0.0
+
+
+class ServingState:
+    """Label sets and prediction records in a SQL database shared by the replicas.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///state.db``, ``postgresql+psycopg://user:pw@host/db``).
+        prediction_ttl_s: How long a prediction id stays resolvable.
+
+    Example::
+
+        state = ServingState("postgresql+psycopg://labelmatch@127.0.0.1/labelmatch")
+        state.save_label_set("a1b2c3", {"vat": "Value added tax."}, {"default": 0.5, "labels": {}})
+        state.latest_label_set("a1b2c3").version
+    """
+
+    def __init__(self, url: str, prediction_ttl_s: float = 7 * 24 * 3600):
+        from sqlalchemy import create_engine
+
+        if prediction_ttl_s <= 0:
+            raise ValueError(f"prediction_ttl_s must be > 0, got {prediction_ttl_s}")
+        self.url = url
+        self.prediction_ttl_s = float(prediction_ttl_s)
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            options["connect_args"] = {"timeout": 30}
+        else:
+            options["connect_args"] = {"connect_timeout": 5}
+        self.engine = create_engine(url, **options)
+        with self._errors("migrate"):
+            migrate(self.engine, VERSION_TABLE, MIGRATIONS, f"serving state {self.safe_url}")
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def _errors(self, action: str) -> Any:
+        from contextlib import contextmanager
+
+        from sqlalchemy.exc import DBAPIError, OperationalError
+
+        @contextmanager
+        def guard() -> Any:
+            try:
+                yield
+            except (OperationalError, DBAPIError) as exc:
+                reason = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
+                raise StateUnavailable(f"serving state {self.safe_url}: cannot {action}: {reason}") from exc
+
+        return guard()
+
+    # -- label sets ---------------------------------------------------------------------------
+    def save_label_set(self, model_version: str, labels: dict[str, str],
+                       thresholds: dict[str, Any]) -> LabelSet:
+        """Store a new label set for ``model_version``; it is served from now on (by every replica)."""
+        from sqlalchemy import text
+
+        now = time.time()
+        with self._errors("store the label set"), self.engine.begin() as conn:
+            row = conn.execute(
+                text("INSERT INTO label_sets (model_version, labels, thresholds, created_at) "
+                     "VALUES (:m, :l, :t, :c) RETURNING version"),
+                {"m": model_version, "l": json.dumps(labels, ensure_ascii=False),
+                 "t": json.dumps(thresholds), "c": now},
+            ).scalar_one()
+        return LabelSet(int(row), model_version, dict(labels), dict(thresholds), now)
+
+    def latest_label_set(self, model_version: str) -> LabelSet | None:
+        """The newest label set stored for ``model_version`` (``None``: serve the model's own)."""
+        from sqlalchemy import text
+
+        with self._errors("read the label set"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT version, labels, thresholds, created_at FROM label_sets "
+                     "WHERE model_version = :m ORDER BY version DESC LIMIT 1"),
+                {"m": model_version},
+            ).first()
+        if row is None:
+            return None
+        return LabelSet(int(row[0]), model_version, json.loads(row[1]), json.loads(row[2]), float(row[3]))
+
+    def latest_version(self, model_version: str) -> int:
+        """The newest label-set version of ``model_version`` (0 when none); one indexed read."""
+        from sqlalchemy import text
+
+        with self._errors("read the label-set version"), self.engine.connect() as conn:
+            value = conn.execute(text("SELECT MAX(version) FROM label_sets WHERE model_version = :m"),
+                                 {"m": model_version}).scalar()
+        return int(value or 0)
+
+    # -- predictions --------------------------------------------------------------------------
+    def record_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        """Store served predictions (one transaction) so feedback can name them on any replica."""
+        from sqlalchemy import text
+
+        if not records:
+            return
+        now = time.time()
+        rows = [
+            {"id": r.id, "c": now, "e": now + self.prediction_ttl_s, "m": r.model_version,
+             "s": r.label_set_version, "l": json.dumps(r.labels, ensure_ascii=False),
+             "sc": json.dumps(r.scores), "t": r.text, "h": r.text_sha256}
+            for r in records
+        ]
+        with self._errors("record predictions"), self.engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO predictions (id, created_at, expires_at, model_version, label_set_version, "
+                     "labels, scores, text, text_sha256) VALUES (:id, :c, :e, :m, :s, :l, :sc, :t, :h)"),
+                rows,
+            )
+
+    def prediction(self, prediction_id: str) -> PredictionRecord | None:
+        """The prediction named ``prediction_id``, or ``None`` when unknown or expired."""
+        from sqlalchemy import text
+
+        with self._errors("read the prediction"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT id, model_version, label_set_version, labels, scores, text_sha256, text, "
+                     "created_at, expires_at FROM predictions WHERE id = :id AND expires_at > :now"),
+                {"id": prediction_id, "now": time.time()},
+            ).first()
+        if row is None:
+            return None
+        return PredictionRecord(row[0], row[1], int(row[2]), json.loads(row[3]), json.loads(row[4]), row[5],
+                                row[6], float(row[7]), float(row[8]))
+
+    def purge_expired(self) -> int:
+        """Delete expired prediction records; returns how many."""
+        from sqlalchemy import text
+
+        with self._errors("purge expired predictions"), self.engine.begin() as conn:
+            return int(conn.execute(text("DELETE FROM predictions WHERE expires_at <= :now"),
+                                    {"now": time.time()}).rowcount or 0)
+
+    def check_writable(self) -> None:
+        """Raise :class:`StateUnavailable` unless the database accepts a write transaction now."""
+        from sqlalchemy import text
+
+        with self._errors("write"), self.engine.begin() as conn:
+            postgres = conn.dialect.name == "postgresql"
+            if postgres and conn.execute(text("SELECT pg_is_in_recovery()")).scalar():
+                raise StateUnavailable(f"serving state {self.safe_url}: the database is a read-only replica")
+            conn.execute(text(f"UPDATE {VERSION_TABLE} SET version = version"))
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
