@@ -98,7 +98,7 @@ class Engines:
         self.torch = torch
         model, tokenizer, _ = load_encoder_model(model_dir, merge=True)
         self.torch_encoder = TextEncoder(model.eval(), tokenizer, seq)
-        config = OrtConfig(intra_op_threads=threads, batch_size=64)
+        config = OrtConfig(intra_op_threads=threads)
         self.ort = {
             "ort_fp32": OnnxEncoder(onnx_dir / FP32_MODEL_FILE, onnx_dir / TOKENIZER_FILE, seq, config),
             "ort_int8": OnnxEncoder(onnx_dir / MODEL_FILE, onnx_dir / TOKENIZER_FILE, seq, config),

@@ -12,6 +12,7 @@ components in a subprocess, and the component source is embedded in the compiled
 IR itself shows exactly what each step runs.)
 """
 
+from components.batch_classify import batch_classify
 from components.data_prep import data_prep
 from components.deploy import deploy
 from components.evaluate import evaluate
@@ -19,4 +20,4 @@ from components.export_onnx import export_onnx
 from components.grpo import grpo
 from components.tune_sft import tune_sft
 
-__all__ = ["data_prep", "deploy", "evaluate", "export_onnx", "grpo", "tune_sft"]
+__all__ = ["batch_classify", "data_prep", "deploy", "evaluate", "export_onnx", "grpo", "tune_sft"]

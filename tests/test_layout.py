@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["core", "data", "model", "training", "tuning", "feedback", "evaluation", "export", "serving",
-            "platform", "stages", "state"]
+            "platform", "stages", "state", "batch"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

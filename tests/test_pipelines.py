@@ -52,7 +52,7 @@ def _params(ir: dict) -> dict[str, str]:
 
 def test_registry_versions_follow_the_package() -> None:
     names = {p.name: p for p in registered_pipelines()}
-    assert set(names) == {"labelmatch-training", "labelmatch-deploy"}
+    assert set(names) == {"labelmatch-training", "labelmatch-deploy", "labelmatch-batch"}
     assert {p.version for p in names.values()} == {__version__}
     assert names["labelmatch-training"].filename == f"labelmatch-training-{__version__}.yaml"
 
@@ -335,3 +335,34 @@ def test_a_worse_candidate_is_not_deployed(
     assert {a.kind for a in run_artifacts(run)} == {"Dataset", "Model", "OnnxModel", "Report"}
     baseline = json.loads((run / "evaluate-2/report/decision.json").read_text())["serving_model"]
     assert baseline["uri"] == str(serving) and baseline["digest"] == artifact_digest(serving)
+
+
+def test_batch_ir_classifies_s3_shards_locally(tmp_path_factory, s3_data: str, onnx_model, sample_dir: Path,
+                                                ray_tmp: str) -> None:
+    """The committed batch IR under kfp.local: the model imported by path, documents read from and
+    results written to the S3 server, the Report naming what was done; re-submitted, it resumes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from labelmatch.platform.store import ArtifactStore
+    from pipelines.local import run_artifacts, run_locally
+
+    batch_ir = COMPILED_DIR / f"labelmatch-batch-{__version__}.yaml"
+    model_dir = onnx_model[0]
+    arguments = dict(model_uri=str(model_dir), model_digest=artifact_digest(model_dir),
+                      input_uri=f"{s3_data}/docs.jsonl", output_uri="s3://labelmatch/batch/run1",
+                      batch_size=16, ray_temp_dir=ray_tmp)
+    run = run_locally(batch_ir, tmp_path_factory.mktemp("batch"), **arguments)
+    [report] = [a for a in run_artifacts(run) if a.kind == "Report"]
+    summary = json.loads((report.path / "summary.json").read_text())
+    documents = sum(1 for line in (sample_dir / "docs.jsonl").read_text().splitlines() if line.strip())
+    assert summary["rows"] == documents and summary["rejects"] == 0
+    assert summary["model_digest"] == artifact_digest(model_dir)
+    store = ArtifactStore.from_env()
+    table = pq.read_table(pa.BufferReader(store.get_bytes("s3://labelmatch/batch/run1/docs.parquet")))
+    assert table.num_rows == documents and len(set(table.column("id").to_pylist())) == documents
+
+    again = run_locally(batch_ir, tmp_path_factory.mktemp("batch"), **arguments)
+    [report] = [a for a in run_artifacts(again) if a.kind == "Report"]
+    resumed = json.loads((report.path / "summary.json").read_text())
+    assert resumed["skipped_done"] == 1 and resumed["rows"] == 0

@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 #: Modules (under ``labelmatch.cli``) whose import registers commands on ``app``.
-COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "pipeline"]
+COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "batch", "pipeline"]
 
 
 def register_commands() -> None:

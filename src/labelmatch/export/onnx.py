@@ -219,7 +219,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         for leftover in tmp.glob("model_raw.onnx*"):
             leftover.unlink()
 
-        ort_config = OrtConfig(batch_size=config.batch_size)
+        ort_config = OrtConfig()  # one document per run, as served (see OrtConfig.batch_size)
         onnx_info = {**info, "max_length": max_length}
         # Full-precision label embeddings: shipped, and given to both graphs' classifiers.
         label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()

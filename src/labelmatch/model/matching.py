@@ -239,15 +239,23 @@ class LabelMatcher:
         """
         names, cos = self.similarities(texts, labels, replace)
         probs = self.probabilities(cos)
-        thresholds = self.thresholds_for(names)
-        out = []
-        for row_p, row_c in zip(probs, cos, strict=True):
-            chosen = [names[j] for j in np.argsort(-row_p, kind="stable") if row_p[j] >= thresholds[j]]
-            if self.hierarchy is not None:
-                chosen = self.hierarchy.enforce(chosen, names)
-            out.append(Prediction(
+        return [
+            Prediction(
                 chosen,
                 {n: round(float(p), 6) for n, p in zip(names, row_p, strict=True)},
                 {n: round(float(c), 6) for n, c in zip(names, row_c, strict=True)},
-            ))
+            )
+            for chosen, row_p, row_c in zip(self.decide(names, probs), probs, cos, strict=True)
+        ]
+
+    def decide(self, names: list[str], probs: np.ndarray) -> list[list[str]]:
+        """Each row's predicted labels: at or above their threshold, by decreasing probability,
+        with the parents the hierarchy implies."""
+        thresholds = self.thresholds_for(names)
+        out = []
+        for row in probs:
+            chosen = [names[j] for j in np.argsort(-row, kind="stable") if row[j] >= thresholds[j]]
+            if self.hierarchy is not None:
+                chosen = self.hierarchy.enforce(chosen, names)
+            out.append(chosen)
         return out

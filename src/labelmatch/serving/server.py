@@ -585,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inter_op_threads", type=int, default=1, help="ONNX Runtime inter-op threads.")
     parser.add_argument("--allow_spinning", action="store_true",
                         help="Let ONNX Runtime threads busy-wait (off by default).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Documents per ONNX Runtime call.")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="Documents per ONNX Runtime call (1: a score depends on its text alone, "
+                             "see OrtConfig.batch_size).")
     parser.add_argument("--inference_threads", type=int, default=1, help="Concurrent predictions.")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser

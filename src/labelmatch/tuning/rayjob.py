@@ -8,6 +8,8 @@
   follows its status until it finishes.
 * :func:`submit_ray_job` submits the same entrypoint to a running Ray cluster through the Ray
   Jobs API (``JobSubmissionClient``) and streams its logs.
+* :func:`run_rayjob` creates a RayJob, follows it and deletes it whatever happened (also used
+  by ``labelmatch classify --rayjob``, :mod:`labelmatch.batch.rayjob`).
 * :func:`run_tune_rayjob` is the whole round trip the pipeline's tune step (and
   ``labelmatch tune --rayjob``) makes: upload the Dataset artifact to the store, create the
   RayJob, stream its status, delete it whatever happened, download and verify the best Model
@@ -108,11 +110,13 @@ class RayJobSpec:
                 raise ConfigError(f"toleration {toleration}: unknown field(s) {', '.join(sorted(unknown))}")
 
     @classmethod
-    def from_values(cls, path: str | Path, **overrides: Any) -> RayJobSpec:
-        """Read a values file (YAML or JSON) and apply flag overrides (``None`` = not given)."""
+    def from_values(cls, path: str | Path | None, defaults: dict[str, Any] | None = None,
+                    **overrides: Any) -> RayJobSpec:
+        """Read a values file (YAML or JSON; ``None``: none) over ``defaults`` and apply flag
+        overrides (``None`` = not given)."""
         import yaml
 
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = yaml.safe_load(Path(path).read_text()) or {} if path else {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of RayJob settings")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -121,7 +125,7 @@ class RayJobSpec:
             raise ConfigError(
                 f"{path}: unknown RayJob setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**values)
 
 
@@ -176,8 +180,14 @@ def _pod_template(spec: RayJobSpec, container: dict[str, Any], worker: bool) -> 
     }
 
 
-def build_rayjob(spec: RayJobSpec, entrypoint: str) -> dict[str, Any]:
-    """The RayJob manifest (``ray.io/v1``) running ``entrypoint`` on a fresh Ray cluster."""
+def build_rayjob(spec: RayJobSpec, entrypoint: str, component: str = "tune") -> dict[str, Any]:
+    """The RayJob manifest (``ray.io/v1``) running ``entrypoint`` on a fresh Ray cluster.
+
+    Args:
+        spec: The cluster's shape.
+        entrypoint: The shell command the job runs (with ``--address auto``).
+        component: The ``app.kubernetes.io/component`` label (``tune``, ``batch``).
+    """
     env = [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
     env_from = [{"configMapRef": {"name": spec.env_config_map}}] if spec.env_config_map else []
     env_from += [{"secretRef": {"name": spec.env_secret}}] if spec.env_secret else []
@@ -205,7 +215,7 @@ def build_rayjob(spec: RayJobSpec, entrypoint: str) -> dict[str, Any]:
             },
             "workerGroupSpecs": [
                 {
-                    "groupName": "gpu-workers",
+                    "groupName": "gpu-workers" if spec.gpus_per_worker else "cpu-workers",
                     "replicas": spec.workers,
                     "minReplicas": spec.workers,
                     "maxReplicas": spec.workers,
@@ -223,7 +233,7 @@ def build_rayjob(spec: RayJobSpec, entrypoint: str) -> dict[str, Any]:
         "metadata": {
             "name": spec.name,
             "namespace": spec.namespace,
-            "labels": {"app.kubernetes.io/name": "labelmatch", "app.kubernetes.io/component": "tune"},
+            "labels": {"app.kubernetes.io/name": "labelmatch", "app.kubernetes.io/component": component},
         },
         "spec": job_spec,
     }
@@ -359,6 +369,45 @@ def describe_status(namespace: str, name: str, status: dict[str, Any]) -> str:
     return f"{line} ({message})" if message else line
 
 
+def run_rayjob(
+    manifest: dict[str, Any],
+    api_client: Any = None,
+    on_status: Callable[[str], None] | None = print,
+    poll_seconds: float = 10.0,
+    timeout_seconds: float | None = None,
+    keep: bool = False,
+) -> dict[str, Any]:
+    """Create the RayJob, follow it to its end and delete it (also on failure or interruption,
+    unless ``keep``); returns its last status.
+
+    Args:
+        manifest: From :func:`build_rayjob`.
+        api_client: Kubernetes API client (default: in-cluster service account or kubeconfig).
+        on_status: Called with a line for each RayJob status change.
+        poll_seconds: Seconds between status reads.
+        timeout_seconds: Give up (and delete the RayJob) after this long.
+        keep: Leave the finished RayJob in place (for debugging).
+
+    Raises:
+        LabelmatchError: The RayJob did not succeed, or did not finish in time.
+    """
+    namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    api_client = api_client or kube.api_client()
+    try:
+        status = submit_rayjob(
+            manifest, api_client, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
+            on_status=(lambda s: on_status(describe_status(namespace, name, s))) if on_status else None,
+        )
+    finally:
+        if not keep:
+            deleted = delete_rayjob(namespace, name, api_client)
+            if on_status and deleted:
+                on_status(f"RayJob {namespace}/{name}: deleted")
+    if status.get("jobDeploymentStatus") != "Complete" or status.get("jobStatus") != "SUCCEEDED":
+        raise LabelmatchError(f"RayJob {namespace}/{name} did not succeed: {json.dumps(status)}")
+    return status
+
+
 def run_tune_rayjob(
     data: str | Path,
     out_model_dir: str | Path,
@@ -420,20 +469,7 @@ def run_tune_rayjob(
         store.upload_artifact(data, data_uri, kind="Dataset")
     cluster_config = dataclasses.replace(config, address="auto", storage_path=f"{work}/ray")
     manifest = build_rayjob(spec, cluster_entrypoint(cluster_config, data_uri, f"{work}/outputs"))
-    namespace, name = spec.namespace, spec.name
-    api_client = api_client or kube.api_client()
-    try:
-        status = submit_rayjob(
-            manifest, api_client, poll_seconds=poll_seconds, timeout_seconds=timeout_seconds,
-            on_status=(lambda s: on_status(describe_status(namespace, name, s))) if on_status else None,
-        )
-    finally:
-        if not keep:
-            deleted = delete_rayjob(namespace, name, api_client)
-            if on_status and deleted:
-                on_status(f"RayJob {namespace}/{name}: deleted")
-    if status.get("jobDeploymentStatus") != "Complete" or status.get("jobStatus") != "SUCCEEDED":
-        raise LabelmatchError(f"RayJob {namespace}/{name} did not succeed: {json.dumps(status)}")
+    run_rayjob(manifest, api_client, on_status, poll_seconds, timeout_seconds, keep)
     store.download_artifact(f"{work}/outputs/model", out_model_dir, kind="Model")
     store.download_artifact(f"{work}/outputs/report", report_dir, kind="Report")
     return json.loads((Path(report_dir) / "summary.json").read_text())
