@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve
+.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch
 
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
@@ -104,6 +104,10 @@ bench-grpo: setup
 ## bench-serve: torch vs ORT fp32 vs ORT int8 latency, and the HTTP server under load (needs ../shared/data)
 bench-serve: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_serve.py --out bench/results
+
+## bench-batch: Ray Data (1, 2 actors) vs a plain ONNX loop on 100k documents (needs ../shared/data)
+bench-batch: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_batch.py --out bench/results
 
 # --- pipelines ---
 .PHONY: compile compile-check

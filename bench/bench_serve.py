@@ -46,9 +46,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import requests
-from common import concurrent_load, machine, server_timing_ms, start_model_server, wait_until_ready
+from common import (
+    concurrent_load,
+    machine,
+    server_timing_ms,
+    start_model_server,
+    wait_until_ready,
+    zero_shot_model,
+)
 
-from labelmatch.core.artifacts import atomic_artifact_dir
 from labelmatch.data.dataset import Dataset, load_dataset
 from labelmatch.export.onnx import ExportConfig, export_onnx
 from labelmatch.serving.onnx_classifier import (
@@ -61,22 +67,6 @@ from labelmatch.serving.onnx_classifier import (
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
 ENGINES = ("torch_fp32", "ort_fp32", "ort_int8")
-
-
-def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) -> Path:
-    """The bundled encoder + Reuters label descriptions as a Model artifact (cos 0.3 → p 0.5)."""
-    from labelmatch.model.encoder import TextEncoder, load_base, resolve_base_model, weights_digest
-    from labelmatch.model.io import save_model
-    from labelmatch.model.matching import Thresholds
-
-    model, tokenizer = load_base("bundled:minilm")
-    label_emb = TextEncoder(model, tokenizer, max_length).embed(list(labels.values())).numpy()
-    digest = weights_digest(resolve_base_model("bundled:minilm"))
-    info = {"base_model": "bundled:minilm", "base_model_digest": digest, "max_length": max_length,
-            "scale": 20.0, "bias": -6.0}
-    with atomic_artifact_dir(out) as tmp:
-        save_model(tmp, model, tokenizer, labels, label_emb, Thresholds(0.5), info)
-    return out
 
 
 def long_texts(dataset: Dataset, n: int, min_chars: int = 2000) -> list[str]:

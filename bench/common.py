@@ -151,3 +151,20 @@ def concurrent_load(bases: list[str], texts: list[str], clients: int, duration: 
             "error_examples": sorted(set(errors))[:5], "throughput_rps": len(latencies) / wall,
             "p50_ms": float(np.percentile(load, 50)), "p99_ms": float(np.percentile(load, 99)),
             "state_p50_ms": float(np.percentile(state, 50)), "state_p99_ms": float(np.percentile(state, 99))}
+
+
+def zero_shot_model(labels: dict[str, str], out: Path, max_length: int = 256) -> Path:
+    """The bundled encoder + ``labels`` as an untrained Model artifact (cos 0.3 → p 0.5)."""
+    from labelmatch.core.artifacts import atomic_artifact_dir
+    from labelmatch.model.encoder import TextEncoder, load_base, resolve_base_model, weights_digest
+    from labelmatch.model.io import save_model
+    from labelmatch.model.matching import Thresholds
+
+    model, tokenizer = load_base("bundled:minilm")
+    label_emb = TextEncoder(model, tokenizer, max_length).embed(list(labels.values())).numpy()
+    digest = weights_digest(resolve_base_model("bundled:minilm"))
+    info = {"base_model": "bundled:minilm", "base_model_digest": digest, "max_length": max_length,
+            "scale": 20.0, "bias": -6.0}
+    with atomic_artifact_dir(out) as tmp:
+        save_model(tmp, model, tokenizer, labels, label_emb, Thresholds(0.5), info)
+    return out
