@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-transfer"))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--scenario-seeds", default="",
+                        help="Per-scenario seeds overriding --seeds, e.g. 'clinc_to_bitext=0;x=0,1' "
+                             "(fewer seeds where time allows fewer; the report says which).")
     parser.add_argument(
         "--train-per-label",
         type=int,
@@ -323,9 +326,9 @@ def markdown(report: dict[str, Any]) -> str:
         "Thresholds and settings from validation only (the seen labels' validation documents); "
         "each test split scored once. Mean ± half-range over seeds.",
         "",
-        "| scenario | eval set | labels | docs | macro-F1 untrained | macro-F1 trained | Δ | "
+        "| scenario | seeds | eval set | labels | docs | macro-F1 untrained | macro-F1 trained | Δ | "
         "top-1 untrained | top-1 trained |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["scenarios"].items():
         agg = entry["aggregate"]
@@ -334,7 +337,8 @@ def markdown(report: dict[str, Any]) -> str:
             u, t = agg[f"untrained/{e}/macro_f1"], agg[f"trained/{e}/macro_f1"]
             u1, t1 = agg[f"untrained/{e}/top1_accuracy"], agg[f"trained/{e}/top1_accuracy"]
             lines.append(
-                f"| {name} | {e} | {first['evals'][e]['labels']} | {first['evals'][e]['docs']} | "
+                f"| {name} | {','.join(map(str, entry.get('seeds', report['seeds'])))} | {e} | "
+                f"{first['evals'][e]['labels']} | {first['evals'][e]['docs']} | "
                 f"{u['mean']:.3f} ± {u['spread']:.3f} | {t['mean']:.3f} ± {t['spread']:.3f} | "
                 f"{t['mean'] - u['mean']:+.3f} | {u1['mean']:.3f} | {t1['mean']:.3f} |"
             )
@@ -369,9 +373,11 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scenarios": {},
     }
+    parts = (part.partition("=") for part in args.scenario_seeds.split(";") if part)
+    overrides = {name: [int(x) for x in value.split(",")] for name, _, value in parts}
     for name in args.scenarios.split(","):
         runs = []
-        for seed in seeds:
+        for seed in overrides.get(name, seeds):
             scenario = builders[name](args, seed)
             print(
                 f"[{name} seed {seed}] training on {len(scenario.train.split('train').documents)} docs, "
@@ -385,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         eval_names = list(runs[0]["evals"])
         report["scenarios"][name] = {
+            "seeds": overrides.get(name, seeds),
             "eval_names": eval_names,
             "runs": runs,
             "aggregate": aggregate(runs, eval_names),
