@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from labelmatch.core.artifacts import artifact_digest, verify_artifact
+from labelmatch.core.errors import ConfigError
 from labelmatch.model.chunking import Chunking, document_windows
 from labelmatch.model.classifier import Classifier
 
@@ -98,3 +99,29 @@ def test_cli_train_evaluate_predict(tmp_path, sample_dir):
     predicted = run("predict", "--model", str(model), "--labels", str(extra), "Import duties on steel.")
     lines = [json.loads(line) for line in predicted.stdout.splitlines() if line.startswith("{")]
     assert predicted.returncode == 0 and "customs_duty" in lines[0]["scores"]
+
+
+def test_label_sets_past_the_maximum_are_refused_in_one_line(monkeypatch):
+    from labelmatch.model import matching
+
+    monkeypatch.setattr(matching, "MAX_LABELS", 3)
+    matching.check_label_count(3)
+    with pytest.raises(ConfigError, match=r"^4 labels exceed the maximum of 3 per label set"):
+        matching.check_label_count(4)
+
+
+def test_many_label_descriptions_are_embedded_in_chunks_with_progress(monkeypatch, capsys):
+    from labelmatch.model import matching
+
+    monkeypatch.setattr(matching, "LABEL_CHUNK", 4)
+    calls = []
+
+    def embed(texts):
+        calls.append(len(texts))
+        return np.array([[float(len(t))] for t in texts], dtype=np.float32)
+
+    texts = [f"label {'x' * i}" for i in range(10)]
+    out = matching.embed_in_chunks(embed, texts)
+    assert calls == [4, 4, 2] and out[:, 0].tolist() == [len(t) for t in texts]
+    assert "label descriptions" in capsys.readouterr().err
+    assert matching.embed_in_chunks(embed, texts[:4]).shape == (4, 1) and calls[-1] == 4

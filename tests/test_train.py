@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,61 @@ def test_cached_label_embeddings_keep_positives_live_and_negatives_fixed():
     batch = live._next_batch()
     matrix = live._label_matrix(batch)
     assert all(_row_gradients(live, matrix, [j]) > 0 for j in range(len(live.label_names)))
+
+
+def test_sampled_strategy_scores_positives_and_the_requested_negatives(tiny_dataset):
+    import torch
+
+    from labelmatch.training.config import TrainConfig
+
+    config = tiny_config(label_strategy="sampled", hard_negatives=2, random_negatives=1)
+    trainer = SFTTrainer(tiny_dataset, config)
+    assert trainer.label_strategy == "sampled"
+    batch = trainer._next_batch()
+    encoder = trainer.model.encoder
+    doc_emb = encoder(encoder.tokenize([trainer.train_set.documents[i].text for i in batch]))
+    live, columns = trainer._sampled_labels(batch, doc_emb)
+    positive = set(torch.nonzero(trainer.targets[batch].sum(0)).flatten().tolist())
+    assert positive <= set(columns.tolist())
+    assert len(columns) == min(len(positive) + 3, len(trainer.label_texts))
+    assert live.shape == (len(columns), encoder.dim) and live.requires_grad
+    loss = trainer.train_step()["loss"]
+    assert np.isfinite(loss)
+    assert TrainConfig().strategy_for(1024) == "all" and TrainConfig().strategy_for(1025) == "sampled"
+
+
+TEN_THOUSAND_LABELS = """
+import json, resource, sys, time
+from conftest import make_tiny_dataset, tiny_config
+from labelmatch.training.sft import SFTTrainer
+
+dataset = make_tiny_dataset()
+words = ["tax", "invoice", "refund", "court", "customs", "payroll", "pension", "lease", "audit", "merger"]
+for i in range(10_000):
+    a, b, c = words[i % 10], words[(i // 10) % 10], words[(i // 100) % 10]
+    dataset.labels[f"synthetic_{i:05d}"] = f"Documents about {a} and {b} in case {i}, filed under {c}."
+started = time.perf_counter()
+trainer = SFTTrainer(dataset, tiny_config(epochs=1, steps_per_iteration=3, max_length=32))
+result = trainer.run_iteration()
+print(json.dumps({"strategy": trainer.label_strategy, "labels": len(trainer.label_texts),
+                  "steps": trainer.step, "val_macro_f1": result.val_macro_f1,
+                  "seconds": time.perf_counter() - started,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_ten_thousand_labels_train_within_a_memory_bound(tmp_path):
+    """10,000 labels (the old all-live step died at 8.6 GB): a few steps and a validation, in a
+    process of its own whose peak RSS is measured."""
+    import os
+
+    script = tmp_path / "ten_thousand.py"
+    script.write_text(TEN_THOUSAND_LABELS)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["strategy"] == "sampled" and result["labels"] == 10_008 and result["steps"] == 3
+    assert result["peak_rss_mb"] < 4096, result

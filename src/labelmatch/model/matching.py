@@ -14,9 +14,10 @@ This module imports neither torch nor transformers (the serving path uses it).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,36 @@ import numpy as np
 from labelmatch.core.errors import ArtifactError, ConfigError
 from labelmatch.data.hierarchy import Hierarchy
 from labelmatch.model.chunking import Chunking, chunked_cosines
+
+#: Most labels one request or label set may have (``LABELMATCH_MAX_LABELS``): every label is one
+#: embedding (384 floats for MiniLM, 1,024 for bge-m3) and one column of every score matrix, and
+#: embedding descriptions runs at roughly 500 (torch) per second on 2 cores.
+MAX_LABELS = int(os.environ.get("LABELMATCH_MAX_LABELS", "100000"))
+#: Label descriptions embedded per progress step; a bar is shown above this many.
+LABEL_CHUNK = 1024
+
+
+def embed_in_chunks(embed: Callable[[Sequence[str]], np.ndarray], texts: Sequence[str],
+                    desc: str = "label descriptions") -> np.ndarray:
+    """``embed(texts)`` in chunks of :data:`LABEL_CHUNK`, with a progress bar when there are more."""
+    if len(texts) <= LABEL_CHUNK:
+        return embed(texts)
+    from tqdm.auto import tqdm
+
+    parts = []
+    with tqdm(total=len(texts), desc=desc, unit="label") as bar:
+        for start in range(0, len(texts), LABEL_CHUNK):
+            parts.append(embed(texts[start : start + LABEL_CHUNK]))
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts)
+
+
+def check_label_count(n: int, limit: int | None = None) -> None:
+    """Refuse more than ``limit`` (default :data:`MAX_LABELS`) labels in one line."""
+    limit = MAX_LABELS if limit is None else limit
+    if n > limit:
+        raise ConfigError(f"{n} labels exceed the maximum of {limit} per label set "
+                          "(LABELMATCH_MAX_LABELS raises it; docs/serving.md)")
 
 
 @dataclass
@@ -128,8 +159,9 @@ class LabelMatcher:
         raise NotImplementedError
 
     def embed_labels(self, descriptions: Sequence[str]) -> np.ndarray:
-        """Embeddings of label descriptions (the most precise encoder available)."""
-        return self.embed(descriptions)
+        """Embeddings of label descriptions (the most precise encoder available), with progress
+        for large sets."""
+        return embed_in_chunks(self.embed, descriptions)
 
     def refine(self, names: list[str], texts: Sequence[str], cos: np.ndarray,
                label_emb: np.ndarray) -> np.ndarray:
@@ -142,6 +174,7 @@ class LabelMatcher:
         """Replace the served label set (and its thresholds) in one step."""
         if not labels:
             raise ConfigError("the served label set cannot be empty")
+        check_label_count(len(labels))
         embeddings = label_embeddings
         if embeddings is None:
             embeddings = self.embed_labels(list(labels.values()))
@@ -167,7 +200,9 @@ class LabelMatcher:
         """The label set of a request: the served one, extended (or replaced) by ``labels``."""
         if not labels:
             return dict(self.labels)
-        return dict(labels) if replace else {**self.labels, **labels}
+        resolved = dict(labels) if replace else {**self.labels, **labels}
+        check_label_count(len(resolved))
+        return resolved
 
     def label_embeddings(self, labels: dict[str, str]) -> np.ndarray:
         """Embeddings of label descriptions; unseen ones are embedded once and cached (LRU).

@@ -32,7 +32,7 @@ from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ArtifactError, ConfigError
 from labelmatch.data.hierarchy import HIERARCHY_FILE, load_hierarchy
 from labelmatch.model.chunking import Chunking, chunked_cosines
-from labelmatch.model.matching import LabelMatcher, Thresholds
+from labelmatch.model.matching import LabelMatcher, Thresholds, embed_in_chunks
 
 MODEL_FILE = "model.onnx"
 FP32_MODEL_FILE = "model_fp32.onnx"
@@ -271,8 +271,8 @@ class OnnxClassifier(LabelMatcher):
         return self.encoder.offsets(text)
 
     def embed_labels(self, descriptions: Sequence[str]) -> np.ndarray:
-        """Label descriptions through :attr:`precise_encoder`."""
-        return self.precise_encoder.embed(descriptions)
+        """Label descriptions through :attr:`precise_encoder` (progress for large sets)."""
+        return embed_in_chunks(self.precise_encoder.embed, descriptions)
 
     def refine(self, names: list[str], texts: Sequence[str], cos: np.ndarray,
                label_emb: np.ndarray) -> np.ndarray:

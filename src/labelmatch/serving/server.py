@@ -59,7 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
 from labelmatch.data.dataset import load_labels
-from labelmatch.model.matching import Thresholds
+from labelmatch.model.matching import Thresholds, check_label_count
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
 from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
 from labelmatch.state.replica import ReplicaState, StateConfig
@@ -473,6 +473,10 @@ def _check_labels(value: Any, where: str) -> dict[str, str] | None:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
                                               for k, v in value.items()):
         raise RequestRejected(400, f"{where} must be an object of non-empty strings {{label: description}}")
+    try:
+        check_label_count(len(value))
+    except ConfigError as exc:
+        raise RequestRejected(400, f"{where}: {exc}") from exc
     return value
 
 

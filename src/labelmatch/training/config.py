@@ -9,6 +9,10 @@ from typing import Any, Literal
 from labelmatch.core.errors import ConfigError
 from labelmatch.model.encoder import DEFAULT_BASE_MODEL
 
+#: Steps between refreshes of the label-embedding cache that picks hard negatives (``sampled``)
+#: when ``label_refresh_steps`` is 0.
+SAMPLED_REFRESH_STEPS = 50
+
 
 @dataclass
 class TrainConfig:
@@ -45,6 +49,16 @@ class TrainConfig:
             embeds only the batch's positive labels live: cheaper with hundreds of labels, but the
             label side then learns only from positives (Reuters, 90 labels: -0.055 micro /
             -0.100 macro-F1 at 0.64x the training time; ``make bench-quality``).
+        label_strategy: Which labels a step scores. ``all``: every label (live or cached, see
+            ``label_refresh_steps``). ``sampled``: the batch's positive labels plus
+            ``hard_negatives`` (the most similar non-positive labels by a cache of all label
+            embeddings, refreshed from the trained encoder every ``label_refresh_steps`` or
+            :data:`SAMPLED_REFRESH_STEPS` steps) and ``random_negatives``, all live with gradient:
+            memory and time per step no longer grow with the label count. ``auto`` (default):
+            ``all`` up to ``sampled_above`` labels, ``sampled`` above (docs/training.md).
+        sampled_above: The label count above which ``auto`` samples.
+        hard_negatives: Hard negative labels per step (``sampled``).
+        random_negatives: Random negative labels per step (``sampled``).
         patience: Early stopping: iterations without a better validation macro-F1.
         steps_per_iteration: Optimisation steps per training iteration (one validation and one
             report to a tuner each); ``None`` means one epoch.
@@ -82,6 +96,10 @@ class TrainConfig:
     soft_weight: float = 0.5
     pos_weight_max: float = 10.0
     label_refresh_steps: int = 0
+    label_strategy: Literal["auto", "all", "sampled"] = "auto"
+    sampled_above: int = 1024
+    hard_negatives: int = 128
+    random_negatives: int = 64
     patience: int = 2
     steps_per_iteration: int | None = None
     eval_batch_size: int = 64
@@ -130,8 +148,20 @@ class TrainConfig:
             )
         if self.chunk_stride is not None and self.chunk_stride <= 0:
             raise ConfigError(f"TrainConfig.chunk_stride must be > 0 or None, got {self.chunk_stride}")
+        if self.label_strategy not in ("auto", "all", "sampled"):
+            raise ConfigError(
+                f"TrainConfig.label_strategy must be 'auto', 'all' or 'sampled', got {self.label_strategy!r}"
+            )
+        if self.sampled_above < 1 or self.hard_negatives < 0 or self.random_negatives < 0:
+            raise ConfigError("TrainConfig.sampled_above must be >= 1, hard/random_negatives >= 0")
         if self.steps_per_iteration is not None and self.steps_per_iteration <= 0:
             raise ConfigError("TrainConfig.steps_per_iteration must be > 0 or None")
+
+    def strategy_for(self, n_labels: int) -> str:
+        """``all`` or ``sampled`` for a label set of ``n_labels``."""
+        if self.label_strategy != "auto":
+            return self.label_strategy
+        return "sampled" if n_labels > self.sampled_above else "all"
 
     @property
     def predict_max_length(self) -> int:

@@ -13,6 +13,12 @@ in the batch; every label is still scored every step (negatives from the cache),
 refreshed every ``N`` steps and row-wise whenever a label is embedded live. On Reuters (90 labels,
 7,770 documents, 2 epochs) the cache with ``N = 20`` cost 0.055 micro- and 0.100 macro-F1 for
 0.64x the training time (``make bench-quality``), hence the exact default.
+
+Above ``sampled_above`` labels (``label_strategy="auto"``) a step scores only the batch's
+positive labels, the hard negatives most similar to its documents (by a no-gradient cache of every
+label embedding, refreshed from the trained encoder) and a few random ones, all live with
+gradient, so a step's memory and time no longer grow with the label count (10,000 labels trained
+in 8.6 GB and died before; see docs/training.md for the measured threshold).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from labelmatch.model.io import save_model
 from labelmatch.model.losses import LossWeights, label_match_loss, positive_weights
 from labelmatch.model.matching import Thresholds
 from labelmatch.training.batches import next_batch
-from labelmatch.training.config import TrainConfig
+from labelmatch.training.config import SAMPLED_REFRESH_STEPS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +193,12 @@ class SFTTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self._order: list[int] = []
         self._label_cache: torch.Tensor | None = None
+        self._cached_at = 0
+        self.label_strategy = config.strategy_for(len(self.label_texts))
+        if self.label_strategy == "sampled":
+            log.info("%d labels: each step scores its positives, %d hard and %d random negatives "
+                     "(label_strategy=sampled)", len(self.label_texts), config.hard_negatives,
+                     config.random_negatives)
         self._init_bias()
 
     # -- set-up -----------------------------------------------------------------------------
@@ -212,7 +224,10 @@ class SFTTrainer:
         """
         docs = self.train_set.documents[:256]
         doc_emb = self.model.encoder.embed([d.text for d in docs], self.config.eval_batch_size)
-        label_emb = self.model.encoder.embed(self.label_texts, self.config.eval_batch_size)
+        label_emb = self.model.encoder.embed(self.label_texts, self.config.eval_batch_size,
+                                             progress=self.config.progress and len(self.label_texts) > 1000)
+        if self.label_strategy == "sampled":  # the first cache of hard negatives: nothing trained yet
+            self._label_cache, self._cached_at = label_emb.to(self.device), 0
         cos = (doc_emb @ label_emb.T).numpy()
         targets = self.targets[: len(docs)].numpy()
         probe = 1.0 / (1.0 + np.exp(-(cos - 0.5) * 10))  # monotone in cos: thresholds map back
@@ -248,6 +263,34 @@ class SFTTrainer:
         self._label_cache[live] = live_emb.detach()
         return self._label_cache.index_copy(0, live, live_emb)
 
+    def _refresh_steps(self) -> int:
+        return self.config.label_refresh_steps or SAMPLED_REFRESH_STEPS
+
+    def _sampled_labels(self, batch: list[int], doc_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(live embeddings, their label columns)`` of one ``sampled`` step: the batch's positives,
+        the hard negatives most similar to its documents by the cache, and random negatives."""
+        encoder, config = self.model.encoder, self.config
+        if self._label_cache is None or self.step - self._cached_at >= self._refresh_steps():
+            self._label_cache = encoder.embed(self.label_texts, config.eval_batch_size,
+                                              progress=config.progress).to(self.device)
+            self._cached_at = self.step
+        positive = (self.targets[batch].sum(0) + self.soft_mask[batch].sum(0)) > 0
+        chosen = positive.clone()
+        if config.hard_negatives:
+            with torch.no_grad():
+                best = (doc_emb.detach() @ self._label_cache.T).max(0).values.cpu()
+            best[chosen] = -math.inf
+            k = min(config.hard_negatives, int((~chosen).sum()))
+            chosen[torch.topk(best, k).indices] = True
+        if config.random_negatives:
+            rest = torch.nonzero(~chosen).flatten()
+            pick = torch.randperm(rest.numel(), generator=self.generator)[: config.random_negatives]
+            chosen[rest[pick]] = True
+        columns = torch.nonzero(chosen).flatten()
+        live = encoder(encoder.tokenize([self.label_texts[j] for j in columns.tolist()]))
+        self._label_cache[columns.to(self.device)] = live.detach()
+        return live, columns
+
     def _apply_hyperparameters(self) -> None:
         factor = lr_multiplier(self.step, self.total_steps, self.config.warmup_ratio, self.config.schedule)
         for group in self.optimizer.param_groups:
@@ -263,8 +306,12 @@ class SFTTrainer:
         batch = self._next_batch()
         encoder = self.model.encoder
         doc_emb = encoder(encoder.tokenize([self.train_set.documents[i].text for i in batch]))
-        cos, logits = self.model.logits(doc_emb, self._label_matrix(batch))
         rows = torch.tensor(batch)
+        if self.label_strategy == "sampled":
+            label_emb, columns = self._sampled_labels(batch, doc_emb)
+        else:
+            label_emb, columns = self._label_matrix(batch), torch.arange(len(self.label_texts))
+        cos, logits = self.model.logits(doc_emb, label_emb)
         weights = LossWeights(
             self.config.hard_weight,
             self.config.soft_weight,
@@ -274,11 +321,11 @@ class SFTTrainer:
         parts = label_match_loss(
             cos,
             logits,
-            self.targets[rows].to(self.device),
+            self.targets[rows][:, columns].to(self.device),
             weights,
-            pos_weight=self.pos_weight.to(self.device),
-            soft=self.soft[rows].to(self.device),
-            soft_mask=self.soft_mask[rows].to(self.device),
+            pos_weight=self.pos_weight[columns].to(self.device),
+            soft=self.soft[rows][:, columns].to(self.device),
+            soft_mask=self.soft_mask[rows][:, columns].to(self.device),
         )
         self._apply_hyperparameters()
         self.optimizer.zero_grad(set_to_none=True)
@@ -307,7 +354,8 @@ class SFTTrainer:
         """
         size = self.config.eval_batch_size
         with self._reading_predict_length() as enc:
-            label_emb = enc.embed(self.label_texts, size).numpy()
+            many = self.config.progress and len(self.label_texts) > 1000
+            label_emb = enc.embed(self.label_texts, size, progress=many).numpy()
             texts = [d.text for d in self.val_set.documents]
             cos = chunked_cosines(texts, lambda batch: enc.embed(batch, size).numpy(), enc.offsets, label_emb,
                                   self.chunking)
