@@ -210,7 +210,7 @@ def test_sampled_strategy_scores_positives_and_the_requested_negatives(tiny_data
     assert live.shape == (len(columns), encoder.dim) and live.requires_grad
     loss = trainer.train_step()["loss"]
     assert np.isfinite(loss)
-    assert TrainConfig().strategy_for(1024) == "all" and TrainConfig().strategy_for(1025) == "sampled"
+    assert TrainConfig().strategy_for(256) == "all" and TrainConfig().strategy_for(257) == "sampled"
 
 
 TEN_THOUSAND_LABELS = """

@@ -97,7 +97,7 @@ class TrainConfig:
     pos_weight_max: float = 10.0
     label_refresh_steps: int = 0
     label_strategy: Literal["auto", "all", "sampled"] = "auto"
-    sampled_above: int = 1024
+    sampled_above: int = 256
     hard_negatives: int = 128
     random_negatives: int = 64
     patience: int = 2
