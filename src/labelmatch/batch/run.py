@@ -192,27 +192,6 @@ class _ShardWriter:
 
 
 @contextlib.contextmanager
-def _ray(config: BatchConfig) -> Iterator[None]:
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if config.address:
-        ray.init(address=config.address)
-    else:
-        from labelmatch.tuning.pbt import init_local_ray
-
-        # Its own logical CPUs: one per actor thread, and one for Ray Data's listing and reads,
-        # which would otherwise wait forever behind actors that hold every CPU.
-        init_local_ray(config.concurrency * config.ort_threads + 1, temp_dir=config.ray_temp_dir)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-@contextlib.contextmanager
 def _aborting(writer: _ShardWriter) -> Iterator[None]:
     try:
         yield
@@ -294,7 +273,12 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
     writer = _ShardWriter(layout, served, config.strict)
     by_path = {s.path: s for s in pending}
     seen: set[str] = set()
-    with _ray(config), _aborting(writer):
+    from labelmatch.tuning.pbt import ray_session
+
+    # A local Ray gets its own logical CPUs: one per actor thread, and one for Ray Data's listing
+    # and reads, which would otherwise wait forever behind actors that hold every CPU.
+    local_cpus = config.concurrency * config.ort_threads + 1
+    with ray_session(config.address, local_cpus, temp_dir=config.ray_temp_dir), _aborting(writer):
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows of a shard arrive together, in order
         context.enable_progress_bars = config.progress

@@ -219,17 +219,21 @@ def init_local_ray(
 
 
 @contextlib.contextmanager
-def ray_session(config: TuneConfig) -> Iterator[None]:
-    """Use the Ray already initialised, connect to ``address``, or start a local Ray (and stop it)."""
+def ray_session(
+    address: str | None, num_cpus: int | None = None, dashboard: bool = False, temp_dir: str | None = None
+) -> Iterator[None]:
+    """Use the Ray already initialised, connect to ``address``, or start a local Ray on 127.0.0.1
+    (:func:`init_local_ray` with the other arguments); a Ray started or connected here is shut
+    down on exit. Shared by tuning and :mod:`labelmatch.batch`."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    if config.address:
-        ray.init(address=config.address)
+    if address:
+        ray.init(address=address)
     else:
-        init_local_ray(config.num_cpus, config.dashboard, config.ray_temp_dir)
+        init_local_ray(num_cpus, dashboard, temp_dir)
     try:
         yield
     finally:
@@ -345,7 +349,7 @@ def tune_sft(
         dataset = assign_splits(dataset, config.val_fraction, config.test_fraction, config.seed)
     storage = config.storage_path or str(Path(report_dir).resolve().parent / "ray_results")
     started = time.perf_counter()
-    with ray_session(config):
+    with ray_session(config.address, config.num_cpus, config.dashboard, config.ray_temp_dir):
         results = run_tune(dataset, config, storage)
         history = build_history(list(results))
         checkpoint, metrics = best_checkpoint(results)
