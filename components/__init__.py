@@ -18,6 +18,9 @@ from components.deploy import deploy
 from components.evaluate import evaluate
 from components.export_onnx import export_onnx
 from components.grpo import grpo
+from components.monitor_drift import monitor_drift
 from components.tune_sft import tune_sft
 
-__all__ = ["batch_classify", "data_prep", "deploy", "evaluate", "export_onnx", "grpo", "tune_sft"]
+__all__ = [
+    "batch_classify", "data_prep", "deploy", "evaluate", "export_onnx", "grpo", "monitor_drift", "tune_sft",
+]

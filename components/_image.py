@@ -5,8 +5,8 @@ version, so a compiled pipeline (``pipelines/compiled/<name>-<version>.yaml``) a
 library code of the same release it was compiled from. Change the registry with the
 ``LABELMATCH_IMAGE_REGISTRY`` variable at compile time (e.g. a private mirror); never the tag.
 
-The image must contain ``labelmatch`` with the ``train,tune,export,batch,pipelines`` extras: components
-are compiled with ``install_kfp_package=False`` and ``packages_to_install=[]``, so nothing is
+The image must contain ``labelmatch`` with the ``train,tune,export,batch,monitor,pipelines`` extras:
+components are compiled with ``install_kfp_package=False`` and ``packages_to_install=[]``, so nothing is
 pip-installed when a step starts (no network needed, nothing unpinned sneaks in).
 """
 

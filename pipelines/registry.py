@@ -55,12 +55,14 @@ def registered_pipelines() -> list[RegisteredPipeline]:
     """Every labelmatch pipeline at the current package version."""
     from pipelines.batch import BATCH_PIPELINE, batch_pipeline
     from pipelines.deploy import DEPLOY_PIPELINE, deploy_pipeline
+    from pipelines.monitor import MONITOR_PIPELINE, monitor_pipeline
     from pipelines.training import TRAINING_PIPELINE, training_pipeline
 
     return [
         RegisteredPipeline(TRAINING_PIPELINE, __version__, training_pipeline),
         RegisteredPipeline(DEPLOY_PIPELINE, __version__, deploy_pipeline),
         RegisteredPipeline(BATCH_PIPELINE, __version__, batch_pipeline),
+        RegisteredPipeline(MONITOR_PIPELINE, __version__, monitor_pipeline),
     ]
 
 

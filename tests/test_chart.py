@@ -73,9 +73,55 @@ def by_kind(docs: list[dict], kind: str) -> dict:
     return matches[0]
 
 
+#: prometheus-operator's PrometheusRule (monitoring.coreos.com/v1), strict: the fields its API
+#: reference documents for a rule group and a rule.
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object", "additionalProperties": False, "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["groups"], "properties": {
+            "groups": {"type": "array", "items": {
+                "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1}, "interval": {"type": "string"},
+                    "query_offset": {"type": "string"}, "limit": {"type": "integer"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "partial_response_strategy": {"type": "string"},
+                    "rules": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "additionalProperties": False, "required": ["expr"],
+                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                        "properties": {
+                            "alert": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                            "record": {"type": "string"}, "expr": {"type": ["string", "integer"]},
+                            "for": {"type": "string", "pattern": "^(0|(([0-9]+)(y|w|d|h|m|s|ms))+)$"},
+                            "keep_firing_for": {"type": "string"},
+                            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                        }}},
+                }}},
+        }},
+    },
+}
+
+
+def validate_prometheus_rule(doc: dict) -> None:
+    """The schema above, and every expression parses as PromQL (the parser Prometheus' own grammar
+    is ported to, ``promql-parser``)."""
+    import jsonschema
+    import promql_parser
+
+    jsonschema.validate(doc, PROMETHEUS_RULE_SCHEMA)
+    for group in doc["spec"]["groups"]:
+        for rule in group["rules"]:
+            promql_parser.parse(str(rule["expr"]))
+
+
 def validate(doc: dict) -> None:
     if doc["kind"] == "InferenceService":
         validate_against_crd(doc, ISVC_CRD)
+    elif doc["kind"] == "PrometheusRule":
+        validate_prometheus_rule(doc)
     else:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
@@ -83,7 +129,7 @@ def validate(doc: dict) -> None:
 def test_ci_values_exist() -> None:
     names = {path.name for path in SERVING.glob("ci/*.yaml")}
     assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml",
-            "single-replica-sqlite-values.yaml"} <= names
+            "single-replica-sqlite-values.yaml", "monitoring-values.yaml"} <= names
     assert {p.name for p in PIPELINES.glob("ci/*.yaml")} >= {"default-values.yaml", "tls-values.yaml"}
 
 
@@ -304,3 +350,37 @@ def test_pipeline_config_map_holds_what_every_step_reads(rendered: dict[Path, li
     assert config["data"]["LABELMATCH_STORE_ROOT"] == "s3://labelmatch"
     tls = _pipeline_objects(rendered, "tls-values.yaml")[("ConfigMap", DEFAULT_PIPELINE_CONFIG)]
     assert tls["data"]["LABELMATCH_S3_ENDPOINT"] == "https://minio.example.internal:443"
+
+
+def test_monitoring_values_render_drift_alerts_on_the_servers_gauges(rendered: dict) -> None:
+    """The PrometheusRule renders only when enabled, validates, and alerts on gauges the server exports;
+    the predictor logs predictions at the configured rate."""
+    import promql_parser
+
+    from labelmatch.serving.metrics import ServeMetrics
+
+    assert not [d for d in rendered[SERVING / "ci" / "default-values.yaml"] if d["kind"] == "PrometheusRule"]
+    docs = rendered[SERVING / "ci" / "monitoring-values.yaml"]
+    rule = by_kind(docs, "PrometheusRule")
+    validate_prometheus_rule(rule)
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"LabelmatchDriftDetected", "LabelmatchMonitorReportStale", "LabelmatchLowConfidenceHigh",
+            "LabelmatchDriftSignalFired", "LabelmatchPredictionRecordsDropped"} == set(alerts)
+    assert alerts["LabelmatchDriftDetected"]["labels"]["severity"] == "critical"
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    ServeMetrics(registry)
+    families = list(registry.collect())
+    exported = {f.name for f in families} | {x.name for f in families for x in f.samples}
+    for alert in alerts.values():
+        text = str(promql_parser.parse(alert["expr"]))
+        names = set(re.findall(r"labelmatch_[a-z_]+", text))
+        assert names and names <= exported, (alert["alert"], names - exported)
+        assert 'pod=~"rel-labelmatch-serving-predictor.*"' in text
+    args = by_kind(docs, "InferenceService")["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--log_sample_rate") + 1] == "1"
+    broken = {**rule, "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": 'max(x{a="b")'}]}]}}
+    with pytest.raises(ValueError, match="unexpected"):  # the validator does reject a broken expression
+        validate_prometheus_rule(broken)

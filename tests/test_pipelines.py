@@ -52,7 +52,8 @@ def _params(ir: dict) -> dict[str, str]:
 
 def test_registry_versions_follow_the_package() -> None:
     names = {p.name: p for p in registered_pipelines()}
-    assert set(names) == {"labelmatch-training", "labelmatch-deploy", "labelmatch-batch"}
+    assert set(names) == {"labelmatch-training", "labelmatch-deploy", "labelmatch-batch",
+                          "labelmatch-monitor"}
     assert {p.version for p in names.values()} == {__version__}
     assert names["labelmatch-training"].filename == f"labelmatch-training-{__version__}.yaml"
 
@@ -137,9 +138,11 @@ def test_every_step_of_the_shipped_ir_carries_its_kubernetes_settings(path: Path
         for key in ("resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"):
             assert resources.get(key, "").startswith("{{$.inputs.parameters["), (name, key)
         pod = settings[name]
-        [secret] = pod["secretAsEnv"]
-        assert _channel(secret["secretNameParameter"]) == "s3_secret"
-        assert {m["envVar"] for m in secret["keyToEnv"]} == set(S3_SECRET_KEYS)
+        secrets = {_channel(s["secretNameParameter"]): s for s in pod["secretAsEnv"]}
+        assert {m["envVar"] for m in secrets.pop("s3_secret")["keyToEnv"]} == set(S3_SECRET_KEYS)
+        if path.name.startswith("labelmatch-monitor"):  # and the serving state's URL
+            assert {m["envVar"] for m in secrets.pop("state_secret")["keyToEnv"]} == {"LABELMATCH_STATE_URL"}
+        assert not secrets
         [config] = pod["configMapAsEnv"]
         assert _channel(config["configMapNameParameter"]) == "pipeline_config"
         assert {m["envVar"] for m in config["keyToEnv"]} == set(STORE_CONFIG_KEYS)

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from labelmatch.core.errors import ConfigError
+from labelmatch.state.migrations import migrate
 from labelmatch.state.replica import ReplicaState, StateConfig, text_sha256
-from labelmatch.state.store import PredictionRecord, ServingState, StateUnavailable
+from labelmatch.state.store import MIGRATIONS, VERSION_TABLE, PredictionRecord, ServingState, StateUnavailable
 
 THRESHOLDS = {"default": 0.5, "labels": {"vat": 0.4}}
 
@@ -79,7 +80,8 @@ def test_replicas_opening_an_empty_postgres_database_at_once_migrate_it_once(pos
         p.join(timeout=30)
     assert results == ["ok"] * 4
     with ServingState(postgres_url).engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version FROM serving_schema_version").scalars().all() == [1]
+        versions = conn.exec_driver_sql("SELECT version FROM serving_schema_version").scalars().all()
+    assert versions == [len(MIGRATIONS)]
 
 
 def test_a_replica_picks_up_another_replicas_label_set_and_reports_an_unreachable_store(url):
@@ -127,3 +129,21 @@ def test_prediction_records_are_written_behind_the_response_and_resolve_on_anoth
     start = time.monotonic()
     assert two.resolve("never-made") is None
     assert 0.2 <= time.monotonic() - start < 2, "an unknown id waits record_delay_s for a record in flight"
+
+
+def test_a_version_1_state_upgrades_in_place_keeping_its_label_sets(tmp_path):
+    """A database written by the release before the prediction log (schema 1) is migrated on open."""
+    from sqlalchemy import create_engine, text
+
+    url = f"sqlite:///{tmp_path / 'v1.db'}"
+    engine = create_engine(url)
+    assert migrate(engine, VERSION_TABLE, MIGRATIONS[:1], "v1") == 1
+    with engine.begin() as conn:  # what the schema-1 release wrote
+        conn.execute(text("INSERT INTO label_sets (model_version, labels, thresholds, created_at) "
+                          "VALUES ('m1', '{\"vat\": \"Value added tax.\"}', '{\"default\": 0.5}', 1.0)"))
+    engine.dispose()
+    state = ServingState(url)
+    assert state.latest_label_set("m1").labels == {"vat": "Value added tax."}
+    with state.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version FROM serving_schema_version").scalar() == len(MIGRATIONS)
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM prediction_log").scalar() == 0

@@ -23,7 +23,8 @@ app = typer.Typer(
 )
 
 #: Modules (under ``labelmatch.cli``) whose import registers commands on ``app``.
-COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "batch", "pipeline"]
+COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "batch", "monitor",
+                   "pipeline"]
 
 
 def register_commands() -> None:

@@ -89,6 +89,7 @@ from labelmatch.evaluation.metrics import macro_f1, tune_thresholds
 from labelmatch.model.card import write_model_card
 from labelmatch.model.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.model.matching import Thresholds, boundary_cosines
+from labelmatch.monitoring.profile import build_profile
 from labelmatch.serving.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
@@ -260,6 +261,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
             },
             "export_config": asdict(config),
         })
+        if dataset is not None:  # monitoring's reference: the validation split as this artifact serves it
+            served = OnnxClassifier.load(tmp, ort_config, verify=False, model_version="export")
+            build_profile(served, texts).save(tmp)
         write_model_card(tmp, "OnnxModel")
         lineage = {"model": artifact_digest(source), "model_path": str(source)}
         summary = {"labels": len(labels), "label_set_agreement": served_agreement(parity),

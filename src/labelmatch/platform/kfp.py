@@ -190,10 +190,12 @@ class PipelineRegistry:
     """
 
     def __init__(self, host: str, token: str | None = None, namespace: str | None = None):
-        import kfp
+        # Not ``kfp.Client``: inside a pipeline step (_KFP_RUNTIME=true) ``import kfp`` leaves the
+        # client out, and the monitor step creates retraining runs from there.
+        from kfp.client import Client
 
         self.namespace = namespace
-        self.client = kfp.Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+        self.client = Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
 
     def pipeline_id(self, name: str) -> str | None:
         """The server id of the pipeline named ``name``, or None."""

@@ -64,12 +64,55 @@ class ServeMetrics:
         self.label_set_version = Gauge(
             "labelmatch_label_set_version", "Version of the served label set (0: the model's own).",
             registry=registry)
+        self.logged_predictions = Counter(
+            "labelmatch_logged_predictions_total",
+            "Predictions written to the prediction log that labelmatch monitor reads (--log_sample_rate).",
+            registry=registry)
+        # The newest `labelmatch monitor` report of the served model version (docs/monitoring.md).
+        self.drift_detected = Gauge(
+            "labelmatch_drift_detected", "1 when the newest monitor report fired a drift rule, else 0.",
+            registry=registry)
+        self.drift_signal_fired = Gauge(
+            "labelmatch_drift_signal_fired", "1 when the signal's rule fired in the newest monitor report.",
+            ["signal"], registry=registry)
+        self.drift_signal_p_value = Gauge(
+            "labelmatch_drift_signal_p_value", "p-value of the signal's test (newest monitor report).",
+            ["signal"], registry=registry)
+        self.drift_signal_statistic = Gauge(
+            "labelmatch_drift_signal_statistic", "The signal's statistic (newest monitor report).",
+            ["signal"], registry=registry)
+        self.low_confidence_share = Gauge(
+            "labelmatch_low_confidence_share",
+            "Share of documents whose highest score is below the default threshold, in the monitored window.",
+            registry=registry)
+        self.monitor_window_documents = Gauge(
+            "labelmatch_monitor_window_documents", "Logged predictions in the newest report's window.",
+            registry=registry)
+        self.monitor_report_timestamp = Gauge(
+            "labelmatch_monitor_report_timestamp_seconds", "Unix time of the newest monitor report.",
+            registry=registry)
 
     def count_labels(self, predicted: Iterable[list[str]], served: set[str]) -> None:
         """Count predicted labels; request-time labels are pooled under one name."""
         for labels in predicted:
             for label in labels:
                 self.label_predictions.labels(label if label in served else REQUEST_LABEL).inc()
+
+
+    def show_monitor_report(self, report: dict[str, Any]) -> None:
+        """Set the drift gauges from a ``labelmatch monitor`` report (:class:`MonitorReport` JSON)."""
+        self.drift_detected.set(1 if report.get("drift") else 0)
+        for name, signal in (report.get("signals") or {}).items():
+            self.drift_signal_fired.labels(name).set(1 if signal.get("fired") else 0)
+            if signal.get("p_value") is not None:
+                self.drift_signal_p_value.labels(name).set(signal["p_value"])
+            if signal.get("statistic") is not None:
+                self.drift_signal_statistic.labels(name).set(signal["statistic"])
+        share = (report.get("low_confidence_share") or {}).get("window")
+        if share is not None:
+            self.low_confidence_share.set(share)
+        self.monitor_window_documents.set((report.get("window") or {}).get("documents", 0))
+        self.monitor_report_timestamp.set(report.get("created_at", 0))
 
 
 def endpoint_of(path: str) -> str:

@@ -225,7 +225,7 @@ class OnnxClassifier(LabelMatcher):
 
     @classmethod
     def load(cls, path: str | Path, config: OrtConfig | None = None, model_file: str = MODEL_FILE,
-             verify: bool = True) -> OnnxClassifier:
+             verify: bool = True, model_version: str | None = None) -> OnnxClassifier:
         """Load an OnnxModel artifact, verifying every file's digest first.
 
         Args:
@@ -233,6 +233,8 @@ class OnnxClassifier(LabelMatcher):
             config: ONNX Runtime settings.
             model_file: ``model.onnx`` (int8) or ``model_fp32.onnx`` where it was kept.
             verify: Check the manifest (refuses a corrupted or missing file by name).
+            model_version: The version responses name (default: ``labelmatch.json``'s, else the
+                artifact digest; an artifact still being written has no manifest to digest).
         """
         root = Path(path)
         if verify:
@@ -248,7 +250,7 @@ class OnnxClassifier(LabelMatcher):
             if not (root / plan["model"]).is_file():
                 raise ArtifactError(f"artifact {root}: no {plan['model']} (its fp32 fallback graph)")
             fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config)
-        version = info.get("model_version") or artifact_digest(root)[:12]
+        version = model_version or served_model_version(root, info)
         labels = _read_json(root, "labels.json")
         classifier = cls(encoder, labels, np.load(root / "label_embeddings.npy"),
                          info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
@@ -288,6 +290,13 @@ class OnnxClassifier(LabelMatcher):
         if self.on_fallback is not None:
             self.on_fallback(len(rows))
         return cos
+
+
+def served_model_version(root: str | Path, info: dict[str, Any] | None = None) -> str:
+    """The version a server names for the artifact at ``root``: ``labelmatch.json``'s
+    ``model_version``, else the first 12 hex digits of the artifact digest."""
+    info = info if info is not None else _read_json(Path(root), "labelmatch.json")
+    return info.get("model_version") or artifact_digest(root)[:12]
 
 
 def _read_json(root: Path, name: str) -> Any:

@@ -21,6 +21,11 @@ Endpoints (``NAME`` is ``--model_name``, default ``labelmatch``):
 * ``GET /v2/models/NAME/state``: 200 while the shared state accepts writes, else 503 with the
   reason (the chart's readiness probe).
 
+A ``--log_sample_rate`` share of predictions also goes to the prediction log that
+``labelmatch monitor`` compares with the model's reference profile; the newest monitor report
+of the served model version is exported on ``/metrics`` (``labelmatch_drift_*``,
+docs/monitoring.md).
+
 State (label sets, prediction records, feedback) lives in one SQL database named by
 ``--state_url`` / ``LABELMATCH_STATE_URL`` (:mod:`labelmatch.state`): a SQLite file under
 ``--state_dir`` by default, PostgreSQL when several replicas serve.
@@ -179,8 +184,11 @@ class LabelmatchModel(kserve.Model):
         self.state = ReplicaState(self.config.state_config(), self.classifier.model_version,
                                   self._serve_label_set, lambda text: redact_text(text)[0],
                                   on_written=self.metrics.state_seconds.observe,
-                                  on_dropped=self.metrics.state_errors.inc)
+                                  on_dropped=self.metrics.state_errors.inc,
+                                  on_monitor=self.metrics.show_monitor_report,
+                                  on_logged=self.metrics.logged_predictions.inc)
         self.state.sync_labels()  # the newest label set stored for this model version, if any
+        self.state.sync_monitor_report()  # and the newest drift report's gauges
         self.state.start()
         from labelmatch.feedback.store import FeedbackStore
 
@@ -576,6 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prediction_text", choices=["redacted", "hash"], default="redacted",
                         help="Keep each prediction's PII-redacted text, or only its SHA-256 (feedback "
                              "then sends the text again).")
+    parser.add_argument("--log_sample_rate", type=float, default=0.1,
+                        help="Share of predictions written to the prediction log that `labelmatch monitor` "
+                             "reads (0: off); text kept as --prediction_text says.")
+    parser.add_argument("--log_max_rows", type=int, default=100_000,
+                        help="Most rows of the prediction log (oldest deleted first).")
+    parser.add_argument("--log_retention_s", type=float, default=30 * 24 * 3600.0,
+                        help="Longest a logged prediction is kept.")
     parser.add_argument("--max_docs", type=int, default=64, help="Most documents per request (413 above).")
     parser.add_argument("--max_chars", type=int, default=20_000, help="Longest document (413 above).")
     parser.add_argument("--max_body_bytes", type=int, default=2 * 1024 * 1024,
@@ -608,7 +623,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ConfigError(f"KServe's gRPC server always binds all interfaces; with --host {args.host} keep "
                           "--enable_grpc false")
     state = StateConfig(args.state_url or "", args.prediction_ttl_s, args.prediction_text, args.label_sync_s,
-                        record_delay_s=args.record_delay_s)
+                        record_delay_s=args.record_delay_s, log_sample_rate=args.log_sample_rate,
+                        log_max_rows=args.log_max_rows, log_retention_s=args.log_retention_s)
     return ServeConfig(
         model_dir=args.model_dir, name=args.model_name, state_dir=args.state_dir, state=state,
         limits=RequestLimits(args.max_body_bytes, args.max_docs, args.max_chars),

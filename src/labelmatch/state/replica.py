@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,11 @@ class StateConfig:
             resolvable on every replica (the writer flushes at least this often).
         record_queue: Records that may wait for the writer; beyond that they are dropped (and
             counted), so an outage never grows memory without bound.
+        log_sample_rate: Share of predictions also written to the prediction log that
+            ``labelmatch monitor`` reads (0 turns the log off). Its text follows
+            ``prediction_text``.
+        log_max_rows: Most rows the prediction log keeps (the oldest go first).
+        log_retention_s: Longest a logged prediction is kept.
     """
 
     url: str
@@ -64,11 +70,17 @@ class StateConfig:
     purge_every_s: float = 600.0
     record_delay_s: float = 0.5
     record_queue: int = 10_000
+    log_sample_rate: float = 0.1
+    log_max_rows: int = 100_000
+    log_retention_s: float = 30 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.prediction_text not in ("redacted", "hash"):
             raise ConfigError(f"prediction_text must be redacted or hash, got {self.prediction_text!r}")
-        for name in ("prediction_ttl_s", "label_sync_s", "purge_every_s", "record_delay_s", "record_queue"):
+        if not 0.0 <= self.log_sample_rate <= 1.0:
+            raise ConfigError(f"log_sample_rate must be within [0, 1], got {self.log_sample_rate}")
+        for name in ("prediction_ttl_s", "label_sync_s", "purge_every_s", "record_delay_s", "record_queue",
+                     "log_max_rows", "log_retention_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -88,12 +100,16 @@ class ReplicaState:
         redact: ``text -> redacted text`` for ``prediction_text="redacted"``.
         on_written: Called with the seconds each batch of prediction records took (metrics).
         on_dropped: Called with the number of prediction records that could not be written.
+        on_monitor: Called with each newer monitor report of the served model version (gauges).
+        on_logged: Called with the number of predictions written to the prediction log.
     """
 
     def __init__(self, config: StateConfig, model_version: str, apply: Callable[[LabelSet], None],
                  redact: Callable[[str], str] | None = None,
                  on_written: Callable[[float], None] | None = None,
-                 on_dropped: Callable[[int], None] | None = None):
+                 on_dropped: Callable[[int], None] | None = None,
+                 on_monitor: Callable[[dict[str, Any]], None] | None = None,
+                 on_logged: Callable[[int], None] | None = None):
         self.config = config
         self.model_version = model_version
         self.store = ServingState(config.url, config.prediction_ttl_s)
@@ -106,9 +122,15 @@ class ReplicaState:
         self._thread: threading.Thread | None = None
         self._sync_lock = threading.Lock()
         self._last_purge = 0.0
-        self._pending: queue.Queue[tuple[str, str, dict[str, Any], int]] = queue.Queue(config.record_queue)
+        #: (prediction id, text, prediction, label-set version, also logged for monitoring)
+        self._pending: queue.Queue[tuple[str, str, dict[str, Any], int, bool]] = queue.Queue(
+            config.record_queue)
         self._on_written = on_written or (lambda seconds: None)
         self._on_dropped = on_dropped or (lambda count: None)
+        self._on_monitor = on_monitor or (lambda report: None)
+        self._on_logged = on_logged or (lambda count: None)
+        self._monitor_report_id = 0
+        self._sample = random.Random()
         self._writer: threading.Thread | None = None
 
     # -- label sets -----------------------------------------------------------------------------
@@ -124,6 +146,15 @@ class ReplicaState:
             self._apply(label_set)
             self.label_set_version = label_set.version
             return True
+
+    def sync_monitor_report(self) -> bool:
+        """Hand a newer monitor report of the served model version to ``on_monitor``; True if one."""
+        found = self.store.latest_monitor_report(self.model_version, self._monitor_report_id)
+        if found is None:
+            return False
+        self._monitor_report_id, report = found
+        self._on_monitor(report)
+        return True
 
     def save_labels(self, labels: dict[str, str], thresholds: dict[str, Any]) -> LabelSet:
         """Store a new label set for the served model and serve it here at once.
@@ -143,26 +174,31 @@ class ReplicaState:
         """Queue served predictions for the writer (they become resolvable within ``record_delay_s``).
 
         Never blocks: when the queue is full (the store has been unreachable for a while) the
-        records are dropped and counted.
+        records are dropped and counted. A ``log_sample_rate`` share of them is marked for the
+        prediction log too.
         """
         dropped = 0
+        rate = self.config.log_sample_rate
         for item in zip(ids, texts, predictions, strict=True):
+            logged = rate > 0 and self._sample.random() < rate
             try:
-                self._pending.put_nowait((*item, label_set_version))
+                self._pending.put_nowait((*item, label_set_version, logged))
             except queue.Full:
                 dropped += 1
         if dropped:
             self._on_dropped(dropped)
 
-    def _records(self, batch: list[tuple[str, str, dict[str, Any], int]]) -> list[PredictionRecord]:
+    def _records(self, batch: list[tuple[str, str, dict[str, Any], int, bool]]) -> list[PredictionRecord]:
         keep_text = self.config.prediction_text == "redacted"
+        now = time.time()
         return [
             PredictionRecord(
                 id=prediction_id, model_version=self.model_version, label_set_version=label_set_version,
                 labels=list(prediction["labels"]), scores=dict(prediction["scores"]),
                 text_sha256=text_sha256(text), text=self._redact(text) if keep_text else None,
+                created_at=now,
             )
-            for prediction_id, text, prediction, label_set_version in batch
+            for prediction_id, text, prediction, label_set_version, _ in batch
         ]
 
     def write_pending(self, wait_s: float = 0.0) -> int:
@@ -179,8 +215,13 @@ class ReplicaState:
                 break
         start = time.perf_counter()
         try:
-            self.store.record_predictions(self._records(batch))
+            records = self._records(batch)
+            self.store.record_predictions(records)
+            logged = [record for record, item in zip(records, batch, strict=True) if item[-1]]
+            self.store.log_predictions(logged)
             self._on_written(time.perf_counter() - start)
+            if logged:
+                self._on_logged(len(logged))
         except StateUnavailable as exc:
             self._on_dropped(len(batch))
             if self.error is None:
@@ -220,11 +261,14 @@ class ReplicaState:
         try:
             self.store.check_writable()
             self.sync_labels()
+            self.sync_monitor_report()
             if time.monotonic() - self._last_purge >= self.config.purge_every_s:
                 purged = self.store.purge_expired()
+                trimmed = self.store.trim_log(self.config.log_max_rows, self.config.log_retention_s)
                 self._last_purge = time.monotonic()
-                if purged:
-                    logger.info("purged %d expired prediction records", purged)
+                if purged or trimmed:
+                    logger.info("purged %d expired prediction records, %d logged predictions",
+                                purged, trimmed)
             if self.error is not None:
                 logger.warning("serving state reachable again: %s", self.store.safe_url)
             self.error = None

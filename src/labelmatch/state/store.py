@@ -3,16 +3,17 @@
 One SQLAlchemy URL names it: a SQLite file for one replica and the demo, PostgreSQL (driver
 ``psycopg``, in the ``serve`` extra) when several replicas serve one model. What lives where:
 
-================  =====================================  ==========================================
-table             rows                                   read by
-================  =====================================  ==========================================
-``label_sets``    one per ``PUT /labels``: labels,        every replica, polled every
-                  thresholds, the model version it was   ``label_sync_s``; the newest row of the
-                  made for; ``version`` grows globally   served model version is served
-``predictions``   one per predicted document: model and  ``POST /feedback`` by ``prediction_id`` on
-                  label-set version, labels, scores,     any replica; gone after
-                  the redacted text or only its hash     ``prediction_ttl_s``
-================  =====================================  ==========================================
+* ``label_sets``: one row per ``PUT /labels`` (labels, thresholds, the model version it was made
+  for; ``version`` grows globally). Every replica polls it every ``label_sync_s`` and serves the
+  newest row of its model version.
+* ``predictions``: one row per predicted document (model and label-set version, labels, scores,
+  the redacted text or only its hash), read by ``POST /feedback`` by ``prediction_id`` on any
+  replica; gone after ``prediction_ttl_s``.
+* ``prediction_log``: a sample of predictions (``--log_sample_rate``), same columns, read by
+  ``labelmatch monitor`` (:mod:`labelmatch.monitoring`); bounded by ``log_max_rows`` and
+  ``log_retention_s``.
+* ``monitor_reports``: one row per ``labelmatch monitor`` run (its signals, whether drift
+  fired); every replica exports the newest report of its model version as Prometheus gauges.
 
 Feedback itself goes to the feedback store (:mod:`labelmatch.feedback.store`), by default in the
 same database. The schema is versioned (:mod:`labelmatch.state.migrations`).
@@ -64,8 +65,37 @@ def _create_v1(conn: Any) -> None:
     metadata.create_all(conn)
 
 
+def _create_v2(conn: Any) -> None:
+    """The prediction log (sampled predictions for monitoring) and the monitor reports."""
+    from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+
+    metadata = MetaData()
+    log = Table(
+        "prediction_log", metadata,
+        Column("id", String(64), primary_key=True),
+        Column("created_at", Float, nullable=False),
+        Column("model_version", String(200), nullable=False),
+        Column("label_set_version", Integer, nullable=False),
+        Column("labels", Text, nullable=False),
+        Column("scores", Text, nullable=False),
+        Column("text", Text),
+        Column("text_sha256", String(64), nullable=False),
+    )
+    Index("ix_prediction_log_model_time", log.c.model_version, log.c.created_at)
+    Index("ix_prediction_log_created_at", log.c.created_at)
+    Table(
+        "monitor_reports", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", Float, nullable=False),
+        Column("model_version", String(200), nullable=False, index=True),
+        Column("drift", Integer, nullable=False),
+        Column("report", Text, nullable=False),
+    )
+    metadata.create_all(conn)
+
+
 #: Ordered schema migrations of the serving state.
-MIGRATIONS = [_create_v1]
+MIGRATIONS = [_create_v1, _create_v2]
 
 
 @dataclass(frozen=True)
@@ -238,6 +268,84 @@ class ServingState:
             return None
         return PredictionRecord(row[0], row[1], int(row[2]), json.loads(row[3]), json.loads(row[4]), row[5],
                                 row[6], float(row[7]), float(row[8]))
+
+    # -- prediction log (monitoring) ----------------------------------------------------------------
+    def log_predictions(self, records: Sequence[PredictionRecord]) -> None:
+        """Append sampled predictions to the prediction log (one transaction)."""
+        from sqlalchemy import text
+
+        if not records:
+            return
+        now = time.time()
+        rows = [
+            {"id": r.id, "c": r.created_at or now, "m": r.model_version, "s": r.label_set_version,
+             "l": json.dumps(r.labels, ensure_ascii=False), "sc": json.dumps(r.scores), "t": r.text,
+             "h": r.text_sha256}
+            for r in records
+        ]
+        with self._errors("log predictions"), self.engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO prediction_log (id, created_at, model_version, label_set_version, labels, "
+                     "scores, text, text_sha256) VALUES (:id, :c, :m, :s, :l, :sc, :t, :h)"),
+                rows,
+            )
+
+    def logged_predictions(self, model_version: str, since: float = 0.0, until: float | None = None,
+                           limit: int | None = None) -> list[PredictionRecord]:
+        """Logged predictions of ``model_version`` in ``[since, until)``, oldest first (the newest
+        ``limit`` when given)."""
+        from sqlalchemy import text
+
+        query = ("SELECT id, model_version, label_set_version, labels, scores, text_sha256, text, created_at "
+                 "FROM prediction_log WHERE model_version = :m AND created_at >= :since "
+                 "AND created_at < :until ORDER BY created_at DESC, id")
+        params: dict[str, Any] = {"m": model_version, "since": since,
+                                  "until": until if until is not None else float("inf")}
+        if limit is not None:
+            query += " LIMIT :limit"
+            params["limit"] = int(limit)
+        with self._errors("read the prediction log"), self.engine.connect() as conn:
+            rows = conn.execute(text(query), params).all()
+        return [PredictionRecord(r[0], r[1], int(r[2]), json.loads(r[3]), json.loads(r[4]), r[5], r[6],
+                                 float(r[7])) for r in reversed(rows)]
+
+    def trim_log(self, max_rows: int, retention_s: float) -> int:
+        """Delete logged predictions older than ``retention_s`` and beyond the newest ``max_rows``;
+        returns how many."""
+        from sqlalchemy import text
+
+        with self._errors("trim the prediction log"), self.engine.begin() as conn:
+            deleted = conn.execute(text("DELETE FROM prediction_log WHERE created_at < :cut"),
+                                   {"cut": time.time() - retention_s}).rowcount or 0
+            cutoff = conn.execute(text("SELECT created_at FROM prediction_log ORDER BY created_at DESC "
+                                       "LIMIT 1 OFFSET :n"), {"n": max_rows}).scalar()
+            if cutoff is not None:
+                deleted += conn.execute(text("DELETE FROM prediction_log WHERE created_at <= :cut"),
+                                        {"cut": cutoff}).rowcount or 0
+        return int(deleted)
+
+    # -- monitor reports ------------------------------------------------------------------------------
+    def save_monitor_report(self, model_version: str, report: dict[str, Any], drift: bool) -> int:
+        """Store a monitor report; every replica of ``model_version`` exports its gauges. Returns its id."""
+        from sqlalchemy import text
+
+        with self._errors("store the monitor report"), self.engine.begin() as conn:
+            return int(conn.execute(
+                text("INSERT INTO monitor_reports (created_at, model_version, drift, report) "
+                     "VALUES (:c, :m, :d, :r) RETURNING id"),
+                {"c": time.time(), "m": model_version, "d": int(drift), "r": json.dumps(report)},
+            ).scalar_one())
+
+    def latest_monitor_report(self, model_version: str,
+                              after_id: int = 0) -> tuple[int, dict[str, Any]] | None:
+        """``(id, report)`` of the newest monitor report of ``model_version`` newer than ``after_id``."""
+        from sqlalchemy import text
+
+        with self._errors("read the monitor report"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT id, report FROM monitor_reports WHERE model_version = :m AND id > :after "
+                     "ORDER BY id DESC LIMIT 1"), {"m": model_version, "after": after_id}).first()
+        return None if row is None else (int(row[0]), json.loads(row[1]))
 
     def purge_expired(self) -> int:
         """Delete expired prediction records; returns how many."""

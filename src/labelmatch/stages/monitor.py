@@ -1,0 +1,118 @@
+"""The ``monitor_drift`` pipeline step: one monitoring window of a served model, as a Report artifact.
+
+Reads the prediction log from the serving state named by ``LABELMATCH_STATE_URL`` (the serving
+chart's state Secret), compares it with the model's reference profile, stores the report for the
+servers' gauges, and, when asked and a rule fires, creates the retraining run through the KFP API
+(in-cluster address and the pod's service-account token, ``KF_PIPELINES_SA_TOKEN_PATH``) with
+``labelmatch pipeline run`` (:func:`submit_outside_kfp_runtime` says why in a child process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labelmatch.core.artifacts import atomic_artifact_dir, verify_artifact, write_manifest
+from labelmatch.core.errors import ConfigError, LabelmatchError
+
+
+@dataclass
+class MonitorStepConfig:
+    """One scheduled monitoring run.
+
+    Attributes:
+        since: Window start (``24h``, an ISO time, a Unix time).
+        until: Window end (empty: now).
+        limit: Only the newest this many logged predictions (0: all in the window).
+        rules: Drift rules as a JSON object string (``{}``: the defaults).
+        publish: Store the report in the serving state (the servers' gauges).
+        trigger: Create a retraining run when a rule fires.
+        data_uri: The retraining run's training data.
+        feedback_uri: Its FeedbackExport (empty: none).
+        serving_model_uri: The gate's baseline (default: the monitored model's URI).
+        pipeline_version: The training pipeline version (empty: the one that made the model).
+        kfp_host: The KFP API (in-cluster address).
+        run_id: This pipeline run (recorded in the report).
+    """
+
+    since: str = "24h"
+    until: str = ""
+    limit: int = 0
+    rules: str = "{}"
+    publish: bool = True
+    trigger: bool = False
+    data_uri: str = ""
+    feedback_uri: str = ""
+    serving_model_uri: str = ""
+    pipeline_version: str = ""
+    kfp_host: str = ""
+    run_id: str = ""
+
+
+def submit_outside_kfp_runtime(plan: Any, host: str) -> str:
+    """Create the planned run with ``labelmatch pipeline run`` in a child process; returns its id.
+
+    Inside a KFP step the SDK runs with ``_KFP_RUNTIME=true``, under which ``kfp.client`` cannot be
+    imported (its compiler imports half-initialised ``kfp.dsl`` modules); the child process runs
+    without that variable, and it is the very command users type. Its token comes from
+    ``KF_PIPELINES_SA_TOKEN_PATH`` (the pod's projected service-account token), as for users.
+
+    Raises:
+        LabelmatchError: The run was not created (the command's last error line).
+    """
+    env = {key: value for key, value in os.environ.items() if key != "_KFP_RUNTIME"}
+    command = [sys.executable, "-m", "labelmatch", "pipeline", "run", "--host", host,
+               "--pipeline", plan.pipeline, "--version", plan.version, "--run-name", plan.run_name,
+               *(f"--param={key}={value}" for key, value in sorted(plan.parameters.items()))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    match = re.search(r"^run (\S+) created", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        reason = lines[-1] if lines else f"exit {done.returncode}"
+        raise LabelmatchError(f"retraining run not created: {reason}")
+    return match.group(1)
+
+
+def run_monitor_step(model_dir: str | Path, out_dir: str | Path, config: MonitorStepConfig,
+                     model_uri: str = "") -> dict[str, Any]:
+    """Monitor the served OnnxModel at ``model_dir``; write the Report artifact to ``out_dir``.
+
+    Returns:
+        ``report.json``'s content plus ``retraining_run`` (the run id, or empty).
+
+    Raises:
+        ConfigError: No ``LABELMATCH_STATE_URL``; a trigger without ``data_uri`` or ``kfp_host``.
+    """
+    from labelmatch.monitoring.monitor import MonitorConfig
+    from labelmatch.monitoring.run import MonitorRun, parse_time, run_monitor
+    from labelmatch.monitoring.trigger import plan_retrain
+
+    state_url = os.environ.get("LABELMATCH_STATE_URL")
+    if not state_url:
+        raise ConfigError("LABELMATCH_STATE_URL is not set: mount the serving state's Secret (state_secret)")
+    if config.trigger and not config.kfp_host:
+        raise ConfigError("trigger needs kfp_host (the KFP API address)")
+    verify_artifact(model_dir, "OnnxModel")
+    rules = MonitorConfig.from_mapping(json.loads(config.rules or "{}"), "rules", config.rules)
+    with atomic_artifact_dir(out_dir) as tmp:
+        report, info = run_monitor(MonitorRun(
+            model_dir=Path(model_dir), state_url=state_url, since=parse_time(config.since),
+            until=parse_time(config.until) if config.until else None, limit=config.limit or None,
+            feedback_url=os.environ.get("LABELMATCH_FEEDBACK_URL"), rules=rules, out_dir=tmp,
+            publish=config.publish,
+        ))
+        run_id = ""
+        if config.trigger and report.drift:  # the server checks the version's inputs when it creates the run
+            plan = plan_retrain(report, info, None, config.data_uri, config.feedback_uri,
+                                config.serving_model_uri or model_uri, config.pipeline_version or None)
+            run_id = submit_outside_kfp_runtime(plan, config.kfp_host)
+        lineage = {"model_version": report.model_version, "run_id": config.run_id}
+        write_manifest(tmp, "Report", lineage=lineage,
+                       extra={"stage": "monitor_drift", "drift": report.drift, "retraining_run": run_id})
+    return {**report.to_json(), "retraining_run": run_id}

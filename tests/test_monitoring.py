@@ -1,0 +1,221 @@
+"""Monitoring: the reference profile in the export, the prediction log of the real model server,
+`labelmatch monitor` over it, the servers' drift gauges, and the retraining trigger."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import numpy as np
+import pytest
+import requests
+from conftest import make_tiny_dataset
+from kfp_stub import kfp_stub_server, shipped_ir
+from model_server import ModelServer
+from typer.testing import CliRunner
+
+from labelmatch import __version__
+from labelmatch.core.artifacts import verify_artifact
+from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.monitoring.monitor import MonitorConfig, evaluate_window
+from labelmatch.monitoring.profile import PROFILE_FILE, ReferenceProfile
+from labelmatch.monitoring.statistics import mmd_permutation_test, psi
+from labelmatch.monitoring.trigger import plan_retrain, submit_retrain
+from labelmatch.platform.kfp import PipelineRegistry
+from labelmatch.state.store import PredictionRecord, ServingState
+
+#: Documents about nothing the tax model knows: the shifted stream.
+OFF_TOPIC = [
+    f"{verb} {thing} in {place} {when}"
+    for verb, thing, place, when in zip(
+        ["book a table for two", "what is the weather", "play some jazz", "set an alarm", "how long to boil",
+         "find a cheap flight", "recommend a sci-fi novel", "turn off the lights", "translate good morning",
+         "what time does the gym open"] * 6,
+        ["at an italian restaurant", "for the weekend", "by miles davis", "for six thirty", "an egg",
+         "to lisbon", "like dune", "upstairs", "into japanese", "on sundays"] * 6,
+        ["downtown", "near the beach", "in the kitchen", "at home", "on the stove", "from berlin",
+         "for my holiday", "in the bedroom", "for my trip", "around the corner"] * 6,
+        ["tonight", "tomorrow", "please", "right now", "for breakfast", "next month", "this summer",
+         "at midnight", "before noon", "later today"] * 6,
+        strict=True,
+    )
+]
+RULES = {"min_documents": 20, "permutations": 200}
+
+
+def _cli(*args: str):
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    return CliRunner().invoke(app, list(args))
+
+
+def test_mmd_holds_its_false_alarm_rate_and_detects_a_shift():
+    rng = np.random.default_rng(0)
+    p_values = [mmd_permutation_test(rng.normal(size=(60, 8)), rng.normal(size=(80, 8)), 200, seed)[1]
+                for seed in range(40)]
+    assert sum(p < 0.05 for p in p_values) <= 6  # 5% expected: 2 of 40; 6 is far in the tail
+    shifted = rng.normal(size=(80, 8)) + np.array([1.0] + [0] * 7)
+    _, p = mmd_permutation_test(rng.normal(size=(60, 8)), shifted, 200, 0)
+    assert p < 0.01
+    same = rng.normal(size=1000)
+    assert psi(same, rng.normal(size=1000)) < 0.05 < 0.25 < psi(same, rng.normal(1.0, 1.0, size=1000))
+
+
+def test_export_ships_a_reference_profile_of_the_served_model(onnx_model):
+    model_dir, _ = onnx_model
+    verify_artifact(model_dir, "OnnxModel")  # the profile files are in the manifest
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert {PROFILE_FILE, "reference_features.npy"} <= set(manifest["files"])
+    profile = ReferenceProfile.load(model_dir)
+    val = make_tiny_dataset().split("val").documents
+    assert profile.documents == len(val) == len(profile.max_scores) == len(profile.features)
+    assert profile.features.shape[1] == len(profile.feature_labels) == len(profile.labels)
+    assert sum(profile.label_counts.values()) >= len(val) // 2
+    assert len(profile.embedding["mean"]) == 384
+    assert 0 < profile.embedding["mean_cosine_to_centroid"] <= 1
+
+
+def test_rules_file_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "monitor.json"
+    path.write_text('{\n  "alpha": 0.01,\n  "permutatons": 100\n}\n')
+    with pytest.raises(DataError) as info:
+        MonitorConfig.from_file(path)
+    assert str(path) in str(info.value) and ":3" in str(info.value) and "permutatons" in str(info.value)
+    path.write_text('{"rules": ["embedding", "vibes"]}')
+    with pytest.raises(DataError, match="vibes"):
+        MonitorConfig.from_file(path)
+
+
+def test_prediction_log_is_bounded(tmp_path):
+    state = ServingState(f"sqlite:///{tmp_path / 's.db'}")
+    now = time.time()
+    records = [PredictionRecord(f"p{i}", "m1", 0, [], {"a": 0.1}, "h", None, now - 1000 + i)
+               for i in range(30)]
+    records.append(PredictionRecord("old", "m1", 0, [], {"a": 0.1}, "h", None, now - 10 * 86400))
+    state.log_predictions(records)
+    assert state.trim_log(max_rows=20, retention_s=86400) == 11
+    kept = state.logged_predictions("m1")
+    assert [r.id for r in kept] == [f"p{i}" for i in range(10, 30)]  # the newest 20, oldest first
+    assert [r.id for r in state.logged_predictions("m1", limit=3)] == ["p27", "p28", "p29"]
+    assert state.logged_predictions("m2") == []
+
+
+def test_server_log_monitor_gauges_and_retraining_trigger(onnx_model, tmp_path):
+    """The real model server logs its predictions; `labelmatch monitor` finds no drift in
+    in-distribution traffic and drift in off-topic traffic; every replica's /metrics shows the
+    newest report; --trigger submits the training pipeline version that made the model."""
+    model_dir, _ = onnx_model
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps(RULES))
+    state_dir = tmp_path / "state"
+    server = ModelServer(model_dir, tmp_path / "server.log", "--state_dir", str(state_dir),
+                         "--log_sample_rate", "1", "--label_sync_s", "0.5").launch().wait_ready()
+    url = f"sqlite:///{state_dir / 'serving.db'}"
+    try:
+        tiny = make_tiny_dataset()
+        same = [d.text for d in tiny.split("test").documents + tiny.split("val").documents]
+        random.Random(0).shuffle(same)
+        for start in range(0, len(same), 8):
+            response = requests.post(f"{server.base}/v1/models/labelmatch:predict",
+                                     json={"instances": same[start:start + 8]}, timeout=60)
+            assert response.status_code == 200
+        time.sleep(1.5)  # records are written behind the response
+        boundary = time.time()
+        for start in range(0, len(OFF_TOPIC), 8):
+            requests.post(f"{server.base}/v1/models/labelmatch:predict",
+                          json={"instances": OFF_TOPIC[start:start + 8]}, timeout=60).raise_for_status()
+        time.sleep(1.5)
+
+        result = _cli("monitor", "--model", str(model_dir), "--state-url", url, "--since", "1h",
+                      "--until", str(boundary), "--config", str(rules), "--out", str(tmp_path / "calm"))
+        assert result.exit_code == 0, result.output
+        calm = json.loads((tmp_path / "calm" / "report.json").read_text())
+        assert calm["window"]["documents"] == len(same) and not calm["drift"], result.output
+
+        result = _cli("monitor", "--model", str(model_dir), "--state-url", url, "--since", str(boundary),
+                      "--config", str(rules), "--out", str(tmp_path / "shift"))
+        assert result.exit_code == 0, result.output
+        shift = json.loads((tmp_path / "shift" / "report.json").read_text())
+        assert shift["window"]["documents"] == len(OFF_TOPIC) and shift["drift"]
+        assert "embedding" in shift["fired"] and "DRIFT" in result.output
+        assert (tmp_path / "shift" / "report.png").stat().st_size > 0
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            metrics = requests.get(f"{server.base}/metrics", timeout=10).text
+            if "labelmatch_drift_detected 1.0" in metrics:
+                break
+            time.sleep(0.3)
+        assert "labelmatch_drift_detected 1.0" in metrics
+        assert 'labelmatch_drift_signal_fired{signal="embedding"} 1.0' in metrics
+        assert f"labelmatch_monitor_window_documents {float(len(OFF_TOPIC))}" in metrics
+        assert f"labelmatch_logged_predictions_total {float(len(same) + len(OFF_TOPIC))}" in metrics
+    finally:
+        server.stop()
+
+    with kfp_stub_server() as (host, kfp):
+        PipelineRegistry(host).upload(shipped_ir(tmp_path, "labelmatch-training", __version__), __version__)
+        common = ["monitor", "--model", str(model_dir), "--state-url", url, "--since", str(boundary),
+                  "--config", str(rules), "--out", str(tmp_path / "t"), "--no-publish", "--trigger",
+                  "--host", host, "--data-uri", "s3://data/tax-2026-12", "--feedback-uri", "s3://fb/export-7"]
+        dry = _cli(*common, "--dry-run")
+        assert dry.exit_code == 0, dry.output
+        assert f"pipeline labelmatch-training version {__version__}" in dry.output and not kfp.runs
+        submitted = _cli(*common)
+        assert submitted.exit_code == 0, submitted.output
+        [run] = kfp.runs.values()
+        assert run["runtime_config"]["parameters"] == {"data_uri": "s3://data/tax-2026-12",
+                                                       "feedback_uri": "s3://fb/export-7"}
+        version = PipelineRegistry(host).find_version("labelmatch-training", __version__)
+        assert run["pipeline_version_reference"]["pipeline_version_id"] == version.version_id
+        refused = _cli(*common, "--pipeline-version", "0.0.9")
+        assert refused.exit_code != 0 and "0.0.9" in str(refused.exception)
+
+
+def test_trigger_refuses_parameters_the_version_does_not_take(tmp_path, onnx_model):
+    model_dir, _ = onnx_model
+    info = json.loads((model_dir / "labelmatch.json").read_text())
+    profile = ReferenceProfile.load(model_dir)
+    report = evaluate_window(profile, [], MonitorConfig(min_documents=2), "m1")
+    with kfp_stub_server() as (host, kfp):
+        registry = PipelineRegistry(host)
+        registry.upload(shipped_ir(tmp_path, "labelmatch-training", __version__), __version__)
+        with pytest.raises(ConfigError, match="not an input"):
+            plan_retrain(report, info, registry, "s3://d", extra={"learning_rate": "0.1"})
+        with pytest.raises(ConfigError, match="--data-uri"):
+            plan_retrain(report, info, registry, "")
+        plan = plan_retrain(report, info, registry, "s3://d", extra={"trials": "2"})
+        run = submit_retrain(plan, registry)
+        assert kfp.runs[run.run_id]["runtime_config"]["parameters"] == {"data_uri": "s3://d", "trials": 2}
+
+
+def test_monitor_ir_reports_drift_and_submits_the_retraining_run(tmp_path, onnx_model, monkeypatch):
+    """The committed monitor IR under kfp.local: the served model imported by path, the prediction
+    log read from the state URL its Secret would hold, the Report artifact, and the training run
+    created on the KFP API when drift fires."""
+    from labelmatch.serving.onnx_classifier import OnnxClassifier, served_model_version
+    from pipelines.local import run_artifacts, run_locally
+    from pipelines.registry import COMPILED_DIR
+
+    model_dir, _ = onnx_model
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    state = ServingState(url)
+    version = served_model_version(model_dir)
+    served = OnnxClassifier.load(model_dir).predict(OFF_TOPIC)  # what the server logs for them
+    state.log_predictions([PredictionRecord(f"p{i}", version, 0, p.labels, p.scores, "h", None, time.time())
+                           for i, p in enumerate(served)])
+    monkeypatch.setenv("LABELMATCH_STATE_URL", url)
+    with kfp_stub_server() as (host, kfp):
+        PipelineRegistry(host).upload(shipped_ir(tmp_path, "labelmatch-training", __version__), __version__)
+        run = run_locally(COMPILED_DIR / f"labelmatch-monitor-{__version__}.yaml", tmp_path / "runs",
+                          model_uri=str(model_dir), since="1h", rules=json.dumps(RULES), trigger=True,
+                          data_uri="s3://data/new", kfp_host=host)
+        [created] = kfp.runs.values()
+    [report] = [a for a in run_artifacts(run) if a.kind == "Report"]
+    body = json.loads((report.path / "report.json").read_text())
+    assert body["drift"] and body["window"]["documents"] == len(OFF_TOPIC)
+    assert created["runtime_config"]["parameters"] == {"data_uri": "s3://data/new",
+                                                       "serving_model_uri": str(model_dir)}
+    assert ServingState(url).latest_monitor_report(version)[1]["drift"]
