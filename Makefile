@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels
+.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-drift
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-drift
 
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
@@ -108,6 +108,10 @@ bench-serve: setup
 ## bench-batch: Ray Data (1, 2 actors) vs a plain ONNX loop on 100k documents (needs ../shared/data)
 bench-batch: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_batch.py --out bench/results
+
+## bench-drift: labelmatch monitor on a real shift (Bitext, two categories never trained on): detection and false alarms (needs ../shared/data)
+bench-drift: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_drift.py --out bench/results
 
 ## bench-labels: SFT step cost by label count, all vs sampled labels, and its F1 cost (needs ../shared/data)
 bench-labels: setup

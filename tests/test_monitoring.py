@@ -75,6 +75,20 @@ def test_export_ships_a_reference_profile_of_the_served_model(onnx_model):
     assert sum(profile.label_counts.values()) >= len(val) // 2
     assert len(profile.embedding["mean"]) == 384
     assert 0 < profile.embedding["mean_cosine_to_centroid"] <= 1
+    card = (model_dir / "README.md").read_text()
+    assert "## Monitoring reference" in card and f"| documents | {profile.documents} |" in card
+
+
+def test_feedback_signal_fires_on_a_drop_and_skips_thin_windows(onnx_model):
+    profile = ReferenceProfile.load(onnx_model[0])
+    config = MonitorConfig(min_feedback=20)
+    drop = evaluate_window(profile, [], config, "m", feedback=[2, 3] * 15, previous_feedback=[4, 5] * 15)
+    assert drop.drift and drop.fired == ["feedback"] and drop.signals["feedback"]["statistic"] == -2.0
+    steady = evaluate_window(profile, [], config, "m", feedback=[4, 5] * 15, previous_feedback=[5, 4] * 15)
+    assert not steady.drift and steady.signals["feedback"]["p_value"] > 0.4
+    thin = evaluate_window(profile, [], config, "m", feedback=[1] * 5, previous_feedback=[5] * 30)
+    assert not thin.drift and "skipped" in thin.signals["feedback"]["detail"]
+    assert "embedding" not in thin.signals  # no logged predictions: the prediction tests did not run
 
 
 def test_rules_file_errors_name_file_line_and_field(tmp_path):
@@ -88,8 +102,26 @@ def test_rules_file_errors_name_file_line_and_field(tmp_path):
         MonitorConfig.from_file(path)
 
 
-def test_prediction_log_is_bounded(tmp_path):
-    state = ServingState(f"sqlite:///{tmp_path / 's.db'}")
+def test_window_times_parse_durations_iso_times_and_unix_times():
+    from datetime import UTC, datetime
+
+    from labelmatch.monitoring.run import parse_time
+
+    now = 1_800_000_000.0
+    assert parse_time("90m", now) == now - 5400 and parse_time("7d", now) == now - 7 * 86400
+    six_utc = datetime(2027, 1, 15, 6, tzinfo=UTC).timestamp()
+    assert parse_time("2027-01-15T06:00:00Z") == parse_time("2027-01-15T06:00:00") == six_utc
+    assert parse_time("2027-01-15T07:00:00+01:00") == parse_time("2027-01-15T06:00:00")
+    assert parse_time("1700000000.5") == 1_700_000_000.5
+    with pytest.raises(ConfigError, match="yesterday"):
+        parse_time("yesterday")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_prediction_log_is_bounded(tmp_path, request, database):
+    sqlite = f"sqlite:///{tmp_path / 's.db'}"
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else sqlite
+    state = ServingState(url)
     now = time.time()
     records = [PredictionRecord(f"p{i}", "m1", 0, [], {"a": 0.1}, "h", None, now - 1000 + i)
                for i in range(30)]

@@ -51,6 +51,7 @@ def render_model_card(
     thresholds: dict[str, Any],
     kind: str = "Model",
     parity: dict[str, Any] | None = None,
+    profile: dict[str, Any] | None = None,
 ) -> str:
     """The card's Markdown.
 
@@ -60,6 +61,7 @@ def render_model_card(
         thresholds: ``thresholds.json`` (``{"default", "labels"}``).
         kind: ``Model`` or ``OnnxModel``.
         parity: ``parity.json`` of an OnnxModel.
+        profile: ``reference_profile.json`` of an OnnxModel (the monitoring reference).
     """
     config = info.get("config") or {}
     metrics = info.get("metrics") or {}
@@ -105,6 +107,15 @@ def render_model_card(
             ("fp32 fallback", "yes" if parity.get("fallback") else "no"),
             ("thresholds shipped", choice.get("shipped", "model")),
         ]), ""]
+    if profile:
+        lines += ["## Monitoring reference (validation split, as served)", "", *_table([
+            ("documents", profile.get("documents")),
+            ("low-confidence share (highest score below the default threshold)",
+             profile.get("low_confidence_share")),
+            ("labels in the drift vectors", len(profile.get("feature_labels", []))),
+            ("mean cosine to the embedding centroid", (profile.get("embedding") or {}).get(
+                "mean_cosine_to_centroid")),
+        ]), "", "`labelmatch monitor` compares served traffic with it (docs/monitoring.md).", ""]
     label_thresholds = thresholds.get("labels", {})
     lines += [
         "## Labels",
@@ -133,6 +144,8 @@ def write_model_card(artifact_dir: str | Path, kind: str = "Model") -> Path:
     thresholds = json.loads((root / "thresholds.json").read_text())
     parity_path = root / "parity.json"
     parity = json.loads(parity_path.read_text()) if parity_path.is_file() else None
+    profile_path = root / "reference_profile.json"
+    profile = json.loads(profile_path.read_text()) if profile_path.is_file() else None
     path = root / CARD_FILE
-    path.write_text(render_model_card(info, labels, thresholds, kind, parity))
+    path.write_text(render_model_card(info, labels, thresholds, kind, parity, profile))
     return path

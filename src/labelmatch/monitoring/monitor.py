@@ -5,8 +5,8 @@ Signals (each a two-sample test against the reference, see :mod:`labelmatch.moni
 ==================  ===========================================================  ===================
 signal              what is compared                                             fires when
 ==================  ===========================================================  ===================
-``embedding``       documents as cosines to the model's labels: MMD, RBF kernel,  p < ``alpha``
-                    permutation p-value
+``embedding``       documents as cosines to the model's labels: MMD, RBF kernels  p < ``alpha``
+                    at three bandwidths, permutation p-value
 ``max_score``       each document's highest score: Kolmogorov–Smirnov           p < ``alpha``
 ``low_confidence``  share of documents whose highest score is below the          p < ``alpha``
                     default threshold: Fisher exact, one-sided (a rise)
