@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--val-docs", type=int, default=400, help="Validation documents (carved from train).")
     parser.add_argument("--epochs", type=int, default=3, help="Most epochs; early stopping on validation.")
     parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--note", default="", help="A sentence for the report (what shared the machine).")
+    parser.add_argument("--combine-only", action="store_true",
+                        help="Run nothing: combine the datasets recorded in <out>/suite/ into suite.*.")
     return parser.parse_args(argv)
 
 
@@ -269,6 +272,15 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{cell['macro_f1']['mean']:.3f} ± {cell['macro_f1']['spread']:.3f} | "
                 f"{cell['wall_s']['mean']:.0f} | {cell['peak_rss_mb']['mean']:.0f} |"
             )
+    lines += ["", "Dual encoder settings: the library defaults (`TrainConfig()`), at most "
+              f"{report['epochs']} epochs, the epoch kept by validation macro-F1 (early stopping, "
+              "patience 1). Kept epoch and validation macro-F1 per seed:", ""]
+    for result in report["datasets"].values():
+        kept = ", ".join(f"{r['dual_encoder']['best_epoch']:.0f} ({r['dual_encoder']['val_macro_f1']:.3f})"
+                         for r in result["runs"])
+        lines.append(f"- {result['dataset']}: {kept}")
+    if report.get("note"):
+        lines += ["", report["note"]]
     lines += ["", "Targets (dual encoder vs TF-IDF + LinearSVC):", ""]
     for result in report["datasets"].values():
         for target, met in result["targets"].items():
@@ -304,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         "val_docs": args.val_docs,
         "epochs": args.epochs,
         "max_length": args.max_length,
+        "note": args.note,
         "datasets": {},
     }
-    for name in args.datasets.split(","):
+    for name in [] if args.combine_only else args.datasets.split(","):
         result = run_dataset(name, args, seeds)
         (args.out / "suite" / f"{name}.json").write_text(
             json.dumps(result, indent=2) + "\n"
@@ -315,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         report["datasets"][name] = result
     for path in sorted((args.out / "suite").glob("*.json")):  # datasets recorded by earlier runs
         report["datasets"].setdefault(path.stem, json.loads(path.read_text()))
-    report["wall_s"] = time.perf_counter() - started
+    report["wall_s"] = time.perf_counter() - started  # this invocation
+    report["runs_wall_s"] = sum(r["summary"][m]["wall_s"]["mean"] * len(r["seeds"])  # every recorded run
+                                for r in report["datasets"].values() for m in METHODS)
     (args.out / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "suite.md").write_text(markdown(report))
     print(markdown(report))
