@@ -58,6 +58,8 @@ def monitor(
 
     if dry_run and not trigger:
         raise ConfigError("--dry-run only applies with --trigger")
+    if trigger and not data_uri:
+        raise ConfigError("--trigger needs --data-uri (the retraining run's training data)")
     if trigger and not dry_run and not host:
         raise ConfigError("--trigger needs the KFP API: --host or KF_PIPELINES_ENDPOINT (or --dry-run)")
     if state_url is None:
