@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         report["datasets"][name] = result
     for path in sorted((args.out / "suite").glob("*.json")):  # datasets recorded by earlier runs
         report["datasets"].setdefault(path.stem, json.loads(path.read_text()))
+    order = {name: i for i, name in enumerate(DATASETS)}
+    report["datasets"] = dict(sorted(report["datasets"].items(),
+                                     key=lambda item: order.get(item[0], len(order))))
     report["wall_s"] = time.perf_counter() - started  # this invocation
     report["runs_wall_s"] = sum(r["summary"][m]["wall_s"]["mean"] * len(r["seeds"])  # every recorded run
                                 for r in report["datasets"].values() for m in METHODS)
