@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.core.artifacts import atomic_artifact_dir, verify_artifact, write_manifest
-from labelmatch.core.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import ConfigError, DataError, LabelmatchError
 
 
 @dataclass
@@ -88,6 +88,7 @@ def run_monitor_step(model_dir: str | Path, out_dir: str | Path, config: Monitor
 
     Raises:
         ConfigError: No ``LABELMATCH_STATE_URL``; a trigger without ``data_uri`` or ``kfp_host``.
+        DataError: ``rules`` is not a valid rules object.
     """
     from labelmatch.monitoring.monitor import MonitorConfig
     from labelmatch.monitoring.run import MonitorRun, parse_time, run_monitor
@@ -96,10 +97,14 @@ def run_monitor_step(model_dir: str | Path, out_dir: str | Path, config: Monitor
     state_url = os.environ.get("LABELMATCH_STATE_URL")
     if not state_url:
         raise ConfigError("LABELMATCH_STATE_URL is not set: mount the serving state's Secret (state_secret)")
-    if config.trigger and not config.kfp_host:
-        raise ConfigError("trigger needs kfp_host (the KFP API address)")
+    if config.trigger and not (config.kfp_host and config.data_uri):
+        raise ConfigError("trigger needs kfp_host (the KFP API address) and data_uri (the new training data)")
     verify_artifact(model_dir, "OnnxModel")
-    rules = MonitorConfig.from_mapping(json.loads(config.rules or "{}"), "rules", config.rules)
+    try:
+        body = json.loads(config.rules or "{}")
+    except json.JSONDecodeError as exc:
+        raise DataError("rules", f"not a JSON object: {exc}", field="rules") from exc
+    rules = MonitorConfig.from_mapping(body, "rules", config.rules)
     with atomic_artifact_dir(out_dir) as tmp:
         report, info = run_monitor(MonitorRun(
             model_dir=Path(model_dir), state_url=state_url, since=parse_time(config.since),
