@@ -216,9 +216,8 @@ class ReplicaState:
         start = time.perf_counter()
         try:
             records = self._records(batch)
-            self.store.record_predictions(records)
             logged = [record for record, item in zip(records, batch, strict=True) if item[-1]]
-            self.store.log_predictions(logged)
+            self.store.record_predictions(records, logged)
             self._on_written(time.perf_counter() - start)
             if logged:
                 self._on_logged(len(logged))

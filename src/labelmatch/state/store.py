@@ -144,6 +144,17 @@ class PredictionRecord:
     expires_at: float = 0.0
 
 
+_LOG_INSERT = ("INSERT INTO prediction_log (id, created_at, model_version, label_set_version, labels, "
+               "scores, text, text_sha256) VALUES (:id, :c, :m, :s, :l, :sc, :t, :h)")
+
+
+def _prediction_row(record: PredictionRecord, now: float) -> dict[str, Any]:
+    """The columns ``predictions`` and ``prediction_log`` share (``created_at``: the record's, else now)."""
+    return {"id": record.id, "c": record.created_at or now, "m": record.model_version,
+            "s": record.label_set_version, "l": json.dumps(record.labels, ensure_ascii=False),
+            "sc": json.dumps(record.scores), "t": record.text, "h": record.text_sha256}
+
+
 class ServingState:
     """Label sets and prediction records in a SQL database shared by the replicas.
 
@@ -234,25 +245,26 @@ class ServingState:
         return int(value or 0)
 
     # -- predictions --------------------------------------------------------------------------
-    def record_predictions(self, records: Sequence[PredictionRecord]) -> None:
-        """Store served predictions (one transaction) so feedback can name them on any replica."""
+    def record_predictions(self, records: Sequence[PredictionRecord],
+                           logged: Sequence[PredictionRecord] = ()) -> None:
+        """Store served predictions so feedback can name them on any replica, and append ``logged``
+        (the sampled ones) to the prediction log, in one transaction."""
         from sqlalchemy import text
 
-        if not records:
+        if not records and not logged:
             return
         now = time.time()
-        rows = [
-            {"id": r.id, "c": now, "e": now + self.prediction_ttl_s, "m": r.model_version,
-             "s": r.label_set_version, "l": json.dumps(r.labels, ensure_ascii=False),
-             "sc": json.dumps(r.scores), "t": r.text, "h": r.text_sha256}
-            for r in records
-        ]
+        rows = [{**_prediction_row(r, now), "c": now, "e": now + self.prediction_ttl_s} for r in records]
         with self._errors("record predictions"), self.engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO predictions (id, created_at, expires_at, model_version, label_set_version, "
-                     "labels, scores, text, text_sha256) VALUES (:id, :c, :e, :m, :s, :l, :sc, :t, :h)"),
-                rows,
-            )
+            if rows:
+                conn.execute(
+                    text("INSERT INTO predictions (id, created_at, expires_at, model_version, "
+                         "label_set_version, labels, scores, text, text_sha256) "
+                         "VALUES (:id, :c, :e, :m, :s, :l, :sc, :t, :h)"),
+                    rows,
+                )
+            if logged:
+                conn.execute(text(_LOG_INSERT), [_prediction_row(r, now) for r in logged])
 
     def prediction(self, prediction_id: str) -> PredictionRecord | None:
         """The prediction named ``prediction_id``, or ``None`` when unknown or expired."""
@@ -277,18 +289,8 @@ class ServingState:
         if not records:
             return
         now = time.time()
-        rows = [
-            {"id": r.id, "c": r.created_at or now, "m": r.model_version, "s": r.label_set_version,
-             "l": json.dumps(r.labels, ensure_ascii=False), "sc": json.dumps(r.scores), "t": r.text,
-             "h": r.text_sha256}
-            for r in records
-        ]
         with self._errors("log predictions"), self.engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO prediction_log (id, created_at, model_version, label_set_version, labels, "
-                     "scores, text, text_sha256) VALUES (:id, :c, :m, :s, :l, :sc, :t, :h)"),
-                rows,
-            )
+            conn.execute(text(_LOG_INSERT), [_prediction_row(r, now) for r in records])
 
     def logged_predictions(self, model_version: str, since: float = 0.0, until: float | None = None,
                            limit: int | None = None) -> list[PredictionRecord]:
