@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-drift
+.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-drift
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
 
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
@@ -101,7 +101,7 @@ bench-grpo: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_grpo.py --out bench/results
 
 # --- export and serving ---
-## bench-serve: torch vs ORT fp32 vs ORT int8 latency, and the HTTP server under load (needs ../shared/data)
+## bench-serve: torch vs every serving engine (ORT fp32/int8 dynamic/int8 static, OpenVINO), the pick, and the HTTP server under load (needs ../shared/data)
 bench-serve: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_serve.py --out bench/results
 
@@ -116,6 +116,14 @@ bench-drift: setup
 ## bench-labels: SFT step cost by label count, all vs sampled labels, and its F1 cost (needs ../shared/data)
 bench-labels: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_labels.py --out bench/results
+
+## bench-label-embedding: label descriptions/s before (one per ONNX run) and after (batched), and 100,000 labels end to end
+bench-label-embedding: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_label_embedding.py --out bench/results
+
+## bench-sft-speed: SFT docs/s and validation F1, this code vs the revision before the speed work, on Reuters (needs ../shared/data)
+bench-sft-speed: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_sft_speed.py --out bench/results
 
 # --- pipelines ---
 .PHONY: compile compile-check

@@ -15,16 +15,9 @@ from typing import Any
 
 def machine() -> dict[str, Any]:
     """The CPU the figures were measured on (int8 speed depends on VNNI/AMX above all)."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    return {"cpu": model, "cores": os.cpu_count(),
-            "int8_dot_product": [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
+    from labelmatch.serving.engines import cpu_summary
+
+    return cpu_summary()
 
 
 def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict) -> None:

@@ -235,6 +235,10 @@ def test_serverless_variant_autoscales_on_concurrency(rendered: dict[Path, list[
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 10)
     assert (predictor["scaleMetric"], predictor["scaleTarget"]) == ("concurrency", 8)
     assert "nvidia.com/gpu" not in predictor["containers"][0]["resources"]["limits"]
+    args = predictor["containers"][0]["args"]
+    assert args[args.index("--engine") + 1] == "ort-int8-static"
+    default = by_kind(rendered[SERVING / "ci" / "default-values.yaml"], "InferenceService")
+    assert "--engine" not in default["spec"]["predictor"]["containers"][0]["args"]
 
 
 def test_helm_test_hook_checks_v2_readiness(rendered: dict[Path, list[dict]]) -> None:

@@ -105,8 +105,8 @@ def test_retuned_thresholds_are_tuned_on_the_served_scores(trained_model, tmp_pa
     # Without a fallback the served scores are int8's: the re-tuned candidate is the library's
     # rule applied to the int8 graph's validation probabilities.
     out = tmp_path / "onnx"
-    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.0, fp32_fallback="off"),
-                         make_tiny_dataset())
+    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=0.0, fp32_fallback="off",
+                                                          engine="ort-int8-dynamic"), make_tiny_dataset())
     assert parity["fallback"] is None
     dataset = make_tiny_dataset()
     val = dataset.split("val")
@@ -128,11 +128,11 @@ def test_dynamic_axes_and_label_embeddings(onnx_model):
     assert np.allclose(np.linalg.norm(embedded, axis=1), 1.0, atol=1e-4)
     alone = fp32.encoder.embed(texts[2:])
     assert np.allclose(alone[0], embedded[2], atol=1e-4), "padding must not change an fp32 embedding"
-    int8 = OnnxClassifier.load(root, OrtConfig(intra_op_threads=1))
+    int8 = OnnxClassifier.load(root, OrtConfig(intra_op_threads=1), model_file="model.onnx")
     # Dynamic int8 scales activations per tensor, i.e. per batch: one document per run (the
     # default) makes a document's embedding independent of the others in the request.
     assert np.array_equal(int8.encoder.embed(texts)[2], int8.encoder.embed(texts[2:])[0])
-    batched = OnnxClassifier.load(root, OrtConfig(intra_op_threads=1, batch_size=8))
+    batched = OnnxClassifier.load(root, OrtConfig(intra_op_threads=1, batch_size=8), model_file="model.onnx")
     assert float(batched.encoder.embed(texts)[2] @ batched.encoder.embed(texts[2:])[0]) > 0.97
     # Shipped label embeddings come from torch (full precision): the fp32 graph reproduces them.
     stored = np.load(root / "label_embeddings.npy")
@@ -142,9 +142,10 @@ def test_dynamic_axes_and_label_embeddings(onnx_model):
 
 def test_parity_gate_refuses_drift(onnx_model):
     _, parity = onnx_model
-    check_parity(parity, parity["int8"]["label_set_agreement"], "model")
+    served = parity["served"]["label_set_agreement"]
+    check_parity(parity, served, "model")
     with pytest.raises(ParityError, match="below the gate"):
-        check_parity(parity, parity["int8"]["label_set_agreement"] + 1e-6, "model")
+        check_parity(parity, served + 1e-6, "model")
     with pytest.raises(ConfigError):
         ExportConfig(agreement_gate=1.5)
 
@@ -200,7 +201,7 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
     root, _ = onnx_model
     texts = [d.text for d in make_tiny_dataset().split("val").documents]
     config = OrtConfig(intra_op_threads=1)
-    int8 = OnnxClassifier.load(root, config)
+    int8 = OnnxClassifier.load(root, config, model_file="model.onnx")
     fp32 = OnnxClassifier.load(root, config, model_file="model_fp32.onnx")
     names, int8_cos = int8.similarities(texts)
     _, fp32_cos = fp32.similarities(texts)
@@ -209,10 +210,10 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
     copy = tmp_path / "onnx"
     shutil.copytree(root, copy)
     info = json.loads((copy / "labelmatch.json").read_text())
-    info["onnx"]["fallback"] = {"model": "model_fp32.onnx", "margin": margin}
+    info["engines"]["ort-int8-dynamic"]["fallback"] = {"model": "model_fp32.onnx", "margin": margin}
     (copy / "labelmatch.json").write_text(json.dumps(info))
     counts: list[int] = []
-    cascade = OnnxClassifier.load(copy, config, verify=False)
+    cascade = OnnxClassifier.load(copy, config, verify=False, engine_name="ort-int8-dynamic")
     cascade.on_fallback = counts.append
     _, cos = cascade.similarities(texts)
     near = distance < margin
@@ -221,12 +222,13 @@ def test_fp32_fallback_re_embeds_only_documents_near_a_boundary(onnx_model, tmp_
     assert np.allclose(cos[~near], int8_cos[~near], atol=1e-5)
     (copy / "model_fp32.onnx").unlink()
     with pytest.raises(ArtifactError, match=r"model_fp32\.onnx"):
-        OnnxClassifier.load(copy, config, verify=False)
+        OnnxClassifier.load(copy, config, verify=False, engine_name="ort-int8-dynamic")
 
 
 def test_export_plans_the_fallback_and_the_server_loads_it(trained_model, tmp_path):
     out = tmp_path / "onnx"
-    config = ExportConfig(agreement_gate=0.0, fp32_fallback="always", fallback_target=1.0)
+    config = ExportConfig(agreement_gate=0.0, fp32_fallback="always", fallback_target=1.0,
+                          engine="ort-int8-dynamic")
     parity = export_onnx(trained_model, out, config, make_tiny_dataset())
     plan = parity["fallback"]
     # Target 1: the margin covers every wrong int8 decision of the calibration half, and fp32

@@ -50,12 +50,11 @@ def chunked_models(trained_model, tmp_path_factory):
     (model / "README.md").unlink()
     write_manifest(model, "Model")
     onnx = root / "onnx"
-    export_onnx(model, onnx, ExportConfig(agreement_gate=0.0, fp32_fallback="off"), make_tiny_dataset())
+    # fp32 served: the comparison with torch below is about windows, not int8 rounding.
+    config = ExportConfig(agreement_gate=0.0, fp32_fallback="off", engine="ort-fp32")
+    export_onnx(model, onnx, config, make_tiny_dataset())
     served = json.loads((onnx / "labelmatch.json").read_text())
-    assert (served["long_documents"], served["chunk_stride"]) == ("chunk", 20)
-    served["onnx"]["fallback"] = {"model": "model_fp32.onnx", "margin": 10.0}
-    (onnx / "labelmatch.json").write_text(json.dumps(served))
-    write_manifest(onnx, "OnnxModel")
+    assert (served["long_documents"], served["chunk_stride"], served["engine"]) == ("chunk", 20, "ort-fp32")
     return model, onnx
 
 

@@ -192,6 +192,27 @@ def test_cached_label_embeddings_keep_positives_live_and_negatives_fixed():
     assert all(_row_gradients(live, matrix, [j]) > 0 for j in range(len(live.label_names)))
 
 
+def test_labels_grouped_by_length_are_embedded_in_order_with_gradient_and_no_dropout_by_default():
+    import torch
+
+    dataset = make_tiny_dataset(30)
+    trainer = SFTTrainer(dataset, tiny_config())
+    encoder = trainer.model.encoder
+    encoder.train()
+    texts = [*trainer.label_texts, "a much longer description " * 12, "short"]
+    grouped = encoder.encode(texts, group_size=3)
+    assert grouped.requires_grad and grouped.shape == (len(texts), encoder.dim)
+    with torch.no_grad():  # one padded batch: the same embeddings, row for row
+        one_batch = encoder(encoder.tokenize(texts))
+    assert torch.allclose(grouped.detach(), one_batch, atol=1e-5)
+    # Default: no dropout anywhere in training (train mode computes what eval mode does).
+    assert trainer.config.lora_dropout == 0.0 and trainer.config.encoder_dropout == 0.0
+    dropouts = [m for m in encoder.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p == 0.0 for m in dropouts)
+    with_dropout = SFTTrainer(dataset, tiny_config(encoder_dropout=None))
+    assert any(m.p > 0 for m in with_dropout.model.encoder.model.modules() if isinstance(m, torch.nn.Dropout))
+
+
 def test_sampled_strategy_scores_positives_and_the_requested_negatives(tiny_dataset):
     import torch
 

@@ -35,6 +35,12 @@ def export(
                           "documents (default: halfway between the gate and 1; 1.0 re-embeds every document "
                           "as close as the farthest wrong int8 decision)."),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="Serving engine: auto (the fastest candidate that passes the gate, by a short "
+                          "probe on this CPU), ort-int8-dynamic, ort-int8-static, openvino-int8-static or "
+                          "ort-fp32 (docs/serving.md)."),
+    ] = "auto",
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
     from labelmatch.data.dataset import assign_splits, load_dataset
@@ -43,7 +49,7 @@ def export(
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
                           max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback,
-                          fallback_target=fallback_target)
+                          fallback_target=fallback_target, engine=engine)
     parity = export_onnx(model, out, config, dataset)
     int8, fallback = parity["int8"], parity["fallback"]
     typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "
@@ -58,4 +64,10 @@ def export(
     if f1.get("retuned") is not None:
         typer.echo(f"thresholds: {choice['shipped']} shipped (served macro-F1 on the parity split: "
                    f"model {f1['model']:.4f}, re-tuned {f1['retuned']:.4f})")
+    probe = parity["engine_probe"]
+    for name, entry in parity["engines"].items():
+        cost = probe["costs_ms"].get(name)
+        typer.echo(f"engine {name}: label-set agreement as served {entry['served_agreement']:.4f}, "
+                   + (f"{cost:.2f} ms per document" if cost is not None else "not timed (below the gate)"))
+    typer.echo(f"serving engine: {probe['picked']} (on {probe['machine']['cpu']})")
     typer.echo(f"OnnxModel written to {out}")

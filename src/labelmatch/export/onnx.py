@@ -7,7 +7,10 @@ optimizer (EmbedLayerNormalization, Attention, BiasGelu; residual Add + LayerNor
 deliberately left unfused, see ``OrtConfig.disabled_optimizers``); quantise
 the weights to int8 *per channel* (dynamic quantisation: per-tensor scales visibly change
 MiniLM's predictions); then compare torch and ONNX on a validation set and refuse an export
-whose label sets drift.
+whose label sets drift. Besides that dynamic int8 graph, the export builds the other serving
+engines (a static int8 QDQ graph, for ONNX Runtime and OpenVINO, and the fp32 graph), judges each
+against torch at the shipped thresholds, times them and ships the fastest that passes the gate
+(:mod:`labelmatch.serving.engines`, :mod:`labelmatch.export.candidates`).
 
 Why ``torch.onnx.export(dynamo=False)`` + ``onnxruntime.quantization`` and not ``optimum``:
 ``optimum-onnx`` (the home of optimum's ONNX exporter since optimum 2) pins
@@ -86,14 +89,22 @@ from labelmatch.core.errors import ConfigError, DataError, LabelmatchError
 from labelmatch.data.dataset import Dataset
 from labelmatch.data.hierarchy import HIERARCHY_FILE
 from labelmatch.evaluation.metrics import macro_f1, tune_thresholds
+from labelmatch.export.candidates import (
+    PROTOBUF_LIMIT,
+    ffn_output_matmuls,
+    probe_engines,
+    quantize_static_graph,
+)
 from labelmatch.model.card import write_model_card
 from labelmatch.model.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.model.matching import Thresholds, boundary_cosines
 from labelmatch.monitoring.profile import build_profile
+from labelmatch.serving.engines import ENGINES, STATIC_MODEL_FILE, cpu_summary
 from labelmatch.serving.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
+    TOKENIZER_FILE,
     OnnxClassifier,
     OrtConfig,
     near_boundary,
@@ -101,8 +112,6 @@ from labelmatch.serving.onnx_classifier import (
 
 #: Model types whose graphs ONNX Runtime's BERT fusions understand.
 OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert"}
-#: Protobuf cannot hold a single file above 2 GiB; larger encoders (bge-m3) use external data.
-PROTOBUF_LIMIT = 1_800_000_000
 
 
 class ParityError(LabelmatchError):
@@ -152,8 +161,21 @@ class ExportConfig:
     split: str = "val"
     max_parity_docs: int = 512
     batch_size: int = 32
+    engines: tuple[str, ...] = tuple(ENGINES)
+    engine: str = "auto"
+    probe_seconds: float = 1.0
+    static_calibration_docs: int = 128
 
     def __post_init__(self) -> None:
+        self.engines = tuple(self.engines)
+        unknown = [name for name in self.engines if name not in ENGINES]
+        if unknown or not self.engines:
+            raise ConfigError(f"engines {unknown or '(none)'}: choose from {', '.join(ENGINES)}")
+        if self.engine != "auto" and self.engine not in self.engines:
+            raise ConfigError(f"engine {self.engine!r} must be 'auto' or one of engines "
+                              f"({', '.join(self.engines)})")
+        if self.probe_seconds <= 0 or self.static_calibration_docs < 1:
+            raise ConfigError("probe_seconds must be > 0 and static_calibration_docs >= 1")
         if not 0.0 <= self.agreement_gate <= 1.0:
             raise ConfigError(f"agreement_gate must be in [0, 1], got {self.agreement_gate}")
         if self.max_parity_docs < 1 or self.batch_size < 1:
@@ -217,24 +239,43 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         fp32 = tmp / FP32_MODEL_FILE
         fusions = _optimize(raw, fp32, hf_model.config, config.optimize)
         _quantize(fp32, tmp / MODEL_FILE, config, hf_model.config)
+        candidates = [name for name in config.engines if ENGINES[name].available
+                      and (config.keep_fp32 or name != "ort-fp32")]
+        static_quantization = None
+        if any(ENGINES[name].file == STATIC_MODEL_FILE for name in candidates):
+            calibration = windows[0][: max(1, len(windows[0]) // 2)][: config.static_calibration_docs]
+            static_quantization = quantize_static_graph(raw, tmp / STATIC_MODEL_FILE, calibration,
+                                                        tmp / TOKENIZER_FILE, max_length, hf_model.config)
         for leftover in tmp.glob("model_raw.onnx*"):
             leftover.unlink()
 
         ort_config = OrtConfig()  # one document per run, as served (see OrtConfig.batch_size)
         onnx_info = {**info, "max_length": max_length}
-        # Full-precision label embeddings: shipped, and given to both graphs' classifiers.
+        # Full-precision label embeddings: shipped, and given to every graph's classifier.
         label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()
         runs = {
             name: _onnx_classifier(tmp, name, labels, label_emb, thresholds, onnx_info, ort_config)
             for name in (FP32_MODEL_FILE, MODEL_FILE)
         }
-        parity, tuned = _parity(torch_encoder, runs, windows, targets, eval_labels, thresholds, config)
+        extra = {name: _onnx_classifier(tmp, ENGINES[name].file, labels, label_emb, thresholds, onnx_info,
+                                        ort_config, ENGINES[name].runtime)
+                 for name in candidates if ENGINES[name].file == STATIC_MODEL_FILE}
+        parity, tuned = _parity(torch_encoder, runs, windows, targets, eval_labels, thresholds, config, extra)
+        engine_runs = {"ort-int8-dynamic": runs[MODEL_FILE], "ort-fp32": runs[FP32_MODEL_FILE], **extra}
+        engine_runs = {name: engine_runs[name] for name in ENGINES if name in candidates}
+        parity["engines"] = {name: parity["engines"][name] for name in ENGINES if name in candidates}
+        parity["engine_probe"] = _pick_engine(engine_runs, parity["engines"], windows[0], config)
         check_parity(parity, config.agreement_gate, source)
+        picked = parity["engine_probe"]["picked"]
+        parity["served"] = {"engine": picked, "label_set_agreement": served_agreement(parity),
+                            "fp32_fallback": parity["engines"][picked]["fallback"] is not None}
         if not config.keep_fp32:
             fp32.unlink()
+        if not any(ENGINES[name].file == STATIC_MODEL_FILE for name in parity["engines"]):
+            (tmp / STATIC_MODEL_FILE).unlink(missing_ok=True)
         int8 = runs[MODEL_FILE]
         np.save(tmp / "label_embeddings.npy", label_emb.astype(np.float32))
-        fallback = parity["fallback"]
+        fallback = parity["engines"][picked]["fallback"]
         write_json(tmp / "labels.json", labels)
         write_json(tmp / "thresholds.json", tuned)
         if (source / HIERARCHY_FILE).is_file():
@@ -246,6 +287,15 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
             "long_documents": chunking.mode,
             "chunk_stride": chunking.stride,
             "source_model_digest": artifact_digest(source),
+            "engine": picked,
+            "engines": {
+                name: {"file": ENGINES[name].file, "runtime": ENGINES[name].runtime,
+                       "served_agreement": entry["served_agreement"],
+                       "cost_ms": parity["engine_probe"]["costs_ms"].get(name),
+                       "fallback": {"model": FP32_MODEL_FILE, "margin": entry["fallback"]["margin"]}
+                       if entry["fallback"] else None}
+                for name, entry in parity["engines"].items()
+            },
             "onnx": {
                 "output": OUTPUT_NAME,
                 "inputs": int8.encoder.input_names,
@@ -256,6 +306,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
                 "quantization": {"method": "dynamic", "weight_type": "int8",
                                  "per_channel": config.per_channel,
                                  "ffn_output_quantized": config.quantize_ffn_output},
+                "static_quantization": static_quantization,
                 "fp32_kept": config.keep_fp32,
                 "fallback": {"model": FP32_MODEL_FILE, "margin": fallback["margin"]} if fallback else None,
             },
@@ -273,27 +324,40 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
 
 
 def served_agreement(parity: dict[str, Any]) -> float:
-    """Label-set agreement of what will be served: int8 alone, or int8 with its fp32 fallback."""
+    """Label-set agreement of what will be served: the picked engine's, with its fp32 fallback
+    where it has one (the best candidate's when none was picked); for a summary written before
+    engines were measured, dynamic int8's."""
+    engines = parity.get("engines")
+    if engines:
+        picked = (parity.get("engine_probe") or {}).get("picked")
+        return engines[picked]["served_agreement"] if picked else max(
+            e["served_agreement"] for e in engines.values())
     fallback = parity.get("fallback")
     return fallback["label_set_agreement"] if fallback else parity["int8"]["label_set_agreement"]
 
 
 def check_parity(parity: dict[str, Any], gate: float, source: str | Path) -> None:
     """Raise :class:`ParityError` when the served label-set agreement with torch is below ``gate``."""
-    int8 = parity["int8"]
     agreement = served_agreement(parity)
-    if agreement < gate:
+    if agreement >= gate:
+        return
+    int8 = parity["int8"]
+    engines = parity.get("engines")
+    if engines:
+        how = "every serving engine (" + ", ".join(
+            f"{name} {entry['served_agreement']:.4f}" for name, entry in engines.items()) + ")"
+    else:
         fallback = parity.get("fallback")
         how = (f"int8 with fp32 fallback (margin {fallback['margin']:.4f}, "
                f"{fallback['fallback_fraction']:.0%} of documents re-embedded) on the "
                f"{fallback['holdout_documents']} holdout documents"
                if fallback else f"int8 on {parity['documents']} documents")
-        raise ParityError(
-            f"export of {source}: label-set agreement with torch is {agreement:.4f} for {how} "
-            f"({parity['source']}), below the gate {gate} (int8 alone {int8['label_set_agreement']:.4f}, "
-            f"cosine min {int8['cosine_min']:.4f}, mean {int8['cosine_mean']:.4f}); lower the gate "
-            "deliberately (--agreement-gate), keep the fp32 graph for the fallback, or serve fp32"
-        )
+    raise ParityError(
+        f"export of {source}: label-set agreement with torch is {agreement:.4f} for {how} "
+        f"({parity['source']}), below the gate {gate} (int8 alone {int8['label_set_agreement']:.4f}, "
+        f"cosine min {int8['cosine_min']:.4f}, mean {int8['cosine_mean']:.4f}); lower the gate "
+        "deliberately (--agreement-gate), keep the fp32 graph for the fallback, or serve fp32"
+    )
 
 
 def calibrate_fallback(int8_cos: np.ndarray, fp32_cos: np.ndarray, torch_pred: np.ndarray,
@@ -418,22 +482,12 @@ def _optimize(raw: Path, out: Path, model_config: Any, enabled: bool) -> dict[st
     return {op: n for op, n in optimized.get_fused_operator_statistics().items() if n}
 
 
-def _ffn_output_matmuls(fp32: Path, model_config: Any) -> list[str]:
-    """Names of the feed-forward output matmuls: constant B of shape (intermediate, hidden)."""
-    import onnx
-
-    graph = onnx.load(str(fp32), load_external_data=False).graph
-    shape = [model_config.intermediate_size, model_config.hidden_size]
-    weights = {t.name for t in graph.initializer if list(t.dims) == shape}
-    return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-
-
 def _quantize(fp32: Path, out: Path, config: ExportConfig, model_config: Any) -> None:
     """Dynamic int8 weight quantisation (activations quantised at run time, per tensor)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    exclude = [] if config.quantize_ffn_output else _ffn_output_matmuls(fp32, model_config)
+    exclude = [] if config.quantize_ffn_output else ffn_output_matmuls(fp32, model_config)
     quantize_dynamic(
         str(fp32), str(out), per_channel=config.per_channel, weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude, use_external_data_format=fp32.stat().st_size > PROTOBUF_LIMIT,
@@ -445,17 +499,21 @@ def _quantize(fp32: Path, out: Path, config: ExportConfig, model_config: Any) ->
 
 
 def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], label_emb: np.ndarray,
-                     thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig) -> OnnxClassifier:
-    from labelmatch.serving.onnx_classifier import TOKENIZER_FILE, OnnxEncoder
+                     thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig,
+                     runtime: str = "onnxruntime") -> OnnxClassifier:
+    from labelmatch.serving.onnx_classifier import OnnxEncoder
 
-    encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config)
+    encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config, runtime,
+                          batch_invariant=model_file == FP32_MODEL_FILE)
     return OnnxClassifier(encoder, labels, label_emb, info["scale"], info["bias"], thresholds, info)
 
 
 def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], windows: tuple[list[str], np.ndarray],
             targets: np.ndarray | None, eval_labels: dict[str, str], thresholds: dict[str, Any],
-            config: ExportConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Compare torch with the fp32 and int8 graphs and choose the thresholds that ship.
+            config: ExportConfig, extra: dict[str, OnnxClassifier] | None = None,
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Compare torch with the fp32 and int8 graphs, choose the thresholds that ship, and judge
+    every serving engine with them.
 
     Every graph is scored against the *torch* label embeddings (the ones shipped), so the
     comparison isolates the document side. ``windows`` are the parity documents cut by the
@@ -467,6 +525,10 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], windows: tuple[
     fallback calibrated on its own decision boundaries, its served macro-F1 on this split. The
     re-tuned set ships only when it does at least as well as the model's on this split (the
     data it was chosen on): the shrunk per-label rule is no joint optimum, so re-tuning can lose.
+
+    The thresholds are chosen on the dynamic int8 graph's served scores (``runs``); the other
+    engines (``extra``, by engine name) are then judged at the shipped thresholds, each with its
+    own fallback, under ``engines`` (with ``ort-int8-dynamic`` and ``ort-fp32``).
 
     Returns:
         ``(parity summary, thresholds to ship)``; the summary's ``fp32``, ``int8`` and
@@ -480,7 +542,8 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], windows: tuple[
     label_emb = torch_encoder.embed(list(eval_labels.values()), batch_size=config.batch_size).numpy()
     cosines = {"torch": max_over_windows(torch_docs @ label_emb.T, owner, n_docs)}
     doc_cosine: dict[str, np.ndarray] = {}
-    for key, run in (("fp32", runs[FP32_MODEL_FILE]), ("int8", runs[MODEL_FILE])):
+    graphs = {"fp32": runs[FP32_MODEL_FILE], "int8": runs[MODEL_FILE], **(extra or {})}
+    for key, run in graphs.items():
         docs = run.encoder.embed(texts)
         cosines[key] = max_over_windows(docs @ label_emb.T, owner, n_docs)
         doc_cosine[key] = (docs * torch_docs).sum(axis=1)
@@ -516,7 +579,42 @@ def _parity(torch_encoder: Any, runs: dict[str, OnnxClassifier], windows: tuple[
         },
     }
     summary["thresholds_retuned"] = shipped == "retuned"
+    summary["engines"] = {
+        "ort-int8-dynamic": _engine_entry(chosen["int8"], chosen["fallback"], chosen.get("served_macro_f1")),
+        "ort-fp32": _engine_entry(chosen["fp32"], None, chosen["fp32"].get("macro_f1")),
+    }
+    for name in extra or {}:
+        own = _judge_thresholds(served_run, names, candidates[shipped],
+                                {"torch": cosines["torch"], "fp32": cosines["fp32"], "int8": cosines[name]},
+                                {"fp32": doc_cosine["fp32"], "int8": doc_cosine[name]}, targets, config)
+        summary["engines"][name] = _engine_entry(own["int8"], own["fallback"], own.get("served_macro_f1"))
     return summary, candidates[shipped]
+
+
+def _engine_entry(alone: dict[str, Any], fallback: dict[str, Any] | None,
+                  served_macro_f1: float | None) -> dict[str, Any]:
+    """One engine's parity: its graph alone, its fallback plan, and what is served."""
+    return {
+        **{k: alone[k] for k in ("cosine_min", "cosine_mean", "label_set_agreement")},
+        "fallback": fallback,
+        "served_agreement": fallback["label_set_agreement"] if fallback else alone["label_set_agreement"],
+        "served_macro_f1": served_macro_f1,
+    }
+
+
+def _pick_engine(runs: dict[str, OnnxClassifier], engines: dict[str, dict[str, Any]], texts: list[str],
+                 config: ExportConfig) -> dict[str, Any]:
+    """The probe over the candidates (``config.engine`` forces one, if it passes the gate)."""
+    probe_texts = texts[: min(len(texts), 64)]
+    if config.engine != "auto":
+        runs = {name: run for name, run in runs.items() if name in (config.engine, "ort-fp32")}
+    probe = probe_engines(runs, engines, probe_texts, config.agreement_gate, config.probe_seconds)
+    if config.engine != "auto":
+        probe["picked"] = config.engine if config.engine in probe["passed"] else None
+        probe["forced"] = True
+    probe["machine"] = cpu_summary()
+    probe["intra_op_threads"] = OrtConfig().intra_op_threads
+    return probe
 
 
 def choose_thresholds(served_macro_f1: dict[str, float | None]) -> str:

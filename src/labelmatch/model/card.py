@@ -91,22 +91,35 @@ def render_model_card(
     if data:
         lines += ["## Training data", "", *_table(sorted(data.items()), ("split / item", "count")), ""]
     if config:
-        keys = ("epochs", "batch_size", "lr", "lora_rank", "lora_alpha", "lora_target_modules", "scale",
+        keys = ("epochs", "batch_size", "lr", "lora_rank", "lora_alpha", "lora_dropout", "encoder_dropout",
+                "lora_target_modules", "scale",
                 "contrastive_weight", "margin", "max_length", "label_refresh_steps", "seed")
         lines += ["## Hyper-parameters", "", *_table([(k, config[k]) for k in keys if k in config]), ""]
     if metrics:
         flat = [(k, v) for k, v in sorted(metrics.items()) if isinstance(v, int | float)]
         lines += ["## Metrics", "", *_table(flat, ("metric", "value")), ""]
     if parity:
-        served = parity.get("fallback") or parity.get("int8") or {}
+        old = parity.get("fallback") or parity.get("int8") or {}  # written before engines were measured
+        served = parity.get("served") or {"engine": "ort-int8-dynamic", "fp32_fallback": bool(parity.get(
+            "fallback")), "label_set_agreement": old.get("label_set_agreement")}
+        engines = parity.get("engines") or {}
         choice = parity.get("thresholds", {})
         lines += ["## Export parity (validation split)", "", *_table([
             ("documents compared", parity.get("documents")),
-            ("label-set agreement with torch, as served", served.get("label_set_agreement")),
+            ("serving engine (picked by the export's probe)", served["engine"]),
+            ("label-set agreement with torch, as served", served["label_set_agreement"]),
             ("int8 alone: label-set agreement", (parity.get("int8") or {}).get("label_set_agreement")),
-            ("fp32 fallback", "yes" if parity.get("fallback") else "no"),
+            ("fp32 fallback", "yes" if served["fp32_fallback"] else "no"),
             ("thresholds shipped", choice.get("shipped", "model")),
         ]), ""]
+        if engines:
+            costs = (parity.get("engine_probe") or {}).get("costs_ms", {})
+            lines += ["Serving engines measured at export (agreement with torch as served; cost: ms per "
+                      "document with its fp32 fallback, one document per call, on the exporting CPU):", "",
+                      "| engine | agreement | cost ms |", "|---|---|---|",
+                      *[f"| {name} | {entry['served_agreement']:.4f} | "
+                        f"{f'{costs[name]:.2f}' if name in costs else 'below the gate'} |"
+                        for name, entry in engines.items()], ""]
     if profile:
         lines += ["## Monitoring reference (validation split, as served)", "", *_table([
             ("documents", profile.get("documents")),

@@ -114,6 +114,20 @@ def add_lora(
         raise ConfigError(f"lora_target_modules {targets}: {exc}") from exc
 
 
+def set_encoder_dropout(model: nn.Module, p: float) -> int:
+    """Set the dropout probability of the base encoder's own dropout layers (hidden states and
+    attention), leaving LoRA's dropout alone; returns how many layers were set.
+
+    Attention reads its layer's ``p`` at call time (``sdpa`` and ``eager`` alike), so this covers it.
+    """
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_" not in name:
+            module.p = p
+            count += 1
+    return count
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` over the positions where ``attention_mask`` is 1."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -194,6 +208,11 @@ def base_pooling(name_or_path: str) -> Pooling:
     return Pooling.from_model_dir(path) if path.is_dir() else Pooling()
 
 
+def length_order(texts: Sequence[str]) -> list[int]:
+    """Indices of ``texts`` from shortest to longest (by characters: no second tokenisation)."""
+    return sorted(range(len(texts)), key=lambda i: len(texts[i]))
+
+
 class TextEncoder(nn.Module):
     """Encoder + tokenizer producing pooled, L2-normalised embeddings.
 
@@ -236,6 +255,21 @@ class TextEncoder(nn.Module):
         hidden = self.model(**accepted).last_hidden_state
         return nn.functional.normalize(self.pooling.pool(hidden, inputs["attention_mask"]), dim=-1)
 
+    def encode(self, texts: Sequence[str], group_size: int = 32) -> torch.Tensor:
+        """Embed texts *with* gradient, in groups of similar length (less padding per forward).
+
+        The rows come back in the order of ``texts``. Used for every label description a training
+        step embeds: label sets mix short and long descriptions, and padding all of them to the
+        longest costs a third of the label side's time on Reuters.
+        """
+        order = length_order(texts)
+        parts = [self(self.tokenize([texts[i] for i in order[start : start + group_size]]))
+                 for start in range(0, len(texts), group_size)]
+        if not parts:
+            return torch.zeros((0, self.dim), device=self.device)
+        out = torch.cat(parts)
+        return out[torch.argsort(torch.tensor(order, device=out.device))]
+
     def embed(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         """Embed texts in batches without gradients; returns a float32 ``(n, dim)`` CPU tensor."""
         from tqdm.auto import tqdm
@@ -243,7 +277,7 @@ class TextEncoder(nn.Module):
         was_training = self.training
         self.eval()
         chunks = []
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # less padding per batch
+        order = length_order(texts)  # less padding per batch
         with torch.inference_mode():
             starts = range(0, len(texts), batch_size)
             for start in tqdm(starts, desc="embedding", disable=not progress, leave=False):

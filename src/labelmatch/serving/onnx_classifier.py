@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,19 @@ from labelmatch.core.errors import ArtifactError, ConfigError
 from labelmatch.data.hierarchy import HIERARCHY_FILE, load_hierarchy
 from labelmatch.model.chunking import Chunking, chunked_cosines
 from labelmatch.model.matching import LabelMatcher, Thresholds, embed_in_chunks
+from labelmatch.serving.engines import (
+    DEFAULT_ENGINE,
+    ENGINES,
+    FP32_MODEL_FILE,
+    MODEL_FILE,
+    Engine,
+    OpenVinoSession,
+    engine,
+)
 
-MODEL_FILE = "model.onnx"
-FP32_MODEL_FILE = "model_fp32.onnx"
+log = logging.getLogger(__name__)
+__all__ = ["FP32_MODEL_FILE", "MODEL_FILE", "OUTPUT_NAME", "TOKENIZER_FILE", "OnnxClassifier", "OnnxEncoder",
+           "OrtConfig", "near_boundary", "served_engine", "served_model_version"]
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
 OUTPUT_NAME = "sentence_embedding"
 
@@ -115,11 +126,20 @@ class OnnxEncoder:
         model_path: An ``.onnx`` file whose graph outputs ``sentence_embedding``.
         tokenizer_path: A Hugging Face fast-tokenizer ``tokenizer.json``.
         max_length: Texts are truncated to this many tokens (never rejected for length).
-        config: Session settings.
+        config: Session settings (``intra_op_threads`` is OpenVINO's thread count too).
+        runtime: ``onnxruntime`` or ``openvino`` (:mod:`labelmatch.serving.engines`).
+        batch_invariant: Whether a text's embedding is the same whatever it is batched with: true
+            of an fp32 graph, false of dynamic int8 (one activation scale per batch). Only then
+            are label descriptions embedded in batches (:attr:`LABEL_BATCH_SIZE`).
     """
 
+    #: Label descriptions per run where the graph is batch-invariant: 1.15x the descriptions per
+    #: second of one per run on 5-40-word descriptions (``make bench-label-embedding``).
+    LABEL_BATCH_SIZE = 32
+
     def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int,
-                 config: OrtConfig | None = None):
+                 config: OrtConfig | None = None, runtime: str = "onnxruntime",
+                 batch_invariant: bool = False):
         from tokenizers import Tokenizer
 
         self.config = config or OrtConfig()
@@ -131,7 +151,13 @@ class OnnxEncoder:
         self._whole = Tokenizer.from_file(str(tokenizer_path))
         self._whole.no_truncation()
         self._whole.no_padding()
-        self.session = self.config.create_session(model_path)
+        if runtime == "openvino":
+            self.session: Any = OpenVinoSession(model_path, self.config.intra_op_threads)
+        else:
+            self.session = self.config.create_session(model_path)
+        self.runtime = runtime
+        self.batch_invariant = batch_invariant
+        self.model_path = Path(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
@@ -150,13 +176,18 @@ class OnnxEncoder:
         as the torch side's: both read the same ``tokenizer.json``)."""
         return self._whole.encode(text, add_special_tokens=False).offsets
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """``(n, dim)`` float32 embeddings, batched by length to keep padding small."""
+    def embed(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """``(n, dim)`` float32 embeddings, batched by length to keep padding small.
+
+        Args:
+            texts: The texts.
+            batch_size: Texts per run (default ``config.batch_size``, one as served).
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        size = self.config.batch_size
+        size = batch_size or self.config.batch_size
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             (embedded,) = self.session.run([OUTPUT_NAME], self.tokenize([texts[i] for i in rows]))
@@ -219,42 +250,52 @@ class OnnxClassifier(LabelMatcher):
         self.on_fallback = on_fallback
         self.info = info or {}
         self.model_version = model_version
+        #: The engine serving it (set by :meth:`load`; see :mod:`labelmatch.serving.engines`).
+        graph = Path(getattr(encoder, "model_path", "")).name
+        self.engine = f"{getattr(encoder, 'runtime', 'onnxruntime')}:{graph}"
         super().__init__(labels, label_embeddings, scale, bias, thresholds,
                          Chunking.from_info({"max_length": encoder.max_length, **self.info}),
                          label_cache_size=encoder.config.label_cache_size)
 
     @classmethod
-    def load(cls, path: str | Path, config: OrtConfig | None = None, model_file: str = MODEL_FILE,
-             verify: bool = True, model_version: str | None = None) -> OnnxClassifier:
+    def load(cls, path: str | Path, config: OrtConfig | None = None, model_file: str | None = None,
+             verify: bool = True, model_version: str | None = None,
+             engine_name: str | None = None) -> OnnxClassifier:
         """Load an OnnxModel artifact, verifying every file's digest first.
 
         Args:
             path: The artifact directory.
             config: ONNX Runtime settings.
-            model_file: ``model.onnx`` (int8) or ``model_fp32.onnx`` where it was kept.
+            model_file: Serve this graph under ONNX Runtime (``model.onnx``, ``model_fp32.onnx``,
+                ``model_int8_static.onnx``) instead of the engine the export picked.
             verify: Check the manifest (refuses a corrupted or missing file by name).
             model_version: The version responses name (default: ``labelmatch.json``'s, else the
                 artifact digest; an artifact still being written has no manifest to digest).
+            engine_name: Serve this engine (:data:`~labelmatch.serving.engines.ENGINES`) instead
+                of the one the export picked; it must be one the export measured.
         """
         root = Path(path)
         if verify:
             verify_artifact(root, "OnnxModel")
         info = _read_json(root, "labelmatch.json")
-        if not (root / model_file).is_file():
-            raise ArtifactError(f"artifact {root}: no {model_file}")
+        chosen, plan = served_engine(info, model_file, engine_name)
+        if not (root / chosen.file).is_file():
+            raise ArtifactError(f"artifact {root}: no {chosen.file}")
         max_length = int(info["max_length"])
-        encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, max_length, config)
-        plan = (info.get("onnx") or {}).get("fallback") if model_file == MODEL_FILE else None
+        encoder = OnnxEncoder(root / chosen.file, root / TOKENIZER_FILE, max_length, config, chosen.runtime,
+                              batch_invariant=not chosen.int8)
         fallback = None
         if plan:
             if not (root / plan["model"]).is_file():
                 raise ArtifactError(f"artifact {root}: no {plan['model']} (its fp32 fallback graph)")
-            fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config)
+            fallback = OnnxEncoder(root / plan["model"], root / TOKENIZER_FILE, max_length, config,
+                                   batch_invariant=True)
         version = model_version or served_model_version(root, info)
         labels = _read_json(root, "labels.json")
         classifier = cls(encoder, labels, np.load(root / "label_embeddings.npy"),
                          info["scale"], info["bias"], _read_json(root, "thresholds.json"), info, version,
                          fallback, float(plan["margin"]) if plan else 0.0)
+        classifier.engine = chosen.name
         if (root / HIERARCHY_FILE).is_file():
             classifier.hierarchy = load_hierarchy(root / HIERARCHY_FILE, labels)
         return classifier
@@ -273,8 +314,11 @@ class OnnxClassifier(LabelMatcher):
         return self.encoder.offsets(text)
 
     def embed_labels(self, descriptions: Sequence[str]) -> np.ndarray:
-        """Label descriptions through :attr:`precise_encoder` (progress for large sets)."""
-        return embed_in_chunks(self.precise_encoder.embed, descriptions)
+        """Label descriptions through :attr:`precise_encoder` (progress for large sets), in
+        length-sorted batches where that graph is batch-invariant (fp32)."""
+        encoder = self.precise_encoder
+        size = encoder.LABEL_BATCH_SIZE if encoder.batch_invariant else None
+        return embed_in_chunks(lambda texts: encoder.embed(texts, size), descriptions)
 
     def refine(self, names: list[str], texts: Sequence[str], cos: np.ndarray,
                label_emb: np.ndarray) -> np.ndarray:
@@ -290,6 +334,48 @@ class OnnxClassifier(LabelMatcher):
         if self.on_fallback is not None:
             self.on_fallback(len(rows))
         return cos
+
+
+def served_engine(info: dict[str, Any], model_file: str | None = None,
+                  engine_name: str | None = None) -> tuple[Engine, dict[str, Any] | None]:
+    """The engine an artifact serves and its fp32-fallback plan (``{"model", "margin"}`` or ``None``).
+
+    The export records every candidate it measured under ``labelmatch.json`` ``engines`` and the
+    one it picked under ``engine``; an artifact written before that serves ``model.onnx`` with the
+    ``onnx.fallback`` plan.
+
+    Args:
+        info: The artifact's ``labelmatch.json``.
+        model_file: A graph file to serve under ONNX Runtime instead.
+        engine_name: An engine to serve instead (one the export measured).
+    """
+    recorded = info.get("engines") or {
+        DEFAULT_ENGINE: {"fallback": (info.get("onnx") or {}).get("fallback")},
+        "ort-fp32": {"fallback": None},
+    }
+    if model_file is not None:
+        matches = [n for n, e in ENGINES.items() if e.file == model_file and e.runtime == "onnxruntime"]
+        if not matches:
+            raise ConfigError(f"no engine serves {model_file!r}; graphs: "
+                              f"{', '.join(sorted({e.file for e in ENGINES.values()}))}")
+        engine_name = matches[0]
+    name = engine_name or info.get("engine") or DEFAULT_ENGINE
+    chosen = engine(name)
+    if name not in recorded:
+        raise ConfigError(f"engine {name!r} was not measured by this artifact's export; "
+                          f"measured: {', '.join(recorded)}")
+    if not chosen.available:
+        installable = {n: e.get("cost_ms") for n, e in recorded.items()
+                       if e.get("cost_ms") is not None and ENGINES[n].available}
+        if engine_name is not None or not installable:
+            raise ConfigError(f"engine {name!r} needs the {chosen.runtime!r} package, which is not installed "
+                              "(pip install 'labelmatch[openvino]')")
+        name = min(installable, key=lambda n: installable[n])
+        log.warning("the export picked %s, but %s is not installed here: serving %s, the cheapest measured "
+                    "engine that is", chosen.name, chosen.runtime, name)
+        chosen = ENGINES[name]
+    plan = recorded[name].get("fallback")
+    return chosen, ({"model": plan["model"], "margin": plan["margin"]} if plan else None)
 
 
 def served_model_version(root: str | Path, info: dict[str, Any] | None = None) -> str:

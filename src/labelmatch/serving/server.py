@@ -94,6 +94,8 @@ class ServeConfig:
             means a SQLite file under ``state_dir`` (one replica).
         limits: Request limits.
         ort: ONNX Runtime settings.
+        engine: The serving engine (:mod:`labelmatch.serving.engines`); ``None`` serves the one
+            the export's probe picked and recorded in the artifact.
         feedback_url: SQLAlchemy URL of the feedback store (default: the state's URL).
         admin_token: Bearer token for label-set updates; updates are refused without one.
         inference_threads: Threads running predictions (requests queue for them, which keeps
@@ -109,6 +111,7 @@ class ServeConfig:
     state: StateConfig = field(default_factory=lambda: StateConfig(""))
     limits: RequestLimits = field(default_factory=RequestLimits)
     ort: OrtConfig = field(default_factory=OrtConfig)
+    engine: str | None = None
     feedback_url: str | None = None
     admin_token: str | None = None
     inference_threads: int = 1
@@ -176,7 +179,9 @@ class LabelmatchModel(kserve.Model):
         if expected and actual != expected:
             raise ArtifactError(f"artifact {self.config.model_dir}: digest {actual} is not the expected "
                                 f"{expected} (LABELMATCH_MODEL_DIGEST)")
-        self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False)
+        self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False,
+                                              engine_name=self.config.engine)
+        logger.info("engine %s", self.classifier.engine)
         self.classifier.on_fallback = self.metrics.fp32_fallback.inc
         self._apply_config_files()
         from labelmatch.data.pii import redact_text
@@ -608,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Documents per ONNX Runtime call (1: a score depends on its text alone, "
                              "see OrtConfig.batch_size).")
     parser.add_argument("--inference_threads", type=int, default=1, help="Concurrent predictions.")
+    parser.add_argument("--engine", default=os.environ.get("LABELMATCH_ENGINE") or None,
+                        help="Serving engine (ort-int8-dynamic, ort-int8-static, openvino-int8-static, "
+                             "ort-fp32) instead of the one the export's probe picked; it must be one "
+                             "the export measured (labelmatch.json 'engines').")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 
@@ -629,7 +638,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         model_dir=args.model_dir, name=args.model_name, state_dir=args.state_dir, state=state,
         limits=RequestLimits(args.max_body_bytes, args.max_docs, args.max_chars),
         ort=OrtConfig(args.intra_op_threads, args.inter_op_threads, args.allow_spinning, args.batch_size),
-        feedback_url=args.feedback_url, admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,
+        engine=args.engine, feedback_url=args.feedback_url,
+        admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,
         inference_threads=args.inference_threads, labels_file=args.labels, thresholds_file=args.thresholds,
         expected_digest=os.environ.get("LABELMATCH_MODEL_DIGEST") or None,
     )

@@ -49,6 +49,7 @@ from labelmatch.model.encoder import (
     base_pooling,
     load_base,
     resolve_base_model,
+    set_encoder_dropout,
     weights_digest,
 )
 from labelmatch.model.io import save_model
@@ -166,6 +167,8 @@ class SFTTrainer:
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         base, self.tokenizer = load_base(config.base_model)
+        if config.encoder_dropout is not None:
+            set_encoder_dropout(base, config.encoder_dropout)
         peft_model = add_lora(
             base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
         )
@@ -252,13 +255,13 @@ class SFTTrainer:
         refresh = self.config.label_refresh_steps
         encoder = self.model.encoder
         if refresh <= 0:
-            return encoder(encoder.tokenize(self.label_texts))
+            return encoder.encode(self.label_texts)
         if self._label_cache is None or self.step % refresh == 0:
             self._label_cache = encoder.embed(self.label_texts, self.config.eval_batch_size).to(self.device)
         live = torch.nonzero(self.targets[batch].sum(0) + self.soft_mask[batch].sum(0)).flatten()
         if live.numel() == 0:
             return self._label_cache
-        live_emb = encoder(encoder.tokenize([self.label_texts[j] for j in live.tolist()]))
+        live_emb = encoder.encode([self.label_texts[j] for j in live.tolist()])
         live = live.to(self.device)
         self._label_cache[live] = live_emb.detach()
         return self._label_cache.index_copy(0, live, live_emb)
@@ -287,7 +290,7 @@ class SFTTrainer:
             pick = torch.randperm(rest.numel(), generator=self.generator)[: config.random_negatives]
             chosen[rest[pick]] = True
         columns = torch.nonzero(chosen).flatten()
-        live = encoder(encoder.tokenize([self.label_texts[j] for j in columns.tolist()]))
+        live = encoder.encode([self.label_texts[j] for j in columns.tolist()])
         self._label_cache[columns.to(self.device)] = live.detach()
         return live, columns
 

@@ -1,0 +1,185 @@
+"""Serving engines: which graph of an OnnxModel runs under which runtime, and the probe that picks one.
+
+int8 speed depends on the CPU more than on anything we control: the same graph ran 3.3x faster
+than torch fp32 on an AMD EPYC with AVX-512 VNNI and 1.4x on an Intel Xeon without it. So the
+export ships several candidates, measures each one's label-set agreement with torch (with its own
+fp32 fallback where it needs one, see :mod:`labelmatch.export.onnx`), and a short measured probe
+picks the fastest candidate that passes the agreement gate. The pick, and every candidate's
+figures, are recorded in the artifact (``labelmatch.json`` ``engine``, ``parity.json``
+``engines``). A server on another CPU re-runs the probe at start with ``--engine probe``.
+
+The candidates (:data:`ENGINES`):
+
+``ort-int8-dynamic``
+    ``model.onnx``: ONNX Runtime's fused transformer graph, int8 weights per channel, activations
+    quantised at run time per tensor (``MatMulInteger``).
+``ort-int8-static``
+    ``model_int8_static.onnx``: the unfused graph in QDQ form, int8 weights per channel,
+    activation scales calibrated on validation texts (the feed-forward output matmuls, whose
+    post-GELU inputs quantise worst, stay fp32). ONNX Runtime turns the QDQ pairs into int8
+    kernels when it loads the graph.
+``openvino-int8-static``
+    The same QDQ graph under OpenVINO (the CPU backend sentence-transformers recommends), when
+    the ``openvino`` package is installed (the ``openvino`` extra).
+``ort-fp32``
+    ``model_fp32.onnx``: the fused fp32 graph; no fallback needed.
+
+A probe's cost of an int8 candidate is its own time per document plus its fallback share times
+the fp32 graph's, what serving it would cost on average.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labelmatch.core.errors import ConfigError
+
+MODEL_FILE = "model.onnx"
+FP32_MODEL_FILE = "model_fp32.onnx"
+STATIC_MODEL_FILE = "model_int8_static.onnx"
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One serving candidate.
+
+    Attributes:
+        name: Its name (``ort-int8-dynamic``, ...).
+        file: The graph file in the artifact.
+        runtime: ``onnxruntime`` or ``openvino``.
+        int8: Whether its graph is quantised (it may then have an fp32 fallback).
+    """
+
+    name: str
+    file: str
+    runtime: str
+    int8: bool
+
+    @property
+    def available(self) -> bool:
+        """Whether its runtime is installed here."""
+        return runtime_available(self.runtime)
+
+
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in (
+        Engine("ort-int8-dynamic", MODEL_FILE, "onnxruntime", True),
+        Engine("ort-int8-static", STATIC_MODEL_FILE, "onnxruntime", True),
+        Engine("openvino-int8-static", STATIC_MODEL_FILE, "openvino", True),
+        Engine("ort-fp32", FP32_MODEL_FILE, "onnxruntime", False),
+    )
+}
+#: What an artifact written before engines were recorded serves.
+DEFAULT_ENGINE = "ort-int8-dynamic"
+
+
+def engine(name: str) -> Engine:
+    """The engine called ``name``; :class:`ConfigError` naming the known ones otherwise."""
+    if name not in ENGINES:
+        raise ConfigError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def cpu_summary() -> dict[str, Any]:
+    """The CPU at hand: model name, cores, and the flags int8 speed depends on (VNNI/AMX above all)."""
+    model, flags = "unknown", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+    return {"cpu": model, "cores": os.cpu_count(),
+            "int8_dot_product": [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+            "avx2": "avx2" in flags, "avx512f": "avx512f" in flags}
+
+
+def runtime_available(runtime: str) -> bool:
+    """Whether ``runtime``'s Python package can be imported here."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    return importlib.util.find_spec(runtime) is not None
+
+
+class _Port:
+    """What :class:`OpenVinoSession` reports of an input or output (the ORT ``NodeArg`` fields used)."""
+
+    def __init__(self, name: str, shape: list[Any]):
+        self.name = name
+        self.shape = shape
+
+
+class OpenVinoSession:
+    """An OpenVINO compiled model behind the part of ``onnxruntime.InferenceSession`` the encoder uses.
+
+    Args:
+        model_path: The ``.onnx`` file (standard operators only: OpenVINO does not read ONNX
+            Runtime's fused contrib operators, hence the unfused QDQ graph).
+        threads: Inference threads; 0 lets OpenVINO pick.
+    """
+
+    def __init__(self, model_path: str | Path, threads: int = 0):
+        import openvino as ov
+
+        properties: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            properties["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(model_path), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+
+    def get_inputs(self) -> list[_Port]:
+        """The graph's inputs (names in order)."""
+        return [_Port(port.get_any_name(), []) for port in self.compiled.inputs]
+
+    def get_outputs(self) -> list[_Port]:
+        """The graph's outputs (the last dimension of each is static)."""
+        return [_Port(port.get_any_name(), [d.get_length() if d.is_static else None
+                                             for d in port.get_partial_shape()])
+                for port in self.compiled.outputs]
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        """Outputs by name (all when ``None``), as ``InferenceSession.run`` returns them."""
+        results = self.request.infer(feeds)
+        outputs = self.compiled.outputs
+        wanted = output_names or [port.get_any_name() for port in outputs]
+        by_name = {port.get_any_name(): results[port] for port in outputs}
+        return [by_name[name].copy() for name in wanted]
+
+
+def probe_ms(embed_one: Callable[[str], Any], texts: Sequence[str], min_seconds: float = 1.0,
+             warmup: int = 3) -> float:
+    """Milliseconds per document, one document per call as served, over at least ``min_seconds``
+    (whole passes over ``texts``)."""
+    if not texts:
+        raise ConfigError("an engine probe needs at least one text")
+    for text in list(texts)[:warmup]:
+        embed_one(text)
+    calls, started = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - started < min_seconds:
+        for text in texts:
+            embed_one(text)
+        calls += len(texts)
+    return (time.perf_counter() - started) * 1000 / calls
+
+
+def served_cost_ms(own_ms: float, fallback_fraction: float, fp32_ms: float) -> float:
+    """What serving an engine costs per document on average: its own time plus the share of
+    documents its fp32 fallback re-embeds times the fp32 graph's time."""
+    return own_ms + fallback_fraction * fp32_ms
+
+
+def pick_engine(costs: dict[str, float]) -> str:
+    """The cheapest candidate (ties: the first in :data:`ENGINES` order)."""
+    if not costs:
+        raise ConfigError("no engine candidate to pick from")
+    order = list(ENGINES)
+    return min(costs, key=lambda name: (costs[name], order.index(name) if name in order else len(order)))

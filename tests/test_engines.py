@@ -1,0 +1,177 @@
+"""Serving engines: every candidate built and judged at export, the probe's pick served, overrides."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_tiny_dataset
+
+from labelmatch.core.artifacts import read_manifest
+from labelmatch.core.errors import ConfigError
+from labelmatch.export.onnx import ExportConfig, export_onnx
+from labelmatch.serving.engines import (
+    ENGINES,
+    STATIC_MODEL_FILE,
+    engine,
+    pick_engine,
+    probe_ms,
+    runtime_available,
+    served_cost_ms,
+)
+from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig, served_engine
+
+GATE = 0.5
+
+
+@pytest.fixture(scope="module")
+def probed(trained_model, tmp_path_factory):
+    """An export that lets the probe pick (``engine="auto"``)."""
+    out = tmp_path_factory.mktemp("engines") / "onnx"
+    parity = export_onnx(trained_model, out, ExportConfig(agreement_gate=GATE, probe_seconds=0.3),
+                         make_tiny_dataset())
+    return out, parity
+
+
+def test_export_measures_every_engine_and_records_the_cheapest_that_passes(probed):
+    root, parity = probed
+    info = json.loads((root / "labelmatch.json").read_text())
+    probe = parity["engine_probe"]
+    expected = [n for n in ENGINES if runtime_available(ENGINES[n].runtime)]
+    assert list(parity["engines"]) == expected == list(info["engines"])
+    assert probe["passed"] == [n for n in expected if parity["engines"][n]["served_agreement"] >= GATE]
+    assert set(probe["costs_ms"]) == set(probe["passed"]) and probe["picked"] in probe["passed"]
+    assert probe["picked"] == min(probe["costs_ms"], key=probe["costs_ms"].get)
+    assert info["engine"] == parity["served"]["engine"] == probe["picked"]
+    assert probe["machine"]["cpu"] and probe["documents"] > 0
+    # fp32 has no fallback and agrees with torch; every int8 cost includes its fallback's share.
+    assert parity["engines"]["ort-fp32"]["fallback"] is None
+    assert parity["engines"]["ort-fp32"]["served_agreement"] == 1.0
+    for name in probe["passed"]:
+        plan = parity["engines"][name]["fallback"]
+        share = plan["fallback_fraction"] if plan else 0.0
+        assert probe["costs_ms"][name] == pytest.approx(
+            served_cost_ms(probe["probe_ms"][name], share, probe["probe_ms"]["ort-fp32"]))
+    assert STATIC_MODEL_FILE in read_manifest(root)["files"]
+    static = info["onnx"]["static_quantization"]
+    assert static["format"] == "QDQ" and static["fp32_matmuls"] == 6  # MiniLM-L6's feed-forward outputs
+
+
+def test_the_picked_engine_is_served_and_every_measured_one_can_be_chosen(probed):
+    root, parity = probed
+    config = OrtConfig(intra_op_threads=1)
+    assert OnnxClassifier.load(root, config).engine == parity["served"]["engine"]
+    texts = [d.text for d in make_tiny_dataset().split("val").documents]
+    reference = OnnxClassifier.load(root, config, engine_name="ort-fp32").encoder.embed(texts)
+    for name, entry in parity["engines"].items():
+        clf = OnnxClassifier.load(root, config, engine_name=name)
+        assert clf.engine == name and clf.encoder.runtime == ENGINES[name].runtime
+        assert (clf.fallback is not None) == (entry["fallback"] is not None)
+        cosine = (clf.encoder.embed(texts) * reference).sum(axis=1)
+        assert cosine.min() > (0.9999 if name == "ort-fp32" else 0.95), name
+        assert cosine.min() == pytest.approx(entry["cosine_min"], abs=0.02), name
+
+
+def test_openvino_runs_the_static_graph_like_onnx_runtime(probed):
+    pytest.importorskip("openvino")
+    root, parity = probed
+    texts = [d.text for d in make_tiny_dataset().split("val").documents]
+    config = OrtConfig(intra_op_threads=1)
+    ort = OnnxClassifier.load(root, config, engine_name="ort-int8-static").encoder.embed(texts)
+    ov = OnnxClassifier.load(root, config, engine_name="openvino-int8-static").encoder.embed(texts)
+    # Same QDQ graph, two runtimes' int8 kernels: close, not bit-equal.
+    assert float((ort * ov).sum(axis=1).min()) > 0.98
+    assert "openvino-int8-static" in parity["engines"]
+
+
+def test_an_engine_can_be_forced_and_must_pass_the_gate(trained_model, tmp_path):
+    out = tmp_path / "onnx"
+    config = ExportConfig(agreement_gate=0.0, engine="ort-fp32", engines=("ort-int8-dynamic", "ort-fp32"),
+                          probe_seconds=0.1)
+    parity = export_onnx(trained_model, out, config, make_tiny_dataset())
+    assert parity["engine_probe"]["picked"] == "ort-fp32" and parity["engine_probe"]["forced"]
+    assert list(parity["engines"]) == ["ort-int8-dynamic", "ort-fp32"]
+    assert not (out / STATIC_MODEL_FILE).exists()
+    info = json.loads((out / "labelmatch.json").read_text())
+    assert info["engine"] == "ort-fp32" and info["onnx"]["fallback"] is None
+    with pytest.raises(ConfigError, match="was not measured"):
+        OnnxClassifier.load(out, engine_name="ort-int8-static")
+
+
+def test_engine_settings_are_checked():
+    with pytest.raises(ConfigError, match="choose from"):
+        ExportConfig(engines=("tensorrt",))
+    with pytest.raises(ConfigError, match="one of engines"):
+        ExportConfig(engine="ort-int8-static", engines=("ort-fp32",))
+    with pytest.raises(ConfigError, match="known"):
+        engine("tensorrt")
+    with pytest.raises(ConfigError, match="no engine serves"):
+        served_engine({}, model_file="model_other.onnx")
+
+
+def test_an_artifact_from_before_engines_serves_dynamic_int8_with_its_fallback():
+    plan = {"model": "model_fp32.onnx", "margin": 0.01}
+    info = {"onnx": {"fallback": plan}}
+    chosen, fallback = served_engine(info)
+    assert chosen.name == "ort-int8-dynamic" and fallback == plan
+    chosen, fallback = served_engine(info, model_file="model_fp32.onnx")
+    assert chosen.name == "ort-fp32" and fallback is None
+    with pytest.raises(ConfigError, match="was not measured"):
+        served_engine(info, engine_name="ort-int8-static")
+
+
+def test_the_probe_picks_the_cheapest_cost_with_fallback():
+    # 2 ms int8 that re-embeds 40% with a 5 ms fp32 graph costs 4 ms: slower than 3.5 ms static.
+    costs = {"ort-int8-dynamic": served_cost_ms(2.0, 0.4, 5.0),
+             "ort-int8-static": served_cost_ms(3.5, 0.0, 5.0), "ort-fp32": 5.0}
+    assert costs["ort-int8-dynamic"] == pytest.approx(4.0)
+    assert pick_engine(costs) == "ort-int8-static"
+    assert pick_engine({"ort-fp32": 1.0, "ort-int8-dynamic": 1.0}) == "ort-int8-dynamic"  # ties: list order
+    with pytest.raises(ConfigError):
+        pick_engine({})
+    calls: list[str] = []
+    ms = probe_ms(calls.append, ["a", "b"], min_seconds=0.01, warmup=1)
+    assert ms > 0 and calls[0] == "a" and len(calls) >= 3
+    assert np.isfinite(ms)
+
+
+def test_a_pick_whose_runtime_is_missing_falls_back_to_the_cheapest_installed_one(monkeypatch):
+    import labelmatch.serving.engines as engines
+
+    real = engines.runtime_available
+    monkeypatch.setattr(engines, "runtime_available", lambda runtime: runtime != "openvino" and real(runtime))
+    plan = {"model": "model_fp32.onnx", "margin": 0.02}
+    info = {"engine": "openvino-int8-static", "engines": {
+        "ort-int8-dynamic": {"cost_ms": 3.0, "fallback": plan},
+        "openvino-int8-static": {"cost_ms": 1.0, "fallback": None},
+        "ort-fp32": {"cost_ms": 2.5, "fallback": None},
+    }}
+    chosen, fallback = served_engine(info)
+    assert chosen.name == "ort-fp32" and fallback is None
+    with pytest.raises(ConfigError, match="not installed"):
+        served_engine(info, engine_name="openvino-int8-static")
+
+
+def test_the_server_serves_the_engine_it_is_told_to(probed, monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    from labelmatch.serving.metrics import ServeMetrics
+    from labelmatch.serving.server import LabelmatchModel, build_parser, config_from_args
+
+    root, _ = probed
+    monkeypatch.delenv("LABELMATCH_ENGINE", raising=False)
+    args = build_parser().parse_args(["--model_dir", str(root), "--engine", "ort-int8-static",
+                                      "--state_dir", str(root.parent / "state")])
+    config = config_from_args(args)
+    assert config.engine == "ort-int8-static"
+    model = LabelmatchModel(config, ServeMetrics(CollectorRegistry()))
+    model.load()
+    try:
+        assert model.classifier.engine == "ort-int8-static"
+    finally:
+        model.stop()
+    bad = config_from_args(build_parser().parse_args(["--model_dir", str(root), "--engine", "tensorrt",
+                                                      "--state_dir", str(root.parent / "state")]))
+    with pytest.raises(ConfigError, match="unknown engine 'tensorrt'"):
+        LabelmatchModel(bad, ServeMetrics(CollectorRegistry())).load()
