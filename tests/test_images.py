@@ -89,5 +89,5 @@ def test_train_image_pins_torch_first() -> None:
         args for keyword, args in instructions(ROOT / "images" / "train" / "Dockerfile") if keyword == "RUN"
     )
     torch_at = runs.index('"torch==${TORCH_VERSION}"')
-    extras_at = runs.index("[train,tune,export,batch,monitor,pipelines]")
+    extras_at = runs.index("[train,tune,export,batch,monitor,openvino,pipelines]")
     assert torch_at < extras_at
