@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.serving.engines import ENGINES, pick_engine, probe_ms, served_cost_ms
+from labelmatch.serving.engines import pick_engine, probe_ms, served_cost_ms
+from labelmatch.serving.onnx_classifier import graph_feeds
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,7 @@ class _CalibrationTexts:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         tokenizer.enable_truncation(max_length=max_length)
         tokenizer.no_padding()
-        self._feeds = iter([self._feed(tokenizer.encode(text), input_names) for text in texts])
-
-    @staticmethod
-    def _feed(encoding: Any, input_names: list[str]) -> dict[str, np.ndarray]:
-        arrays = {"input_ids": encoding.ids, "attention_mask": encoding.attention_mask,
-                  "token_type_ids": encoding.type_ids}
-        return {name: np.array([arrays[name]], dtype=np.int64) for name in input_names}
+        self._feeds = iter([graph_feeds([tokenizer.encode(text)], input_names) for text in texts])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         """The next calibration input, or ``None`` when done."""
@@ -128,5 +123,4 @@ def probe_engines(runs: dict[str, Any], judged: dict[str, dict[str, Any]], texts
     picked = pick_engine(costs) if costs else None
     log.info("engine probe: %s; picked %s", ", ".join(f"{n} {c:.2f} ms" for n, c in costs.items()), picked)
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "passed": passed,
-            "documents": len(texts), "seconds_each": min_seconds,
-            "order": [name for name in ENGINES if name in runs]}
+            "documents": len(texts), "seconds_each": min_seconds}

@@ -46,7 +46,7 @@ from labelmatch.serving.engines import (
 
 log = logging.getLogger(__name__)
 __all__ = ["FP32_MODEL_FILE", "MODEL_FILE", "OUTPUT_NAME", "TOKENIZER_FILE", "OnnxClassifier", "OnnxEncoder",
-           "OrtConfig", "near_boundary", "served_engine", "served_model_version"]
+           "OrtConfig", "graph_feeds", "near_boundary", "served_engine", "served_model_version"]
 TOKENIZER_FILE = "tokenizer/tokenizer.json"
 OUTPUT_NAME = "sentence_embedding"
 
@@ -163,13 +163,7 @@ class OnnxEncoder:
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Batch inputs of the graph (padded to the longest text, truncated to ``max_length``)."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        arrays = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        return {name: arrays[name] for name in self.input_names}
+        return graph_feeds(self.tokenizer.encode_batch(list(texts)), self.input_names)
 
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Character offsets of ``text``'s tokens, without special tokens or truncation (the same
@@ -193,6 +187,14 @@ class OnnxEncoder:
             (embedded,) = self.session.run([OUTPUT_NAME], self.tokenize([texts[i] for i in rows]))
             out[rows] = embedded
         return out
+
+
+def graph_feeds(encodings: Sequence[Any], input_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The graph's int64 inputs (``input_names`` of ids, attention mask, token types) from
+    equal-length ``tokenizers`` encodings (padded, or a single one)."""
+    field = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    return {name: np.array([getattr(e, field[name]) for e in encodings], dtype=np.int64)
+            for name in input_names}
 
 
 def near_boundary(cos: np.ndarray, boundary: np.ndarray, margin: float) -> np.ndarray:
