@@ -29,6 +29,12 @@ class TrainConfig:
             read 192 tokens instead of 96 (see ``bench/results/quality.md``).
         epochs: Maximum number of passes over the training split.
         batch_size: Documents per optimisation step.
+        group_by_length: Draw each step's documents among documents of similar token length
+            (:mod:`labelmatch.training.batches`), so dynamic padding pads less; every document is
+            still seen once per epoch. On Reuters at 96 tokens the padded tokens per epoch fall
+            by 14% (99% of the tokens real instead of 85%); docs/training.md, "Speed".
+        length_group_batches: Batches per length-sorted group when ``group_by_length`` (larger:
+            less padding, less mixing between long and short documents).
         lr: Peak learning rate of the LoRA parameters (AdamW).
         bias_lr: Learning rate of the scalar logit bias (one number; it needs a larger step).
         weight_decay: AdamW weight decay of the LoRA parameters.
@@ -86,6 +92,8 @@ class TrainConfig:
     inference_max_length: int | None = None
     epochs: int = 3
     batch_size: int = 16
+    group_by_length: bool = True
+    length_group_batches: int = 50
     lr: float = 1e-3
     bias_lr: float = 1e-2
     weight_decay: float = 0.01
@@ -133,6 +141,7 @@ class TrainConfig:
             "lora_alpha",
             "scale",
             "eval_batch_size",
+            "length_group_batches",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -195,6 +195,7 @@ class SFTTrainer:
         self.stale = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self._order: list[int] = []
+        self._lengths = self._token_lengths() if config.group_by_length else None
         self._label_cache: torch.Tensor | None = None
         self._cached_at = 0
         self.label_strategy = config.strategy_for(len(self.label_texts))
@@ -245,9 +246,15 @@ class SFTTrainer:
         """True when all epochs are done or early stopping triggered."""
         return self.step >= self.total_steps or self.stale >= self.config.patience
 
+    def _token_lengths(self) -> list[int]:
+        """Each training document's token count as training reads it (for length grouping)."""
+        encoded = self.tokenizer([d.text for d in self.train_set.documents], truncation=True,
+                                 max_length=self.config.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
     def _next_batch(self) -> list[int]:
         batch, self._order = next_batch(self._order, len(self.train_set.documents), self.config.batch_size,
-                                        self.generator)
+                                        self.generator, self._lengths, self.config.length_group_batches)
         return batch
 
     def _label_matrix(self, batch: list[int]) -> torch.Tensor:
