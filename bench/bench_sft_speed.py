@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=0,
                         help="Stop each run after this many steps (0: all); a quick check, not a record.")
     parser.add_argument("--profile-steps", type=int, default=20, help="Steps profiled phase by phase.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Run nothing: rewrite the report from <out>/sft_speed.json.")
     parser.add_argument("--child", choices=("baseline", "new"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -66,11 +68,16 @@ def profile_steps(trainer: Any, steps: int, warmup: int = 3) -> dict[str, float]
     encoder = model.encoder
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     phases: dict[str, float] = {}
+    from labelmatch.training.batches import next_batch
+
     generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(trainer.train_set.documents), generator=generator).tolist()
+    # Each revision's own batches: length-grouped where the trainer groups (new), else a shuffle.
+    lengths = getattr(trainer, "_lengths", None)
+    grouping = (lengths, trainer.config.length_group_batches) if lengths else ()
+    order: list[int] = []
     size = trainer.config.batch_size
     for step in range(warmup + steps):
-        batch = order[step * size : (step + 1) * size]
+        batch, order = next_batch(order, len(trainer.train_set.documents), size, generator, *grouping)
         marks = [time.perf_counter()]
         tokens = encoder.tokenize([trainer.train_set.documents[i].text for i in batch])
         marks.append(time.perf_counter())
@@ -134,7 +141,8 @@ def train_and_score(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "library": str(Path(labelmatch.__file__).parent),
         "config": {k: v for k, v in config.to_dict().items() if k in (
-            "lora_dropout", "encoder_dropout", "batch_size", "lr", "max_length", "epochs")},
+            "lora_dropout", "encoder_dropout", "group_by_length", "batch_size", "lr", "max_length",
+            "epochs")},
         "profile_ms_per_step": profile,
         "steps": trainer.step,
         "train_docs_seen": docs,
@@ -190,11 +198,13 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "sft_speed.png", dpi=110)
     cpu = report["machine"]
-    table = ["| run | LoRA dropout | encoder dropout | docs/s | step s | validation macro-F1 | test micro-F1 "
-             "| test macro-F1 |", "|---|---|---|---|---|---|---|---|"]
+    table = ["| run | LoRA dropout | encoder dropout | length-grouped batches | docs/s | step s "
+             "| validation macro-F1 | test micro-F1 | test macro-F1 |", "|---" * 9 + "|"]
     for name, run in (("baseline", base), ("new", new)):
         cfg = run["config"]
+        grouped = "yes" if cfg.get("group_by_length") else "no"
         table.append(f"| {name} | {cfg.get('lora_dropout')} | {cfg.get('encoder_dropout', 'model (0.1)')} | "
+                     f"{grouped} | "
                      f"{run['docs_per_s']:.2f} | {run['step_seconds']:.0f} | {run['val_macro_f1']:.4f} | "
                      f"{run['test_micro_f1']:.4f} | {run['test_macro_f1']:.4f} |")
     speedup = (f"Speed-up (docs/s, new / baseline): **{report['speedup']:.2f}x**; validation macro-F1 "
@@ -212,7 +222,7 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         *table,
     ]
     lines += ["", "Where a step's time goes (ms per step, averaged over "
-              f"{report['profile_steps']} steps profiled before training):", "",
+              f"{report['profile_steps']} steps profiled before training, each run's own batches):", "",
               "| phase | baseline | new |", "|---|---|---|"]
     for phase in base["profile_ms_per_step"]:
         lines.append(f"| {phase} | {base['profile_ms_per_step'][phase]:.0f} | "
@@ -237,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.child:
         (args.work / f"{args.child}.json").write_text(json.dumps(train_and_score(args), indent=2))
+        return
+    if args.report_only:
+        write_report(json.loads((args.out / "sft_speed.json").read_text()), args.out)
         return
     report: dict[str, Any] = {"machine": machine(), "baseline_rev": args.baseline_rev,
                               "profile_steps": args.profile_steps,

@@ -37,7 +37,8 @@ METHODS = ("tfidf_lr", "tfidf_linear_svc", "zero_shot", "dual_encoder")
 #: Long documents read more tokens at validation and test than in training (TrainConfig.inference_max_length).
 INFERENCE_LENGTH = {"reuters21578_modapte": 256, "cuad_clauses": 256}
 #: Library defaults recorded with each dataset's runs (they changed between recorded runs).
-RECIPE_KEYS = ("lr", "batch_size", "lora_rank", "lora_dropout", "encoder_dropout", "contrastive_weight")
+RECIPE_KEYS = ("lr", "batch_size", "lora_rank", "lora_dropout", "encoder_dropout", "contrastive_weight",
+               "group_by_length")
 #: What the runs recorded before ``recipe`` was recorded used (the defaults until dropout went off).
 EARLIER_RECIPE = {"lr": 1e-3, "batch_size": 16, "lora_rank": 8, "lora_dropout": 0.1,
                   "encoder_dropout": "model (0.1)", "contrastive_weight": 0.2}
@@ -155,21 +156,23 @@ def run_zero_shot(name: str, args: argparse.Namespace, seed: int) -> dict[str, A
     return _metrics(dataset, val, test)
 
 
+def dual_encoder_config(name: str, args: argparse.Namespace, seed: int, **overrides: Any) -> Any:
+    """The suite's ``TrainConfig`` for one dataset and seed: the library defaults, the suite's
+    epoch budget and lengths, patience 1; ``overrides`` change fields (recipe probes)."""
+    from labelmatch.training.config import TrainConfig
+
+    settings = {"epochs": args.epochs, "max_length": args.max_length, "patience": 1, "seed": seed,
+                "progress": False, "inference_max_length": INFERENCE_LENGTH.get(name)}
+    return TrainConfig(**{**settings, **overrides})
+
+
 def run_dual_encoder(name: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from labelmatch.evaluation.evaluate import evaluate
     from labelmatch.model.classifier import Classifier
-    from labelmatch.training.config import TrainConfig
     from labelmatch.training.sft import train_sft
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, seed)
-    config = TrainConfig(
-        epochs=args.epochs,
-        max_length=args.max_length,
-        patience=1,
-        seed=seed,
-        progress=False,
-        inference_max_length=INFERENCE_LENGTH.get(name),
-    )
+    config = dual_encoder_config(name, args, seed)
     out = args.work / f"{name}-s{seed}"
     if (out / "manifest.json").is_file():  # trained by an earlier run with these settings: reuse it
         info = json.loads((out / "labelmatch.json").read_text())
@@ -288,8 +291,9 @@ def markdown(report: dict[str, Any]) -> str:
         kept = ", ".join(f"{r['dual_encoder']['best_epoch']:.0f} ({r['dual_encoder']['val_macro_f1']:.3f})"
                          for r in result["runs"])
         recipe = result.get("recipe", EARLIER_RECIPE)
+        grouped = "length-grouped" if recipe.get("group_by_length") else "shuffled"
         lines.append(f"- {result['dataset']}: {kept}; LoRA dropout {recipe['lora_dropout']}, encoder "
-                     f"dropout {recipe['encoder_dropout']}")
+                     f"dropout {recipe['encoder_dropout']}, {grouped} batches")
     if report.get("note"):
         lines += ["", report["note"]]
     lines += ["", "Targets (dual encoder vs TF-IDF + LinearSVC):", ""]

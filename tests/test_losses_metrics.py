@@ -46,6 +46,30 @@ def test_loss_without_soft_scores_uses_hard_bce_only():
     assert float(parts["bce_soft"]) == 0.0
 
 
+def test_ranking_term_is_each_positives_softmax_against_the_negatives_only():
+    cos = torch.tensor([[0.9, 0.6, 0.1, 0.5], [0.2, 0.3, 0.4, 0.8], [0.1, 0.2, 0.3, 0.4]])
+    y = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    t = 20.0
+    pairs = []
+    for d, p in ((0, 0), (0, 1), (1, 3)):  # the third document has no positive: no pair
+        negatives = [j for j in range(4) if y[d, j] == 0]
+        logits = [t * float(cos[d, p])] + [t * float(cos[d, n]) for n in negatives]
+        pairs.append(-(logits[0] - math.log(sum(math.exp(v) for v in logits))))
+    weights = LossWeights(contrastive=0.0, ranking=0.7, ranking_scale=t)
+    parts = label_match_loss(cos, 5 * cos, y, weights)
+    assert float(parts["ranking"]) == pytest.approx(np.mean(pairs), rel=1e-5)
+    bce_only = label_match_loss(cos, 5 * cos, y, LossWeights(contrastive=0.0))
+    assert float(bce_only["ranking"]) == 0.0
+    assert float(parts["loss"]) == pytest.approx(float(bce_only["loss"]) + 0.7 * np.mean(pairs), rel=1e-5)
+    # Positives do not compete: raising the first positive changes its own pair only.
+    raised = cos[:1].clone()
+    raised[0, 0] = 0.95
+    own = math.log1p(math.exp(t * 0.1 - t * 0.95) + math.exp(t * 0.5 - t * 0.95))
+    first = label_match_loss(raised, 5 * raised, y[:1], weights)["ranking"]
+    assert float(first) == pytest.approx((own + pairs[1]) / 2, rel=1e-5)
+    assert float(label_match_loss(cos, 5 * cos, torch.zeros_like(y), weights)["ranking"]) == 0.0
+
+
 def test_positive_weights_sqrt_ratio_clipped():
     targets = torch.tensor([[1.0, 1.0, 0.0]] + [[0.0, 1.0, 0.0]] * 99)
     w = positive_weights(targets, max_weight=5.0)

@@ -53,6 +53,10 @@ class TrainConfig:
         scale: Cosine scale in ``logit = scale * cos + bias``.
         contrastive_weight: λ of the contrastive margin term.
         margin: Cosine margin for negatives in the contrastive term.
+        ranking_weight: ρ of the multi-positive ranking term over label descriptions
+            (:mod:`labelmatch.model.losses`); 0 turns it off.
+        ranking_scale: Cosine scale inside the ranking term's softmax (20, as in
+            sentence-transformers' MultipleNegativesRankingLoss).
         hard_weight: Weight of the hard-target BCE when soft scores exist.
         soft_weight: Weight of the soft-score BCE when soft scores exist.
         pos_weight_max: Upper clip of the per-label positive weight.
@@ -107,6 +111,8 @@ class TrainConfig:
     scale: float = 20.0
     contrastive_weight: float = 0.2
     margin: float = 0.2
+    ranking_weight: float = 0.0
+    ranking_scale: float = 20.0
     hard_weight: float = 0.5
     soft_weight: float = 0.5
     pos_weight_max: float = 10.0
@@ -153,8 +159,10 @@ class TrainConfig:
         if self.encoder_dropout is not None and not 0.0 <= self.encoder_dropout < 1.0:
             raise ConfigError(
                 f"TrainConfig.encoder_dropout must be in [0, 1) or None, got {self.encoder_dropout}")
-        if self.weight_decay < 0 or self.contrastive_weight < 0:
-            raise ConfigError("TrainConfig.weight_decay and contrastive_weight must be >= 0")
+        if self.weight_decay < 0 or self.contrastive_weight < 0 or self.ranking_weight < 0:
+            raise ConfigError("TrainConfig.weight_decay, contrastive_weight and ranking_weight must be >= 0")
+        if self.ranking_scale <= 0:
+            raise ConfigError(f"TrainConfig.ranking_scale must be > 0, got {self.ranking_scale}")
         if self.schedule not in ("linear", "cosine"):
             raise ConfigError(f"TrainConfig.schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         if self.long_documents not in ("truncate", "chunk"):

@@ -327,6 +327,8 @@ class SFTTrainer:
             self.config.soft_weight,
             self.config.contrastive_weight,
             self.config.margin,
+            self.config.ranking_weight,
+            self.config.ranking_scale,
         )
         parts = label_match_loss(
             cos,
