@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serv
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_suite.py --out bench/results
+
+## recipe-probe: a TrainConfig change judged on validation only, bench-suite's protocol, seed 0, e.g.
+##   make recipe-probe NAME=ranking-loss SET="ranking_weight=1.0" DATASETS=cuad_clauses,clinc150
+recipe-probe: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_recipe_probe.py --name $(NAME) $(foreach s,$(SET),--set $(s)) \
+		$(if $(DATASETS),--datasets $(DATASETS))
 
 ## bench-transfer: zero-shot transfer to labels never trained on, untrained vs trained (needs ../shared/data)
 bench-transfer: setup

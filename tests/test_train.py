@@ -213,6 +213,16 @@ def test_labels_grouped_by_length_are_embedded_in_order_with_gradient_and_no_dro
     assert any(m.p > 0 for m in with_dropout.model.encoder.model.modules() if isinstance(m, torch.nn.Dropout))
 
 
+def test_ranking_term_reaches_the_training_loss_only_when_asked():
+    dataset = make_tiny_dataset(30)
+    plain = SFTTrainer(dataset, tiny_config()).train_step()
+    ranked = SFTTrainer(dataset, tiny_config(ranking_weight=1.0)).train_step()
+    assert plain["ranking"] == 0.0 and ranked["ranking"] > 0.0
+    assert ranked["loss"] == pytest.approx(plain["loss"] + ranked["ranking"], rel=1e-4)
+    with pytest.raises(ConfigError, match="ranking_scale"):
+        tiny_config(ranking_scale=0.0)
+
+
 def test_sampled_strategy_scores_positives_and_the_requested_negatives(tiny_dataset):
     import torch
 
