@@ -69,7 +69,7 @@ from labelmatch.serving.onnx_classifier import TOKENIZER_FILE, OnnxEncoder, OrtC
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
 #: Cell names of the serving engines (torch_fp32 is the reference, not a serving engine).
 CELL_NAMES = {"ort-fp32": "ort_fp32", "ort-int8-dynamic": "ort_int8", "ort-int8-static": "ort_int8_static",
-              "openvino-int8-static": "openvino_int8_static"}
+              "openvino-int8-static": "openvino_int8_static", "openvino-bf16": "openvino_bf16"}
 GATE = 0.98
 
 
@@ -95,7 +95,8 @@ class Engines:
         config = OrtConfig(intra_op_threads=threads)
         self.ort = {
             CELL_NAMES[name]: OnnxEncoder(onnx_dir / SERVING_ENGINES[name].file, onnx_dir / TOKENIZER_FILE,
-                                          seq, config, SERVING_ENGINES[name].runtime)
+                                          seq, config, SERVING_ENGINES[name].runtime,
+                                          precision=SERVING_ENGINES[name].precision)
             for name in measured
         }
         self.names = ["torch_fp32", *self.ort]
@@ -270,7 +271,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Serving benchmark: torch vs every serving engine, the pick, and the HTTP server", "",
         f"Machine: {cpu['cpu']}, {cpu['cores']} cores, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512f']}, "
-        f"int8 dot-product instructions: {', '.join(cpu['int8_dot_product']) or 'none'}; "
+        f"int8 dot-product instructions: {', '.join(cpu['int8_dot_product']) or 'none'}, "
+        f"bf16: {', '.join(cpu.get('bf16', [])) or 'none'}; "
         f"{results['threads']} thread(s) per engine; engines interleaved round by round inside every "
         "cell, so compare ratios, not absolute numbers.", "",
         f"Speed model: zero-shot bundled MiniLM-L6 over the {results['labels']} Reuters-21578 label "

@@ -38,8 +38,8 @@ def export(
     engine: Annotated[
         str,
         typer.Option(help="Serving engine: auto (the fastest candidate that passes the gate, by a short "
-                          "probe on this CPU), ort-int8-dynamic, ort-int8-static, openvino-int8-static or "
-                          "ort-fp32 (docs/serving.md)."),
+                          "probe on this CPU), ort-int8-dynamic, ort-int8-static, openvino-int8-static, "
+                          "openvino-bf16 or ort-fp32 (docs/serving.md)."),
     ] = "auto",
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""

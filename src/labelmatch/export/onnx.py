@@ -99,7 +99,7 @@ from labelmatch.model.card import write_model_card
 from labelmatch.model.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.model.matching import Thresholds, boundary_cosines
 from labelmatch.monitoring.profile import build_profile
-from labelmatch.serving.engines import ENGINES, STATIC_MODEL_FILE, cpu_summary
+from labelmatch.serving.engines import ENGINES, STATIC_MODEL_FILE, Engine, cpu_summary
 from labelmatch.serving.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
@@ -240,7 +240,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         fusions = _optimize(raw, fp32, hf_model.config, config.optimize)
         _quantize(fp32, tmp / MODEL_FILE, config, hf_model.config)
         candidates = [name for name in config.engines if ENGINES[name].available
-                      and (config.keep_fp32 or name != "ort-fp32")]
+                      and (config.keep_fp32 or ENGINES[name].file != FP32_MODEL_FILE)]
         static_quantization = None
         if any(ENGINES[name].file == STATIC_MODEL_FILE for name in candidates):
             calibration = windows[0][: max(1, len(windows[0]) // 2)][: config.static_calibration_docs]
@@ -254,12 +254,13 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         # Full-precision label embeddings: shipped, and given to every graph's classifier.
         label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()
         runs = {
-            name: _onnx_classifier(tmp, name, labels, label_emb, thresholds, onnx_info, ort_config)
-            for name in (FP32_MODEL_FILE, MODEL_FILE)
+            ENGINES[name].file: _onnx_classifier(tmp, ENGINES[name], labels, label_emb, thresholds, onnx_info,
+                                                 ort_config)
+            for name in ("ort-fp32", "ort-int8-dynamic")
         }
-        extra = {name: _onnx_classifier(tmp, ENGINES[name].file, labels, label_emb, thresholds, onnx_info,
-                                        ort_config, ENGINES[name].runtime)
-                 for name in candidates if ENGINES[name].file == STATIC_MODEL_FILE}
+        extra = {name: _onnx_classifier(tmp, ENGINES[name], labels, label_emb, thresholds, onnx_info,
+                                        ort_config)
+                 for name in candidates if name not in ("ort-fp32", "ort-int8-dynamic")}
         parity, tuned = _parity(torch_encoder, runs, windows, targets, eval_labels, thresholds, config, extra)
         engine_runs = {"ort-int8-dynamic": runs[MODEL_FILE], "ort-fp32": runs[FP32_MODEL_FILE], **extra}
         engine_runs = {name: engine_runs[name] for name in ENGINES if name in candidates}
@@ -498,13 +499,12 @@ def _quantize(fp32: Path, out: Path, config: ExportConfig, model_config: Any) ->
     )
 
 
-def _onnx_classifier(root: Path, model_file: str, labels: dict[str, str], label_emb: np.ndarray,
-                     thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig,
-                     runtime: str = "onnxruntime") -> OnnxClassifier:
+def _onnx_classifier(root: Path, engine: Engine, labels: dict[str, str], label_emb: np.ndarray,
+                     thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig) -> OnnxClassifier:
     from labelmatch.serving.onnx_classifier import OnnxEncoder
 
-    encoder = OnnxEncoder(root / model_file, root / TOKENIZER_FILE, int(info["max_length"]), config, runtime,
-                          batch_invariant=model_file == FP32_MODEL_FILE)
+    encoder = OnnxEncoder(root / engine.file, root / TOKENIZER_FILE, int(info["max_length"]), config,
+                          engine.runtime, batch_invariant=engine.batch_invariant, precision=engine.precision)
     return OnnxClassifier(encoder, labels, label_emb, info["scale"], info["bias"], thresholds, info)
 
 

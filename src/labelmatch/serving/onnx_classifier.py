@@ -128,6 +128,7 @@ class OnnxEncoder:
         max_length: Texts are truncated to this many tokens (never rejected for length).
         config: Session settings (``intra_op_threads`` is OpenVINO's thread count too).
         runtime: ``onnxruntime`` or ``openvino`` (:mod:`labelmatch.serving.engines`).
+        precision: OpenVINO's inference precision hint (``bf16``); empty: its default.
         batch_invariant: Whether a text's embedding is the same whatever it is batched with: true
             of an fp32 graph, false of dynamic int8 (one activation scale per batch). Only then
             are label descriptions embedded in batches (:attr:`LABEL_BATCH_SIZE`).
@@ -139,7 +140,7 @@ class OnnxEncoder:
 
     def __init__(self, model_path: str | Path, tokenizer_path: str | Path, max_length: int,
                  config: OrtConfig | None = None, runtime: str = "onnxruntime",
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, precision: str = ""):
         from tokenizers import Tokenizer
 
         self.config = config or OrtConfig()
@@ -152,7 +153,7 @@ class OnnxEncoder:
         self._whole.no_truncation()
         self._whole.no_padding()
         if runtime == "openvino":
-            self.session: Any = OpenVinoSession(model_path, self.config.intra_op_threads)
+            self.session: Any = OpenVinoSession(model_path, self.config.intra_op_threads, precision)
         else:
             self.session = self.config.create_session(model_path)
         self.runtime = runtime
@@ -285,7 +286,7 @@ class OnnxClassifier(LabelMatcher):
             raise ArtifactError(f"artifact {root}: no {chosen.file}")
         max_length = int(info["max_length"])
         encoder = OnnxEncoder(root / chosen.file, root / TOKENIZER_FILE, max_length, config, chosen.runtime,
-                              batch_invariant=not chosen.int8)
+                              batch_invariant=chosen.batch_invariant, precision=chosen.precision)
         fallback = None
         if plan:
             if not (root / plan["model"]).is_file():
@@ -370,11 +371,10 @@ def served_engine(info: dict[str, Any], model_file: str | None = None,
         installable = {n: e.get("cost_ms") for n, e in recorded.items()
                        if e.get("cost_ms") is not None and ENGINES[n].available}
         if engine_name is not None or not installable:
-            raise ConfigError(f"engine {name!r} needs the {chosen.runtime!r} package, which is not installed "
-                              "(pip install 'labelmatch[openvino]')")
+            raise ConfigError(f"engine {name!r} {chosen.unavailable_reason()}")
         name = min(installable, key=lambda n: installable[n])
-        log.warning("the export picked %s, but %s is not installed here: serving %s, the cheapest measured "
-                    "engine that is", chosen.name, chosen.runtime, name)
+        log.warning("the export picked %s, which %s: serving %s, the cheapest measured engine that runs "
+                    "here", chosen.name, chosen.unavailable_reason(), name)
         chosen = ENGINES[name]
     plan = recorded[name].get("fallback")
     return chosen, ({"model": plan["model"], "margin": plan["margin"]} if plan else None)

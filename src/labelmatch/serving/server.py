@@ -615,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inference_threads", type=int, default=1, help="Concurrent predictions.")
     parser.add_argument("--engine", default=os.environ.get("LABELMATCH_ENGINE") or None,
                         help="Serving engine (ort-int8-dynamic, ort-int8-static, openvino-int8-static, "
-                             "ort-fp32) instead of the one the export's probe picked; it must be one "
-                             "the export measured (labelmatch.json 'engines').")
+                             "openvino-bf16, ort-fp32) instead of the one the export's probe picked; it "
+                             "must be one the export measured (labelmatch.json 'engines').")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 
