@@ -24,8 +24,10 @@ The candidates (:data:`ENGINES`):
 ``openvino-bf16``
     ``model_fp32.onnx`` under OpenVINO with bfloat16 inference precision, on CPUs whose OpenVINO
     reports native bf16 (AMX or AVX-512 BF16; elsewhere the candidate is not available). On an
-    Intel Xeon with AMX it ran faster than dynamic int8 with embeddings at cosine 0.99998 of fp32
-    (int8: 0.991), so it needs no fallback there.
+    Intel Xeon with AMX its embeddings were at cosine 0.99998 of fp32 (dynamic int8: 0.991), so it
+    needed no fallback, and on full 128-token documents with one thread it was the fastest
+    engine; on documents of varying length with two threads dynamic int8 was faster (the probe
+    decides, docs/serving.md).
 ``ort-fp32``
     ``model_fp32.onnx``: the fused fp32 graph; no fallback needed.
 
@@ -159,8 +161,9 @@ class OpenVinoSession:
     """An OpenVINO compiled model behind the part of ``onnxruntime.InferenceSession`` the encoder uses.
 
     Args:
-        model_path: The ``.onnx`` file (standard operators only: OpenVINO does not read ONNX
-            Runtime's fused contrib operators, hence the unfused QDQ graph).
+        model_path: The ``.onnx`` file. OpenVINO reads ONNX Runtime's fused fp32 operators
+            (``Attention``, ``BiasGelu``, ``EmbedLayerNormalization``) but not its fused int8 ones,
+            hence the unfused QDQ graph for static int8.
         threads: Inference threads; 0 lets OpenVINO pick.
         precision: Inference precision hint (``bf16``, ``f32``); empty: OpenVINO's default.
     """
