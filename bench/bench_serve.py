@@ -64,7 +64,7 @@ from labelmatch.data.dataset import Dataset, load_dataset
 from labelmatch.export.onnx import ExportConfig, export_onnx
 from labelmatch.serving.engines import ENGINES as SERVING_ENGINES
 from labelmatch.serving.engines import served_cost_ms
-from labelmatch.serving.onnx_classifier import TOKENIZER_FILE, OnnxEncoder, OrtConfig
+from labelmatch.serving.onnx_classifier import OnnxEncoder, OrtConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
 #: Cell names of the serving engines (torch_fp32 is the reference, not a serving engine).
@@ -94,9 +94,7 @@ class Engines:
         self.torch_encoder = TextEncoder(model.eval(), tokenizer, seq)
         config = OrtConfig(intra_op_threads=threads)
         self.ort = {
-            CELL_NAMES[name]: OnnxEncoder(onnx_dir / SERVING_ENGINES[name].file, onnx_dir / TOKENIZER_FILE,
-                                          seq, config, SERVING_ENGINES[name].runtime,
-                                          precision=SERVING_ENGINES[name].precision)
+            CELL_NAMES[name]: OnnxEncoder.for_engine(onnx_dir, SERVING_ENGINES[name], seq, config)
             for name in measured
         }
         self.names = ["torch_fp32", *self.ort]

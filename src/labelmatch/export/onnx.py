@@ -503,8 +503,7 @@ def _onnx_classifier(root: Path, engine: Engine, labels: dict[str, str], label_e
                      thresholds: dict[str, Any], info: dict[str, Any], config: OrtConfig) -> OnnxClassifier:
     from labelmatch.serving.onnx_classifier import OnnxEncoder
 
-    encoder = OnnxEncoder(root / engine.file, root / TOKENIZER_FILE, int(info["max_length"]), config,
-                          engine.runtime, batch_invariant=engine.batch_invariant, precision=engine.precision)
+    encoder = OnnxEncoder.for_engine(root, engine, int(info["max_length"]), config)
     return OnnxClassifier(encoder, labels, label_emb, info["scale"], info["bias"], thresholds, info)
 
 

@@ -162,6 +162,15 @@ class OnnxEncoder:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.dim = int(self.session.get_outputs()[0].shape[-1])
 
+    @classmethod
+    def for_engine(cls, root: str | Path, engine: Engine, max_length: int,
+                   config: OrtConfig | None = None) -> OnnxEncoder:
+        """The encoder that runs ``engine`` (its graph file, runtime and precision) from the
+        OnnxModel directory ``root``."""
+        root = Path(root)
+        return cls(root / engine.file, root / TOKENIZER_FILE, max_length, config, engine.runtime,
+                   batch_invariant=engine.batch_invariant, precision=engine.precision)
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Batch inputs of the graph (padded to the longest text, truncated to ``max_length``)."""
         return graph_feeds(self.tokenizer.encode_batch(list(texts)), self.input_names)
@@ -285,8 +294,7 @@ class OnnxClassifier(LabelMatcher):
         if not (root / chosen.file).is_file():
             raise ArtifactError(f"artifact {root}: no {chosen.file}")
         max_length = int(info["max_length"])
-        encoder = OnnxEncoder(root / chosen.file, root / TOKENIZER_FILE, max_length, config, chosen.runtime,
-                              batch_invariant=chosen.batch_invariant, precision=chosen.precision)
+        encoder = OnnxEncoder.for_engine(root, chosen, max_length, config)
         fallback = None
         if plan:
             if not (root / plan["model"]).is_file():
