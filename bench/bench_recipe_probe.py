@@ -56,14 +56,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def validation_curve(name: str, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train on the suite's split of ``args.seed``; validation macro-F1 per epoch (no test)."""
+    """Train on the suite's split of ``args.seed``; validation macro-F1 per epoch, and micro-F1 of
+    the epoch early stopping keeps (no test)."""
     from labelmatch.training.sft import SFTTrainer
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, args.seed)
     trainer = SFTTrainer(dataset, dual_encoder_config(name, args, args.seed, **overrides))
     trainer.fit()
     curve = [round(row["val_macro_f1"], 4) for row in trainer.history]
-    return {"val_macro_f1_per_epoch": curve, "best_val_macro_f1": max(curve), "steps": trainer.step}
+    kept = max(trainer.history, key=lambda row: row["val_macro_f1"])
+    return {"val_macro_f1_per_epoch": curve, "best_val_macro_f1": max(curve),
+            "kept_val_micro_f1": round(kept["val_micro_f1"], 4), "steps": trainer.step}
 
 
 def baseline_curve(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -73,13 +76,18 @@ def baseline_curve(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     key = {"config": config, "train_docs": args.train_docs, "val_docs": args.val_docs}
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved["key"] == json.loads(json.dumps(key)):
+        if saved["key"] == json.loads(json.dumps(key)) and "kept_val_micro_f1" in saved["result"]:
             print(f"{dataset}/baseline: reused {cache}", flush=True)
             return saved["result"]
     result = measure(f"{dataset}/baseline", validation_curve, dataset, args, {})
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, "result": result}, indent=2))
     return result
+
+
+def _micro(run: dict[str, Any]) -> str:
+    """The kept epoch's validation micro-F1 (``-`` in reports written before it was recorded)."""
+    return f"{run['kept_val_micro_f1']:.4f}" if "kept_val_micro_f1" in run else "-"
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
@@ -107,13 +115,14 @@ def write_report(report: dict[str, Any], out: Path) -> None:
              f"patience 1, max length {report['max_length']}). The test split is not read. "
              f"CPU: {report['machine']['cpu']}. Command: `{report['command']}`.", "",
              "| dataset | baseline val macro-F1 per epoch | candidate | best baseline | best candidate | Δ "
-             "| wall s baseline / candidate |", "|---|---|---|---:|---:|---:|---:|"]
+             "| val micro-F1 there, baseline / candidate | wall s baseline / candidate |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for dataset, row in rows.items():
         base, cand = row["baseline"], row["candidate"]
         lines.append(f"| {dataset} | {', '.join(map(str, base['val_macro_f1_per_epoch']))} | "
                      f"{', '.join(map(str, cand['val_macro_f1_per_epoch']))} | "
                      f"{base['best_val_macro_f1']:.4f} | {cand['best_val_macro_f1']:.4f} | "
-                     f"{row['delta']:+.4f} | "
+                     f"{row['delta']:+.4f} | {_micro(base)} / {_micro(cand)} | "
                      f"{base['wall_s']:.0f} / {cand['wall_s']:.0f} |")
     verdict = ("higher or equal on every dataset probed" if all(r["delta"] >= 0 for r in rows.values())
                else "lower on " + ", ".join(d for d, r in rows.items() if r["delta"] < 0))

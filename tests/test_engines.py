@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from labelmatch.serving.engines import (
     STATIC_MODEL_FILE,
     engine,
     pick_engine,
-    probe_ms,
+    probe_costs,
     served_cost_ms,
 )
 from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig, served_engine
@@ -148,10 +149,27 @@ def test_the_probe_picks_the_cheapest_cost_with_fallback():
     assert pick_engine({"ort-fp32": 1.0, "ort-int8-dynamic": 1.0}) == "ort-int8-dynamic"  # ties: list order
     with pytest.raises(ConfigError):
         pick_engine({})
-    calls: list[str] = []
-    ms = probe_ms(calls.append, ["a", "b"], min_seconds=0.01, warmup=1)
-    assert ms > 0 and calls[0] == "a" and len(calls) >= 3
-    assert np.isfinite(ms)
+
+
+def test_the_probe_warms_every_input_then_times_candidates_in_turns():
+    calls: list[tuple[str, str]] = []
+
+    def slow(text: str) -> None:
+        calls.append(("slow", text))
+        time.sleep(0.004 if ("slow", text) in calls[:-1] else 0.05)  # the first call of an input: compiling
+
+    def fast(text: str) -> None:
+        calls.append(("fast", text))
+        time.sleep(0.002)
+
+    ms = probe_costs({"slow": slow, "fast": fast}, ["a", "b", "c"], min_seconds=0.01, min_rounds=3)
+    # Every input warmed once per candidate before timing: the slow first calls are not counted.
+    assert calls[:6] == [("slow", t) for t in "abc"] + [("fast", t) for t in "abc"]
+    assert 3.5 < ms["slow"] < 20 and 1.5 < ms["fast"] < ms["slow"]
+    timed = [name for name, text in calls[6:] if text == "a"]
+    assert len(timed) >= 6 and timed[:4] == ["slow", "fast", "fast", "slow"]  # turns rotate by round
+    with pytest.raises(ConfigError):
+        probe_costs({"slow": slow}, [])
 
 
 def test_a_pick_whose_runtime_is_missing_falls_back_to_the_cheapest_installed_one(monkeypatch):
@@ -209,3 +227,42 @@ def test_the_server_serves_the_engine_it_is_told_to(probed, monkeypatch):
                                                       "--state_dir", str(root.parent / "state")]))
     with pytest.raises(ConfigError, match="unknown engine 'tensorrt'"):
         LabelmatchModel(bad, ServeMetrics(CollectorRegistry())).load()
+
+
+def test_a_server_told_to_probe_times_the_passing_engines_here_and_serves_the_cheapest(probed, monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    from labelmatch.serving.load_probe import probe_engine_at_load, texts_of_lengths
+    from labelmatch.serving.metrics import ServeMetrics
+    from labelmatch.serving.onnx_classifier import TOKENIZER_FILE
+    from labelmatch.serving.server import LabelmatchModel, build_parser, config_from_args
+
+    root, parity = probed
+    export_probe = parity["engine_probe"]
+    assert len(export_probe["lengths"]) == export_probe["documents"] and max(export_probe["lengths"]) > 5
+    # Texts of the export probe's token lengths (the artifact keeps no document text).
+    tokenizer = OnnxClassifier.load(root, OrtConfig(intra_op_threads=1)).encoder.tokenizer
+    texts = texts_of_lengths(root / TOKENIZER_FILE, ["a contract clause", "tariffs on steel"], [3, 17, 60])
+    assert [len(tokenizer.encode(t).ids) for t in texts] == pytest.approx([3, 17, 60], abs=1)
+
+    result = probe_engine_at_load(root, OrtConfig(intra_op_threads=1), min_seconds=0.05)
+    assert result["candidates"] == [n for n in export_probe["passed"] if ENGINES[n].available]
+    assert result["picked"] == min(result["costs_ms"], key=result["costs_ms"].get)
+    assert result["lengths"] == export_probe["lengths"]
+    for name in result["candidates"]:
+        plan = parity["engines"][name]["fallback"]
+        share = plan["fallback_fraction"] if plan else 0.0
+        assert result["costs_ms"][name] == pytest.approx(
+            served_cost_ms(result["probe_ms"][name], share, result["probe_ms"]["ort-fp32"]))
+
+    monkeypatch.delenv("LABELMATCH_ENGINE", raising=False)
+    state = str(root.parent / "state-probe")
+    args = build_parser().parse_args(["--model_dir", str(root), "--engine", "probe",
+                                      "--intra_op_threads", "1", "--state_dir", state])
+    model = LabelmatchModel(config_from_args(args), ServeMetrics(CollectorRegistry()))
+    model.load()
+    try:
+        assert model.engine_probe["picked"] == model.classifier.engine
+        assert model.engine_probe["picked"] in model.engine_probe["candidates"]
+    finally:
+        model.stop()

@@ -47,6 +47,14 @@ def test_training_improves_over_zero_shot_on_validation(tmp_path):
     trainer.fit()
     assert trainer.best_f1 >= first_val and trainer.best_f1 > 0.4
     assert [h["iteration"] for h in trainer.history] == list(range(1, len(trainer.history) + 1))
+    # Micro-F1 at the same threshold is reported beside it: recomputed here from the kept weights.
+    from sklearn.metrics import f1_score
+
+    from labelmatch.evaluation.metrics import binarize
+
+    kept = max(trainer.history, key=lambda row: row["val_macro_f1"])
+    predicted = binarize(trainer.validation_scores(), kept["val_threshold"])
+    assert kept["val_micro_f1"] == pytest.approx(f1_score(trainer.val_targets, predicted, average="micro"))
 
 
 def test_reload_in_fresh_process_gives_identical_scores(trained_model, tmp_path):

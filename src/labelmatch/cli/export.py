@@ -41,6 +41,10 @@ def export(
                           "probe on this CPU), ort-int8-dynamic, ort-int8-static, openvino-int8-static, "
                           "openvino-bf16 or ort-fp32 (docs/serving.md)."),
     ] = "auto",
+    probe_threads: Annotated[
+        int, typer.Option(help="Threads per engine in the probe: the serving pods' --intra_op_threads "
+                               "(0: one per core).")
+    ] = 0,
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
     from labelmatch.data.dataset import assign_splits, load_dataset
@@ -49,7 +53,7 @@ def export(
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
                           max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback,
-                          fallback_target=fallback_target, engine=engine)
+                          fallback_target=fallback_target, engine=engine, probe_threads=probe_threads)
     parity = export_onnx(model, out, config, dataset)
     int8, fallback = parity["int8"], parity["fallback"]
     typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "

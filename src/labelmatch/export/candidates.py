@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.serving.engines import pick_engine, probe_ms, served_cost_ms
+from labelmatch.serving.engines import pick_engine, probe_costs, served_costs
 from labelmatch.serving.onnx_classifier import graph_feeds
 
 log = logging.getLogger(__name__)
@@ -106,21 +106,21 @@ def probe_engines(runs: dict[str, Any], judged: dict[str, dict[str, Any]], texts
         judged: Engine name → its parity entry (``served_agreement``, ``fallback``).
         texts: Probe texts (parity documents, as served: one per call).
         gate: The agreement gate.
-        min_seconds: Probe time per candidate.
+        min_seconds: Timed seconds per candidate, at least (:func:`~labelmatch.serving.engines.probe_costs`).
 
     Returns:
-        ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "seconds_each"}``; ``picked`` is
-        ``None`` when no candidate passes.
+        ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "lengths", "seconds_each"}``;
+        ``picked`` is ``None`` when no candidate passes; ``lengths`` are the probe documents'
+        token counts (a server re-probing at load times inputs of the same lengths).
     """
     passed = [name for name in runs if judged[name]["served_agreement"] >= gate]
-    timed = {name: probe_ms(lambda text, run=runs[name]: run.encoder.embed([text]), texts, min_seconds)
-             for name in runs if name in passed or name == "ort-fp32"}
-    fp32_ms = timed.get("ort-fp32", 0.0)
-    costs = {}
-    for name in passed:
-        plan = judged[name].get("fallback")
-        costs[name] = served_cost_ms(timed[name], plan["fallback_fraction"] if plan else 0.0, fp32_ms)
+    timed = probe_costs({name: lambda text, run=runs[name]: run.encoder.embed([text])
+                         for name in runs if name in passed or name == "ort-fp32"}, texts, min_seconds)
+    costs = served_costs(timed, {name: judged[name].get("fallback") for name in passed})
     picked = pick_engine(costs) if costs else None
     log.info("engine probe: %s; picked %s", ", ".join(f"{n} {c:.2f} ms" for n, c in costs.items()), picked)
+    tokenizer = next(iter(runs.values())).encoder.tokenizer
+    lengths = [len(tokenizer.encode(text).ids) for text in texts]
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "passed": passed,
-            "documents": len(texts), "seconds_each": min_seconds}
+            "documents": len(texts), "lengths": lengths, "seconds_each": min_seconds}
+

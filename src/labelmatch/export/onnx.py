@@ -147,6 +147,15 @@ class ExportConfig:
         split: Dataset split used for parity and threshold re-tuning.
         max_parity_docs: At most this many validation documents (the first ones) are compared.
         batch_size: Documents per batch when embedding.
+        engines: Serving candidates to build, judge and probe (:data:`ENGINES`; those this machine
+            cannot run are skipped).
+        engine: ``auto``: ship the cheapest candidate that passes the gate, by the probe; or a
+            candidate's name (it must pass the gate).
+        probe_seconds: Timed seconds per candidate in the probe, at least
+            (:func:`~labelmatch.serving.engines.probe_costs`).
+        probe_threads: Threads of every candidate in the parity run and the probe: set it to the
+            serving pods' ``intra_op_threads`` so the probe times what they will run; 0: one per core.
+        static_calibration_docs: Validation documents at most that calibrate the static int8 graph.
     """
 
     agreement_gate: float = 0.98
@@ -164,6 +173,7 @@ class ExportConfig:
     engines: tuple[str, ...] = tuple(ENGINES)
     engine: str = "auto"
     probe_seconds: float = 1.0
+    probe_threads: int = 0
     static_calibration_docs: int = 128
 
     def __post_init__(self) -> None:
@@ -174,8 +184,8 @@ class ExportConfig:
         if self.engine != "auto" and self.engine not in self.engines:
             raise ConfigError(f"engine {self.engine!r} must be 'auto' or one of engines "
                               f"({', '.join(self.engines)})")
-        if self.probe_seconds <= 0 or self.static_calibration_docs < 1:
-            raise ConfigError("probe_seconds must be > 0 and static_calibration_docs >= 1")
+        if self.probe_seconds <= 0 or self.static_calibration_docs < 1 or self.probe_threads < 0:
+            raise ConfigError("probe_seconds must be > 0, static_calibration_docs >= 1 and probe_threads >= 0")
         if not 0.0 <= self.agreement_gate <= 1.0:
             raise ConfigError(f"agreement_gate must be in [0, 1], got {self.agreement_gate}")
         if self.max_parity_docs < 1 or self.batch_size < 1:
@@ -249,7 +259,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         for leftover in tmp.glob("model_raw.onnx*"):
             leftover.unlink()
 
-        ort_config = OrtConfig()  # one document per run, as served (see OrtConfig.batch_size)
+        # One document per run, as served (see OrtConfig.batch_size), with the serving threads.
+        ort_config = OrtConfig(intra_op_threads=config.probe_threads)
         onnx_info = {**info, "max_length": max_length}
         # Full-precision label embeddings: shipped, and given to every graph's classifier.
         label_emb = torch_encoder.embed(list(labels.values()), batch_size=config.batch_size).numpy()
@@ -612,7 +623,7 @@ def _pick_engine(runs: dict[str, OnnxClassifier], engines: dict[str, dict[str, A
         probe["picked"] = config.engine if config.engine in probe["passed"] else None
         probe["forced"] = True
     probe["machine"] = cpu_summary()
-    probe["intra_op_threads"] = OrtConfig().intra_op_threads
+    probe["intra_op_threads"] = config.probe_threads
     return probe
 
 

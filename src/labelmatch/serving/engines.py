@@ -6,7 +6,8 @@ export ships several candidates, measures each one's label-set agreement with to
 fp32 fallback where it needs one, see :mod:`labelmatch.export.onnx`), and a short measured probe
 picks the fastest candidate that passes the agreement gate. The pick, and every candidate's
 figures, are recorded in the artifact (``labelmatch.json`` ``engine``, ``parity.json``
-``engines``). A server on another CPU re-runs the probe at start with ``--engine probe``.
+``engines``). A server on another CPU re-runs the probe at start with ``--engine probe``
+(:mod:`labelmatch.serving.load_probe`).
 
 The candidates (:data:`ENGINES`):
 
@@ -26,8 +27,7 @@ The candidates (:data:`ENGINES`):
     reports native bf16 (AMX or AVX-512 BF16; elsewhere the candidate is not available). On an
     Intel Xeon with AMX its embeddings were at cosine 0.99998 of fp32 (dynamic int8: 0.991), so it
     needed no fallback, and on full 128-token documents with one thread it was the fastest
-    engine; on documents of varying length with two threads dynamic int8 was faster (the probe
-    decides, docs/serving.md).
+    engine (the probe decides on the documents at hand, docs/serving.md).
 ``ort-fp32``
     ``model_fp32.onnx``: the fused fp32 graph; no fallback needed.
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,26 +199,67 @@ class OpenVinoSession:
         return [by_name[name].copy() for name in wanted]
 
 
-def probe_ms(embed_one: Callable[[str], Any], texts: Sequence[str], min_seconds: float = 1.0,
-             warmup: int = 3) -> float:
-    """Milliseconds per document, one document per call as served, over at least ``min_seconds``
-    (whole passes over ``texts``)."""
-    if not texts:
-        raise ConfigError("an engine probe needs at least one text")
-    for text in list(texts)[:warmup]:
-        embed_one(text)
-    calls, started = 0, time.perf_counter()
-    while calls == 0 or time.perf_counter() - started < min_seconds:
-        for text in texts:
-            embed_one(text)
-        calls += len(texts)
-    return (time.perf_counter() - started) * 1000 / calls
+def probe_costs(calls: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], min_seconds: float = 1.0,
+                min_rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per input of each candidate, one input per call as served.
+
+    Every candidate first runs every input once, untimed: OpenVINO's CPU plugin compiles kernels
+    for each new input shape (a first pass over Reuters documents of varying length cost
+    ``openvino-bf16`` 20 ms a document, the second 12), and a server sees the same lengths again
+    and again. Then the candidates take turns, a whole pass over ``inputs`` each, in an order that
+    rotates every round, until every candidate has had ``min_rounds`` passes and about
+    ``min_seconds`` of time; a candidate's figure is the median of its passes, so a slow spell
+    of a shared machine moves every candidate alike instead of whichever was timed during it.
+
+    Args:
+        calls: Candidate name → a function that runs one input.
+        inputs: The probe inputs (documents as served).
+        min_seconds: Timed seconds per candidate, at least.
+        min_rounds: Timed passes per candidate, at least.
+
+    Returns:
+        Candidate name → median milliseconds per input.
+    """
+    if not inputs:
+        raise ConfigError("an engine probe needs at least one input")
+    if not calls:
+        return {}
+    for call in calls.values():
+        for item in inputs:
+            call(item)
+    names = list(calls)
+    passes: dict[str, list[float]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    rounds = 0
+    while rounds < min_rounds or min(spent.values()) < min_seconds:
+        for name in names[rounds % len(names):] + names[: rounds % len(names)]:
+            started = time.perf_counter()
+            for item in inputs:
+                calls[name](item)
+            seconds = time.perf_counter() - started
+            spent[name] += seconds
+            passes[name].append(seconds * 1000 / len(inputs))
+        rounds += 1
+    return {name: statistics.median(values) for name, values in passes.items()}
 
 
 def served_cost_ms(own_ms: float, fallback_fraction: float, fp32_ms: float) -> float:
     """What serving an engine costs per document on average: its own time plus the share of
     documents its fp32 fallback re-embeds times the fp32 graph's time."""
     return own_ms + fallback_fraction * fp32_ms
+
+
+def served_costs(timed: dict[str, float], fallbacks: dict[str, dict[str, Any] | None]) -> dict[str, float]:
+    """Each candidate's cost as served (:func:`served_cost_ms`), its fallback paid at ``ort-fp32``'s time.
+
+    Args:
+        timed: Engine name → probed milliseconds per document (``ort-fp32`` among them where a
+            candidate has a fallback).
+        fallbacks: Candidate name → its fallback plan (with ``fallback_fraction``), or ``None``.
+    """
+    fp32_ms = timed.get("ort-fp32", 0.0)
+    return {name: served_cost_ms(timed[name], plan["fallback_fraction"] if plan else 0.0, fp32_ms)
+            for name, plan in fallbacks.items()}
 
 
 def pick_engine(costs: dict[str, float]) -> str:

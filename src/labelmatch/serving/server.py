@@ -65,6 +65,7 @@ from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
 from labelmatch.data.dataset import load_labels
 from labelmatch.model.matching import Thresholds, check_label_count
+from labelmatch.serving.load_probe import PROBE, probe_engine_at_load
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
 from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
 from labelmatch.state.replica import ReplicaState, StateConfig
@@ -95,7 +96,8 @@ class ServeConfig:
         limits: Request limits.
         ort: ONNX Runtime settings.
         engine: The serving engine (:mod:`labelmatch.serving.engines`); ``None`` serves the one
-            the export's probe picked and recorded in the artifact.
+            the export's probe picked and recorded in the artifact; ``probe`` re-runs the probe
+            on this machine at load (:mod:`labelmatch.serving.load_probe`).
         feedback_url: SQLAlchemy URL of the feedback store (default: the state's URL).
         admin_token: Bearer token for label-set updates; updates are refused without one.
         inference_threads: Threads running predictions (requests queue for them, which keeps
@@ -157,6 +159,8 @@ class LabelmatchModel(kserve.Model):
         self.config = config
         self.metrics = metrics
         self.classifier: OnnxClassifier | None = None
+        #: What ``--engine probe`` measured at load (``None`` otherwise).
+        self.engine_probe: dict[str, Any] | None = None
         self.state: ReplicaState | None = None
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
         self._feedback_store: Any = None
@@ -179,8 +183,12 @@ class LabelmatchModel(kserve.Model):
         if expected and actual != expected:
             raise ArtifactError(f"artifact {self.config.model_dir}: digest {actual} is not the expected "
                                 f"{expected} (LABELMATCH_MODEL_DIGEST)")
+        engine_name = self.config.engine
+        if engine_name == PROBE:
+            self.engine_probe = probe_engine_at_load(self.config.model_dir, self.config.ort)
+            engine_name = self.engine_probe["picked"]
         self.classifier = OnnxClassifier.load(self.config.model_dir, self.config.ort, verify=False,
-                                              engine_name=self.config.engine)
+                                              engine_name=engine_name)
         logger.info("engine %s", self.classifier.engine)
         self.classifier.on_fallback = self.metrics.fp32_fallback.inc
         self._apply_config_files()
@@ -616,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default=os.environ.get("LABELMATCH_ENGINE") or None,
                         help="Serving engine (ort-int8-dynamic, ort-int8-static, openvino-int8-static, "
                              "openvino-bf16, ort-fp32) instead of the one the export's probe picked; it "
-                             "must be one the export measured (labelmatch.json 'engines').")
+                             "must be one the export measured (labelmatch.json 'engines'). 'probe': "
+                             "time the engines that passed the export's gate on this machine at load "
+                             "and serve the cheapest.")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 

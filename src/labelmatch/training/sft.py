@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from labelmatch.core.artifacts import artifact_digest, atomic_artifact_dir, read_manifest
 from labelmatch.core.errors import ConfigError, DataError
@@ -104,6 +104,7 @@ class IterationResult:
         train_loss: Mean loss over the iteration's steps (and its parts).
         val_macro_f1: Validation macro-F1 at the best global threshold.
         val_threshold: That threshold.
+        val_micro_f1: Validation micro-F1 at that threshold (reported; it does not pick epochs).
         improved: Whether this is the best validation macro-F1 so far.
         seconds: Wall time of the iteration.
     """
@@ -116,6 +117,7 @@ class IterationResult:
     val_threshold: float
     improved: bool
     seconds: float
+    val_micro_f1: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able form (what a tuner reports)."""
@@ -126,6 +128,7 @@ class IterationResult:
             **{f"train_{k}": v for k, v in self.train_loss.items()},
             "val_macro_f1": self.val_macro_f1,
             "val_threshold": self.val_threshold,
+            "val_micro_f1": self.val_micro_f1,
             "improved": self.improved,
             "seconds": round(self.seconds, 3),
         }
@@ -397,7 +400,10 @@ class SFTTrainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        threshold, f1 = tune_global_threshold(self.val_targets, self.validation_scores())
+        scores = self.validation_scores()
+        threshold, f1 = tune_global_threshold(self.val_targets, scores)
+        predicted = binarize(scores, threshold)
+        micro = float(f1_score(self.val_targets, predicted, average="micro", zero_division=0))
         self.iteration += 1
         improved = f1 > self.best_f1 + 1e-9
         if improved:
@@ -414,6 +420,7 @@ class SFTTrainer:
             threshold,
             improved,
             time.perf_counter() - started,
+            micro,
         )
         self.history.append({**result.to_dict(), "hyperparameters": self.hyperparameters()})
         return result
