@@ -347,7 +347,8 @@ def markdown(results: dict[str, Any]) -> str:
     seq, load = http["sequential"], http["load"]
     lines += [
         "", f"## HTTP server (v1, one document per request, 127.0.0.1, {http['threads']} ORT thread(s))", "",
-        f"Served model: {results['served_model']}, int8 with its fp32 fallback.", "",
+        f"Served model: {results['served_model']}, the engine its export picked "
+        f"({results['parity'][results['served_model']]['served']['engine']}).", "",
         f"- Sequential, {seq['requests']} requests: p50 {seq['p50_ms']:.2f} ms, p99 {seq['p99_ms']:.2f} ms. "
         f"Per request, client latency minus the model time the server reports for it (`Server-Timing`): "
         f"**overhead p50 {seq['overhead_p50_ms']:.2f} ms**, p99 {seq['overhead_p99_ms']:.2f} ms. "
