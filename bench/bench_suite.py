@@ -214,12 +214,14 @@ def run_dataset(name: str, args: argparse.Namespace, seeds: list[int]) -> dict[s
     }
     svc, dual = summary["tfidf_linear_svc"], summary["dual_encoder"]
     levels = [r["dual_encoder"]["levels"] for r in runs if "levels" in r["dual_encoder"]]
+    from labelmatch.model.encoder import LORA_TARGETS  # the bundled MiniLM is a BERT
     from labelmatch.training.config import TrainConfig
 
     return {
         "dataset": name,
         "seeds": seeds,
-        "recipe": {k: getattr(TrainConfig(), k) for k in RECIPE_KEYS},
+        "recipe": {**{k: getattr(TrainConfig(), k) for k in RECIPE_KEYS},
+                   "lora_targets": TrainConfig().lora_target_modules or LORA_TARGETS["bert"]},
         "labels": len(dataset.labels),
         "docs": {s: len(dataset.split(s).documents) for s in ("train", "val", "test")},
         "hierarchy": dataset.hierarchy is not None,
@@ -292,8 +294,10 @@ def markdown(report: dict[str, Any]) -> str:
                          for r in result["runs"])
         recipe = result.get("recipe", EARLIER_RECIPE)
         grouped = "length-grouped" if recipe.get("group_by_length") else "shuffled"
-        lines.append(f"- {result['dataset']}: {kept}; LoRA dropout {recipe['lora_dropout']}, encoder "
-                     f"dropout {recipe['encoder_dropout']}, {grouped} batches")
+        targets = ", ".join(recipe.get("lora_targets", ["query", "value"]))
+        lines.append(f"- {result['dataset']}: {kept}; LoRA on {targets}, LoRA dropout "
+                     f"{recipe['lora_dropout']}, encoder dropout {recipe['encoder_dropout']}, "
+                     f"{grouped} batches")
     if report.get("note"):
         lines += ["", report["note"]]
     lines += ["", "Targets (dual encoder vs TF-IDF + LinearSVC):", ""]

@@ -130,13 +130,17 @@ def test_bad_config_is_refused():
 def test_lora_targets_default_per_architecture_overridable_and_checked():
     from labelmatch.model.encoder import add_lora, load_base
 
+    adapted_names: list[str] = []
+
     def adapted(targets):
         model = add_lora(load_base("bundled:minilm")[0], 4, 8.0, 0.0, targets)
-        names = [n for n, _ in model.named_parameters() if "lora_A" in n]
-        return {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
+        adapted_names[:] = [n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n]
+        return {n.rsplit(".", 1)[-1] for n in adapted_names}
 
-    assert adapted(None) == {"query", "value"}
-    assert adapted(["query", "key", "value", "dense"]) == {"query", "key", "value", "dense"}
+    # Every linear layer of all 6 blocks (attention q/k/v/output, feed-forward in/out); not the pooler.
+    assert adapted(None) == {"query", "key", "value", "dense"}
+    assert len(adapted_names) == 6 * 6 and not any("pooler" in n for n in adapted_names)
+    assert adapted(["query", "value"]) == {"query", "value"}
     with pytest.raises(ConfigError, match=r"lora_target_modules \['qkv_proj'\]"):
         adapted(["qkv_proj"])
 

@@ -123,4 +123,3 @@ def probe_engines(runs: dict[str, Any], judged: dict[str, dict[str, Any]], texts
     lengths = [len(tokenizer.encode(text).ids) for text in texts]
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "passed": passed,
             "documents": len(texts), "lengths": lengths, "seconds_each": min_seconds}
-

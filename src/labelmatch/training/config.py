@@ -49,7 +49,8 @@ class TrainConfig:
         encoder_dropout: Dropout of the base encoder's own layers (hidden states and attention)
             during training; ``None`` keeps the base model's value (0.1 for MiniLM). 0 by
             default, for the same reasons (the base weights are frozen under LoRA).
-        lora_target_modules: Modules to adapt; ``None`` picks per architecture (``query``/``value``).
+        lora_target_modules: Modules to adapt; ``None`` picks per architecture
+            (:data:`~labelmatch.model.encoder.LORA_TARGETS`: every linear layer of a BERT-style block).
         scale: Cosine scale in ``logit = scale * cos + bias``.
         contrastive_weight: λ of the contrastive margin term.
         margin: Cosine margin for negatives in the contrastive term.
