@@ -185,7 +185,8 @@ class ExportConfig:
             raise ConfigError(f"engine {self.engine!r} must be 'auto' or one of engines "
                               f"({', '.join(self.engines)})")
         if self.probe_seconds <= 0 or self.static_calibration_docs < 1 or self.probe_threads < 0:
-            raise ConfigError("probe_seconds must be > 0, static_calibration_docs >= 1 and probe_threads >= 0")
+            raise ConfigError("probe_seconds must be > 0, static_calibration_docs >= 1 and "
+                              "probe_threads >= 0")
         if not 0.0 <= self.agreement_gate <= 1.0:
             raise ConfigError(f"agreement_gate must be in [0, 1], got {self.agreement_gate}")
         if self.max_parity_docs < 1 or self.batch_size < 1:
