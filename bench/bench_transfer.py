@@ -21,7 +21,14 @@ The test splits are scored once per run. Reported: macro-F1 over the target labe
 multi-label decisions as the server makes them), micro-F1, and top-1 accuracy (the best label;
 these sets are single-label per level), mean and spread over ``--seeds``.
 
-Writes ``transfer.json`` and ``transfer.md`` (+ ``transfer.png``) under ``--out``.
+Recipe changes for transfer are chosen on **transfer-validation** sets (``dev_*``), never on the
+test splits: the target labels' validation documents (the official CLINC150 validation queries of
+the held-out or finance intents; 10 seeded train-split documents per Bitext intent). ``--dev-only``
+scores those alone (the test splits are not read), for probing recipes; a full run reports them
+beside the test rows.
+
+Writes ``transfer.json`` and ``transfer.md`` (+ ``transfer.png``) under ``--out``
+(``transfer_dev_<tag>.*`` with ``--dev-only``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from common import machine, mean_spread
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SCENARIOS = ("clinc_heldout", "clinc_to_bitext", "bitext_to_clinc_finance")
+METRICS = ("macro_f1", "micro_f1", "top1_accuracy", "calibrated_macro_f1", "calibrated_micro_f1")
 
 
 @dataclass
@@ -50,6 +58,7 @@ class EvalSet:
     texts: list[str]
     labels: dict[str, str]
     targets: np.ndarray  # (docs, labels) 0/1
+    calibration: EvalSet | None = None  # validation documents of the same labels (see ``score``)
 
 
 @dataclass
@@ -58,7 +67,8 @@ class Scenario:
 
     name: str
     train: Any  # labelmatch.data.dataset.Dataset with train and val splits
-    evals: list[EvalSet]
+    evals: list[EvalSet]  # test documents, scored once per recorded run
+    dev: list[EvalSet]  # the same target labels' validation documents, for choosing recipes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,9 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-transfer"))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--scenario-seeds", default="",
-                        help="Per-scenario seeds overriding --seeds, e.g. 'clinc_to_bitext=0;x=0,1' "
-                             "(fewer seeds where time allows fewer; the report says which).")
+    parser.add_argument(
+        "--scenario-seeds",
+        default="",
+        help="Per-scenario seeds overriding --seeds, e.g. 'clinc_to_bitext=0;x=0,1' "
+        "(fewer seeds where time allows fewer; the report says which).",
+    )
     parser.add_argument(
         "--train-per-label",
         type=int,
@@ -88,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tag", default="", help="Name of this run's recipe in the report.")
     parser.add_argument("--retrain", action="store_true", help="Train again even where --work has the model.")
+    parser.add_argument(
+        "--dev-only",
+        action="store_true",
+        help="Score only the transfer-validation sets (dev_*); the test splits are not read.",
+    )
     return parser.parse_args(argv)
 
 
@@ -135,13 +153,31 @@ def _train_val(
     return Dataset(chosen, labels)
 
 
-def _eval_set(name: str, docs, labels: dict[str, str]) -> EvalSet:
+def _is_clinc_val(doc) -> bool:
+    """Whether ``doc`` is one of CLINC150's official validation queries."""
+    return doc.id.startswith("clinc150-val")
+
+
+def _per_label_sample(docs, per_label: int, seed: int):
+    """A seeded sample of up to ``per_label`` single-label documents of each label."""
+    rng = random.Random(seed)
+    by_label: dict[str, list] = {}
+    for doc in docs:
+        by_label.setdefault(doc.labels[0], []).append(doc)
+    return [
+        d
+        for label in sorted(by_label)
+        for d in rng.sample(by_label[label], min(per_label, len(by_label[label])))
+    ]
+
+
+def _eval_set(name: str, docs, labels: dict[str, str], calibration: EvalSet | None = None) -> EvalSet:
     index = {label: j for j, label in enumerate(labels)}
     targets = np.zeros((len(docs), len(labels)), dtype=np.int64)
     for i, doc in enumerate(docs):
         for label in doc.labels:
             targets[i, index[label]] = 1
-    return EvalSet(name, [d.text for d in docs], dict(labels), targets)
+    return EvalSet(name, [d.text for d in docs], dict(labels), targets, calibration)
 
 
 def clinc_heldout(args: argparse.Namespace, seed: int) -> Scenario:
@@ -154,23 +190,29 @@ def clinc_heldout(args: argparse.Namespace, seed: int) -> Scenario:
     unseen = {i: clinc.labels[i] for i in intents if i in held}
     every = {i: clinc.labels[i] for i in intents}
     seen_docs = _leaf_docs(clinc, set(seen))
-    unseen_test = [d for d in _leaf_docs(clinc, set(unseen)) if d.split == "test"]
+    unseen_docs = _leaf_docs(clinc, set(unseen))
+    unseen_test = [d for d in unseen_docs if d.split == "test"]
+    unseen_val = [d for d in unseen_docs if _is_clinc_val(d)]
+    dev = _eval_set("dev_unseen", unseen_val, unseen)
     train = _train_val(
         seen_docs,
         seen,
         args.train_per_label,
         args.val_per_label,
         seed,
-        is_val=lambda d: d.id.startswith("clinc150-val"),
+        is_val=_is_clinc_val,
     )
     return Scenario(
         "clinc_heldout",
         train,
         [
-            _eval_set("unseen", unseen_test, unseen),
-            _eval_set("unseen_among_all", unseen_test, every),
+            _eval_set("unseen", unseen_test, unseen, dev),
+            _eval_set(
+                "unseen_among_all", unseen_test, every, _eval_set("dev_unseen_among_all", unseen_val, every)
+            ),
             _eval_set("seen", [d for d in seen_docs if d.split == "test"], seen),
         ],
+        [dev],
     )
 
 
@@ -184,10 +226,17 @@ def clinc_to_bitext(args: argparse.Namespace, seed: int) -> Scenario:
         args.train_per_label,
         args.val_per_label,
         seed,
-        is_val=lambda d: d.id.startswith("clinc150-val"),
+        is_val=_is_clinc_val,
     )
-    test = [d for d in _leaf_docs(bitext, set(targets)) if d.split == "test"]
-    return Scenario("clinc_to_bitext", train, [_eval_set("bitext_intents", test, targets)])
+    target_docs = _leaf_docs(bitext, set(targets))
+    test = [d for d in target_docs if d.split == "test"]
+    dev = _per_label_sample([d for d in target_docs if d.split == "train"], 10, seed)
+    return Scenario(
+        "clinc_to_bitext",
+        train,
+        [_eval_set("bitext_intents", test, targets, _eval_set("dev_bitext_intents", dev, targets))],
+        [_eval_set("dev_bitext_intents", dev, targets)],
+    )
 
 
 def bitext_to_clinc_finance(args: argparse.Namespace, seed: int) -> Scenario:
@@ -198,8 +247,11 @@ def bitext_to_clinc_finance(args: argparse.Namespace, seed: int) -> Scenario:
     train = _train_val(
         _leaf_docs(bitext, set(intents)), intents, args.train_per_label, args.val_per_label, seed
     )
-    test = [d for d in _leaf_docs(clinc, set(targets)) if d.split == "test"]
-    return Scenario("bitext_to_clinc_finance", train, [_eval_set("clinc_finance_intents", test, targets)])
+    target_docs = _leaf_docs(clinc, set(targets))
+    test = [d for d in target_docs if d.split == "test"]
+    dev = _eval_set("dev_clinc_finance_intents", [d for d in target_docs if _is_clinc_val(d)], targets)
+    evals = [_eval_set("clinc_finance_intents", test, targets, dev)]
+    return Scenario("bitext_to_clinc_finance", train, evals, [dev])
 
 
 def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
@@ -209,20 +261,49 @@ def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
     (``unseen_among_all``), a document wrongly given a seen label counts as a false positive in
     micro-F1 and top-1 accuracy, and as a miss of its true label, but the seen labels' own F1
     (zero positives) do not dilute the macro average.
+
+    With ``evalset.calibration`` (validation documents of the same labels), it is also scored at
+    thresholds tuned on those documents by ``labelmatch calibrate``'s
+    :func:`~labelmatch.evaluation.calibration.calibrate_thresholds` (``calibrated_*``): the same
+    model and the same test documents, with thresholds set for the new labels instead of the
+    training labels' carried over. The encoder still never trained on these labels; this separates what
+    training did to the ranking from how well the training labels' threshold carries over.
     """
+    from labelmatch.evaluation.calibration import calibrate_thresholds
     from labelmatch.evaluation.metrics import binarize, macro_f1
 
+    def thresholded(probs: np.ndarray, at: float | np.ndarray) -> dict[str, float]:
+        pred = binarize(probs, at)
+        tp = float((pred & evalset.targets).sum())
+        target = evalset.targets.sum(0) > 0
+        return {
+            "macro_f1": macro_f1(evalset.targets[:, target], pred[:, target]),
+            "micro_f1": 2 * tp / max(float(pred.sum() + evalset.targets.sum()), 1.0),
+        }
+
     _, probs = clf.scores(evalset.texts, evalset.labels, replace=True)
-    pred = binarize(probs, threshold)
-    tp = float((pred & evalset.targets).sum())
-    micro = 2 * tp / max(float(pred.sum() + evalset.targets.sum()), 1.0)
-    top1 = float(evalset.targets[np.arange(len(probs)), probs.argmax(1)].mean())
-    target = evalset.targets.sum(0) > 0
-    return {
-        "macro_f1": macro_f1(evalset.targets[:, target], pred[:, target]),
-        "micro_f1": micro,
-        "top1_accuracy": top1,
+    result = {
+        **thresholded(probs, threshold),
+        "top1_accuracy": float(evalset.targets[np.arange(len(probs)), probs.argmax(1)].mean()),
     }
+    if evalset.calibration is not None:
+        calibration = calibrate_thresholds(clf, _as_dataset(evalset.calibration))
+        result["calibrated_threshold"] = calibration.global_threshold
+        at = calibration.thresholds.for_labels(list(evalset.labels))
+        result.update({f"calibrated_{k}": v for k, v in thresholded(probs, at).items()})
+    return result
+
+
+def _as_dataset(evalset: EvalSet):
+    """``evalset`` as a labelmatch Dataset (its documents, labels and descriptions)."""
+    from labelmatch.data.dataset import Dataset, Document
+
+    names = list(evalset.labels)
+    docs = [
+        Document(f"{evalset.name}-{i}", text, [names[j] for j in np.flatnonzero(row)], split="val")
+        for i, (text, row) in enumerate(zip(evalset.texts, evalset.targets, strict=True))
+    ]
+    return Dataset(docs, dict(evalset.labels))
 
 
 def val_threshold(clf: Any, dataset: Any) -> float:
@@ -240,17 +321,18 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dic
     from labelmatch.training.sft import train_sft
 
     train = scenario.train
+    evals = scenario.dev if args.dev_only else scenario.evals + scenario.dev
     result: dict[str, Any] = {
         "train_docs": len(train.split("train").documents),
         "val_docs": len(train.split("val").documents),
         "train_labels": len(train.labels),
-        "evals": {e.name: {"docs": len(e.texts), "labels": len(e.labels)} for e in scenario.evals},
+        "evals": {e.name: {"docs": len(e.texts), "labels": len(e.labels)} for e in evals},
     }
     untrained = Classifier.zero_shot(train.labels, max_length=args.max_length)
     threshold = val_threshold(untrained, train)
     result["untrained"] = {
         "threshold": threshold,
-        **{e.name: score(untrained, threshold, e) for e in scenario.evals},
+        **{e.name: score(untrained, threshold, e) for e in evals},
     }
     config = TrainConfig(
         **{
@@ -277,7 +359,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dic
         "train_seconds": seconds,
         "steps": steps,
         "val_macro_f1": max(row["val_macro_f1"] for row in history),
-        **{e.name: score(trained, trained.thresholds.default, e) for e in scenario.evals},
+        **{e.name: score(trained, trained.thresholds.default, e) for e in evals},
     }
     return result
 
@@ -288,7 +370,8 @@ def aggregate(runs: list[dict[str, Any]], eval_names: list[str]) -> dict[str, An
         f"{model}/{name}/{metric}": mean_spread([r[model][name][metric] for r in runs])
         for model in ("untrained", "trained")
         for name in eval_names
-        for metric in ("macro_f1", "micro_f1", "top1_accuracy")
+        for metric in METRICS
+        if metric in runs[0][model][name]
     }
 
 
@@ -301,17 +384,45 @@ def plot(report: dict[str, Any], path: Path) -> None:
     cells = [(s, e) for s, entry in report["scenarios"].items() for e in entry["eval_names"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))
     xs = np.arange(len(cells))
-    for offset, model in ((-0.2, "untrained"), (0.2, "trained")):
-        means = [report["scenarios"][s]["aggregate"][f"{model}/{e}/macro_f1"]["mean"] for s, e in cells]
-        spreads = [report["scenarios"][s]["aggregate"][f"{model}/{e}/macro_f1"]["spread"] for s, e in cells]
-        ax.bar(xs + offset, means, 0.4, yerr=spreads, label=model, capsize=3)
+    bars = (
+        (-0.3, "untrained", "macro_f1", "untrained", None),
+        (-0.1, "trained", "macro_f1", "trained", None),
+        (0.1, "untrained", "calibrated_macro_f1", "untrained, new-label threshold", "//"),
+        (0.3, "trained", "calibrated_macro_f1", "trained, new-label threshold", "//"),
+    )
+    for offset, model, metric, legend, hatch in bars:
+        empty = {"mean": 0.0, "spread": 0.0}
+        cell = [report["scenarios"][s]["aggregate"].get(f"{model}/{e}/{metric}", empty) for s, e in cells]
+        color = "tab:blue" if model == "untrained" else "tab:orange"
+        ax.bar(
+            xs + offset,
+            [c["mean"] for c in cell],
+            0.2,
+            yerr=[c["spread"] for c in cell],
+            label=legend,
+            capsize=2,
+            color=color,
+            hatch=hatch,
+            alpha=0.6 if hatch else 1.0,
+        )
     ax.set_xticks(xs, [f"{s}\n{e}" for s, e in cells], fontsize=7)
     ax.set_ylabel("macro-F1 (target labels)")
     ax.set_title(f"Zero-shot transfer — recipe: {report['tag'] or 'default'}")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _calibrated_cells(agg: dict[str, Any], name: str) -> str:
+    """The new-label-threshold columns of one table row (dashes where there is no such set)."""
+    u, t = agg.get(f"untrained/{name}/calibrated_macro_f1"), agg.get(f"trained/{name}/calibrated_macro_f1")
+    if u is None or t is None:
+        return "— | — | — |"
+    return (
+        f"{u['mean']:.3f} ± {u['spread']:.3f} | {t['mean']:.3f} ± {t['spread']:.3f} | "
+        f"{t['mean'] - u['mean']:+.3f} |"
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -323,12 +434,24 @@ def markdown(report: dict[str, Any]) -> str:
         f"seeds {report['seeds']}. CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores). "
         f"Wall time {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB.",
         "",
-        "Thresholds and settings from validation only (the seen labels' validation documents); "
-        "each test split scored once. Mean ± half-range over seeds.",
+        "Thresholds from the seen labels' validation documents; recipes chosen on the `dev_*` rows "
+        "(the target labels' validation documents), never on test; "
+        + (
+            "this run scored the `dev_*` sets only (no test split read). "
+            if report.get("dev_only")
+            else "each test split scored once. "
+        )
+        + "Mean ± half-range over seeds.",
+        "",
+        "The last three columns score the same models on the same test documents at thresholds tuned "
+        "for the new labels on their validation documents (the `dev_*` set of those labels) by "
+        "`labelmatch calibrate`, instead of the training labels' threshold: what training did to the "
+        "ranking, apart from how well the training labels' threshold carries over to new ones.",
         "",
         "| scenario | seeds | eval set | labels | docs | macro-F1 untrained | macro-F1 trained | Δ | "
-        "top-1 untrained | top-1 trained |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "top-1 untrained | top-1 trained | macro-F1 untrained, new-label threshold | "
+        "macro-F1 trained, new-label threshold | Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in report["scenarios"].items():
         agg = entry["aggregate"]
@@ -340,7 +463,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {','.join(map(str, entry.get('seeds', report['seeds'])))} | {e} | "
                 f"{first['evals'][e]['labels']} | {first['evals'][e]['docs']} | "
                 f"{u['mean']:.3f} ± {u['spread']:.3f} | {t['mean']:.3f} ± {t['spread']:.3f} | "
-                f"{t['mean'] - u['mean']:+.3f} | {u1['mean']:.3f} | {t1['mean']:.3f} |"
+                f"{t['mean'] - u['mean']:+.3f} | {u1['mean']:.3f} | {t1['mean']:.3f} | "
+                + _calibrated_cells(agg, e)
             )
     lines += ["", "![transfer](transfer.png)", ""]
     return "\n".join(lines)
@@ -360,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report: dict[str, Any] = {
         "tag": args.tag,
+        "dev_only": args.dev_only,
         "seeds": seeds,
         "train_per_label": args.train_per_label,
         "val_per_label": args.val_per_label,
@@ -399,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - started
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"transfer{'_' + args.tag if args.tag else ''}"
+    stem = f"transfer{'_dev' if args.dev_only else ''}{'_' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / f"{stem}.png")
     (args.out / f"{stem}.md").write_text(markdown(report).replace("transfer.png", f"{stem}.png"))

@@ -1,4 +1,4 @@
-"""``labelmatch train | evaluate | predict``."""
+"""``labelmatch train | evaluate | predict | calibrate``."""
 
 from __future__ import annotations
 
@@ -169,3 +169,34 @@ def predict(
     predictions = clf.predict([t for _, t in docs], labels=extra, replace=replace_labels)
     for (doc_id, _), prediction in zip(docs, predictions, strict=True):
         sys.stdout.write(json.dumps({"id": doc_id, **prediction.to_json(similarities)}) + "\n")
+
+
+@app.command()
+def calibrate(
+    model: Annotated[Path, typer.Option("--model", help="Model or OnnxModel artifact directory.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="thresholds.json to write (for serve --thresholds).")],
+    labels: LabelsOpt = None,
+    replace_default: Annotated[
+        bool,
+        typer.Option(
+            "--replace-default",
+            help="Also make the new labels' global threshold the default of labels added later.",
+        ),
+    ] = False,
+) -> None:
+    """Tune thresholds for labels the model was not trained on, from a few labelled documents.
+
+    Every document of --data (all splits) is scored against the labels of --labels alone; each
+    label gets a threshold (shrunk towards their global one), merged into the model's own.
+    """
+    from labelmatch.core.artifacts import write_json
+    from labelmatch.data.dataset import load_dataset
+    from labelmatch.evaluation.calibration import calibrate_thresholds
+    from labelmatch.evaluation.evaluate import load_as_served
+
+    result = calibrate_thresholds(load_as_served(model), load_dataset(data, labels), replace_default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result.thresholds.to_json())
+    typer.echo(json.dumps(result.summary()))
+    typer.echo(f"thresholds written to {out}")

@@ -1,0 +1,112 @@
+"""Thresholds for labels a model was not trained on (``labelmatch calibrate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from labelmatch.data.dataset import Dataset, Document, load_dataset
+from labelmatch.evaluation.calibration import calibrate_thresholds
+from labelmatch.model.classifier import Classifier
+from labelmatch.model.matching import Thresholds
+from labelmatch.sample_data import sample_path
+
+
+def _renamed(names: list[str]) -> tuple[dict[str, str], list[Document]]:
+    """Labels the model never saw by name (``new_<label>``, same descriptions) and their documents."""
+    full = load_dataset(sample_path("tax"))
+    labels = {f"new_{name}": full.labels[name] for name in names}
+    docs = [
+        Document(d.id, d.text, [f"new_{label}" for label in d.labels if label in names], split="all")
+        for d in full.documents[:80]
+    ]
+    return labels, docs
+
+
+def test_calibration_merges_new_label_thresholds_into_the_models(trained_model):
+    clf = Classifier.load(trained_model)
+    labels, docs = _renamed(["tax_problem", "tax_solution", "vat"])
+    before = Thresholds.from_json(clf.thresholds.to_json())
+    assert not set(labels) & set(before.labels)
+
+    result = calibrate_thresholds(clf, Dataset(docs, labels))
+
+    assert set(labels) <= set(result.thresholds.labels)
+    assert {k: result.thresholds.labels[k] for k in before.labels} == before.labels
+    assert result.thresholds.default == before.default
+    assert result.documents == 80
+    assert result.positives == {name: sum(name in d.labels for d in docs) for name in labels}
+    replaced = calibrate_thresholds(clf, Dataset(docs, labels), replace_default=True)
+    assert replaced.thresholds.default == pytest.approx(replaced.global_threshold)
+
+
+def test_calibration_repairs_a_default_that_does_not_fit_new_labels(trained_model):
+    """A default far above every score predicts nothing; calibrated thresholds recover the labels."""
+    clf = Classifier.load(trained_model)
+    labels, docs = _renamed(["tax_problem", "tax_solution", "vat", "corporate_income_tax"])
+    _, probs = clf.scores([d.text for d in docs], labels, replace=True)
+    clf.thresholds = Thresholds(float(probs.max()) + 0.01, dict(clf.thresholds.labels))
+
+    result = calibrate_thresholds(clf, Dataset(docs, labels))
+
+    assert result.macro_f1_before == 0.0
+    assert result.macro_f1_after > 0.5
+    assert all(result.thresholds.labels[name] < clf.thresholds.default for name in labels)
+    predicted = np.array([[p.labels.count(n) for n in labels] for p in _predict(clf, result, docs, labels)])
+    assert predicted.sum() > 0
+
+
+def _predict(clf: Classifier, result, docs: list[Document], labels: dict[str, str]):
+    clf.thresholds = result.thresholds
+    return clf.predict([d.text for d in docs], labels, replace=True)
+
+
+def test_cli_writes_a_thresholds_file_the_server_reads(trained_model, tmp_path: Path):
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    labels, docs = _renamed(["tax_problem", "vat"])
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "text": d.text, "labels": d.labels}) + "\n")
+    out = tmp_path / "cm" / "thresholds.json"
+
+    result = CliRunner().invoke(
+        app, ["calibrate", "--model", str(trained_model), "--data", str(tmp_path), "--out", str(out)]
+    )
+
+    assert result.exit_code == 0, result.output
+    printed = result.output[result.output.index('{"global_threshold"') :]  # after any progress bar
+    summary = json.loads(printed.splitlines()[0])
+    assert summary["documents"] == 80 and summary["labels"] == 2
+    written = Thresholds.from_json(json.loads(out.read_text()))
+    assert set(labels) <= set(written.labels)
+
+
+def test_cli_names_the_file_and_line_of_an_unknown_label(trained_model, tmp_path: Path):
+    from labelmatch.cli import app, register_commands
+    from labelmatch.core.errors import LabelmatchError
+
+    register_commands()
+    (tmp_path / "labels.json").write_text(json.dumps({"vat_new": "Value added tax."}))
+    (tmp_path / "docs.jsonl").write_text(
+        json.dumps({"id": "a", "text": "VAT return", "labels": ["vat_new"]})
+        + "\n"
+        + json.dumps({"id": "b", "text": "VAT refund", "labels": ["nope"]})
+        + "\n"
+    )
+    out = tmp_path / "thresholds.json"
+
+    result = CliRunner().invoke(
+        app, ["calibrate", "--model", str(trained_model), "--data", str(tmp_path), "--out", str(out)]
+    )
+
+    assert isinstance(result.exception, LabelmatchError)
+    message = str(result.exception)
+    assert "docs.jsonl" in message and ":2" in message and "nope" in message
+    assert not out.exists()
