@@ -110,3 +110,18 @@ def test_cli_names_the_file_and_line_of_an_unknown_label(trained_model, tmp_path
     message = str(result.exception)
     assert "docs.jsonl" in message and ":2" in message and "nope" in message
     assert not out.exists()
+
+
+def test_calibration_of_the_exported_model_as_served(onnx_model):
+    """The OnnxModel (its shipped engine and thresholds) calibrates like the torch model."""
+    from labelmatch.evaluation.evaluate import load_as_served
+
+    served = load_as_served(onnx_model[0])
+    labels, docs = _renamed(["tax_problem", "vat"])
+    kept = dict(served.thresholds.labels)
+
+    result = calibrate_thresholds(served, Dataset(docs, labels))
+
+    assert set(labels) <= set(result.thresholds.labels)
+    assert all(0.0 < result.thresholds.labels[name] < 1.0 for name in labels)
+    assert {k: result.thresholds.labels[k] for k in kept} == kept
