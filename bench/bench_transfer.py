@@ -230,13 +230,9 @@ def clinc_to_bitext(args: argparse.Namespace, seed: int) -> Scenario:
     )
     target_docs = _leaf_docs(bitext, set(targets))
     test = [d for d in target_docs if d.split == "test"]
-    dev = _per_label_sample([d for d in target_docs if d.split == "train"], 10, seed)
-    return Scenario(
-        "clinc_to_bitext",
-        train,
-        [_eval_set("bitext_intents", test, targets, _eval_set("dev_bitext_intents", dev, targets))],
-        [_eval_set("dev_bitext_intents", dev, targets)],
-    )
+    dev_docs = _per_label_sample([d for d in target_docs if d.split == "train"], 10, seed)
+    dev = _eval_set("dev_bitext_intents", dev_docs, targets)
+    return Scenario("clinc_to_bitext", train, [_eval_set("bitext_intents", test, targets, dev)], [dev])
 
 
 def bitext_to_clinc_finance(args: argparse.Namespace, seed: int) -> Scenario:
@@ -266,8 +262,8 @@ def score(clf: Any, threshold: float, evalset: EvalSet) -> dict[str, float]:
     thresholds tuned on those documents by ``labelmatch calibrate``'s
     :func:`~labelmatch.evaluation.calibration.calibrate_thresholds` (``calibrated_*``): the same
     model and the same test documents, with thresholds set for the new labels instead of the
-    training labels' carried over. The encoder still never trained on these labels; this separates what
-    training did to the ranking from how well the training labels' threshold carries over.
+    training labels' carried over. The encoder still never trained on these labels: this separates
+    what training did to the ranking from how well the training labels' threshold carries over.
     """
     from labelmatch.evaluation.calibration import calibrate_thresholds
     from labelmatch.evaluation.metrics import binarize, macro_f1
