@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-per-label",
         type=int,
-        default=40,
+        default=30,
         help="Training documents per intent (seeded subsample; CLINC has 100, Bitext ~130).",
     )
     parser.add_argument("--val-per-label", type=int, default=10, help="Validation documents per seen intent.")
@@ -428,7 +428,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"Recipe: `{report['tag'] or 'default'}` — TrainConfig {json.dumps(report['train_config'])}; "
         f"{report['train_per_label']} training / {report['val_per_label']} validation documents per label; "
         f"seeds {report['seeds']}. CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores). "
-        f"Wall time {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB.",
+        f"Wall time {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB"
+        + (
+            " (models trained by an earlier run with these settings were reused from `--work`; "
+            "`train_seconds` is null for those)."
+            if any(
+                r["trained"]["train_seconds"] is None for e in report["scenarios"].values() for r in e["runs"]
+            )
+            else "."
+        ),
         "",
         "Thresholds from the seen labels' validation documents; recipes chosen on the `dev_*` rows "
         "(the target labels' validation documents), never on test; "

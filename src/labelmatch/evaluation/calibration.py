@@ -87,7 +87,7 @@ def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: boo
     present = targets.sum(0) > 0
     merged = Thresholds(
         global_threshold if replace_default else current.default,
-        {**current.labels, **{name: float(t) for name, t in zip(names, per_label, strict=True)}},
+        {**current.labels, **{name: round(float(t), 4) for name, t in zip(names, per_label, strict=True)}},
     )
     return Calibration(
         thresholds=merged,
