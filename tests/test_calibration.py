@@ -113,7 +113,7 @@ def test_cli_names_the_file_and_line_of_an_unknown_label(trained_model, tmp_path
 
 
 def test_calibration_of_the_exported_model_as_served(onnx_model):
-    """The OnnxModel (its shipped engine and thresholds) calibrates like the torch model."""
+    """The OnnxModel as served (its shipped engine and thresholds) is calibrated the same way."""
     from labelmatch.evaluation.evaluate import load_as_served
 
     served = load_as_served(onnx_model[0])
