@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from labelmatch.data.dataset import Dataset
+from labelmatch.evaluation.evaluate import score_split
 from labelmatch.evaluation.metrics import binarize, macro_f1, tune_thresholds
 from labelmatch.model.matching import Thresholds
 
@@ -77,9 +78,7 @@ def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: boo
         A :class:`Calibration`: every label of ``dataset`` gets its own threshold (labels without
         a positive document get the global one); the model's other per-label thresholds are kept.
     """
-    targets = dataset.label_matrix()
-    texts = [d.text for d in dataset.documents]
-    _, probs = classifier.label_probabilities(texts, dataset.labels, replace=True)
+    targets, probs = score_split(classifier, dataset, "all")
     global_threshold, per_label = tune_thresholds(targets, probs)
     names = list(dataset.labels)
     current = classifier.thresholds
