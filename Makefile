@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,7 +36,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
 
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
@@ -51,6 +51,10 @@ recipe-probe: setup
 ## bench-transfer: zero-shot transfer to labels never trained on, untrained vs trained (needs ../shared/data)
 bench-transfer: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_transfer.py --out bench/results
+
+## bench-production-shape: a bge-m3-shaped encoder (random weights) through every stage: wall, peak RSS, sizes
+bench-production-shape: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_production_shape.py --out bench/results
 
 ## bench-quality: dual encoder vs zero-shot vs TF-IDF+LR on Reuters-21578 (needs ../shared/data)
 bench-quality: setup

@@ -24,7 +24,7 @@ app = typer.Typer(
 
 #: Modules (under ``labelmatch.cli``) whose import registers commands on ``app``.
 COMMAND_MODULES = ["core", "cluster", "feedback", "grpo", "tune", "export", "serve", "batch", "monitor",
-                   "pipeline"]
+                   "pipeline", "encoder"]
 
 
 def register_commands() -> None:

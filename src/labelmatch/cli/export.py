@@ -45,6 +45,11 @@ def export(
         int, typer.Option(help="Threads per engine in the probe: the serving pods' --intra_op_threads "
                                "(0: one per core).")
     ] = 0,
+    waive_agreement_gate: Annotated[
+        str, typer.Option(help="Export even below the agreement gate, and record this reason (e.g. 'random "
+                               "weights' for a production-shaped encoder built by labelmatch encoder "
+                               "random: its label sets mean nothing). Every figure is still measured.")
+    ] = "",
 ) -> None:
     """Export to ONNX (pooling + L2 norm in the graph), quantise int8 per channel, check parity."""
     from labelmatch.data.dataset import assign_splits, load_dataset
@@ -53,7 +58,8 @@ def export(
     dataset = assign_splits(load_dataset(data, labels), 0.15, 0.15, seed) if data else None
     config = ExportConfig(agreement_gate=agreement_gate, optimize=optimize, keep_fp32=keep_fp32,
                           max_parity_docs=max_parity_docs, fp32_fallback=fp32_fallback,
-                          fallback_target=fallback_target, engine=engine, probe_threads=probe_threads)
+                          fallback_target=fallback_target, engine=engine, probe_threads=probe_threads,
+                          agreement_gate_waived=waive_agreement_gate)
     parity = export_onnx(model, out, config, dataset)
     int8, fallback = parity["int8"], parity["fallback"]
     typer.echo(f"int8: cosine min {int8['cosine_min']:.4f} mean {int8['cosine_mean']:.4f}, "
@@ -74,4 +80,6 @@ def export(
         typer.echo(f"engine {name}: label-set agreement as served {entry['served_agreement']:.4f}, "
                    + (f"{cost:.2f} ms per document" if cost is not None else "not timed (below the gate)"))
     typer.echo(f"serving engine: {probe['picked']} (on {probe['machine']['cpu']})")
+    if parity.get("gate_waived"):
+        typer.echo(f"agreement gate waived: {parity['gate_waived']}", err=True)
     typer.echo(f"OnnxModel written to {out}")

@@ -15,8 +15,9 @@ validation texts); without, 0.991 (0.925; dynamic int8: 0.994 and 0.930).
 
 from __future__ import annotations
 
+import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,55 @@ log = logging.getLogger(__name__)
 
 #: Above this a graph is written with external data (protobuf's 2 GiB limit; bge-m3).
 PROTOBUF_LIMIT = 1_800_000_000
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes of an ONNX graph with its weights: the ``.onnx`` file plus every external data file
+    its tensors name (the TorchScript exporter writes a 433 KB ``.onnx`` and 2.27 GB beside it for
+    bge-m3, so the file's own size says nothing about the model's)."""
+    return path.stat().st_size + sum((path.parent / name).stat().st_size for name in _external_files(path))
+
+
+def _external_files(path: Path) -> set[str]:
+    """The external data files an ONNX graph's tensors name: initializers and the tensors of node
+    attributes (the TorchScript exporter stores large ``Constant`` values as external data too)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.external_data_helper import uses_external_data as external
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            tensors += ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+    return {ExternalDataInfo(tensor).location for tensor in tensors if external(tensor)}
+
+
+def uses_external_data(path: Path) -> bool:
+    """Whether the graph at ``path`` keeps (some of) its tensors in external data files."""
+    return path.is_file() and bool(_external_files(path))
+
+
+def graph_inputs(path: Path) -> list[str]:
+    """The input names of an ONNX graph (its weights are not read)."""
+    import onnx
+
+    return [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+
+
+def remove_graph(path: Path) -> None:
+    """Delete an ONNX graph and the external data files it names (nothing when it is absent)."""
+    if not path.is_file():
+        return
+    for name in _external_files(path):
+        (path.parent / name).unlink(missing_ok=True)
+    path.unlink()
+
+
+def needs_external_data(path: Path) -> bool:
+    """Whether a graph derived from ``path`` must be saved with external data (above
+    :data:`PROTOBUF_LIMIT`, counting the weights wherever they are stored)."""
+    return graph_bytes(path) > PROTOBUF_LIMIT
 
 
 class _CalibrationTexts:
@@ -72,15 +122,16 @@ def quantize_static_graph(raw: Path, out: Path, texts: Sequence[str], tokenizer_
     Returns:
         What was done (recorded in ``labelmatch.json``).
     """
-    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    external = raw.stat().st_size > PROTOBUF_LIMIT
+    external = needs_external_data(raw)
     prepared = out.with_name(out.stem + "_prepared.onnx")
-    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True, save_as_external_data=external)
+    # One external data file (the default writes one per tensor, some named by a random uuid).
+    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True, save_as_external_data=external,
+                      all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
     try:
-        inputs = [i.name for i in onnx.load(str(prepared), load_external_data=False).graph.input]
+        inputs = graph_inputs(prepared)
         excluded = ffn_output_matmuls(prepared, model_config)
         quantize_static(
             str(prepared), str(out), _CalibrationTexts(texts, tokenizer_file, max_length, inputs),
@@ -90,36 +141,57 @@ def quantize_static_graph(raw: Path, out: Path, texts: Sequence[str], tokenizer_
             extra_options={"MatMulConstBOnly": True},
         )
     finally:
-        for leftover in out.parent.glob(prepared.name + "*"):
-            leftover.unlink()
+        remove_graph(prepared)
     return {"method": "static", "format": "QDQ", "weight_type": "int8", "activation_type": "uint8",
             "per_channel": True, "calibration": "minmax", "calibration_documents": len(texts),
             "fp32_matmuls": len(excluded)}
 
 
-def probe_engines(runs: dict[str, Any], judged: dict[str, dict[str, Any]], texts: Sequence[str],
-                  gate: float, min_seconds: float) -> dict[str, Any]:
+def probe_engines(loaders: dict[str, Callable[[], Any]], judged: dict[str, dict[str, Any]],
+                  texts: Sequence[str], gate: float, min_seconds: float,
+                  together: bool = True) -> dict[str, Any]:
     """Time every candidate that passes the gate and pick the cheapest to serve.
 
     Args:
-        runs: Engine name → its classifier (its ``encoder.embed`` runs one document per call).
+        loaders: Engine name → a function that loads its encoder (``embed`` runs one document per call).
         judged: Engine name → its parity entry (``served_agreement``, ``fallback``).
         texts: Probe texts (parity documents, as served: one per call).
         gate: The agreement gate.
         min_seconds: Timed seconds per candidate, at least (:func:`~labelmatch.serving.engines.probe_costs`).
+        together: Load every timed candidate at once and time them in rotating turns (a slow spell
+            of a shared machine then moves all alike). ``False``: one at a time, each released before
+            the next loads, so memory holds one graph (bge-m3: 2.3 GB each in fp32).
 
     Returns:
-        ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "lengths", "seconds_each"}``;
-        ``picked`` is ``None`` when no candidate passes; ``lengths`` are the probe documents'
-        token counts (a server re-probing at load times inputs of the same lengths).
+        ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "lengths", "seconds_each",
+        "mode"}``; ``picked`` is ``None`` when no candidate passes; ``lengths`` are the probe
+        documents' token counts (a server re-probing at load times inputs of the same lengths).
     """
-    passed = [name for name in runs if judged[name]["served_agreement"] >= gate]
-    timed = probe_costs({name: lambda text, run=runs[name]: run.encoder.embed([text])
-                         for name in runs if name in passed or name == "ort-fp32"}, texts, min_seconds)
+    passed = [name for name in loaders if judged[name]["served_agreement"] >= gate]
+    names = [name for name in loaders if name in passed or name == "ort-fp32"]
+    lengths: list[int] = []
+    if together:
+        encoders = {name: loaders[name]() for name in names}
+        calls = {name: lambda text, e=encoder: e.embed([text]) for name, encoder in encoders.items()}
+        timed = probe_costs(calls, texts, min_seconds)
+        if encoders:
+            lengths = _token_counts(next(iter(encoders.values())), texts)
+        del encoders, calls
+    else:
+        timed = {}
+        for name in names:
+            encoder = loaders[name]()
+            timed.update(probe_costs({name: lambda text, e=encoder: e.embed([text])}, texts, min_seconds))
+            lengths = lengths or _token_counts(encoder, texts)
+            del encoder
+            gc.collect()
     costs = served_costs(timed, {name: judged[name].get("fallback") for name in passed})
     picked = pick_engine(costs) if costs else None
     log.info("engine probe: %s; picked %s", ", ".join(f"{n} {c:.2f} ms" for n, c in costs.items()), picked)
-    tokenizer = next(iter(runs.values())).encoder.tokenizer
-    lengths = [len(tokenizer.encode(text).ids) for text in texts]
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "passed": passed,
-            "documents": len(texts), "lengths": lengths, "seconds_each": min_seconds}
+            "documents": len(texts), "lengths": lengths, "seconds_each": min_seconds,
+            "mode": "rotating turns, all loaded" if together else "one candidate loaded at a time"}
+
+
+def _token_counts(encoder: Any, texts: Sequence[str]) -> list[int]:
+    return [len(encoder.tokenizer.encode(text).ids) for text in texts]
