@@ -62,7 +62,9 @@ def tune_sft(
         steps_per_iteration: Optimisation steps between PBT decisions.
         batch_size: Documents per step.
         max_length: Tokens per text.
-        gpus_per_trial: GPUs each trial requests from Ray (0 on CPU).
+        gpus_per_trial: GPUs each trial requests from Ray; 0: with the ``rayjob`` backend, one
+            worker's GPUs (``rayjob_gpus_per_worker``, one trial per GPU worker; derived by
+            :func:`labelmatch.stages.tune.rayjob_trial_resources`), none otherwise (CPU).
         cpus_per_trial: CPUs each trial requests from Ray.
         backend: ``local``, ``ray`` or ``rayjob``.
         storage_uri: Tune storage; ``s3://`` for ``ray``/``rayjob`` (empty:

@@ -266,7 +266,8 @@ def training_pipeline(
         steps_per_iteration: Steps between PBT decisions.
         batch_size: Documents per training step.
         max_length: Tokens per text.
-        gpus_per_trial: GPUs per tuning trial (1 with the ``rayjob`` backend's 1-GPU workers).
+        gpus_per_trial: GPUs per tuning trial; 0: with the ``rayjob`` backend, one worker's GPUs
+            (``rayjob_gpus_per_worker``: one trial per GPU worker), none with the other backends.
         cpus_per_trial: CPUs per tuning trial.
         tune_backend: Where trials run: ``local`` (a Ray inside the step; kfp.local and the
             demo), ``ray`` (the cluster at ``ray_address``), ``rayjob`` (a KubeRay RayJob the step

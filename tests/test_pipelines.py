@@ -178,7 +178,7 @@ def _tasks(ir: dict) -> dict[str, dict]:
 def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
     """GRPO asks for the GPU pool; network steps retry; data_prep is never cached; and the RayJob
     the tune step creates with the IR's own defaults is valid against KubeRay's CRD, strictly."""
-    from labelmatch.stages.tune import TuneStepConfig
+    from labelmatch.stages.tune import TuneStepConfig, rayjob_trial_resources
     from labelmatch.tuning.pbt import TuneConfig
     from labelmatch.tuning.rayjob import build_rayjob, cluster_entrypoint
 
@@ -216,6 +216,12 @@ def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
                         {"secretRef": {"name": "labelmatch-s3-credentials"}}]
     head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0" and "nodeSelector" not in head["template"]["spec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "trials cannot land on the head"
+    # The IR's defaults leave no GPU idle: gpus_per_trial 0 becomes one worker's GPUs per trial.
+    gpus, cpus = (params[bindings[name]["componentInputParameter"]]["defaultValue"]
+                  for name in ("gpus_per_trial", "cpus_per_trial"))
+    assert gpus == 0
+    assert rayjob_trial_resources({"CPU": cpus}, spec) == {"CPU": cpus, "GPU": 1}
 
 
 def test_committed_ir_is_current() -> None:

@@ -38,7 +38,8 @@ def test_rayjob_validates_strictly_against_the_kuberay_crd(rayjob_crd):
     assert rayjob_crd(manifest) == []
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
-    assert spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    head = spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert (head["num-cpus"], head["num-gpus"]) == ("0", "0"), "no trial can land on the head"
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 4
     pod = workers["template"]["spec"]
@@ -141,3 +142,49 @@ def test_a_failed_rayjob_is_deleted_and_reported(tmp_path, kube_api, monkeypatch
     assert state.deleted == [("ml", "tune-tax")], "a failed RayJob is cleaned up too"
     assert lines[-1] == "RayJob ml/tune-tax: deleted" and "FAILED" in lines[0]
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize(
+    ("resources", "gpus_per_worker", "expected"),
+    [
+        ({"CPU": 1}, 1, {"CPU": 1, "GPU": 1}),  # the defaults: one trial per 1-GPU worker
+        ({"CPU": 2}, 2, {"CPU": 2, "GPU": 2}),  # a trial takes every GPU of its worker
+        ({"CPU": 1, "GPU": 0}, 1, {"CPU": 1, "GPU": 1}),  # 0 is "not set"
+        ({"CPU": 1, "GPU": 0.5}, 1, {"CPU": 1, "GPU": 0.5}),  # set by the user: kept
+        ({"CPU": 1}, 0, {"CPU": 1}),  # CPU workers: nothing to derive
+    ],
+)
+def test_trials_take_one_workers_gpus_unless_their_request_sets_gpus(resources, gpus_per_worker, expected):
+    from labelmatch.stages.tune import rayjob_trial_resources
+
+    given = dict(resources)
+    spec = production_spec(gpus_per_worker=gpus_per_worker)
+    assert rayjob_trial_resources(resources, spec) == expected
+    assert resources == given, "the caller's mapping is not changed"
+
+
+def test_the_tune_step_gives_rayjob_trials_the_workers_gpus(tmp_path, monkeypatch):
+    """The derivation is applied by the step itself (what the tune component calls), only for rayjob."""
+    from labelmatch.stages import tune as stage
+    from labelmatch.tuning.pbt import TuneConfig
+
+    seen: list[tuple[str, dict]] = []
+    monkeypatch.setattr(stage, "run_tune_rayjob", lambda data, model, report, config, spec, work, **kw:
+                        seen.append(("rayjob", config.resources_per_trial)) or {})
+    monkeypatch.setattr(stage, "tune_sft", lambda data, model, report, config:
+                        seen.append(("local", config.resources_per_trial)) or {})
+    rayjob = stage.TuneStepConfig.from_parameters(
+        backend="rayjob", run_id="run-1", storage_uri="s3://lm/tune", rayjob_image="img:1",
+        rayjob_namespace="ml", rayjob_gpus_per_worker=1,
+    )
+    for backend, step in (("rayjob", rayjob), ("local", stage.TuneStepConfig())):
+        for resources in ({"CPU": 1}, {"CPU": 1, "GPU": 0.5}):
+            tune = TuneConfig(resources_per_trial=dict(resources))
+            stage.run_tune_step(tmp_path / "ds", tmp_path / "m", tmp_path / "r", tune, step)
+            assert tune.resources_per_trial == resources, backend
+    assert seen == [
+        ("rayjob", {"CPU": 1, "GPU": 1}),
+        ("rayjob", {"CPU": 1, "GPU": 0.5}),
+        ("local", {"CPU": 1}),
+        ("local", {"CPU": 1, "GPU": 0.5}),
+    ]

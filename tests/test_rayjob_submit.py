@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -24,7 +25,10 @@ def _free_port() -> int:
 def jobs_address():
     with ray_sandbox("lmjob-") as root:
         port = _free_port()
-        init_local_ray(num_cpus=2, dashboard=True, temp_dir=str(root / "ray"), dashboard_port=port)
+        # Two declared GPUs (none are used: torch runs on CPU): the tune step's RayJob trials ask
+        # for one each, as on the cluster's 1-GPU workers.
+        init_local_ray(num_cpus=2, num_gpus=2, dashboard=True, temp_dir=str(root / "ray"),
+                       dashboard_port=port)
         yield f"http://127.0.0.1:{port}"
 
 
@@ -86,6 +90,8 @@ def test_the_tune_step_runs_pbt_on_a_rayjob_and_brings_the_best_model_back(
         assert state.deleted == [("ml", name)] and not state.jobs, "the RayJob is cleaned up"
         verify_artifact(tmp_path / "model", "Model")
         verify_artifact(tmp_path / "report", "Report")
+        info = json.loads((tmp_path / "model" / "labelmatch.json").read_text())
+        assert info["pbt"]["config"]["resources_per_trial"] == {"CPU": 1, "GPU": 1}, "one worker's GPU each"
         assert summary["trials"] == 2 and 0.0 <= summary["best_val_macro_f1"] <= 1.0
         assert summary["experiment"] == "s3://labelmatch/tune/run-7/ray/labelmatch-tune"
         keys = list(ArtifactStore.from_env().list_keys("s3://labelmatch/tune/run-7"))

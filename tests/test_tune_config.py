@@ -58,6 +58,39 @@ def test_explore_is_clipped_to_the_search_space():
     assert clipped == {"lr": 3e-3, "scale": 10.0, "lora_rank": 8}
 
 
+def test_synchronous_pbt_moves_a_sync_point_that_no_paused_trial_can_reach():
+    """After a resume from a killed driver, every unfinished trial may wait paused at or past the
+    sync point with none running (the one they waited for ended without a result): Ray would
+    wait forever; ResumablePBT moves the point one interval past the slowest trial."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray")
+    from ray.tune.experiment import Trial
+
+    from labelmatch.tuning.scheduler import ResumablePBT
+
+    class StubTrial:
+        def __init__(self, status: str):
+            self.status = status
+
+        def is_finished(self) -> bool:
+            return self.status in (Trial.TERMINATED, Trial.ERROR)
+
+    trials = [StubTrial(Trial.PAUSED), StubTrial(Trial.PAUSED), StubTrial(Trial.PAUSED),
+              StubTrial(Trial.TERMINATED)]
+    controller = SimpleNamespace(get_trials=lambda: trials)
+    pbt = ResumablePBT(time_attr="training_iteration", metric="val_macro_f1", mode="max",
+                       perturbation_interval=1, synch=True, hyperparam_mutations={"lr": [1e-4, 1e-3]})
+    for trial, time in zip(trials, (4, 3, 3, 3), strict=True):
+        pbt._trial_state[trial] = SimpleNamespace(last_train_time=time)
+    pbt._next_perturbation_sync = 3
+    trials[1].status = Trial.RUNNING  # its next result moves the clock: nothing to do
+    assert pbt.choose_trial_to_run(controller) is None and pbt._next_perturbation_sync == 3
+    trials[1].status = Trial.PAUSED  # ... but it paused without one: nobody can reach time 3
+    assert pbt.choose_trial_to_run(controller) in trials[1:3]
+    assert pbt._next_perturbation_sync == 4
+
+
 def test_help_documents_every_flag():
     result = CliRunner().invoke(app, ["tune", "--help"], terminal_width=200)
     assert result.exit_code == 0

@@ -6,10 +6,13 @@ One entry point (:func:`run_tune_step`) for the three places tuning runs:
   127.0.0.1. In a cluster this runs the trials inside the KFP pod, with its CPUs and GPUs.
 * ``ray``: an existing Ray cluster at ``ray_address`` (``ray://head:10001``). Tune's storage must
   then be ``s3://`` (the KFP pod's disk is not the workers').
-* ``rayjob``: the production path. The step creates a KubeRay RayJob (a head without GPUs and N
-  one-GPU workers, node selector and tolerations of the GPU pool), which runs the same tuning
-  against its own Ray cluster with checkpoints and experiment state in the store, follows it to
-  the end (status lines in the step's log), deletes it, and downloads the verified best Model.
+* ``rayjob``: the production path. The step creates a KubeRay RayJob (a head that takes no
+  trials: no CPUs and no GPUs for Ray to schedule; N one-GPU workers, node selector and
+  tolerations of the GPU pool), which runs the same tuning against its own Ray cluster with
+  checkpoints and experiment state in the store, follows it to the end (status lines in the
+  step's log), deletes it, and downloads the verified best Model. Unless the trials' GPU request
+  was set, each trial asks for one worker's GPUs (:func:`rayjob_trial_resources`), so the
+  workers' GPUs never idle by default.
 
 Storage for ``ray`` and ``rayjob`` defaults to ``<LABELMATCH_STORE_ROOT>/tune/<run id>``: the
 store root comes from the namespace's ``labelmatch-pipeline-config`` ConfigMap in a cluster.
@@ -119,6 +122,27 @@ class TuneStepConfig:
         return replace(self.rayjob, name=f"lm-tune-{digest}", namespace=namespace)
 
 
+def rayjob_trial_resources(resources: dict[str, float], spec: RayJobSpec) -> dict[str, float]:
+    """The Ray resources of one trial on a RayJob's cluster: one trial per GPU worker by default.
+
+    A request that already asks for GPUs (``GPU`` > 0, set by the user) is kept as it is. Otherwise
+    the trial asks for all the GPUs of one worker (``spec.gpus_per_worker``), so that each GPU
+    worker runs one trial on its GPUs instead of the trials running on the workers' CPUs and
+    leaving the GPUs idle. A RayJob without GPUs (``gpus_per_worker`` 0) keeps the request.
+
+    Args:
+        resources: The trial's requested Ray resources, e.g. ``{"CPU": 1}``.
+        spec: The RayJob the trials run on.
+
+    Returns:
+        A new mapping, e.g. ``{"CPU": 1, "GPU": 1}`` for 1-GPU workers.
+    """
+    derived = dict(resources)
+    if derived.get("GPU", 0) <= 0 and spec.gpus_per_worker > 0:
+        derived["GPU"] = spec.gpus_per_worker
+    return derived
+
+
 def run_tune_step(
     dataset_dir: str | Path, model_dir: str | Path, report_dir: str | Path, tune: TuneConfig,
     step: TuneStepConfig, api_client: Any = None,
@@ -129,7 +153,8 @@ def run_tune_step(
         dataset_dir: The Dataset artifact (from ``data_prep``).
         model_dir: The best Model artifact to write.
         report_dir: The tuning Report artifact to write.
-        tune: Tuning settings (population, iterations, resources per trial, ...).
+        tune: Tuning settings (population, iterations, resources per trial, ...). With ``rayjob``
+            a request without GPUs gets one worker's GPUs (:func:`rayjob_trial_resources`).
         step: Where the trials run.
         api_client: Kubernetes API client for ``rayjob`` (default: the pod's service account).
 
@@ -143,5 +168,7 @@ def run_tune_step(
     if step.backend == "ray":
         config = replace(tune, address=step.ray_address, storage_path=f"{work}/ray")
         return tune_sft(dataset_dir, model_dir, report_dir, config)
-    return run_tune_rayjob(dataset_dir, model_dir, report_dir, tune, step.rayjob_spec(), work,
+    spec = step.rayjob_spec()
+    config = replace(tune, resources_per_trial=rayjob_trial_resources(tune.resources_per_trial, spec))
+    return run_tune_rayjob(dataset_dir, model_dir, report_dir, config, spec, work,
                            api_client=api_client, poll_seconds=step.poll_s, timeout_seconds=step.timeout_s)

@@ -16,6 +16,7 @@ TIMELINE_KEYS = (
     "lora_rank",
     "exploited_from",
     "exploited_at",
+    "node_id",
 )
 
 

@@ -194,8 +194,12 @@ def init_local_ray(
     dashboard: bool = False,
     temp_dir: str | None = None,
     dashboard_port: int | None = None,
+    num_gpus: int | None = None,
 ) -> None:
     """Start a single-node Ray whose every server listens on 127.0.0.1 only.
+
+    ``num_gpus`` declares GPUs to Ray (``None``: the ones Ray detects); tests declare some on a
+    machine without any to schedule GPU requests the way a GPU cluster does.
 
     ``_node_ip_address="127.0.0.1"`` alone is not enough: Ray replaces a loopback node address by
     the machine's routable one unless cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
@@ -209,6 +213,7 @@ def init_local_ray(
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         num_cpus=num_cpus,
+        num_gpus=num_gpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=dashboard,
         dashboard_host="127.0.0.1",

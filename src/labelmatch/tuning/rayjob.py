@@ -1,7 +1,8 @@
 """Run ``labelmatch tune`` on a cluster: a KubeRay RayJob, or a job on an existing Ray cluster.
 
-* :func:`build_rayjob` writes the ``ray.io/v1`` RayJob: a head that schedules no GPU work
-  (``num-gpus: "0"``), one worker group of N GPU workers, and an ``entrypoint`` that runs
+* :func:`build_rayjob` writes the ``ray.io/v1`` RayJob: a head that offers Ray no CPUs and no
+  GPUs (``num-cpus: "0"``, ``num-gpus: "0"``: it runs the driver and schedules, trials and
+  actors all land on the workers), one worker group of N GPU workers, and an ``entrypoint`` that runs
   ``labelmatch tune --address auto`` against the cluster KubeRay creates for the job; the
   cluster is deleted when the job ends (``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished``).
 * :func:`submit_rayjob` creates it through the Kubernetes API (``CustomObjectsApi``) and
@@ -209,8 +210,9 @@ def build_rayjob(spec: RayJobSpec, entrypoint: str, component: str = "tune") -> 
         "rayClusterSpec": {
             "rayVersion": spec.ray_version,
             "headGroupSpec": {
-                # The head only schedules: trials (one GPU each) all land on the workers.
-                "rayStartParams": {"num-gpus": "0", "dashboard-host": "0.0.0.0"},
+                # The head only runs the driver and schedules: with no CPUs or GPUs to offer, no
+                # trial (or batch actor) can land on it, whatever the trial asks for.
+                "rayStartParams": {"num-cpus": "0", "num-gpus": "0", "dashboard-host": "0.0.0.0"},
                 "template": _pod_template(spec, head, worker=False),
             },
             "workerGroupSpecs": [

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
+
+logger = logging.getLogger(__name__)
 
 
 class ResumablePBT(PopulationBasedTraining):
@@ -14,6 +18,13 @@ class ResumablePBT(PopulationBasedTraining):
     the restored trials are already past it; after their next perturbation it waits for a
     time no paused trial is behind, and the run hangs (Ray 2.60). Once every unfinished trial
     is at or past the sync point, the point moves one interval past the slowest trial.
+
+    A resume after the driver was killed (not stopped) restores trials from checkpoints of
+    different iterations, and every unfinished trial can end up paused at or past the sync point
+    with none running (seen once in ``tests/test_tune_cluster.py``: Ray waited for minutes with
+    all four trials paused). No result will then come to move the clock, and Ray waits forever;
+    in that state the point moves one interval past the slowest trial too (that perturbation
+    is skipped).
     """
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
@@ -23,3 +34,26 @@ class ResumablePBT(PopulationBasedTraining):
         if self._synch and times and min(times) >= self._next_perturbation_sync:
             self._next_perturbation_sync = min(times) + self._perturbation_interval
         return decision
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """The paused trial to run next; moves a sync point that no trial can reach any more.
+
+        Args:
+            tune_controller: Ray Tune's controller.
+
+        Returns:
+            The trial to start, or ``None``.
+        """
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None or not self._synch:
+            return trial
+        unfinished = [t for t in tune_controller.get_trials() if not t.is_finished()]
+        if not unfinished or any(t.status != Trial.PAUSED for t in unfinished):
+            return None  # a running or starting trial's next result moves the clock
+        sync = min(self._trial_state[t].last_train_time for t in unfinished) + self._perturbation_interval
+        logger.info(
+            "Sync: every unfinished trial is paused at or past time %s and none runs; moving the sync "
+            "point to %s", self._next_perturbation_sync, sync,
+        )
+        self._next_perturbation_sync = sync
+        return super().choose_trial_to_run(tune_controller)

@@ -3,10 +3,14 @@
 Every training iteration ends with ``ray.tune.report(metrics, checkpoint=...)``; the checkpoint
 holds the trainer state (:meth:`SFTTrainer.save_checkpoint`: adapter, bias, optimizer, schedule
 position, RNG, history) and ``pbt_record.json``, written by the trial that made it:
-``{trial_id, iteration, lora_rank, hyperparameters, lineage}``. When a trial starts from a
+``{trial_id, iteration, lora_rank, hyperparameters, lineage, node_id, job_id, restored_from}``
+(``node_id``: the Ray node that trained it; ``job_id``: the Ray job of the driver that ran the
+trial; ``restored_from``: the checkpoint this run of the trial started from, e.g.
+``s3://bucket/.../checkpoint_000001``, empty for a fresh start). When a trial starts from a
 checkpoint whose record names *another* trial, PBT exploited: the trial appends
-``{from_trial, into_trial, at_iteration, ...}`` to the lineage it inherited, so the history of
-who copied whom can be read back from the checkpoints themselves, not from log text.
+``{from_trial, into_trial, at_iteration, from_node, into_node, ...}`` to the lineage it
+inherited, so the history of who copied whom, and between which nodes, can be read back from
+the checkpoints themselves, not from log text. Every reported result carries ``node_id`` too.
 
 LoRA rank on exploit: the rank travels with the checkpoint. A trial that sampled rank 4 and
 clones a rank-16 trial continues as rank 16 (the weights, optimizer moments and the rank are one
@@ -34,8 +38,20 @@ def read_record(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _start(config: dict[str, Any], dataset: Dataset, base_config: dict[str, Any], trial_id: str):
-    """Build the trainer: fresh, or from the checkpoint Tune hands over (exploit, retry, resume)."""
+def checkpoint_uri(checkpoint: Any) -> str:
+    """Where a Ray Tune checkpoint lives: ``s3://bucket/key`` on S3, else its local path."""
+    filesystem = getattr(checkpoint, "filesystem", None)
+    scheme = getattr(filesystem, "type_name", "local")
+    return f"{scheme}://{checkpoint.path}" if scheme not in ("local", "") else str(checkpoint.path)
+
+
+def _start(
+    config: dict[str, Any], dataset: Dataset, base_config: dict[str, Any], trial_id: str, node_id: str
+):
+    """Build the trainer: fresh, or from the checkpoint Tune hands over (exploit, retry, resume).
+
+    Returns ``(trainer, lineage, exploit event or None, URI of the checkpoint restored or "")``.
+    """
     from ray import tune
 
     from labelmatch.training.sft import SFTTrainer
@@ -50,7 +66,7 @@ def _start(config: dict[str, Any], dataset: Dataset, base_config: dict[str, Any]
             "seed": base_config["seed"] + config["trial_index"],
             "progress": False,
         }
-        return SFTTrainer(dataset, TrainConfig.from_dict(values)), [], None
+        return SFTTrainer(dataset, TrainConfig.from_dict(values)), [], None, ""
     with checkpoint.as_directory() as directory:
         trainer = SFTTrainer.load_checkpoint(directory, dataset, overrides)
         record = read_record(directory)
@@ -61,12 +77,14 @@ def _start(config: dict[str, Any], dataset: Dataset, base_config: dict[str, Any]
             "from_trial": record["trial_id"],
             "into_trial": trial_id,
             "at_iteration": record["iteration"],
+            "from_node": record.get("node_id", ""),
+            "into_node": node_id,
             "from_lora_rank": record["lora_rank"],
             "from_hyperparameters": record["hyperparameters"],
             "new_hyperparameters": {name: config[name] for name in MUTATED},
         }
         lineage.append(event)
-    return trainer, lineage, event
+    return trainer, lineage, event, checkpoint_uri(checkpoint)
 
 
 def sft_trainable(
@@ -82,10 +100,13 @@ def sft_trainable(
         base_config: ``TrainConfig`` fields shared by every trial.
         iterations: Training iterations per trial (PBT's time axis).
     """
+    import ray
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    trainer, lineage, event = _start(config, dataset, base_config, trial_id)
+    runtime = ray.get_runtime_context()
+    node_id, job_id = runtime.get_node_id(), runtime.get_job_id()
+    trainer, lineage, event, restored_from = _start(config, dataset, base_config, trial_id, node_id)
     while trainer.iteration < iterations:
         result = trainer.run_iteration()
         hyperparameters = {name: getattr(trainer.config, name) for name in MUTATED}
@@ -96,6 +117,9 @@ def sft_trainable(
             "hyperparameters": hyperparameters,
             "val_macro_f1": result.val_macro_f1,
             "lineage": lineage,
+            "node_id": node_id,
+            "job_id": job_id,
+            "restored_from": restored_from,
         }
         metrics = {
             **result.to_dict(),
@@ -104,6 +128,7 @@ def sft_trainable(
             "exploited_from": event["from_trial"] if event else "",
             "exploited_at": event["at_iteration"] if event else -1,
             "exploits_in_lineage": len(lineage),
+            "node_id": node_id,
         }
         event = None
         with tempfile.TemporaryDirectory(prefix="labelmatch-ckpt-") as directory:
