@@ -266,3 +266,29 @@ def test_a_server_told_to_probe_times_the_passing_engines_here_and_serves_the_ch
         assert model.engine_probe["picked"] in model.engine_probe["candidates"]
     finally:
         model.stop()
+
+
+def test_a_probe_one_at_a_time_holds_one_encoder_and_times_each():
+    from labelmatch.serving.engines import probe_encoders
+
+    alive: list[str] = []
+    most = []
+
+    class Encoder:
+        def __init__(self, name: str):
+            self.name = name
+            alive.append(name)
+            most.append(len(alive))
+
+        def embed(self, texts):
+            return texts
+
+        def __del__(self):
+            alive.remove(self.name)
+
+    loaders = {name: (lambda n=name: Encoder(n)) for name in ("a", "b", "c")}
+    timed = probe_encoders(loaders, ["x", "y"], min_seconds=0.001, together=False)
+    assert set(timed) == {"a", "b", "c"} and max(most) == 1
+    most.clear()
+    assert set(probe_encoders(loaders, ["x"], min_seconds=0.001, together=True)) == {"a", "b", "c"}
+    assert max(most) == 3

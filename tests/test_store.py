@@ -230,3 +230,20 @@ def test_store_put_uploads_plain_files_under_a_prefix(store, endpoint, sample_di
     assert (tmp_path / "back" / "docs.jsonl").read_bytes() == (sample_dir / "docs.jsonl").read_bytes()
     one = CliRunner().invoke(app, ["store", "put", str(sample_dir / "labels.json"), "s3://lm-put/labels"])
     assert one.output.strip() == "s3://lm-put/labels/labels.json"
+
+
+def test_a_few_members_are_read_verified_without_the_rest(store, tmp_path):
+    source = make_artifact(tmp_path / "src")
+    uri = "s3://lm-members/a"
+    store.upload_artifact(source, uri)
+    manifest, files = store.read_members(uri, ["part-1.txt", "plots/curve.bin"], "Report")
+    assert files["part-1.txt"] == (source / "part-1.txt").read_bytes()
+    assert files["plots/curve.bin"] == (source / "plots" / "curve.bin").read_bytes()
+    assert set(manifest["files"]) >= {"part-1.txt", "plots/curve.bin"}
+    with pytest.raises(ArtifactError, match=r"s3://lm-members/a: manifest.json lists no file nope.txt"):
+        store.read_members(uri, ["nope.txt"])
+    with pytest.raises(ArtifactError, match="kind"):
+        store.read_members(uri, ["part-1.txt"], "OnnxModel")
+    store.put_bytes(S3Uri.parse(uri).child("part-1.txt"), b"tampered\n")
+    with pytest.raises(ArtifactError, match=r"s3://lm-members/a: file part-1.txt is corrupted"):
+        store.read_members(uri, ["part-1.txt"])

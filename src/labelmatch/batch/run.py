@@ -22,6 +22,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from labelmatch.batch.shards import OutputLayout, Shard, list_shards
@@ -84,10 +85,19 @@ class _Served:
 
 
 def _served(config: BatchConfig) -> _Served:
-    from labelmatch.core.artifacts import artifact_digest
-    from labelmatch.platform.store import local_artifact
+    """The model's digest, labels and thresholds; from ``s3://`` only those two files are read
+    (verified against the manifest), not the graphs the actors download."""
+    from labelmatch.core.artifacts import artifact_digest, manifest_digest, verify_artifact
+    from labelmatch.platform.store import ArtifactStore, as_s3_uri, is_s3_uri
 
-    with local_artifact(config.model, "OnnxModel") as path:
+    if is_s3_uri(config.model):
+        manifest, files = ArtifactStore.from_env().read_members(
+            as_s3_uri(str(config.model)), ["labels.json", "thresholds.json"], "OnnxModel")
+        model_labels, thresholds = (json.loads(files[name]) for name in ("labels.json", "thresholds.json"))
+        digest = manifest_digest(manifest)
+    else:
+        verify_artifact(config.model, "OnnxModel")
+        path = Path(config.model)
         model_labels = json.loads((path / "labels.json").read_text())
         thresholds = json.loads((path / "thresholds.json").read_text())
         digest = artifact_digest(path)

@@ -15,7 +15,6 @@ validation texts); without, 0.991 (0.925; dynamic int8: 0.994 and 0.930).
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.serving.engines import pick_engine, probe_costs, served_costs
+from labelmatch.serving.engines import pick_engine, probe_encoders, served_costs
 from labelmatch.serving.onnx_classifier import graph_feeds
 
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def quantize_static_graph(raw: Path, out: Path, texts: Sequence[str], tokenizer_
 
 
 def probe_engines(loaders: dict[str, Callable[[], Any]], judged: dict[str, dict[str, Any]],
-                  texts: Sequence[str], gate: float, min_seconds: float,
+                  texts: Sequence[str], lengths: list[int], gate: float, min_seconds: float,
                   together: bool = True) -> dict[str, Any]:
     """Time every candidate that passes the gate and pick the cheapest to serve.
 
@@ -156,11 +155,12 @@ def probe_engines(loaders: dict[str, Callable[[], Any]], judged: dict[str, dict[
         loaders: Engine name → a function that loads its encoder (``embed`` runs one document per call).
         judged: Engine name → its parity entry (``served_agreement``, ``fallback``).
         texts: Probe texts (parity documents, as served: one per call).
+        lengths: Their token counts as served (recorded: a server re-probing at load times inputs
+            of the same lengths).
         gate: The agreement gate.
         min_seconds: Timed seconds per candidate, at least (:func:`~labelmatch.serving.engines.probe_costs`).
-        together: Load every timed candidate at once and time them in rotating turns (a slow spell
-            of a shared machine then moves all alike). ``False``: one at a time, each released before
-            the next loads, so memory holds one graph (bge-m3: 2.3 GB each in fp32).
+        together: All loaded at once, timed in rotating turns; ``False``: one at a time
+            (:func:`~labelmatch.serving.engines.probe_encoders`).
 
     Returns:
         ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "lengths", "seconds_each",
@@ -169,29 +169,10 @@ def probe_engines(loaders: dict[str, Callable[[], Any]], judged: dict[str, dict[
     """
     passed = [name for name in loaders if judged[name]["served_agreement"] >= gate]
     names = [name for name in loaders if name in passed or name == "ort-fp32"]
-    lengths: list[int] = []
-    if together:
-        encoders = {name: loaders[name]() for name in names}
-        calls = {name: lambda text, e=encoder: e.embed([text]) for name, encoder in encoders.items()}
-        timed = probe_costs(calls, texts, min_seconds)
-        if encoders:
-            lengths = _token_counts(next(iter(encoders.values())), texts)
-        del encoders, calls
-    else:
-        timed = {}
-        for name in names:
-            encoder = loaders[name]()
-            timed.update(probe_costs({name: lambda text, e=encoder: e.embed([text])}, texts, min_seconds))
-            lengths = lengths or _token_counts(encoder, texts)
-            del encoder
-            gc.collect()
+    timed = probe_encoders({name: loaders[name] for name in names}, texts, min_seconds, together)
     costs = served_costs(timed, {name: judged[name].get("fallback") for name in passed})
     picked = pick_engine(costs) if costs else None
     log.info("engine probe: %s; picked %s", ", ".join(f"{n} {c:.2f} ms" for n, c in costs.items()), picked)
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "passed": passed,
             "documents": len(texts), "lengths": lengths, "seconds_each": min_seconds,
             "mode": "rotating turns, all loaded" if together else "one candidate loaded at a time"}
-
-
-def _token_counts(encoder: Any, texts: Sequence[str]) -> list[int]:
-    return [len(encoder.tokenizer.encode(text).ids) for text in texts]

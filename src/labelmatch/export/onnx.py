@@ -110,7 +110,7 @@ from labelmatch.model.chunking import Chunking, document_windows, max_over_windo
 from labelmatch.model.io import read_model_info
 from labelmatch.model.matching import Thresholds, boundary_cosines
 from labelmatch.monitoring.profile import build_profile
-from labelmatch.serving.engines import ENGINES, STATIC_MODEL_FILE, Engine, cpu_summary
+from labelmatch.serving.engines import ENGINES, PROBE_TOGETHER_BYTES, STATIC_MODEL_FILE, Engine, cpu_summary
 from labelmatch.serving.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
@@ -205,7 +205,7 @@ class ExportConfig:
     probe_seconds: float = 1.0
     probe_threads: int = 0
     static_calibration_docs: int = 128
-    probe_memory_bytes: int = 3_000_000_000
+    probe_memory_bytes: int = PROBE_TOGETHER_BYTES
     isolate_above_bytes: int = 1_000_000_000
     quantize_embeddings_below_bytes: int = 1_000_000_000
     agreement_gate_waived: str = ""
@@ -306,7 +306,8 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
         parity["engines"] = {name: parity["engines"][name] for name in ENGINES if name in candidates}
         together = sum(graph_sizes[name] for name in candidates) <= config.probe_memory_bytes
         loaders = {name: functools.partial(load, ENGINES[name]) for name in ENGINES if name in candidates}
-        parity["engine_probe"] = _pick_engine(loaders, parity["engines"], windows[0], config, together)
+        parity["engine_probe"] = _pick_engine(loaders, parity["engines"], windows[0], config, together,
+                                              tmp / TOKENIZER_FILE, max_length)
         parity["graph_bytes"] = {name: graph_sizes[name] for name in ENGINES if name in graph_sizes}
         parity["external_data"] = {name: uses_external_data(tmp / ENGINES[name].file)
                                    for name in parity["graph_bytes"]}
@@ -814,15 +815,26 @@ def _engine_entry(alone: dict[str, Any], fallback: dict[str, Any] | None,
     }
 
 
+def token_counts(tokenizer_file: Path, max_length: int, texts: list[str]) -> list[int]:
+    """Tokens of each text as served (special tokens included, truncated at ``max_length``)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer.enable_truncation(max_length=max_length)
+    return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
+
+
 def _pick_engine(loaders: dict[str, Any], engines: dict[str, dict[str, Any]], texts: list[str],
-                 config: ExportConfig, together: bool) -> dict[str, Any]:
+                 config: ExportConfig, together: bool, tokenizer_file: Path,
+                 max_length: int) -> dict[str, Any]:
     """The probe over the candidates (``config.engine`` forces one, if it passes the gate; a
     waived gate lets every candidate pass)."""
     probe_texts = texts[: min(len(texts), 64)]
     if config.engine != "auto":
         loaders = {name: load for name, load in loaders.items() if name in (config.engine, "ort-fp32")}
     gate = 0.0 if config.agreement_gate_waived else config.agreement_gate
-    probe = probe_engines(loaders, engines, probe_texts, gate, config.probe_seconds, together)
+    lengths = token_counts(tokenizer_file, max_length, probe_texts)
+    probe = probe_engines(loaders, engines, probe_texts, lengths, gate, config.probe_seconds, together)
     if config.engine != "auto":
         probe["picked"] = config.engine if config.engine in probe["passed"] else None
         probe["forced"] = True

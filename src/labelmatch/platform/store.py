@@ -42,6 +42,7 @@ them and every error raised here passes through :meth:`ArtifactStore._redact`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -437,6 +438,33 @@ class ArtifactStore:
         self.put_bytes(loc.child(MANIFEST), (local_dir / MANIFEST).read_bytes(), "application/json")
         log.info("uploaded %s (%d files, digest %s)", uri, len(manifest["files"]), digest[:12])
         return digest
+
+    def read_members(self, uri: str, names: list[str],
+                     kind: str | tuple[str, ...] | None = None) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Read a few files of the artifact at ``uri``, each checked against its manifest's sha256,
+        without downloading the rest (a bge-m3 OnnxModel is 5 GB; its labels a few KB).
+
+        Returns:
+            ``(manifest, {name: content})``.
+
+        Raises:
+            ArtifactError: No manifest, wrong kind, a name the manifest does not list, a missing
+                object or a digest mismatch; the message names the URI and file.
+        """
+        manifest = self.require_manifest(uri, kind)
+        loc = S3Uri.parse(uri)
+        contents = {}
+        for name in names:
+            expected = manifest["files"].get(name)
+            if expected is None:
+                raise ArtifactError(f"{uri}: {MANIFEST} lists no file {name}")
+            data = self.get_bytes(loc.child(name))
+            if data is None:
+                raise ArtifactError(f"{uri}: file {name} listed in {MANIFEST} is missing")
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise ArtifactError(f"{uri}: file {name} is corrupted (its sha256 differs from {MANIFEST})")
+            contents[name] = data
+        return manifest, contents
 
     def download_artifact(
         self, uri: str, dest: str | Path, kind: str | tuple[str, ...] | None = None

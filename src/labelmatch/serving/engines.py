@@ -38,6 +38,7 @@ the fp32 graph's, what serving it would cost on average.
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import os
 import statistics
@@ -241,6 +242,48 @@ def probe_costs(calls: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], m
             passes[name].append(seconds * 1000 / len(inputs))
         rounds += 1
     return {name: statistics.median(values) for name, values in passes.items()}
+
+
+def probe_encoders(loaders: dict[str, Callable[[], Any]], texts: Sequence[str], min_seconds: float = 1.0,
+                   together: bool = True) -> dict[str, float]:
+    """:func:`probe_costs` of encoders (``embed([text])`` per call) that ``loaders`` load.
+
+    Args:
+        loaders: Candidate name → a function that loads its encoder.
+        texts: The probe documents.
+        min_seconds: Timed seconds per candidate, at least.
+        together: Load every candidate at once and time them in rotating turns (a slow spell of
+            a shared machine moves all alike). ``False``: one at a time, each released before the
+            next loads, so memory holds one graph (bge-m3: 2.2 GB for each fp32 graph).
+
+    Returns:
+        Candidate name → median milliseconds per document.
+    """
+    def call(encoder: Any) -> Callable[[Any], Any]:
+        return lambda text: encoder.embed([text])
+
+    if together:
+        encoders = {name: load() for name, load in loaders.items()}
+        return probe_costs({name: call(encoder) for name, encoder in encoders.items()}, texts, min_seconds)
+    timed: dict[str, float] = {}
+    for name, load in loaders.items():
+        encoder = load()
+        timed.update(probe_costs({name: call(encoder)}, texts, min_seconds))
+        del encoder
+        gc.collect()
+    return timed
+
+
+def graph_file_bytes(root: str | Path, file: str) -> int:
+    """Bytes of an artifact's graph ``file`` and its external data (``<file>.data``, as the export
+    writes it); 0 when the graph is absent."""
+    path = Path(root) / file
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size if path.is_file() else 0) + (data.stat().st_size if data.is_file() else 0)
+
+
+#: Above this many bytes of graphs, a probe loads its candidates one at a time.
+PROBE_TOGETHER_BYTES = 3_000_000_000
 
 
 def served_cost_ms(own_ms: float, fallback_fraction: float, fp32_ms: float) -> float:

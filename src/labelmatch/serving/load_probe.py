@@ -13,13 +13,21 @@ fallback share (``parity.json``) at ``ort-fp32``'s time, measured here too.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from labelmatch.core.errors import ArtifactError
-from labelmatch.serving.engines import ENGINES, pick_engine, probe_costs, served_costs
+from labelmatch.serving.engines import (
+    ENGINES,
+    PROBE_TOGETHER_BYTES,
+    graph_file_bytes,
+    pick_engine,
+    probe_encoders,
+    served_costs,
+)
 from labelmatch.serving.onnx_classifier import TOKENIZER_FILE, OnnxEncoder, OrtConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +48,7 @@ def probe_engine_at_load(root: str | Path, config: OrtConfig | None = None,
         min_seconds: Timed seconds per candidate, at least.
 
     Returns:
-        ``{"picked", "costs_ms", "probe_ms", "candidates", "skipped", "lengths"}``; ``skipped``
+        ``{"picked", "costs_ms", "probe_ms", "candidates", "skipped", "lengths", "mode"}``; ``skipped``
         maps a passing engine this machine cannot run to why.
 
     Raises:
@@ -71,17 +79,22 @@ def probe_engine_at_load(root: str | Path, config: OrtConfig | None = None,
     max_length = int(info["max_length"])
     lengths = [min(n, max_length) for n in (parity.get("engine_probe") or {}).get("lengths")
                or DEFAULT_LENGTHS]
-    encoders = {name: OnnxEncoder.for_engine(root, ENGINES[name], max_length, config) for name in timed_names}
     descriptions = list(json.loads((root / "labels.json").read_text()).values())
     texts = texts_of_lengths(root / TOKENIZER_FILE, descriptions, lengths)
-    timed = probe_costs({name: lambda text, e=encoder: e.embed([text]) for name, encoder in encoders.items()},
-                        texts, min_seconds)
+    # Every candidate loaded at once while they are small; one at a time above PROBE_TOGETHER_BYTES
+    # (bge-m3's candidates add up to 7 GB: the server would hold them all before serving one).
+    files = {ENGINES[name].file for name in timed_names}
+    together = sum(graph_file_bytes(root, file) for file in files) <= PROBE_TOGETHER_BYTES
+    loaders = {name: functools.partial(OnnxEncoder.for_engine, root, ENGINES[name], max_length, config)
+               for name in timed_names}
+    timed = probe_encoders(loaders, texts, min_seconds, together)
     costs = served_costs(timed, fallbacks)
     picked = pick_engine(costs)
     log.info("engine probe at load: %s; picked %s (the export picked %s)",
              ", ".join(f"{n} {c:.2f} ms" for n, c in costs.items()), picked, info.get("engine"))
     return {"picked": picked, "costs_ms": costs, "probe_ms": timed, "candidates": candidates,
-            "skipped": skipped, "lengths": lengths}
+            "skipped": skipped, "lengths": lengths,
+            "mode": "rotating turns, all loaded" if together else "one candidate loaded at a time"}
 
 
 def texts_of_lengths(tokenizer_file: Path, seeds: list[str], lengths: list[int]) -> list[str]:
