@@ -64,7 +64,7 @@ bench-quality: setup
 TOOLS ?= .tools
 CHARTS := charts/labelmatch-serving charts/labelmatch-pipelines
 HELM = $(shell PYTHON=$(PY) charts/get-helm.sh $(TOOLS))
-IMAGE_NAMES ?= base train serve
+IMAGE_NAMES ?= base train serve step
 
 .PHONY: helm chart-lint images base-image images-check image-smoke-serve
 
@@ -84,7 +84,7 @@ chart-lint: setup
 	done
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/test_chart.py tests/test_images.py
 
-## images: build base/train/serve with docker or buildah (PYTHON_IMAGE=local base image when offline)
+## images: build base/train/serve/step with docker or buildah (PYTHON_IMAGE=local base image when offline)
 images:
 	images/build.sh $(IMAGE_NAMES)
 

@@ -5,7 +5,9 @@ Every component is a *lightweight Python component* (``@dsl.component``) whose b
 
 * locally with ``kfp.local.SubprocessRunner(use_venv=False)``, in the current interpreter where
   ``labelmatch`` is installed (no Docker, no pip install), and
-* in a cluster, in :data:`components._image.IMAGE`, which has ``labelmatch`` installed.
+* in a cluster, in the image :mod:`components._image` gives it (``IMAGE_STEP``, no torch, for
+  the CPU steps; ``IMAGE_TRAIN``, CUDA torch, for the steps that train or export), which has
+  ``labelmatch`` installed.
 
 (``target_image`` containerized components were not chosen: ``kfp.local`` runs only lightweight
 components in a subprocess, and the component source is embedded in the compiled IR, so the

@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
-from components._image import IMAGE
+from components._image import IMAGE_TRAIN
 
 
-@dsl.component(base_image=IMAGE, packages_to_install=[], install_kfp_package=False)
+@dsl.component(base_image=IMAGE_TRAIN, packages_to_install=[], install_kfp_package=False)
 def grpo(
     sft_model: Input[Model],
     feedback: Input[Artifact],

@@ -3,10 +3,10 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
-from components._image import IMAGE
+from components._image import IMAGE_STEP
 
 
-@dsl.component(base_image=IMAGE, packages_to_install=[], install_kfp_package=False)
+@dsl.component(base_image=IMAGE_STEP, packages_to_install=[], install_kfp_package=False)
 def monitor_drift(
     onnx_model: Input[Model],
     report: Output[Artifact],

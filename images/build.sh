@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the labelmatch images, tagged with the package version from pyproject.toml.
 #
-# Usage: images/build.sh [IMAGE...]        IMAGE in: base train serve (default: all three)
+# Usage: images/build.sh [IMAGE...]        IMAGE in: base train serve step (default: all four)
 # Environment:
 #   ENGINE          docker | buildah (default: docker when its daemon answers, else buildah)
-#   REGISTRY        image name prefix (default ghcr.io/labelmatch): REGISTRY/labelmatch-IMAGE:VERSION
+#   REGISTRY        image name prefix: REGISTRY/labelmatch-IMAGE:VERSION (default: LABELMATCH_IMAGE_REGISTRY,
+#                   the one setting labelmatch.platform.images, the compiled IR and deploy read; else
+#                   ghcr.io/labelmatch)
 #   PYTHON_IMAGE    base image of every stage; point it at a local image when nothing can be pulled
 #   TORCH_VERSION   torch pin of the train image (default 2.13.0)
 #   TORCH_INDEX_URL index the train image's torch comes from (default PyPI: CUDA build)
@@ -16,12 +18,13 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-REGISTRY="${REGISTRY:-ghcr.io/labelmatch}"
+REGISTRY="${REGISTRY:-${LABELMATCH_IMAGE_REGISTRY:-ghcr.io/labelmatch}}"
+REGISTRY="${REGISTRY%/}"
 PYTHON_IMAGE="${PYTHON_IMAGE:-python:3.11-slim-bookworm}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://pypi.org/simple}"
 IMAGES=("$@")
-[[ ${#IMAGES[@]} -gt 0 ]] || IMAGES=(base train serve)
+[[ ${#IMAGES[@]} -gt 0 ]] || IMAGES=(base train serve step)
 
 VERSION="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "${ROOT}/pyproject.toml")"
 if [[ -z "${ENGINE:-}" ]]; then

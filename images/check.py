@@ -14,10 +14,16 @@ Checks:
   ``labelmatch serve`` on an OnnxModel (the demo's export, or one trained here) answers readiness
   and one inference over KServe v1 and over OIP v2, each equal to the host's
   :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
-* **train**: runs the compiled training IR's ``data_prep`` executor — the IR's own command and
-  arguments, with an executor input built by ``kfp.local``'s code, as KFP's launcher would — and
-  writes a Dataset artifact the host verifies; then a short SFT (``labelmatch train``) on the
-  sample data writes a Model artifact the host verifies;
+* **step** (the torch-free image of data_prep, evaluate, deploy, monitor_drift, batch_classify):
+  runs as 10001 on a read-only root; ``import torch`` fails and no CUDA library or ``nvidia-*``
+  package is present; every module of :data:`labelmatch.platform.images.STEP_MODULES` imports;
+  then compiled IR steps run — each the IR's own command and arguments, with an executor input
+  built by ``kfp.local``'s code, as KFP's launcher would: the training IR's ``data_prep`` writes a
+  Dataset, its ``evaluate`` gates the served OnnxModel on that Dataset and writes a Report, and
+  the batch IR's ``batch_classify`` classifies documents on a local Ray inside the pod; the host
+  verifies every artifact;
+* **train**: a short SFT (``labelmatch train``, CPU torch here) on the sample data writes a Model
+  artifact the host verifies;
 * **base**: the CLI starts, as 10001, on a read-only root.
 
 Writes ``images.json`` and ``images.md`` (sizes, build times, digests, every check) under ``--out``.
@@ -131,7 +137,8 @@ def rootfs(tag: str) -> Iterator[Path]:
     container = buildah("from", "--pull-never", tag)
     try:
         path = Path(buildah("mount", container))
-        for mountpoint in ("tmp", "proc", "dev", "sys", "mnt/models", "kfp-outputs", "data", "out"):
+        mountpoints = ("tmp", "proc", "dev", "sys", "mnt/models", "kfp-outputs", "data", "out", "batch-in")
+        for mountpoint in mountpoints:
             (path / mountpoint).mkdir(parents=True, exist_ok=True)
         yield path
     finally:
@@ -344,46 +351,193 @@ def _v2_prediction(response: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_train(tag: str, work: Path, checks: Checks) -> None:
+def ir_step(ir_file: str, task: str, arguments: dict[str, Any], task_root: str) -> list[str]:
+    """The command of one step of a compiled IR, as KFP's launcher runs it: the executor's own
+    ``command`` + ``args`` with the executor input ``kfp.local`` builds for ``arguments``
+    (parameters, and input artifacts as ``dsl`` artifacts whose URIs are paths in the pod)."""
     import yaml
     from google.protobuf import json_format
     from kfp.local import executor_input_utils
     from kfp.pipeline_spec import pipeline_spec_pb2
 
+    ir = next(yaml.safe_load_all((ROOT / "pipelines" / "compiled" / f"{ir_file}-{VERSION}.yaml").read_text()))
+    container = ir["deploymentSpec"]["executors"][f"exec-{task}"]["container"]
+    spec = json_format.ParseDict(ir["components"][f"comp-{task}"], pipeline_spec_pb2.ComponentSpec())
+    executor_input = executor_input_utils.construct_executor_input(
+        spec, arguments, task_root=task_root, block_input_artifact=False
+    )
+    # ints typed as ints, as KFP's backend (and kfp.local) hand them over
+    as_json = json.dumps(executor_input_utils.executor_input_to_dict(executor_input, spec))
+    return container["command"] + [a.replace("{{$}}", as_json) for a in container["args"]]
+
+
+def ir_image(ir_file: str, task: str) -> str:
+    """The image a compiled IR names for one step."""
+    import yaml
+
+    ir = next(yaml.safe_load_all((ROOT / "pipelines" / "compiled" / f"{ir_file}-{VERSION}.yaml").read_text()))
+    return ir["deploymentSpec"]["executors"][f"exec-{task}"]["container"]["image"]
+
+
+def writable_dir(path: Path) -> Path:
+    """A directory the pod's user 10001 can write (bound read-write into the pod)."""
+    path.mkdir(mode=0o777, parents=True)
+    os.chmod(path, 0o777)
+    return path
+
+
+def check_step(tag: str, model: Path, work: Path, checks: Checks) -> None:
+    from kfp import dsl
+
     from labelmatch.core.artifacts import verify_artifact
+    from labelmatch.platform.images import STEP_MODULES
     from labelmatch.sample_data import sample_path
 
-    ir_path = ROOT / "pipelines" / "compiled" / f"labelmatch-training-{VERSION}.yaml"
-    ir = next(yaml.safe_load_all(ir_path.read_text()))
-    container = ir["deploymentSpec"]["executors"]["exec-data-prep"]["container"]
-    spec = json_format.ParseDict(ir["components"]["comp-data-prep"], pipeline_spec_pb2.ComponentSpec())
-    executor_input = executor_input_utils.construct_executor_input(
-        spec, {"data_uri": "/data/tax"}, task_root="/kfp-outputs", block_input_artifact=True
-    )
-    as_json = json_format.MessageToJson(executor_input, indent=None)
-    command = container["command"] + [a.replace("{{$}}", as_json) for a in container["args"]]
-    outputs = work / "kfp-outputs"
-    outputs.mkdir(mode=0o777)
-    os.chmod(outputs, 0o777)
     env = image_env(tag)
-    binds = {"/data": (sample_path("tax").parent, False), "/kfp-outputs": (outputs, True)}
+    role = tag.rsplit("/", 1)[-1]
+    for ir_file, task in (("labelmatch-training", "data-prep"), ("labelmatch-training", "evaluate"),
+                          ("labelmatch-batch", "batch-classify")):
+        named = ir_image(ir_file, task).rsplit("/", 1)[-1]
+        checks.add("step", f"{ir_file} IR runs {task} in this image", named == role, f"{named} vs {role}")
     with rootfs(tag) as root:
+        who = in_pod(
+            root,
+            env,
+            [
+                "python",
+                "-c",
+                "import os, pathlib; print(os.getuid(), os.getgid());"
+                "pathlib.Path('/tmp/x').write_text('ok');"
+                "pathlib.Path('/opt/venv/x').write_text('no')",
+            ],
+        )
+        checks.add(
+            "step",
+            "runs as 10001:10001, root read-only, /tmp writable",
+            "10001 10001" in who.stdout and who.returncode != 0 and "Read-only file system" in who.stdout,
+            who.stdout,
+        )
+        probe = in_pod(root, env, ["python", "-c", _NO_TORCH_NO_CUDA])
+        try:
+            found = json.loads(probe.stdout.strip().splitlines()[-1])
+            ok = probe.returncode == 0 and found["torch"].startswith("No module named 'torch'")
+            ok = ok and not found["cuda_files"] and not found["nvidia_packages"]
+        except (ValueError, IndexError, KeyError):
+            ok = False
+        checks.add("step", "torch is not importable, no CUDA library or nvidia-* package", ok, probe.stdout)
+        imports = in_pod(root, env, ["python", "-c", _IMPORTS.format(modules=list(STEP_MODULES))])
+        checks.add(
+            "step",
+            f"the step modules import without torch ({len(STEP_MODULES)} modules)",
+            imports.returncode == 0 and imports.stdout.strip().endswith("[]"),
+            imports.stdout,
+        )
+
+        outputs = writable_dir(work / "kfp-outputs")
+        data = sample_path("tax").parent
+        binds = {"/data": (data, False), "/kfp-outputs": (outputs, True), "/mnt/models": (model, False)}
         started = time.perf_counter()
+        command = ir_step("labelmatch-training", "data-prep", {"data_uri": "/data/tax"}, "/kfp-outputs/prep")
         prep = in_pod(root, env, command, binds)
         try:
-            manifest = verify_artifact(outputs / "dataset", "Dataset")
+            manifest = verify_artifact(outputs / "prep" / "dataset", "Dataset")
             ok = prep.returncode == 0 and manifest["summary"]["documents"] > 0
         except Exception as exc:  # report, do not stop the other checks
             ok, prep.stdout = False, f"{prep.stdout}\n{exc}"
         checks.add(
-            "train",
+            "step",
             "compiled IR's data_prep command writes a verified Dataset",
             ok,
             f"{time.perf_counter() - started:.0f} s; {prep.stdout[-1500:]}",
         )
-        out = work / "out"
-        out.mkdir(mode=0o777)
-        os.chmod(out, 0o777)
+
+        started = time.perf_counter()
+        arguments = {
+            "model": dsl.Model(name="onnx_model", uri="/mnt/models", metadata={"kind": "OnnxModel"}),
+            "dataset": dsl.Dataset(name="dataset", uri="/kfp-outputs/prep/dataset", metadata={}),
+        }
+        writable_dir(outputs / "evaluate")
+        command = ir_step("labelmatch-training", "evaluate", arguments, "/kfp-outputs/evaluate")
+        gate = in_pod(root, env, command, binds)
+        try:
+            verify_artifact(outputs / "evaluate" / "report", "Report")
+            decision = json.loads((outputs / "evaluate" / "report" / "decision.json").read_text())
+            ok = gate.returncode == 0 and decision["deploy"] is True
+        except Exception as exc:
+            ok, gate.stdout = False, f"{gate.stdout}\n{exc}"
+        checks.add(
+            "step",
+            "compiled IR's evaluate command gates the OnnxModel as served (verified Report)",
+            ok,
+            f"{time.perf_counter() - started:.0f} s; {gate.stdout[-1500:]}",
+        )
+
+        started = time.perf_counter()
+        lines = (data / "tax" / "docs.jsonl").read_text().splitlines()[:40]
+        texts = [json.loads(line)["text"] for line in lines]
+        inbox = work / "batch-in"
+        inbox.mkdir()
+        (inbox / "docs.jsonl").write_text(
+            "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+        )
+        os.chmod(inbox, 0o755)
+        os.chmod(inbox / "docs.jsonl", 0o644)
+        arguments = {
+            "onnx_model": dsl.Model(name="onnx_model", uri="/mnt/models", metadata={"kind": "OnnxModel"}),
+            "input_uri": "/batch-in/docs.jsonl",
+            "output_uri": "/kfp-outputs/batch-results",
+            "concurrency": 1,
+            "ray_temp_dir": "/tmp/ray",
+        }
+        writable_dir(outputs / "batch")
+        command = ir_step("labelmatch-batch", "batch-classify", arguments, "/kfp-outputs/batch")
+        batch = in_pod(root, env, command, {**binds, "/batch-in": (inbox, False)})
+        try:
+            manifest = verify_artifact(outputs / "batch" / "report", "Report")
+            rows = json.loads((outputs / "batch" / "report" / "summary.json").read_text())["rows"]
+            ok = batch.returncode == 0 and rows == len(texts)
+        except Exception as exc:
+            ok, batch.stdout = False, f"{batch.stdout}\n{exc}"
+        checks.add(
+            "step",
+            f"compiled IR's batch_classify command classifies {len(texts)} documents on Ray in the pod",
+            ok,
+            f"{time.perf_counter() - started:.0f} s; {batch.stdout[-1500:]}",
+        )
+
+
+#: Run in the step image: is torch importable, are CUDA libraries or nvidia-* wheels present?
+_NO_TORCH_NO_CUDA = """
+import json, os, sys
+from importlib import metadata
+try:
+    import torch
+    found = "torch " + torch.__version__
+except ModuleNotFoundError as exc:
+    found = str(exc)
+cuda = [os.path.join(d, f) for top in (sys.prefix, "/usr/lib", "/usr/local") for d, _, files in os.walk(top)
+        for f in files if f.startswith(("libcuda", "libcudart", "libcublas", "libcudnn", "libnccl"))]
+nvidia = sorted(d.metadata["Name"] for d in metadata.distributions()
+                if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
+print(json.dumps({"torch": found, "cuda_files": cuda[:20], "nvidia_packages": nvidia}))
+"""
+
+#: Run in the step image: import every step module, then list any torch module that came with them.
+_IMPORTS = """
+import importlib, sys
+for module in {modules}:
+    importlib.import_module(module)
+print(sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "transformers", "peft")))
+"""
+
+
+def check_train(tag: str, work: Path, checks: Checks) -> None:
+    from labelmatch.core.artifacts import verify_artifact
+    from labelmatch.sample_data import sample_path
+
+    env = image_env(tag)
+    with rootfs(tag) as root:
+        out = writable_dir(work / "out")
         started = time.perf_counter()
         sft = in_pod(
             root,
@@ -479,9 +633,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Base image (default: {LOCAL_BASE}, made with images/base-image.sh).",
     )
     parser.add_argument("--model", type=Path, help="OnnxModel to serve (default: the newest demo export).")
-    parser.add_argument("--images", default="base,train,serve")
+    parser.add_argument("--images", default="base,train,serve,step")
     parser.add_argument("--reuse", action="store_true",
                         help="Check the images an earlier run built (its images.json) instead of building.")
+    parser.add_argument("--rebuild", default="",
+                        help="With --reuse: build these images (comma-separated) again, reuse the others.")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("images-check needs root (buildah vfs storage, mount namespaces)", file=sys.stderr)
@@ -495,7 +651,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.images.split(",")
     if args.reuse:
         earlier = json.loads((args.out / "images.json").read_text())
-        python_image, images = earlier["python_image"], {k: earlier["images"][k] for k in names}
+        rebuild = [name for name in args.rebuild.split(",") if name]
+        python_image = earlier["python_image"]
+        built = build(rebuild, python_image) if rebuild else {}
+        images = {k: built[k] if k in built else earlier["images"][k] for k in names}
     else:
         python_image = base_image(args)
         images = build(names, python_image)
@@ -503,13 +662,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="images-check-") as tmp:
         work = Path(tmp)
         os.chmod(work, 0o755)
-        if "serve" in images:
+        if "serve" in images or "step" in images:
             # A copy readable by the server's user, as KServe's storage initializer leaves it.
             model = work / "served-model"
             shutil.copytree(the_model(args, work), model)
             for path in [model, *model.rglob("*")]:
                 path.chmod(0o755 if path.is_dir() else 0o644)
+        if "serve" in images:
             check_serve(images["serve"]["tag"], model, checks)
+        if "step" in images:
+            check_step(images["step"]["tag"], model, work, checks)
         if "train" in images:
             check_train(images["train"]["tag"], work, checks)
         if "base" in images:

@@ -10,7 +10,7 @@ set -euo pipefail
 MODEL_DIR="$(cd "${1:?usage: images/smoke-serve.sh MODEL_DIR}" && pwd)"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ENGINE="${ENGINE:-docker}"
-REGISTRY="${REGISTRY:-ghcr.io/labelmatch}"
+REGISTRY="${REGISTRY:-${LABELMATCH_IMAGE_REGISTRY:-ghcr.io/labelmatch}}"
 PORT="${PORT:-18080}"
 NAME="smoke"
 VERSION="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "${ROOT}/pyproject.toml")"

@@ -15,6 +15,9 @@ What a step's pod gets (the IR's ``platforms.kubernetes`` section and the execut
 * **Retries** with back-off on steps that talk to networks (the store, the Kubernetes API).
 * **Timeouts** (``activeDeadlineSeconds``), pod labels (``app.kubernetes.io/part-of: labelmatch``,
   ``labelmatch.io/stage``) and the image's non-root user.
+* **The image registry** the IR was compiled with, as ``LABELMATCH_IMAGE_REGISTRY``: whatever
+  image a step names at run time (the InferenceService ``deploy`` creates, a RayJob's pods) comes
+  from the same registry as the step's own image (:mod:`labelmatch.platform.images`).
 
 Why parameters and not values baked in at compile time: one compiled IR (one version) serves
 every namespace and cluster; what differs between them is given when a run is submitted.
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kfp import kubernetes
+
+from labelmatch.platform.images import REGISTRY_VAR, image_registry
 
 #: Secret keys (= environment variable names) of the S3 credentials.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -100,6 +105,7 @@ def configure_step(
         gpus: Accelerators, node selector and tolerations, for training steps.
     """
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
+    task.set_env_variable(REGISTRY_VAR, image_registry())
     kubernetes.use_secret_as_env(task, cluster.s3_secret, {key: key for key in S3_SECRET_KEYS})
     kubernetes.use_config_map_as_env(task, cluster.pipeline_config, {key: key for key in STORE_CONFIG_KEYS})
     kubernetes.add_pod_label(task, "app.kubernetes.io/part-of", "labelmatch")

@@ -25,7 +25,7 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
 from components import data_prep, deploy, evaluate, export_onnx, grpo, tune_sft
-from components._image import IMAGE
+from components._image import IMAGE_TRAIN
 from pipelines.platform import (
     DEFAULT_GPU_NODE_SELECTOR,
     DEFAULT_GPU_TOLERATIONS,
@@ -215,7 +215,7 @@ def training_pipeline(
     ray_address: str = "",
     ray_num_cpus: int = 0,
     ray_temp_dir: str = "",
-    rayjob_image: str = IMAGE,
+    rayjob_image: str = IMAGE_TRAIN,
     rayjob_namespace: str = "",
     rayjob_workers: int = 4,
     rayjob_gpus_per_worker: int = 1,

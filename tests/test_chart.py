@@ -227,6 +227,24 @@ def test_minio_values_create_annotated_secret_and_config(rendered: dict[Path, li
         assert "ci-fake" not in yaml.safe_dump(doc)
 
 
+def test_serving_image_follows_the_one_registry_setting(helm: str, rendered: dict[Path, list[dict]]) -> None:
+    """The chart's default image is the one :func:`labelmatch.platform.images.image` names, and
+    ``image.registry`` takes the very value of ``LABELMATCH_IMAGE_REGISTRY``."""
+    from labelmatch.platform.images import DEFAULT_REGISTRY, image
+
+    version = yaml.safe_load((SERVING / "Chart.yaml").read_text())["appVersion"]
+
+    def predictor_image(docs: list[dict]) -> str:
+        return by_kind(docs, "InferenceService")["spec"]["predictor"]["containers"][0]["image"]
+
+    assert predictor_image(rendered[SERVING / "ci" / "default-values.yaml"]) == image(
+        "serve", registry=DEFAULT_REGISTRY, version=version
+    )
+    mirror = "registry.internal:5000/ml"
+    docs = render(helm, SERVING, "--set", f"image.registry={mirror}")
+    assert predictor_image(docs) == image("serve", registry=mirror, version=version)
+
+
 def test_serverless_variant_autoscales_on_concurrency(rendered: dict[Path, list[dict]]) -> None:
     isvc = by_kind(rendered[SERVING / "ci" / "cpu-autoscaling-values.yaml"], "InferenceService")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"

@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 
 import components
-from components._image import IMAGE
+from components._image import IMAGE_STEP, IMAGE_TRAIN
 from labelmatch import __version__
 from labelmatch.core.artifacts import write_manifest
 
 STAGES = ("data_prep", "tune_sft", "grpo", "evaluate", "export_onnx", "deploy")
+#: Which image each component runs in: torch (train) only where a step trains or exports.
+IMAGES = {
+    **dict.fromkeys(("data_prep", "evaluate", "deploy", "monitor_drift", "batch_classify"), IMAGE_STEP),
+    **dict.fromkeys(("tune_sft", "grpo", "export_onnx"), IMAGE_TRAIN),
+}
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -24,7 +29,7 @@ def test_component_is_typed_documented_and_pinned(name: str) -> None:
     component = getattr(components, name)
     spec = component.component_spec
     container = spec.implementation.container
-    assert container.image == IMAGE and IMAGE.endswith(f":{__version__}")
+    assert container.image == IMAGES[name] and container.image.endswith(f":{__version__}")
     command = " ".join(container.command or [])
     assert "pip install" not in command, "components must not install anything at start-up"
     doc = inspect.getdoc(component.python_func)
@@ -55,8 +60,31 @@ def test_artifact_types() -> None:
 def test_image_is_named_in_one_place() -> None:
     root = Path(components.__file__).parent
     for path in root.glob("*.py"):
-        if path.name != "_image.py":
-            assert "ghcr.io" not in path.read_text(), f"{path.name} names an image; use components._image"
+        assert "ghcr.io" not in path.read_text(), f"{path.name} names an image: labelmatch.platform.images"
+    assert set(IMAGES) == set(components.__all__)
+    expected = {role: f"ghcr.io/labelmatch/labelmatch-{role}:{__version__}" for role in ("step", "train")}
+    assert expected == {"step": IMAGE_STEP, "train": IMAGE_TRAIN}
+
+
+def test_every_component_takes_its_image_at_compile_time() -> None:
+    """Each component's image follows LABELMATCH_IMAGE_REGISTRY when it is compiled (a fresh
+    interpreter: the names are fixed when ``components`` is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, components\n"
+        "print(json.dumps({n: getattr(components, n).component_spec.implementation.container.image"
+        " for n in components.__all__}))\n"
+    )
+    env = {**os.environ, "LABELMATCH_IMAGE_REGISTRY": "mirror.example:5000/ml/"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(components.__file__).parents[1])
+    images = json.loads(out.stdout)
+    for name, image in IMAGES.items():
+        role = image.rsplit("/", 1)[1]
+        assert images[name] == f"mirror.example:5000/ml/{role}", name
 
 
 # -- bad input artifacts -------------------------------------------------------------------------
@@ -200,3 +228,74 @@ def test_pipeline_defaults_pass_the_component_defaults_through() -> None:
         component, name = target if isinstance(target, tuple) else (target, param)
         component_default = getattr(components, component).component_spec.inputs[name].default
         assert pipeline[param].default == component_default, param
+
+
+# -- the step image's components run without torch ------------------------------------------------
+_NO_TORCH = """
+import importlib, importlib.abc, json, sys
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in ("torch", "transformers", "peft"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def test_the_step_image_components_need_no_torch(
+    tmp_path: Path, sample_dir: Path, trained_model: Path, onnx_model
+) -> None:
+    """What ``labelmatch-step`` (no torch) must run, run here with torch, transformers and peft made
+    unimportable: every module of :data:`~labelmatch.platform.images.STEP_MODULES`, then data_prep,
+    the evaluate step's gate on an exported OnnxModel (as the training pipeline runs them) and the
+    batch step on a local Ray.
+    A torch Model handed to evaluate fails with a message that names the train image."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    model_dir, _ = onnx_model
+    # Ray's session directory (and HOME, for its token) short: its socket paths must fit 107 bytes
+    ray_dir = Path(tempfile.mkdtemp(prefix="lmstep", dir="/tmp"))
+    code = _NO_TORCH + f"""
+from labelmatch.platform.images import STEP_MODULES
+for module in STEP_MODULES:
+    importlib.import_module(module)
+from labelmatch.data.prepare import prepare_dataset
+from labelmatch.evaluation.gate import evaluate_candidate
+from labelmatch.core.errors import ConfigError
+tmp = {str(tmp_path)!r}
+summary = prepare_dataset({str(sample_dir)!r}, tmp + "/dataset", tmp + "/prep-report")
+result = evaluate_candidate({str(model_dir)!r}, tmp + "/dataset", tmp + "/report")
+try:
+    evaluate_candidate({str(trained_model)!r}, tmp + "/dataset", tmp + "/report-2")
+except ConfigError as exc:
+    torch_model = str(exc)
+from labelmatch.stages.batch import BatchStepConfig, run_batch_step
+docs = [json.loads(line) for line in open({str(sample_dir / "docs.jsonl")!r}).read().splitlines()[:12]]
+with open(tmp + "/in.jsonl", "w") as f:
+    f.writelines(json.dumps({{"id": d["id"], "text": d["text"]}}) + "\\n" for d in docs)
+batch = run_batch_step({str(model_dir)!r}, tmp + "/batch-report", BatchStepConfig(
+    input_uri=tmp + "/in.jsonl", output_uri=tmp + "/batch-out", ray_temp_dir={str(ray_dir)!r}))
+loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "transformers", "peft"))
+print(json.dumps({{"documents": summary["documents"], "deploy": result["decision"]["deploy"],
+                  "rows": batch["rows"], "macro_f1": result["metrics"]["macro_f1"],
+                  "torch_model": torch_model, "loaded": loaded}}))
+"""
+    from labelmatch.core.artifacts import verify_artifact
+
+    env = {**os.environ, "HOME": str(ray_dir), "RAY_TMPDIR": str(ray_dir)}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                             env=env)
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert result["documents"] > 0 and result["deploy"] is True and 0.0 <= result["macro_f1"] <= 1.0
+    assert "torch" in result["torch_model"] and "train image" in result["torch_model"]
+    assert result["rows"] == 12  # batch_classify: Ray Data over ONNX Runtime
+    verify_artifact(tmp_path / "dataset", "Dataset")
+    verify_artifact(tmp_path / "report", "Report")

@@ -75,15 +75,21 @@ def test_inference_service_is_valid_against_the_crd():
         validate_against_crd(body, CRD)
 
 
-def test_deploy_creates_then_patches_and_records_releases(tmp_path, store, kube):
+def test_deploy_creates_then_patches_and_records_releases(tmp_path, store, kube, monkeypatch):
     api, state = kube
     uri_a, digest_a = onnx_model(tmp_path, store, "a")
     uri_b, digest_b = onnx_model(tmp_path, store, "b")
+    # The compiled IR gives every step the registry it was compiled with; the predictor follows it.
+    monkeypatch.setenv("LABELMATCH_IMAGE_REGISTRY", "registry.internal:5000/ml")
 
     first = deploy_model(config(), uri_a, store, ROOT, pipeline_version="0.1.0", run_id="run-1", api=api)
     assert [(m, ct) for m, _, ct, _ in state.requests if m != "GET"] == [("POST", "application/json")]
     created = state.objects[(NS, "tax")]
     assert storage_uri(created) == uri_a
+    image = f"registry.internal:5000/ml/labelmatch-serve:{__version__}"
+    assert created["spec"]["predictor"]["containers"][0]["image"] == image
+    monkeypatch.delenv("LABELMATCH_IMAGE_REGISTRY")
+    assert config().image == f"ghcr.io/labelmatch/labelmatch-serve:{__version__}"
     assert created["spec"]["predictor"]["serviceAccountName"] == "labelmatch-serving"
     assert created["metadata"]["annotations"]["labelmatch.io/release-id"] == first.release_id
 

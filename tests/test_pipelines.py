@@ -5,6 +5,7 @@ from an S3 server, artifacts flowing between stages, the gate working both ways.
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -95,8 +96,15 @@ def test_training_ir_has_every_stage_typed(compiled: dict) -> None:
     text = json.dumps(ir)
     assert "pipelinechannel--feedback_uri'] != ''" in text
     assert "pipelinechannel--evaluate-Output'] == true" in text
-    images = {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values() if "container" in e}
-    assert images == {f"ghcr.io/labelmatch/labelmatch-train:{__version__}"}
+    executors = ir["deploymentSpec"]["executors"]
+    images = {n: e["container"]["image"] for n, e in executors.items() if "container" in e}
+    step, train = (f"ghcr.io/labelmatch/labelmatch-{role}:{__version__}" for role in ("step", "train"))
+    # torch (the CUDA train image) only where a step trains or exports; the rest run the slim step image
+    by_stage = {"data-prep": step, "evaluate": step, "deploy": step, "tune-sft": train, "grpo": train,
+                "export-onnx": train}
+    stages = {name: re.sub(r"^exec-|-\d+$", "", name) for name in images}
+    assert set(stages.values()) == set(by_stage), stages
+    assert images == {name: by_stage[stage] for name, stage in stages.items()}
 
 
 def test_deploy_ir_takes_the_rollback_parameters(compiled: dict) -> None:
@@ -148,6 +156,11 @@ def test_every_step_of_the_shipped_ir_carries_its_kubernetes_settings(path: Path
         assert {m["envVar"] for m in config["keyToEnv"]} == set(STORE_CONFIG_KEYS)
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["podMetadata"]["labels"]["app.kubernetes.io/part-of"] == "labelmatch"
+        # whatever image the step names at run time (InferenceService, RayJob) uses its own registry
+        registry = container["image"].rsplit("/", 1)[0]
+        assert {"name": "LABELMATCH_IMAGE_REGISTRY", "value": registry} in container["env"], name
+        role = "train" if re.sub(r"^exec-|-\d+$", "", name) in ("tune-sft", "grpo", "export-onnx") else "step"
+        assert container["image"] == f"{registry}/labelmatch-{role}:{__version__}", name
 
 
 @pytest.mark.parametrize("path", SHIPPED_IR, ids=lambda p: p.name)

@@ -26,9 +26,13 @@ BATCH_RAYJOB_DEFAULTS = {"name": "labelmatch-batch", "workers": 4, "gpus_per_wor
 
 
 def batch_spec(values_file: str | Path | None = None, **overrides: Any) -> RayJobSpec:
-    """The RayJob shape of a batch run: :data:`BATCH_RAYJOB_DEFAULTS`, then the values file, then
-    the flags (``None`` = not given)."""
-    return RayJobSpec.from_values(values_file, BATCH_RAYJOB_DEFAULTS, **overrides)
+    """The RayJob shape of a batch run: :data:`BATCH_RAYJOB_DEFAULTS` with this release's step image
+    (:func:`labelmatch.platform.images.image`), then the values file, then the flags (``None`` =
+    not given)."""
+    from labelmatch.platform.images import image
+
+    # The pods run this release's torch-free step image (Ray Data + ONNX Runtime) by default.
+    return RayJobSpec.from_values(values_file, {"image": image("step"), **BATCH_RAYJOB_DEFAULTS}, **overrides)
 
 
 def batch_entrypoint(config: BatchConfig, labels_uri: str | None = None) -> str:

@@ -283,7 +283,7 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
     writer = _ShardWriter(layout, served, config.strict)
     by_path = {s.path: s for s in pending}
     seen: set[str] = set()
-    from labelmatch.tuning.pbt import ray_session
+    from labelmatch.platform.ray_local import ray_session  # torch-free: runs in the step image
 
     # A local Ray gets its own logical CPUs: one per actor thread, and one for Ray Data's listing
     # and reads, which would otherwise wait forever behind actors that hold every CPU.

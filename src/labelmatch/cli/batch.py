@@ -38,7 +38,8 @@ def classify(
     rayjob: Annotated[bool, typer.Option("--rayjob", help=_RAYJOB_HELP)] = False,
     rayjob_values: Annotated[Path | None, typer.Option(help=_VALUES_HELP)] = None,
     namespace: Annotated[str | None, typer.Option(help="RayJob namespace.")] = None,
-    image: Annotated[str | None, typer.Option(help="RayJob image (labelmatch[batch] installed).")] = None,
+    image: Annotated[str | None, typer.Option(
+        help="RayJob image (default: this version's step image in $LABELMATCH_IMAGE_REGISTRY).")] = None,
     workers: Annotated[int | None, typer.Option(help="RayJob worker pods.")] = None,
     env_secret: Annotated[str | None, typer.Option(help="Secret with the pods' S3 credentials.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="With --rayjob: print the manifest.")] = False,

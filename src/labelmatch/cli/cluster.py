@@ -253,7 +253,8 @@ def deploy(
         str, typer.Option(help="Service account with the S3 credentials Secret.")
     ] = "labelmatch-serving",
     image: Annotated[
-        str | None, typer.Option(help="Predictor image (default: the serve image of this version).")
+        str | None,
+        typer.Option(help="Predictor image (default: this version's serve image in the image registry)."),
     ] = None,
     expected_digest: Annotated[
         str | None, typer.Option(help="Refuse the model unless its digest is this.")
@@ -268,13 +269,14 @@ def deploy(
     ] = None,
 ) -> None:
     """Create or patch the KServe InferenceService, wait for Ready, append a release record."""
-    from labelmatch.platform.kserve import SERVE_IMAGE, DeployConfig, deploy_model
+    from labelmatch.platform.images import image as image_name
+    from labelmatch.platform.kserve import DeployConfig, deploy_model
     from labelmatch.platform.store import ArtifactStore
 
     config = DeployConfig(
         service=service,
         namespace=namespace,
-        image=image or SERVE_IMAGE,
+        image=image or image_name("serve"),
         service_account=service_account,
         timeout_s=timeout,
         crd_path=str(crd) if crd else None,

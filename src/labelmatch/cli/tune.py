@@ -189,7 +189,8 @@ def tune(
         ),
     ] = None,
     namespace: Annotated[str | None, typer.Option(help="RayJob namespace.")] = None,
-    image: Annotated[str | None, typer.Option(help="RayJob image (labelmatch[tune] installed).")] = None,
+    image: Annotated[str | None, typer.Option(
+        help="RayJob image (default: this version's train image in $LABELMATCH_IMAGE_REGISTRY).")] = None,
     workers: Annotated[int | None, typer.Option(help="RayJob GPU worker pods.")] = None,
     gpus_per_worker: Annotated[int | None, typer.Option(help="GPUs per RayJob worker pod.")] = None,
     node_selector: Annotated[
@@ -342,12 +343,14 @@ def _run_on_cluster(
         return
     import yaml
 
+    from labelmatch.platform.images import image as image_name
     from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, run_tune_rayjob
 
     values_file = rayjob_settings.pop("rayjob_values")
     spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}
     spec_values["name"] = config.name
-    spec = RayJobSpec.from_values(values_file, **spec_values) if values_file else RayJobSpec(**spec_values)
+    # The pods run this release's train image unless the values file or --image names another.
+    spec = RayJobSpec.from_values(values_file, {"image": image_name("train")}, **spec_values)
     if dry_run:
         cluster = dataclasses.replace(config, address="auto", storage_path=f"{work}/ray")
         manifest = build_rayjob(spec, cluster_entrypoint(cluster, data, f"{work}/outputs"))

@@ -15,22 +15,39 @@ from labelmatch.core.artifacts import (
     write_json,
     write_manifest,
 )
-from labelmatch.core.errors import DataError
+from labelmatch.core.errors import ConfigError, DataError
 from labelmatch.data.dataset import Dataset
 from labelmatch.data.hierarchy import level_metrics
 from labelmatch.evaluation.metrics import binarize, classification_metrics
 from labelmatch.evaluation.report import markdown_report, plot_per_label_f1, plot_reliability, plot_thresholds
-from labelmatch.model.classifier import Classifier
 
 
 def load_as_served(path: str | Path) -> Any:
     """The classifier of a Model (torch) or OnnxModel (int8 with its fp32 fallback, the shipped
-    thresholds: what the server runs) artifact, chosen by its manifest's kind (verified)."""
+    thresholds: what the server runs) artifact, chosen by its manifest's kind (verified).
+
+    torch is imported only for a Model: scoring an OnnxModel needs ONNX Runtime (or OpenVINO),
+    tokenizers and numpy, which is why the pipeline's ``evaluate`` step runs in the torch-free
+    step image.
+
+    Raises:
+        ArtifactError: the artifact is missing, of another kind or corrupted.
+        ConfigError: a Model artifact where torch is not installed (the step image).
+    """
     kind = verify_artifact(path, ("Model", "OnnxModel"))["kind"]
     if kind == "OnnxModel":
         from labelmatch.serving.onnx_classifier import OnnxClassifier
 
         return OnnxClassifier.load(path)
+    try:
+        from labelmatch.model.classifier import Classifier
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("torch", "transformers", "peft"):
+            raise
+        raise ConfigError(
+            f"{path}: a Model artifact is scored with torch, which this environment lacks ({exc.name}); "
+            "evaluate its exported OnnxModel, as served, or run in the train image (labelmatch[train])"
+        ) from exc
     return Classifier.load(path)
 
 

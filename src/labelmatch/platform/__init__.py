@@ -12,6 +12,7 @@ _EXPORTS = {
     "PipelineRegistry": "kfp",
     "PipelineVersion": "kfp",
     "RunInfo": "kfp",
+    "image": "images",
     "DeployConfig": "kserve",
     "deploy_model": "kserve",
     "ReleaseLog": "releases",

@@ -20,18 +20,17 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from labelmatch import __version__
 from labelmatch.core.errors import ArtifactError, ConfigError, LabelmatchError
+from labelmatch.platform.images import image as image_name
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 from labelmatch.platform.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
-#: The serving image (no torch inside); components/_image.py and the Helm chart pin the same tag.
-SERVE_IMAGE = f"ghcr.io/labelmatch/labelmatch-serve:{__version__}"
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 CONTAINER = "kserve-container"  # KServe mounts the storage initializer's download into this container
 MODEL_DIR = "/mnt/models"
@@ -48,7 +47,9 @@ class DeployConfig:
     Args:
         service: InferenceService name (a Kubernetes name).
         namespace: Its namespace.
-        image: Predictor image (used only when the InferenceService is created).
+        image: Predictor image (used only when the InferenceService is created); default: this
+            release's serve image in ``$LABELMATCH_IMAGE_REGISTRY``
+            (:func:`labelmatch.platform.images.image`), read when the config is made.
         service_account: Service account whose Secret holds the S3 credentials (KServe convention).
         min_replicas: Minimum predictor replicas (at least 1: no scale-from-zero model loads).
         max_replicas: Maximum predictor replicas; more than 1 needs ``state_secret``.
@@ -63,7 +64,7 @@ class DeployConfig:
 
     service: str
     namespace: str = "default"
-    image: str = SERVE_IMAGE
+    image: str = field(default_factory=lambda: image_name("serve"))
     service_account: str = "labelmatch-serving"
     min_replicas: int = 1
     max_replicas: int = 1
