@@ -607,6 +607,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['cpu']}; whole check {report['wall_seconds']:.0f} s "
         f"({'all checks passed' if report['passed'] else 'FAILED'}).",
         "",
+        *(
+            [
+                f"Reused from an earlier build (size and build time are that build's; every check ran "
+                f"again): {', '.join(report['reused'])}.",
+                "",
+            ]
+            if report.get("reused")
+            else []
+        ),
         "| image | size | build time | digest |",
         "|---|---|---|---|",
     ]
@@ -655,9 +664,11 @@ def main(argv: list[str] | None = None) -> int:
         python_image = earlier["python_image"]
         built = build(rebuild, python_image) if rebuild else {}
         images = {k: built[k] if k in built else earlier["images"][k] for k in names}
+        reused = [k for k in names if k not in built]
     else:
         python_image = base_image(args)
         images = build(names, python_image)
+        reused = []
     checks = Checks()
     with tempfile.TemporaryDirectory(prefix="images-check-") as tmp:
         work = Path(tmp)
@@ -681,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "python_image": python_image,
         "machine": machine(),
         "images": images,
+        "reused": reused,
         "checks": checks.results,
         "passed": checks.ok,
         "wall_seconds": round(time.perf_counter() - started),
