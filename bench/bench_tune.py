@@ -36,9 +36,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from labelmatch.data.dataset import Dataset, assign_splits, load_dataset
+from labelmatch.platform.ray_local import init_local_ray
 from labelmatch.training.config import TrainConfig
 from labelmatch.tuning.history import build_history, plot_history, progress_frame
-from labelmatch.tuning.pbt import METRIC, TuneConfig, best_checkpoint, init_local_ray, run_tune
+from labelmatch.tuning.pbt import METRIC, TuneConfig, best_checkpoint, run_tune
 from labelmatch.tuning.search_space import SearchSpace
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bitext_customer_support"

@@ -11,7 +11,7 @@ ray = pytest.importorskip("ray")
 
 from conftest import ray_sandbox  # noqa: E402
 
-from labelmatch.tuning.pbt import init_local_ray  # noqa: E402
+from labelmatch.platform.ray_local import init_local_ray  # noqa: E402
 from labelmatch.tuning.rayjob import submit_ray_job  # noqa: E402
 
 

@@ -24,7 +24,8 @@ from s3_server import moto_s3_server, s3_env  # noqa: E402
 
 from labelmatch.core.artifacts import verify_artifact  # noqa: E402
 from labelmatch.data.dataset import load_dataset, save_dataset  # noqa: E402
-from labelmatch.tuning.pbt import TuneConfig, init_local_ray, run_tune, tune_sft  # noqa: E402
+from labelmatch.platform.ray_local import init_local_ray  # noqa: E402
+from labelmatch.tuning.pbt import TuneConfig, run_tune, tune_sft  # noqa: E402
 from labelmatch.tuning.search_space import SearchSpace  # noqa: E402
 from labelmatch.tuning.trainable import RECORD_FILE  # noqa: E402
 

@@ -3,9 +3,8 @@ whose every server listens on 127.0.0.1 only.
 
 Torch-free on purpose: the batch step (:mod:`labelmatch.batch`) runs in the step image, which
 has Ray Data and ONNX Runtime but no torch, so it cannot reach these through
-``labelmatch.tuning.pbt`` (which imports the training config, hence torch).
-``labelmatch.tuning.pbt`` still holds the same two functions for tuning; it should import them
-from here (the tuning package was not to be changed when this module was written).
+``labelmatch.tuning.pbt`` (which imports the training config, hence torch); tuning imports
+them from here.
 """
 
 from __future__ import annotations

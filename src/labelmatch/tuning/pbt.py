@@ -13,19 +13,17 @@ existing cluster (``address``: ``auto`` or ``ray://host:10001``), or — through
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from labelmatch.core.errors import ConfigError
 from labelmatch.data.dataset import Dataset
+from labelmatch.platform.ray_local import ray_session
 from labelmatch.training.config import TrainConfig
 from labelmatch.tuning.search_space import MUTATED, ClipToBounds, SearchSpace
 
@@ -187,62 +185,6 @@ def trial_base_config(train_config: TrainConfig, dataset: Dataset, iterations: i
     return train_config.replace(
         steps_per_iteration=per_iteration, epochs=epochs, patience=iterations + 1, progress=False
     ).to_dict()
-
-
-def init_local_ray(
-    num_cpus: int | None = None,
-    dashboard: bool = False,
-    temp_dir: str | None = None,
-    dashboard_port: int | None = None,
-    num_gpus: int | None = None,
-) -> None:
-    """Start a single-node Ray whose every server listens on 127.0.0.1 only.
-
-    ``num_gpus`` declares GPUs to Ray (``None``: the ones Ray detects); tests declare some on a
-    machine without any to schedule GPU requests the way a GPU cluster does.
-
-    ``_node_ip_address="127.0.0.1"`` alone is not enough: Ray replaces a loopback node address by
-    the machine's routable one unless cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``,
-    the switch Ray uses on laptops). Ray reads it at import, so the constant is set too when Ray
-    was imported before this call.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    import ray
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=dashboard,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        _temp_dir=temp_dir,
-        configure_logging=False,
-    )
-
-
-@contextlib.contextmanager
-def ray_session(
-    address: str | None, num_cpus: int | None = None, dashboard: bool = False, temp_dir: str | None = None
-) -> Iterator[None]:
-    """Use the Ray already initialised, connect to ``address``, or start a local Ray on 127.0.0.1
-    (:func:`init_local_ray` with the other arguments); a Ray started or connected here is shut
-    down on exit. Shared by tuning and :mod:`labelmatch.batch`."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        init_local_ray(num_cpus, dashboard, temp_dir)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def run_tune(

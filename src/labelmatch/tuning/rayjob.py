@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from labelmatch.core.errors import ConfigError, LabelmatchError
 from labelmatch.platform import kube
+from labelmatch.platform.images import image
 
 if TYPE_CHECKING:
     from labelmatch.platform.store import ArtifactStore
@@ -57,7 +58,8 @@ class RayJobSpec:
     Attributes:
         name: RayJob name (also the Ray cluster's name prefix).
         namespace: Kubernetes namespace.
-        image: Image with labelmatch[tune] and the encoder (head and workers).
+        image: Image with labelmatch[tune] and the encoder (head and workers); default: this
+            release's train image in ``$LABELMATCH_IMAGE_REGISTRY``.
         ray_version: Ray version in the image (KubeRay's ``rayVersion``).
         workers: GPU worker pods (the production shape: 4 × 1-GPU A10).
         gpus_per_worker: GPUs per worker pod.
@@ -80,7 +82,7 @@ class RayJobSpec:
 
     name: str = "labelmatch-tune"
     namespace: str = "default"
-    image: str = "labelmatch-train:0.1.0"
+    image: str = field(default_factory=lambda: image("train"))
     ray_version: str = "2.60.0"
     workers: int = 4
     gpus_per_worker: int = 1
