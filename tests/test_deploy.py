@@ -230,3 +230,26 @@ def test_rollback_refuses_versions_it_cannot_run(tmp_path, store, monkeypatch):
             plan_rollback("tax3", "0.0.1", releases, store, registry)
         with pytest.raises(ConfigError, match=rf"has no version '{__version__}'"):
             plan_rollback("tax3", __version__, releases, store, registry)
+
+
+def test_predictor_memory_follows_the_exported_graphs():
+    """bge-m3's recorded export (bench-production-shape): int8 alone, then with a planned fallback."""
+    import json
+
+    from labelmatch.platform.kserve import serving_memory
+
+    run = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "production_shape.json")
+                     .read_text())
+    sizes = {name: int(e["graph_mb"] * 2**20) for name, e in run["export"]["engines"].items()}
+    engines = {name: {"fallback": None} for name in sizes}
+    info = {"engine": "ort-int8-dynamic"}
+    assert serving_memory({"graph_bytes": sizes, "engines": engines}, info) == "2304Mi"
+    engines["ort-int8-dynamic"]["fallback"] = {"margin": 0.01}
+    assert serving_memory({"graph_bytes": sizes, "engines": engines}, info) == "5120Mi"
+    assert serving_memory({}, info) == "2Gi", "an export without graph sizes gets the minimum"
+    small = {"ort-int8-dynamic": 30 * 2**20, "ort-fp32": 90 * 2**20}
+    assert serving_memory({"graph_bytes": small, "engines": engines}, info) == "2048Mi"
+    body = inference_service(config(memory="5120Mi"), "s3://labelmatch/models/onnx/a", "d" * 64, {})
+    [container] = body["spec"]["predictor"]["containers"]
+    resources = container["resources"]
+    assert resources["limits"]["memory"] == resources["requests"]["memory"] == "5120Mi"

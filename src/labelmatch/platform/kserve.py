@@ -18,6 +18,8 @@ a changed digest rolls the pods even when a rollback reuses an earlier URI.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -57,6 +59,8 @@ class DeployConfig:
             under ``state_url_key``; empty means a SQLite file on the pod's ``/tmp`` (one replica).
         state_url_key: Key of the URL in ``state_secret``.
         port: Container port of the model server.
+        memory: Memory of the predictor container (request = limit), a Kubernetes quantity, or
+            ``auto``: sized from the OnnxModel's own graphs (:func:`serving_memory`).
         timeout_s: How long to wait for Ready.
         poll_s: Seconds between status checks.
         crd_path: InferenceService CRD file to validate the object against before it is sent.
@@ -71,6 +75,7 @@ class DeployConfig:
     state_secret: str = ""
     state_url_key: str = "url"
     port: int = 8080
+    memory: str = "auto"
     timeout_s: float = 600.0
     poll_s: float = 5.0
     crd_path: str | None = None
@@ -100,6 +105,7 @@ def inference_service(
         model_digest: Its artifact digest.
         release: ``labelmatch.io/*`` annotation values (release id, pipeline version, run id).
     """
+    memory = MIN_SERVING_MEMORY if config.memory == "auto" else config.memory
     container = {
         "name": CONTAINER,
         "image": config.image,
@@ -123,7 +129,7 @@ def inference_service(
         "ports": [{"name": "http1", "containerPort": config.port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": f"/v2/models/{config.service}/state", "port": config.port},
                            "periodSeconds": 10},
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+        "resources": {"requests": {"cpu": "1", "memory": memory}, "limits": {"cpu": "2", "memory": memory}},
         "securityContext": {
             "runAsNonRoot": True,
             "readOnlyRootFilesystem": True,
@@ -285,6 +291,37 @@ def wait_ready(api: Any, config: DeployConfig, generation: int) -> dict:
         time.sleep(config.poll_s)
 
 
+#: The predictor's memory when nothing says more (MiniLM measured about 400 MiB with its fallback).
+MIN_SERVING_MEMORY = "2Gi"
+#: The model server's own memory beside the graphs it maps (bge-m3's server measured 0.56 GB with
+#: little of its int8 graph read; MiniLM's 0.4 GB with both graphs).
+SERVER_BASELINE_BYTES = 512 * 2**20
+
+
+def serving_memory(parity: dict[str, Any], info: dict[str, Any], headroom: float = 1.25) -> str:
+    """The predictor's memory for an OnnxModel, from its own graphs: the served engine's graph plus
+    the fp32 fallback graph where the engine has one, all resident (ONNX Runtime maps external
+    data, and a long enough run reads all of it), plus :data:`SERVER_BASELINE_BYTES`, times
+    ``headroom``, rounded up to 256 Mi and at least :data:`MIN_SERVING_MEMORY`.
+
+    For bge-m3's shape (``make bench-production-shape``): int8 1.3 GB + fallback 2.2 GB → ``5Gi``.
+
+    Args:
+        parity: The artifact's ``parity.json`` (``graph_bytes`` and ``engines``; an export written
+            before graph sizes were recorded gets the minimum).
+        info: Its ``labelmatch.json`` (``engine``: what serves unless the server is told otherwise).
+        headroom: Factor over the estimate.
+    """
+    sizes, engines, engine = parity.get("graph_bytes") or {}, parity.get("engines") or {}, info.get("engine")
+    if engine not in sizes:
+        return MIN_SERVING_MEMORY
+    graphs = sizes[engine] + (sizes.get("ort-fp32", 0) if (engines.get(engine) or {}).get("fallback") else 0)
+    step = 256 * 2**20
+    need = -(-int((graphs + SERVER_BASELINE_BYTES) * headroom) // step) * step
+    floor = 2 * 2**30
+    return f"{max(need, floor) // 2**20}Mi"
+
+
 def deploy_model(
     config: DeployConfig,
     model_uri: str,
@@ -316,6 +353,8 @@ def deploy_model(
             f"{model_uri}: artifact digest {digest[:12]}… is not the expected {expected_digest[:12]}…; "
             "refusing to deploy"
         )
+    if config.memory == "auto":
+        config = dataclasses.replace(config, memory=_artifact_serving_memory(store, model_uri))
     record = ReleaseRecord.new(
         service=config.service,
         namespace=config.namespace,
@@ -338,3 +377,14 @@ def deploy_model(
     uri = ReleaseLog(store, release_root).append(record)
     log.info("release %s recorded at %s", record.release_id, uri)
     return record
+
+
+def _artifact_serving_memory(store: ArtifactStore, model_uri: str) -> str:
+    """:func:`serving_memory` of the artifact at ``model_uri`` (its two JSON files only)."""
+    try:
+        _, files = store.read_members(model_uri, ["parity.json", "labelmatch.json"], "OnnxModel")
+    except ArtifactError:  # a torch Model, or an export without parity.json
+        return MIN_SERVING_MEMORY
+    memory = serving_memory(json.loads(files["parity.json"]), json.loads(files["labelmatch.json"]))
+    log.info("predictor memory for %s: %s (its graphs, resident, + server, x1.25)", model_uri, memory)
+    return memory
