@@ -96,7 +96,7 @@ def serve_and_log(onnx: Path, docs: list, work: Path) -> dict[str, Any]:
     """Send ``docs`` through the real server with every prediction logged; ``{doc id: logged record}``."""
     import requests
 
-    from labelmatch.serving.onnx_classifier import served_model_version
+    from labelmatch.runtime.onnx_classifier import served_model_version
     from labelmatch.state.store import ServingState
 
     state_dir = work / "state"

@@ -4,7 +4,7 @@ Part A, descriptions per second on synthetic label descriptions of mixed length 
 engines interleaved round by round:
 
 * ``onnx_one_per_run`` (before): the served fp32 graph embedding one description per ONNX
-  Runtime run, what :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` did for
+  Runtime run, what :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier` did for
   request-time labels and label-set updates;
 * ``onnx_batched`` (after): the same graph, length-sorted batches of
   ``OnnxEncoder.LABEL_BATCH_SIZE`` (fp32 is batch-invariant, so the embeddings are the same);
@@ -48,7 +48,7 @@ def throughput(onnx_dir: Path, texts: list[str], rounds: int, threads: int) -> d
     import torch
 
     from labelmatch.model.classifier import Classifier
-    from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 
     torch.set_num_threads(threads)
     onnx = OnnxClassifier.load(onnx_dir, OrtConfig(intra_op_threads=threads), engine_name="ort-fp32")

@@ -5,7 +5,7 @@ compare like with like on a shared, noisy CPU. Reported (``bench/results/serve.j
 + ``serve.png``):
 
 * docs/s and p50/p99 latency per call for torch fp32 and each engine candidate
-  (:mod:`labelmatch.serving.engines`: ORT fp32, ORT dynamic int8, ORT static int8, OpenVINO static
+  (:mod:`labelmatch.runtime.engines`: ORT fp32, ORT dynamic int8, ORT static int8, OpenVINO static
   int8 where installed) at batch 1 and 32, sequence 128 and 256 (texts from Reuters-21578 long
   enough that every sequence is full);
 * each candidate's label-set agreement with torch as served (its own fp32 fallback), its served
@@ -62,9 +62,9 @@ from common import (
 
 from labelmatch.data.dataset import Dataset, load_dataset
 from labelmatch.export.onnx import ExportConfig, export_onnx
-from labelmatch.serving.engines import ENGINES as SERVING_ENGINES
-from labelmatch.serving.engines import served_cost_ms
-from labelmatch.serving.onnx_classifier import OnnxEncoder, OrtConfig
+from labelmatch.runtime.engines import ENGINES as SERVING_ENGINES
+from labelmatch.runtime.engines import served_cost_ms
+from labelmatch.runtime.onnx_classifier import OnnxEncoder, OrtConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reuters21578_modapte"
 #: Cell names of the serving engines (torch_fp32 is the reference, not a serving engine).
@@ -213,7 +213,7 @@ def http_bench(onnx_dir: Path, texts: list[str], threads: int, clients: int, dur
 
 def model_only_p50(onnx_dir: Path, texts: list[str], threads: int, n: int) -> float:
     """p50 of ``OnnxClassifier.predict`` on one document (what the server does per request)."""
-    from labelmatch.serving.onnx_classifier import OnnxClassifier
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
     clf = OnnxClassifier.load(onnx_dir, OrtConfig(intra_op_threads=threads))
     for text in texts[:10]:

@@ -15,7 +15,7 @@ from typing import Any
 
 def machine() -> dict[str, Any]:
     """The CPU the figures were measured on (int8 speed depends on VNNI/AMX above all)."""
-    from labelmatch.serving.engines import cpu_summary
+    from labelmatch.runtime.engines import cpu_summary
 
     return cpu_summary()
 

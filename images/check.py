@@ -13,7 +13,7 @@ Checks:
 * **serve**: runs as 10001; the root is read-only and ``/tmp`` writable; ``import torch`` fails;
   ``labelmatch serve`` on an OnnxModel (the demo's export, or one trained here) answers readiness
   and one inference over KServe v1 and over OIP v2, each equal to the host's
-  :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
+  :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier` (same labels, scores within 1e-6);
 * **step** (the torch-free image of data_prep, evaluate, deploy, monitor_drift, batch_classify):
   runs as 10001 on a read-only root; ``import torch`` fails and no CUDA library or ``nvidia-*``
   package is present; every module of :data:`labelmatch.platform.images.STEP_MODULES` imports;
@@ -243,7 +243,7 @@ def the_model(args: argparse.Namespace, work: Path) -> Path:
 def check_serve(tag: str, model: Path, checks: Checks) -> None:
     import requests
 
-    from labelmatch.serving.onnx_classifier import OnnxClassifier
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
     env = image_env(tag)
     with rootfs(tag) as root:

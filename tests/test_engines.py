@@ -12,7 +12,7 @@ from conftest import make_tiny_dataset
 from labelmatch.core.artifacts import read_manifest
 from labelmatch.core.errors import ConfigError
 from labelmatch.export.onnx import ExportConfig, export_onnx
-from labelmatch.serving.engines import (
+from labelmatch.runtime.engines import (
     ENGINES,
     STATIC_MODEL_FILE,
     engine,
@@ -20,7 +20,7 @@ from labelmatch.serving.engines import (
     probe_costs,
     served_cost_ms,
 )
-from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig, served_engine
+from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig, served_engine
 
 GATE = 0.5
 
@@ -173,7 +173,7 @@ def test_the_probe_warms_every_input_then_times_candidates_in_turns():
 
 
 def test_a_pick_whose_runtime_is_missing_falls_back_to_the_cheapest_installed_one(monkeypatch):
-    import labelmatch.serving.engines as engines
+    import labelmatch.runtime.engines as engines
 
     real = engines.runtime_available
     monkeypatch.setattr(engines, "runtime_available", lambda runtime: runtime != "openvino" and real(runtime))
@@ -190,7 +190,7 @@ def test_a_pick_whose_runtime_is_missing_falls_back_to_the_cheapest_installed_on
 
 
 def test_bf16_is_a_candidate_only_where_the_cpu_computes_bf16(monkeypatch):
-    import labelmatch.serving.engines as engines
+    import labelmatch.runtime.engines as engines
 
     monkeypatch.setattr(engines, "runtime_available", lambda runtime: True)
     monkeypatch.setattr(engines, "precision_supported", lambda precision: False)
@@ -232,9 +232,9 @@ def test_the_server_serves_the_engine_it_is_told_to(probed, monkeypatch):
 def test_a_server_told_to_probe_times_the_passing_engines_here_and_serves_the_cheapest(probed, monkeypatch):
     from prometheus_client import CollectorRegistry
 
+    from labelmatch.runtime.onnx_classifier import TOKENIZER_FILE
     from labelmatch.serving.load_probe import probe_engine_at_load, texts_of_lengths
     from labelmatch.serving.metrics import ServeMetrics
-    from labelmatch.serving.onnx_classifier import TOKENIZER_FILE
     from labelmatch.serving.server import LabelmatchModel, build_parser, config_from_args
 
     root, parity = probed
@@ -269,7 +269,7 @@ def test_a_server_told_to_probe_times_the_passing_engines_here_and_serves_the_ch
 
 
 def test_a_probe_one_at_a_time_holds_one_encoder_and_times_each():
-    from labelmatch.serving.engines import probe_encoders
+    from labelmatch.runtime.engines import probe_encoders
 
     alive: list[str] = []
     most = []

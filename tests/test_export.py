@@ -22,7 +22,7 @@ from labelmatch.export.onnx import (
     choose_thresholds,
     export_onnx,
 )
-from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 
 
 def test_artifact_follows_the_contract(onnx_model):
@@ -161,7 +161,7 @@ def test_corrupted_onnx_artifact_is_refused_by_name(onnx_model, tmp_path):
 
 
 def test_serving_path_imports_no_torch():
-    code = ("import sys, labelmatch.serving.server, labelmatch.serving.onnx_classifier; "
+    code = ("import sys, labelmatch.serving.server, labelmatch.runtime.onnx_classifier; "
             "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -24,7 +24,7 @@ from labelmatch.core.artifacts import verify_artifact
 from labelmatch.data.dataset import save_dataset
 from labelmatch.export.candidates import PROTOBUF_LIMIT, graph_bytes, uses_external_data
 from labelmatch.model.random_encoder import build_random_encoder, cheap_large_shape
-from labelmatch.serving.engines import ENGINES
+from labelmatch.runtime.engines import ENGINES
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def test_the_waived_gate_is_recorded_and_said(large_export):
 
 
 def test_the_export_as_served_answers(large_export):
-    from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 
     served = OnnxClassifier.load(large_export["out"], OrtConfig(intra_op_threads=1))
     [prediction] = served.predict(["The VAT return for 2023 was filed late."])

@@ -113,7 +113,7 @@ def test_the_gate_scores_the_exported_model_as_served_against_the_latest_release
     from labelmatch.evaluation.evaluate import evaluate
     from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
     from labelmatch.platform.store import ArtifactStore
-    from labelmatch.serving.onnx_classifier import OnnxClassifier
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
     onnx_dir, _ = onnx_model
     served = evaluate(OnnxClassifier.load(onnx_dir), load_dataset(dataset_artifact), "test")

@@ -66,7 +66,7 @@ def test_torch_and_onnx_predictions_are_consistent_and_evaluation_reports_levels
 ):
     from labelmatch.evaluation.evaluate import evaluate
     from labelmatch.model.classifier import Classifier
-    from labelmatch.serving.onnx_classifier import OnnxClassifier
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
     dataset = make_tiny_dataset()
     texts = [d.text for d in dataset.documents]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["core", "data", "model", "training", "tuning", "feedback", "evaluation", "export", "serving",
-            "platform", "stages", "state", "batch"]
+            "runtime", "platform", "stages", "state", "batch"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)
@@ -28,7 +28,7 @@ def test_every_public_name_of_a_package_resolves(name):
 def test_the_serving_package_and_the_shared_prediction_core_never_import_torch():
     code = (
         "import sys\n"
-        "from labelmatch.serving import OnnxClassifier, LabelmatchModel\n"
+        "from labelmatch.runtime import OnnxClassifier\nfrom labelmatch.serving import LabelmatchModel\n"
         "from labelmatch.model.matching import LabelMatcher\n"
         "assert issubclass(OnnxClassifier, LabelMatcher)\n"
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))\n"

@@ -227,7 +227,7 @@ def test_monitor_ir_reports_drift_and_submits_the_retraining_run(tmp_path, onnx_
     """The committed monitor IR under kfp.local: the served model imported by path, the prediction
     log read from the state URL its Secret would hold, the Report artifact, and the training run
     created on the KFP API when drift fires."""
-    from labelmatch.serving.onnx_classifier import OnnxClassifier, served_model_version
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier, served_model_version
     from pipelines.local import run_artifacts, run_locally
     from pipelines.registry import COMPILED_DIR
 

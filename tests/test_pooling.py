@@ -42,7 +42,7 @@ def test_pooling_is_read_from_the_models_files(tmp_path):
 def test_a_cls_pooled_encoder_trains_exports_and_serves_with_fp32_parity(tmp_path):
     from labelmatch.export.onnx import ExportConfig, export_onnx
     from labelmatch.model.classifier import Classifier
-    from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+    from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
     from labelmatch.training.sft import train_sft
 
     base = _encoder_dir(tmp_path, {"word_embedding_dimension": 384, "pooling_mode_cls_token": True,

@@ -39,7 +39,7 @@ def parse_jsonl_row(line: str) -> tuple[str | None, str | None, str | None]:
 
 
 class BatchClassifier:
-    """A Ray Data callable class: one :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier`
+    """A Ray Data callable class: one :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier`
     per actor.
 
     Args:
@@ -56,7 +56,7 @@ class BatchClassifier:
         import contextlib
 
         from labelmatch.platform.store import local_artifact
-        from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
+        from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 
         self._stack = contextlib.ExitStack()
         path = self._stack.enter_context(local_artifact(model_uri, "OnnxModel"))

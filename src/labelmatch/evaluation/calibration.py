@@ -69,7 +69,7 @@ def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: boo
 
     Args:
         classifier: A :class:`~labelmatch.model.classifier.Classifier` or
-            :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` (as served).
+            :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier` (as served).
         dataset: Labelled documents (every split) and the label set's descriptions.
         replace_default: Also make the label set's global threshold the model's ``default`` (the
             threshold of labels added at request time with no threshold of their own).

@@ -36,7 +36,7 @@ def load_as_served(path: str | Path) -> Any:
     """
     kind = verify_artifact(path, ("Model", "OnnxModel"))["kind"]
     if kind == "OnnxModel":
-        from labelmatch.serving.onnx_classifier import OnnxClassifier
+        from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
         return OnnxClassifier.load(path)
     try:
@@ -65,7 +65,7 @@ def evaluate(classifier: Any, dataset: Dataset, split: str = "test") -> dict[str
 
     Args:
         classifier: A torch :class:`~labelmatch.model.classifier.Classifier` or an ONNX
-            :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` (as served).
+            :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier` (as served).
         dataset: The labelled documents.
         split: ``train``, ``val``, ``test`` or ``all``.
 

@@ -1,6 +1,6 @@
 """The export's serving candidates: the static int8 graph, and the probe that picks an engine.
 
-What each candidate is and why there are several: :mod:`labelmatch.serving.engines`. This module
+What each candidate is and why there are several: :mod:`labelmatch.runtime.engines`. This module
 writes the one graph the plain export does not (``model_int8_static.onnx``) and measures the
 candidates on the machine at hand.
 
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from labelmatch.serving.engines import pick_engine, probe_encoders, served_costs
-from labelmatch.serving.onnx_classifier import graph_feeds
+from labelmatch.runtime.engines import pick_engine, probe_encoders, served_costs
+from labelmatch.runtime.onnx_classifier import graph_feeds
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,9 @@ def probe_engines(loaders: dict[str, Callable[[], Any]], judged: dict[str, dict[
         lengths: Their token counts as served (recorded: a server re-probing at load times inputs
             of the same lengths).
         gate: The agreement gate.
-        min_seconds: Timed seconds per candidate, at least (:func:`~labelmatch.serving.engines.probe_costs`).
+        min_seconds: Timed seconds per candidate, at least (:func:`~labelmatch.runtime.engines.probe_costs`).
         together: All loaded at once, timed in rotating turns; ``False``: one at a time
-            (:func:`~labelmatch.serving.engines.probe_encoders`).
+            (:func:`~labelmatch.runtime.engines.probe_encoders`).
 
     Returns:
         ``{"picked", "costs_ms", "probe_ms", "passed", "documents", "lengths", "seconds_each",

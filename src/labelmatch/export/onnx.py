@@ -10,7 +10,7 @@ MiniLM's predictions); then compare torch and ONNX on a validation set and refus
 whose label sets drift. Besides that dynamic int8 graph, the export builds the other serving
 engines (a static int8 QDQ graph, for ONNX Runtime and OpenVINO, and the fp32 graph), judges each
 against torch at the shipped thresholds, times them and ships the fastest that passes the gate
-(:mod:`labelmatch.serving.engines`, :mod:`labelmatch.export.candidates`).
+(:mod:`labelmatch.runtime.engines`, :mod:`labelmatch.export.candidates`).
 
 Why ``torch.onnx.export(dynamo=False)`` + ``onnxruntime.quantization`` and not ``optimum``:
 ``optimum-onnx`` (the home of optimum's ONNX exporter since optimum 2) pins
@@ -110,8 +110,8 @@ from labelmatch.model.chunking import Chunking, document_windows, max_over_windo
 from labelmatch.model.io import read_model_info
 from labelmatch.model.matching import Thresholds, boundary_cosines
 from labelmatch.monitoring.profile import build_profile
-from labelmatch.serving.engines import ENGINES, PROBE_TOGETHER_BYTES, STATIC_MODEL_FILE, Engine, cpu_summary
-from labelmatch.serving.onnx_classifier import (
+from labelmatch.runtime.engines import ENGINES, PROBE_TOGETHER_BYTES, STATIC_MODEL_FILE, Engine, cpu_summary
+from labelmatch.runtime.onnx_classifier import (
     FP32_MODEL_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
@@ -166,7 +166,7 @@ class ExportConfig:
         engine: ``auto``: ship the cheapest candidate that passes the gate, by the probe; or a
             candidate's name (it must pass the gate).
         probe_seconds: Timed seconds per candidate in the probe, at least
-            (:func:`~labelmatch.serving.engines.probe_costs`).
+            (:func:`~labelmatch.runtime.engines.probe_costs`).
         probe_threads: Threads of every candidate in the parity run and the probe: set it to the
             serving pods' ``intra_op_threads`` so the probe times what they will run; 0: one per core.
         static_calibration_docs: Validation documents at most that calibrate the static int8 graph.

@@ -6,7 +6,7 @@ label set and its thresholds (:class:`Thresholds`), request-time labels (embedde
 the long-document rule (:mod:`labelmatch.model.chunking`), the label hierarchy, probabilities,
 decision boundaries and the Prediction contract. The torch
 :class:`~labelmatch.model.classifier.Classifier` and the ONNX
-:class:`~labelmatch.serving.onnx_classifier.OnnxClassifier` differ only in :meth:`LabelMatcher.embed`
+:class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier` differ only in :meth:`LabelMatcher.embed`
 (and the ONNX one in re-embedding uncertain documents in fp32, :meth:`LabelMatcher.refine`).
 
 This module imports neither torch nor transformers (the serving path uses it).

@@ -138,7 +138,7 @@ class ReferenceProfile:
 
 def build_profile(classifier: Any, texts: Sequence[str], max_feature_labels: int = MAX_FEATURE_LABELS,
                   seed: int = 0) -> ReferenceProfile:
-    """Profile ``classifier`` (a served :class:`~labelmatch.serving.onnx_classifier.OnnxClassifier`)
+    """Profile ``classifier`` (a served :class:`~labelmatch.runtime.onnx_classifier.OnnxClassifier`)
     on ``texts`` (its validation documents) exactly as the server predicts them.
 
     Args:

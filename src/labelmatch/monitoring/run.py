@@ -95,7 +95,7 @@ def run_monitor(run: MonitorRun) -> tuple[MonitorReport, dict[str, Any]]:
     Returns:
         The report and the artifact's ``labelmatch.json``.
     """
-    from labelmatch.serving.onnx_classifier import served_model_version
+    from labelmatch.runtime.onnx_classifier import served_model_version
     from labelmatch.state.store import ServingState
 
     info = json.loads((run.model_dir / "labelmatch.json").read_text())

@@ -41,7 +41,7 @@ ROLES = {
 #: the built image by ``make images-check`` and on the host, with torch blocked, by the tests.
 STEP_MODULES = (
     "labelmatch.data.prepare", "labelmatch.evaluation.gate", "labelmatch.evaluation.evaluate",
-    "labelmatch.evaluation.report", "labelmatch.serving.onnx_classifier", "labelmatch.serving.engines",
+    "labelmatch.evaluation.report", "labelmatch.runtime.onnx_classifier", "labelmatch.runtime.engines",
     "labelmatch.serving.server", "labelmatch.stages.deploy", "labelmatch.platform.kserve",
     "labelmatch.platform.releases", "labelmatch.platform.kfp", "labelmatch.stages.monitor",
     "labelmatch.monitoring.run", "labelmatch.monitoring.trigger", "labelmatch.feedback.store",

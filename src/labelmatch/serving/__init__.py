@@ -1,4 +1,4 @@
-"""Torch-free serving: the ONNX classifier and the KServe model server.
+"""Torch-free serving: the KServe model server (its ONNX classifier is :mod:`labelmatch.runtime`'s).
 
 Public names import lazily (:mod:`labelmatch.core.lazy`): importing the package costs nothing.
 """
@@ -6,9 +6,6 @@ Public names import lazily (:mod:`labelmatch.core.lazy`): importing the package 
 from labelmatch.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "OnnxClassifier": "onnx_classifier",
-    "OnnxEncoder": "onnx_classifier",
-    "OrtConfig": "onnx_classifier",
     "ServeConfig": "server",
     "LabelmatchModel": "server",
     "serve": "server",

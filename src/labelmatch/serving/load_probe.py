@@ -2,7 +2,7 @@
 
 The export times its candidates on the CPU that ran the export; serving nodes are often another
 CPU type (the int8 speed-up ranged from 1.4× to 3.3× torch fp32 across three x86 CPUs, see
-:mod:`labelmatch.serving.engines`). With ``--engine probe`` the server re-runs the export's probe
+:mod:`labelmatch.runtime.engines`). With ``--engine probe`` the server re-runs the export's probe
 before it reports ready: every engine the export judged passing (its agreement as served, with
 its fallback, is a property of the graph, not of the CPU) whose runtime and precision this
 machine has is timed with the server's own thread settings on inputs of the same token lengths
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.core.errors import ArtifactError
-from labelmatch.serving.engines import (
+from labelmatch.runtime.engines import (
     ENGINES,
     PROBE_TOGETHER_BYTES,
     graph_file_bytes,
@@ -28,7 +28,7 @@ from labelmatch.serving.engines import (
     probe_encoders,
     served_costs,
 )
-from labelmatch.serving.onnx_classifier import TOKENIZER_FILE, OnnxEncoder, OrtConfig
+from labelmatch.runtime.onnx_classifier import TOKENIZER_FILE, OnnxEncoder, OrtConfig
 
 log = logging.getLogger(__name__)
 

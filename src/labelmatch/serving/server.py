@@ -65,9 +65,9 @@ from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
 from labelmatch.data.dataset import load_labels
 from labelmatch.model.matching import Thresholds, check_label_count
+from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 from labelmatch.serving.load_probe import PROBE, probe_engine_at_load
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
-from labelmatch.serving.onnx_classifier import OnnxClassifier, OrtConfig
 from labelmatch.state.replica import ReplicaState, StateConfig
 from labelmatch.state.store import LabelSet, StateUnavailable
 
@@ -95,7 +95,7 @@ class ServeConfig:
             means a SQLite file under ``state_dir`` (one replica).
         limits: Request limits.
         ort: ONNX Runtime settings.
-        engine: The serving engine (:mod:`labelmatch.serving.engines`); ``None`` serves the one
+        engine: The serving engine (:mod:`labelmatch.runtime.engines`); ``None`` serves the one
             the export's probe picked and recorded in the artifact; ``probe`` re-runs the probe
             on this machine at load (:mod:`labelmatch.serving.load_probe`).
         feedback_url: SQLAlchemy URL of the feedback store (default: the state's URL).

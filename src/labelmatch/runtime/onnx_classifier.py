@@ -34,7 +34,7 @@ from labelmatch.core.errors import ArtifactError, ConfigError
 from labelmatch.data.hierarchy import HIERARCHY_FILE, load_hierarchy
 from labelmatch.model.chunking import Chunking, chunked_cosines
 from labelmatch.model.matching import LabelMatcher, Thresholds, embed_in_chunks
-from labelmatch.serving.engines import (
+from labelmatch.runtime.engines import (
     DEFAULT_ENGINE,
     ENGINES,
     FP32_MODEL_FILE,
@@ -127,7 +127,7 @@ class OnnxEncoder:
         tokenizer_path: A Hugging Face fast-tokenizer ``tokenizer.json``.
         max_length: Texts are truncated to this many tokens (never rejected for length).
         config: Session settings (``intra_op_threads`` is OpenVINO's thread count too).
-        runtime: ``onnxruntime`` or ``openvino`` (:mod:`labelmatch.serving.engines`).
+        runtime: ``onnxruntime`` or ``openvino`` (:mod:`labelmatch.runtime.engines`).
         precision: OpenVINO's inference precision hint (``bf16``); empty: its default.
         batch_invariant: Whether a text's embedding is the same whatever it is batched with: true
             of an fp32 graph, false of dynamic int8 (one activation scale per batch). Only then
@@ -262,7 +262,7 @@ class OnnxClassifier(LabelMatcher):
         self.on_fallback = on_fallback
         self.info = info or {}
         self.model_version = model_version
-        #: The engine serving it (set by :meth:`load`; see :mod:`labelmatch.serving.engines`).
+        #: The engine serving it (set by :meth:`load`; see :mod:`labelmatch.runtime.engines`).
         graph = Path(getattr(encoder, "model_path", "")).name
         self.engine = f"{getattr(encoder, 'runtime', 'onnxruntime')}:{graph}"
         super().__init__(labels, label_embeddings, scale, bias, thresholds,
@@ -283,7 +283,7 @@ class OnnxClassifier(LabelMatcher):
             verify: Check the manifest (refuses a corrupted or missing file by name).
             model_version: The version responses name (default: ``labelmatch.json``'s, else the
                 artifact digest; an artifact still being written has no manifest to digest).
-            engine_name: Serve this engine (:data:`~labelmatch.serving.engines.ENGINES`) instead
+            engine_name: Serve this engine (:data:`~labelmatch.runtime.engines.ENGINES`) instead
                 of the one the export picked; it must be one the export measured.
         """
         root = Path(path)
