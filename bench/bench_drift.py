@@ -97,7 +97,7 @@ def serve_and_log(onnx: Path, docs: list, work: Path) -> dict[str, Any]:
     import requests
 
     from labelmatch.runtime.onnx_classifier import served_model_version
-    from labelmatch.state.store import ServingState
+    from labelmatch.state.serving_state import ServingState
 
     state_dir = work / "state"
     shutil.rmtree(state_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ Scenario (Bitext customer-support intents, ``../shared/data/bitext_customer_supp
 2. **Simulated feedback** on a separate pool of training documents from the focus categories
    (never seen by SFT): the SFT model's served prediction is compared with the true labels;
    ``score = clip(round(1 + 4·F1 + noise), 1, 5)`` and a share of records carries the true labels
-   as corrections. Records go through the real :class:`~labelmatch.feedback.store.FeedbackStore`
+   as corrections. Records go through the real :class:`~labelmatch.feedback.feedback_store.FeedbackStore`
    (SQLite) and its export.
 3. **GRPO** (:func:`labelmatch.feedback.grpo.train_grpo`) from the SFT model on that export.
 4. **Test macro-F1** of SFT and SFT+GRPO on the test split, separately on the feedback's
@@ -41,8 +41,8 @@ from labelmatch.core.errors import ArtifactError
 from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset
 from labelmatch.evaluation.metrics import binarize
 from labelmatch.evaluation.report import pyplot
+from labelmatch.feedback.feedback_store import FeedbackRecord, FeedbackStore
 from labelmatch.feedback.grpo import GRPOConfig, retune_thresholds, train_grpo
-from labelmatch.feedback.store import FeedbackRecord, FeedbackStore
 from labelmatch.model.classifier import Classifier
 from labelmatch.training.config import TrainConfig
 from labelmatch.training.sft import train_sft

@@ -167,7 +167,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(onnx_model, tmp_pa
 
 
 def test_s3_input_output_and_model(onnx_model, tmp_path, sandbox, monkeypatch):
-    from labelmatch.platform.store import ArtifactStore, S3Config
+    from labelmatch.platform.artifact_store import ArtifactStore, S3Config
 
     with moto_s3_server() as endpoint:
         env = s3_env(endpoint)

@@ -337,7 +337,7 @@ def _pipeline_objects(rendered: dict[Path, list[dict]], values: str) -> dict[tup
 
 def test_pipeline_runner_rbac_grants_exactly_what_the_steps_need(rendered: dict[Path, list[dict]]) -> None:
     """The IR's tune step creates/reads/deletes RayJobs and its deploy step reads/creates/patches
-    InferenceServices (labelmatch.tuning.rayjob, labelmatch.platform.kserve); KFP's launcher reads its
+    InferenceServices (labelmatch.platform.kuberay, labelmatch.platform.kserve); KFP's launcher reads its
     ConfigMap and the S3 Secret; Argo reports outputs. Nothing else: no list/watch, no wildcard."""
     objects = _pipeline_objects(rendered, "default-values.yaml")
     role = objects[("Role", "labelmatch-pipeline-runner")]

@@ -155,7 +155,7 @@ def test_evaluate_refuses_a_model_that_is_a_dataset(tmp_path: Path, capfd, sampl
 
 def test_deploy_step_settings_are_checked(monkeypatch) -> None:
     from labelmatch.core.errors import ConfigError
-    from labelmatch.platform.store import as_s3_uri
+    from labelmatch.platform.artifact_store import as_s3_uri
     from labelmatch.stages.deploy import DeployStepConfig
 
     monkeypatch.delenv("LABELMATCH_STORE_ROOT", raising=False)

@@ -13,12 +13,12 @@ from s3_server import moto_s3_server, s3_env
 from labelmatch import __version__
 from labelmatch.core.artifacts import artifact_digest, write_manifest
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
+from labelmatch.platform.artifact_store import ArtifactStore, S3Config, S3Uri
 from labelmatch.platform.k8s_schema import validate_against_crd
 from labelmatch.platform.kfp import PipelineRegistry
 from labelmatch.platform.kserve import DeployConfig, deploy_model, inference_service, kube_custom_objects
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 from labelmatch.platform.rollback import plan_rollback, rollback
-from labelmatch.platform.store import ArtifactStore, S3Config, S3Uri
 
 CRD = Path(__file__).resolve().parents[2] / "shared" / "crds" / "serving.kserve.io_inferenceservices.yaml"
 ROOT = "s3://labelmatch"

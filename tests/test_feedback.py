@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from labelmatch.core.artifacts import verify_artifact
 from labelmatch.core.errors import ConfigError, DataError
-from labelmatch.feedback.store import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, read_export
+from labelmatch.feedback.feedback_store import SCHEMA_VERSION, FeedbackRecord, FeedbackStore, read_export
 
 LABELS = {
     "vat": "Value added tax.",

@@ -111,8 +111,8 @@ def test_the_gate_scores_the_exported_model_as_served_against_the_latest_release
 
     from labelmatch.core.artifacts import artifact_digest
     from labelmatch.evaluation.evaluate import evaluate
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
-    from labelmatch.platform.store import ArtifactStore
     from labelmatch.runtime.onnx_classifier import OnnxClassifier
 
     onnx_dir, _ = onnx_model

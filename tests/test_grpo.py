@@ -10,8 +10,8 @@ import torch
 
 from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.feedback.feedback_store import FeedbackStore
 from labelmatch.feedback.grpo import GRPOConfig, GRPOTrainer, feedback_tensors, train_grpo
-from labelmatch.feedback.store import FeedbackStore
 from labelmatch.model.classifier import Classifier
 
 
@@ -98,7 +98,7 @@ def test_per_label_credit_with_kl_budget_stops_early(trained_model, export_dir):
 def test_feedback_with_a_label_the_model_lacks_is_refused(tmp_path):
     store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
     store.register_model("v", {"vat": "VAT.", "customs": "Customs duties."})
-    from labelmatch.feedback.store import FeedbackRecord
+    from labelmatch.feedback.feedback_store import FeedbackRecord
 
     store.add(FeedbackRecord("import duties on parts", "v", ["customs"], 2, id="r1"))
     export = store.export(tmp_path / "export")

@@ -23,7 +23,7 @@ from labelmatch.monitoring.profile import PROFILE_FILE, ReferenceProfile
 from labelmatch.monitoring.statistics import mmd_permutation_test, psi
 from labelmatch.monitoring.trigger import plan_retrain, submit_retrain
 from labelmatch.platform.kfp import PipelineRegistry
-from labelmatch.state.store import PredictionRecord, ServingState
+from labelmatch.state.serving_state import PredictionRecord, ServingState
 
 #: Documents about nothing the tax model knows: the shifted stream.
 OFF_TOPIC = [

@@ -191,9 +191,10 @@ def _tasks(ir: dict) -> dict[str, dict]:
 def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
     """GRPO asks for the GPU pool; network steps retry; data_prep is never cached; and the RayJob
     the tune step creates with the IR's own defaults is valid against KubeRay's CRD, strictly."""
+    from labelmatch.platform.kuberay import build_rayjob
     from labelmatch.stages.tune import TuneStepConfig, rayjob_trial_resources
     from labelmatch.tuning.pbt import TuneConfig
-    from labelmatch.tuning.rayjob import build_rayjob, cluster_entrypoint
+    from labelmatch.tuning.rayjob import cluster_entrypoint
 
     ir, platform = load_ir(TRAINING_IR)
     grpo = ir["deploymentSpec"]["executors"]["exec-grpo"]["container"]["resources"]["accelerator"]
@@ -260,7 +261,7 @@ def ray_tmp():
 @pytest.fixture(scope="module")
 def s3_data(sample_dir: Path):
     """The sample data in an S3 server on 127.0.0.1; the environment points every step at it."""
-    from labelmatch.platform.store import ArtifactStore, S3Config
+    from labelmatch.platform.artifact_store import ArtifactStore, S3Config
 
     with moto_s3_server() as url:
         env = s3_env(url)
@@ -366,7 +367,7 @@ def test_batch_ir_classifies_s3_shards_locally(tmp_path_factory, s3_data: str, o
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
     from pipelines.local import run_artifacts, run_locally
 
     batch_ir = COMPILED_DIR / f"labelmatch-batch-{__version__}.yaml"

@@ -12,7 +12,7 @@ import yaml
 from kuberay_double import KubeRayState, kuberay_double
 
 from labelmatch.core.errors import ConfigError, LabelmatchError
-from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, delete_rayjob, submit_rayjob
+from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, delete_rayjob, submit_rayjob
 
 ENTRYPOINT = "labelmatch tune --data /data --out /tmp/model --address auto --trials 4"
 

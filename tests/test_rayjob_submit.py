@@ -58,7 +58,7 @@ def test_the_tune_step_runs_pbt_on_a_rayjob_and_brings_the_best_model_back(
 
     from labelmatch.core.artifacts import verify_artifact, write_manifest
     from labelmatch.data.dataset import save_dataset
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.stages.tune import TuneStepConfig, run_tune_step
     from labelmatch.tuning.pbt import TuneConfig
 

@@ -68,7 +68,7 @@ def replicas(onnx_model, postgres_url, tmp_path):
 @pytest.mark.slow
 def test_three_replicas_share_labels_predictions_and_feedback_and_survive_kill_and_restart(
         replicas, postgres_url):
-    from labelmatch.feedback.store import FeedbackStore
+    from labelmatch.feedback.feedback_store import FeedbackStore
 
     a, b, c = replicas
     # 1. A label set stored on one replica is served by the others within the sync interval.

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from labelmatch.cli import app, register_commands
 from labelmatch.core.artifacts import write_manifest
 from labelmatch.core.errors import ArtifactError
-from labelmatch.platform.store import ArtifactStore, S3Config, S3Uri
+from labelmatch.platform.artifact_store import ArtifactStore, S3Config, S3Uri
 
 FAKE_SESSION_TOKEN = "lm-fake-session-token-Hq2LwX9bE"
 SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY)

@@ -180,7 +180,7 @@ def test_admin_label_update_is_versioned_and_persisted(server):
     prediction = _v1(base, {"instances": ["Monthly payroll tax withheld from wages"]}).json()
     assert prediction["label_set_version"] == 1
     assert set(prediction["predictions"][0]["scores"]) == {"vat", "payroll"}
-    from labelmatch.state.store import ServingState
+    from labelmatch.state.serving_state import ServingState
 
     model_version = prediction["model_version"]
     stored = ServingState(f"sqlite:///{state_dir / 'serving.db'}").latest_label_set(model_version)
@@ -189,7 +189,7 @@ def test_admin_label_update_is_versioned_and_persisted(server):
 
 
 def test_feedback_by_prediction_id(server):
-    from labelmatch.feedback.store import FeedbackStore
+    from labelmatch.feedback.feedback_store import FeedbackStore
 
     base, feedback_url = server[0], server[3]
     prediction = _v1(base, {"instances": ["VAT return corrected after audit"]}).json()["predictions"][0]

@@ -11,7 +11,13 @@ import pytest
 from labelmatch.core.errors import ConfigError
 from labelmatch.state.migrations import migrate
 from labelmatch.state.replica import ReplicaState, StateConfig, text_sha256
-from labelmatch.state.store import MIGRATIONS, VERSION_TABLE, PredictionRecord, ServingState, StateUnavailable
+from labelmatch.state.serving_state import (
+    MIGRATIONS,
+    VERSION_TABLE,
+    PredictionRecord,
+    ServingState,
+    StateUnavailable,
+)
 
 THRESHOLDS = {"default": 0.5, "labels": {"vat": 0.4}}
 

@@ -10,7 +10,7 @@ from s3_server import FAKE_SECRET_KEY, moto_s3_server, s3_env
 
 from labelmatch.core.artifacts import artifact_digest, verify_artifact, write_manifest
 from labelmatch.core.errors import ArtifactError, ConfigError
-from labelmatch.platform.store import ArtifactStore, S3Config, S3Uri
+from labelmatch.platform.artifact_store import ArtifactStore, S3Config, S3Uri
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_data_prep_reads_a_dataset_from_s3_and_names_the_uri_in_errors(store, en
                                                                         monkeypatch):
     from labelmatch.core.errors import DataError
     from labelmatch.data.prepare import prepare_dataset
-    from labelmatch.platform.store import local_input
+    from labelmatch.platform.artifact_store import local_input
 
     for key, value in s3_env(endpoint).items():
         monkeypatch.setenv(key, value)

@@ -193,7 +193,7 @@ def _kill_when_every_trial_is_checkpointed(driver: subprocess.Popen, log: Path) 
 @pytest.fixture(scope="module")
 def cluster_run():
     """The killed-then-resumed PBT run on the GPU-shaped cluster; what it left in S3 and on disk."""
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     started = time.monotonic()
     with moto_s3_server() as url, ray_sandbox("lmclu-") as root, _environ(**s3_env(url)):

@@ -65,7 +65,7 @@ def ray_home():
         saved = {key: os.environ.get(key) for key in env}
         os.environ.update(env)
         try:
-            from labelmatch.platform.store import ArtifactStore
+            from labelmatch.platform.artifact_store import ArtifactStore
 
             ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
             init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))

@@ -6,7 +6,7 @@ subprocess of this interpreter, no Docker, no cluster — on the bundled tax sam
 bundled MiniLM encoder:
 
 1. the sample feedback (``sample_data/tax/feedback.jsonl``) is imported into a SQLite
-   :class:`~labelmatch.feedback.store.FeedbackStore` (PII-redacted) and exported as a FeedbackExport;
+   :class:`~labelmatch.feedback.feedback_store.FeedbackStore` (PII-redacted) and exported as a FeedbackExport;
 2. ``data_prep`` validates, redacts, de-duplicates and splits the documents;
 3. ``tune_sft`` runs Population Based Training with a small population on a local Ray;
 4. ``grpo`` refines the best model from the feedback export;
@@ -48,7 +48,7 @@ def _import_pipelines():
 def export_sample_feedback(out_dir: Path) -> Path:
     """Import the bundled sample feedback into a SQLite store and export it (FeedbackExport)."""
     from labelmatch.data.pii import redact_text
-    from labelmatch.feedback.store import FeedbackStore
+    from labelmatch.feedback.feedback_store import FeedbackStore
     from labelmatch.sample_data import sample_path
 
     db = out_dir / "feedback.db"

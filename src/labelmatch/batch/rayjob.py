@@ -18,7 +18,7 @@ from typing import Any
 from labelmatch.batch.run import BatchConfig
 from labelmatch.batch.shards import OutputLayout
 from labelmatch.core.errors import ConfigError
-from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, run_rayjob
+from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, run_rayjob
 
 #: The RayJob shape of a batch run unless a values file or flags say otherwise: CPU workers.
 BATCH_RAYJOB_DEFAULTS = {"name": "labelmatch-batch", "workers": 4, "gpus_per_worker": 0, "worker_cpu": "4",
@@ -56,7 +56,7 @@ def batch_rayjob(config: BatchConfig, spec: RayJobSpec) -> tuple[dict[str, Any],
         ConfigError: The model, input or output is not an ``s3://`` URI (the pods cannot read
             this machine's disk).
     """
-    from labelmatch.platform.store import is_s3_uri
+    from labelmatch.platform.artifact_store import is_s3_uri
 
     for what, uri in (("--model", config.model), ("--input", config.input), ("--output", config.output)):
         if not is_s3_uri(uri):
@@ -75,7 +75,7 @@ def run_batch_rayjob(config: BatchConfig, spec: RayJobSpec, api_client: Any = No
         ConfigError: See :func:`batch_rayjob`.
         LabelmatchError: The RayJob did not succeed.
     """
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     manifest, labels_uri = batch_rayjob(config, spec)
     store = ArtifactStore.from_env()

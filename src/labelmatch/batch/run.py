@@ -88,7 +88,7 @@ def _served(config: BatchConfig) -> _Served:
     """The model's digest, labels and thresholds; from ``s3://`` only those two files are read
     (verified against the manifest), not the graphs the actors download."""
     from labelmatch.core.artifacts import artifact_digest, manifest_digest, verify_artifact
-    from labelmatch.platform.store import ArtifactStore, as_s3_uri, is_s3_uri
+    from labelmatch.platform.artifact_store import ArtifactStore, as_s3_uri, is_s3_uri
 
     if is_s3_uri(config.model):
         manifest, files = ArtifactStore.from_env().read_members(

@@ -55,7 +55,7 @@ class BatchClassifier:
                  ort_threads: int = 1, similarities: bool = False):
         import contextlib
 
-        from labelmatch.platform.store import local_artifact
+        from labelmatch.platform.artifact_store import local_artifact
         from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 
         self._stack = contextlib.ExitStack()

@@ -51,7 +51,7 @@ def classify(
     """
     from labelmatch.batch.run import BatchConfig, run_batch
     from labelmatch.data.dataset import load_labels
-    from labelmatch.platform.store import local_input
+    from labelmatch.platform.artifact_store import local_input
 
     extra = None
     if labels:

@@ -1,7 +1,7 @@
 """``labelmatch pipeline | store | deploy | releases | rollback``: the cluster path.
 
 S3 settings and credentials come from the environment or a mounted Secret (see
-:mod:`labelmatch.platform.store`); they are never printed. KFP and Kubernetes errors are turned into
+:mod:`labelmatch.platform.artifact_store`); they are never printed. KFP and Kubernetes errors are turned into
 one-line ``error:`` messages.
 """
 
@@ -184,7 +184,7 @@ def store_push(
     kind: KindOpt = None,
 ) -> None:
     """Upload an artifact (files first, manifest.json last; verified before sending)."""
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     digest = ArtifactStore.from_env().upload_artifact(source, uri, kind)
     typer.echo(f"{uri}: digest {digest}")
@@ -196,7 +196,7 @@ def store_put(
     uri: Annotated[str, typer.Argument(help="s3://bucket/prefix to copy it under (a pipeline's data_uri).")],
 ) -> None:
     """Upload plain files (a pipeline's input data), not an artifact: no manifest is written."""
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     for written in ArtifactStore.from_env().upload_tree(source, uri):
         typer.echo(written)
@@ -210,7 +210,7 @@ def store_pull(
 ) -> None:
     """Download an artifact and verify every file against its manifest."""
     from labelmatch.core.artifacts import manifest_digest
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     manifest = ArtifactStore.from_env().download_artifact(uri, dest, kind)
     typer.echo(f"{dest}: {manifest['kind']} digest {manifest_digest(manifest)}")
@@ -221,7 +221,7 @@ def store_ls(
     uri: Annotated[str, typer.Argument(help="s3://bucket[/prefix] to list artifacts under.")],
 ) -> None:
     """List the complete artifacts (those with a manifest) under a prefix."""
-    from labelmatch.platform.store import ArtifactStore
+    from labelmatch.platform.artifact_store import ArtifactStore
 
     for info in ArtifactStore.from_env().list_artifacts(uri):
         typer.echo(f"{info.uri}\t{info.kind}\t{info.digest[:16]}\t{info.files} files\t{info.created_at}")
@@ -234,7 +234,7 @@ def store_push_encoder(
     root: RootOpt = "s3://labelmatch",
 ) -> None:
     """Mirror a base encoder into the store; train with --base-model <root>/encoders/<name>."""
-    from labelmatch.platform.store import ArtifactStore, S3Uri
+    from labelmatch.platform.artifact_store import ArtifactStore, S3Uri
 
     uri = str(S3Uri.parse(root).child(f"encoders/{name}"))
     digest = ArtifactStore.from_env().push_encoder(model_dir, uri)
@@ -269,9 +269,9 @@ def deploy(
     ] = None,
 ) -> None:
     """Create or patch the KServe InferenceService, wait for Ready, append a release record."""
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.images import image as image_name
     from labelmatch.platform.kserve import DeployConfig, deploy_model
-    from labelmatch.platform.store import ArtifactStore
 
     config = DeployConfig(
         service=service,
@@ -296,8 +296,8 @@ def releases(
     root: RootOpt = "s3://labelmatch",
 ) -> None:
     """List a service's release records, oldest first."""
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog
-    from labelmatch.platform.store import ArtifactStore
 
     for record in ReleaseLog(ArtifactStore.from_env(), root).list(service):
         typer.echo(
@@ -318,9 +318,9 @@ def rollback(
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
     """Re-run the deploy pipeline of an earlier version with that release's model (digest-checked)."""
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog
     from labelmatch.platform.rollback import rollback as run_rollback
-    from labelmatch.platform.store import ArtifactStore
 
     store = ArtifactStore.from_env()
     with _remote_errors(f"rollback through {host}"):

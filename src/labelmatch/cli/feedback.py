@@ -31,7 +31,7 @@ DEFAULT_DB = "sqlite:///feedback.db"
 
 
 def _store(db: str, redact: bool = False):
-    from labelmatch.feedback.store import FeedbackStore
+    from labelmatch.feedback.feedback_store import FeedbackStore
 
     return FeedbackStore(db, redact=redact)
 
@@ -78,7 +78,7 @@ def add(
     redact: RedactOpt = False,
 ) -> None:
     """Store one feedback record; prints its id."""
-    from labelmatch.feedback.store import FeedbackRecord
+    from labelmatch.feedback.feedback_store import FeedbackRecord
 
     record = FeedbackRecord(
         text, model_version, _names(predicted) or [], score, {}, _names(corrected), source, record_id

@@ -54,7 +54,7 @@ def monitor(
     from labelmatch.core.errors import ConfigError
     from labelmatch.monitoring.monitor import MonitorConfig
     from labelmatch.monitoring.run import MonitorRun, parse_time, run_monitor
-    from labelmatch.platform.store import is_s3_uri, local_artifact
+    from labelmatch.platform.artifact_store import is_s3_uri, local_artifact
 
     if dry_run and not trigger:
         raise ConfigError("--dry-run only applies with --trigger")

@@ -283,7 +283,7 @@ def tune(
 
 
 def _run_here(config: Any, data: str, out: Path, report: Path, upload_to: str | None) -> None:
-    from labelmatch.platform.store import ArtifactStore, local_input
+    from labelmatch.platform.artifact_store import ArtifactStore, local_input
     from labelmatch.tuning.pbt import tune_sft
 
     with local_input(data) as local:
@@ -313,7 +313,7 @@ def _run_on_cluster(
     import dataclasses
     import time
 
-    from labelmatch.platform.store import ArtifactStore, is_s3_uri
+    from labelmatch.platform.artifact_store import ArtifactStore, is_s3_uri
     from labelmatch.tuning.rayjob import cluster_entrypoint
 
     if not is_s3_uri(config.storage_path):
@@ -344,7 +344,8 @@ def _run_on_cluster(
     import yaml
 
     from labelmatch.platform.images import image as image_name
-    from labelmatch.tuning.rayjob import RayJobSpec, build_rayjob, run_tune_rayjob
+    from labelmatch.platform.kuberay import RayJobSpec, build_rayjob
+    from labelmatch.tuning.rayjob import run_tune_rayjob
 
     values_file = rayjob_settings.pop("rayjob_values")
     spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}

@@ -42,7 +42,7 @@ from labelmatch.data.dataset import (
     save_dataset,
 )
 from labelmatch.data.pii import PiiRedactor
-from labelmatch.platform.store import local_input
+from labelmatch.platform.artifact_store import local_input
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -185,7 +185,7 @@ def prepare_dataset(
     Args:
         data: A directory with ``docs.jsonl`` (+ ``labels.json``) or a ``.jsonl`` file, in the
             normalised or the pair format; a local path or ``s3://bucket/prefix`` (or the
-            ``s3://`` key of one file), read through :func:`labelmatch.platform.store.local_input`.
+            ``s3://`` key of one file), read through :func:`labelmatch.platform.artifact_store.local_input`.
         out_dir: The Dataset artifact directory (written atomically).
         report_dir: The Report artifact directory (``report.md``, ``label_counts.png``,
             ``summary.json``).

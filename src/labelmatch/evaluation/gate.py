@@ -145,8 +145,8 @@ def find_serving_model(
     root = release_root or os.environ.get(STORE_ROOT_VAR, "")
     if not service or not root:
         return None
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog
-    from labelmatch.platform.store import ArtifactStore
 
     records = ReleaseLog(ArtifactStore.from_env(), root).list(service)
     if not records:
@@ -193,7 +193,7 @@ def evaluate_candidate(
     """
     from labelmatch.data.dataset import load_dataset
     from labelmatch.evaluation.evaluate import evaluate, load_as_served, write_report
-    from labelmatch.platform.store import local_artifact
+    from labelmatch.platform.artifact_store import local_artifact
 
     config = config or GateConfig()
     verify_artifact(dataset_dir, "Dataset")

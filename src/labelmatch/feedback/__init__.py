@@ -6,9 +6,9 @@ Public names import lazily (:mod:`labelmatch.core.lazy`): importing the package 
 from labelmatch.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "FeedbackStore": "store",
-    "FeedbackRecord": "store",
-    "read_export": "store",
+    "FeedbackStore": "feedback_store",
+    "FeedbackRecord": "feedback_store",
+    "read_export": "feedback_store",
     "RewardConfig": "rewards",
     "GRPOConfig": "grpo",
     "GRPOTrainer": "grpo",

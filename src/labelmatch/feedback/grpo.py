@@ -36,6 +36,7 @@ import torch
 from labelmatch.core.artifacts import artifact_digest, atomic_artifact_dir, verify_artifact
 from labelmatch.core.errors import ConfigError, DataError
 from labelmatch.data.dataset import Dataset
+from labelmatch.feedback.feedback_store import FEEDBACK_FILE, read_export
 from labelmatch.feedback.grpo_math import (
     bernoulli_entropy,
     bernoulli_kl,
@@ -46,7 +47,6 @@ from labelmatch.feedback.grpo_math import (
     sample_label_sets,
 )
 from labelmatch.feedback.rewards import RewardConfig, feedback_label_rewards, feedback_rewards
-from labelmatch.feedback.store import FEEDBACK_FILE, read_export
 from labelmatch.model.chunking import Chunking
 from labelmatch.model.dual_encoder import DualEncoder
 from labelmatch.model.encoder import Pooling, TextEncoder, add_lora

@@ -45,8 +45,9 @@ def resolve_base_model(name: str) -> str:
     Args:
         name: ``bundled:minilm`` (the default), a local Hugging Face directory, an ``s3://``
             URI of an ``Encoder`` artifact mirrored with ``labelmatch store push-encoder``
-            (downloaded once into a local cache, verified; see :mod:`labelmatch.platform.store`), or a
-            hub id such as ``BAAI/bge-m3`` (only where a hub is reachable or cached).
+            (downloaded once into a local cache, verified; see
+            :mod:`labelmatch.platform.artifact_store`), or a hub id such as ``BAAI/bge-m3`` (only
+            where a hub is reachable or cached).
 
     Returns:
         A local directory path or the hub id unchanged.
@@ -59,7 +60,7 @@ def resolve_base_model(name: str) -> str:
     if name.startswith("bundled:"):
         raise ConfigError(f"unknown bundled model {name!r}; available: {', '.join(BUNDLED_MODELS)}")
     if name.startswith("s3://"):
-        from labelmatch.platform.store import ArtifactStore
+        from labelmatch.platform.artifact_store import ArtifactStore
 
         return str(ArtifactStore.from_env().resolve_encoder(name))
     return name

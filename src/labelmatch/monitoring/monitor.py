@@ -177,7 +177,7 @@ def evaluate_window(profile: ReferenceProfile, records: Sequence[Any], config: M
     Args:
         profile: The model's reference profile.
         records: Logged predictions (anything with ``labels`` and ``scores``, e.g.
-            :class:`~labelmatch.state.store.PredictionRecord`).
+            :class:`~labelmatch.state.serving_state.PredictionRecord`).
         config: Drift rules.
         model_version: The monitored model version (for the report).
         feedback: User scores (1–5) given in the window.

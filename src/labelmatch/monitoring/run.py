@@ -74,7 +74,7 @@ class MonitorRun:
 
 def _feedback_scores(url: str, model_version: str, since: float, until: float) -> tuple[list[int], list[int]]:
     """User scores of ``model_version`` in ``[since, until)`` and in the window of equal length before."""
-    from labelmatch.feedback.store import FeedbackStore
+    from labelmatch.feedback.feedback_store import FeedbackStore
 
     span = until - since
     current, previous = [], []
@@ -96,7 +96,7 @@ def run_monitor(run: MonitorRun) -> tuple[MonitorReport, dict[str, Any]]:
         The report and the artifact's ``labelmatch.json``.
     """
     from labelmatch.runtime.onnx_classifier import served_model_version
-    from labelmatch.state.store import ServingState
+    from labelmatch.state.serving_state import ServingState
 
     info = json.loads((run.model_dir / "labelmatch.json").read_text())
     profile = ReferenceProfile.load(run.model_dir)

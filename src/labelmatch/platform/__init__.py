@@ -6,9 +6,9 @@ Public names import lazily (:mod:`labelmatch.core.lazy`): importing the package 
 from labelmatch.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "ArtifactStore": "store",
-    "S3Config": "store",
-    "S3Uri": "store",
+    "ArtifactStore": "artifact_store",
+    "S3Config": "artifact_store",
+    "S3Uri": "artifact_store",
     "PipelineRegistry": "kfp",
     "PipelineVersion": "kfp",
     "RunInfo": "kfp",

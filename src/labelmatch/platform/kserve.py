@@ -27,9 +27,9 @@ from typing import Any
 
 from labelmatch import __version__
 from labelmatch.core.errors import ArtifactError, ConfigError, LabelmatchError
+from labelmatch.platform.artifact_store import ArtifactStore
 from labelmatch.platform.images import image as image_name
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
-from labelmatch.platform.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError
-from labelmatch.platform.store import ArtifactStore, S3Uri
+from labelmatch.platform.artifact_store import ArtifactStore, S3Uri
 
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from labelmatch.core.artifacts import artifact_digest, verify_artifact
 from labelmatch.core.errors import ArtifactError, ConfigError
+from labelmatch.platform.artifact_store import ArtifactStore, is_s3_uri
 from labelmatch.platform.kfp import DEPLOY_PIPELINE, PipelineVersion, RunInfo
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
-from labelmatch.platform.store import ArtifactStore, is_s3_uri
 
 
 class PipelineRunner(Protocol):

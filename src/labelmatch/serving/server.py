@@ -69,7 +69,7 @@ from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
 from labelmatch.serving.load_probe import PROBE, probe_engine_at_load
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
 from labelmatch.state.replica import ReplicaState, StateConfig
-from labelmatch.state.store import LabelSet, StateUnavailable
+from labelmatch.state.serving_state import LabelSet, StateUnavailable
 
 logger = logging.getLogger("labelmatch.serving.server")
 ALL_INTERFACES = ("0.0.0.0", "::")
@@ -203,7 +203,7 @@ class LabelmatchModel(kserve.Model):
         self.state.sync_labels()  # the newest label set stored for this model version, if any
         self.state.sync_monitor_report()  # and the newest drift report's gauges
         self.state.start()
-        from labelmatch.feedback.store import FeedbackStore
+        from labelmatch.feedback.feedback_store import FeedbackStore
 
         self._feedback_store = FeedbackStore(self.config.feedback_url or self.state.config.url, redact=True)
         self.metrics.label_set_version.set(self.label_set_version)
@@ -435,7 +435,7 @@ class LabelmatchModel(kserve.Model):
 
     def add_feedback(self, body: Any) -> dict[str, Any]:
         """Store one feedback record (by ``prediction_id`` or by ``text`` + ``predicted_labels``)."""
-        from labelmatch.feedback.store import FeedbackRecord
+        from labelmatch.feedback.feedback_store import FeedbackRecord
         from labelmatch.state.replica import text_sha256
 
         if not isinstance(body, dict):

@@ -20,7 +20,7 @@ from labelmatch.core.artifacts import (
     write_manifest,
 )
 from labelmatch.core.errors import ArtifactError, ConfigError
-from labelmatch.platform.store import as_s3_uri, is_s3_uri, local_input
+from labelmatch.platform.artifact_store import as_s3_uri, is_s3_uri, local_input
 
 
 @dataclass
@@ -96,7 +96,7 @@ def run_batch_step(model_dir: str | Path, out_dir: str | Path, config: BatchStep
         verify_artifact(model_dir, "OnnxModel")
         digest = artifact_digest(model_dir)
     elif is_s3_uri(model_uri):
-        from labelmatch.platform.store import ArtifactStore
+        from labelmatch.platform.artifact_store import ArtifactStore
 
         digest = ArtifactStore.from_env().verify_remote(as_s3_uri(model_uri), "OnnxModel")
     else:

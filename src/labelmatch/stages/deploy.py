@@ -36,7 +36,7 @@ from labelmatch.core.artifacts import (
     write_manifest,
 )
 from labelmatch.core.errors import ArtifactError, ConfigError, LabelmatchError
-from labelmatch.platform.store import as_s3_uri, is_s3_uri
+from labelmatch.platform.artifact_store import as_s3_uri, is_s3_uri
 
 #: The variable naming the labelmatch store root (``s3://bucket[/prefix]``), default release root.
 STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
@@ -191,7 +191,7 @@ def run_deploy_step(
         ArtifactError: the model is missing, of the wrong kind, corrupted or not the expected digest.
     """
     if not Path(model_dir).is_dir() and is_s3_uri(model_uri):
-        from labelmatch.platform.store import ArtifactStore
+        from labelmatch.platform.artifact_store import ArtifactStore
 
         with tempfile.TemporaryDirectory(prefix="labelmatch-deploy-") as staging:
             local = Path(staging) / "onnx_model"
@@ -222,8 +222,8 @@ def run_deploy_step(
                 record = _record_local_release(config, as_s3_uri(model_uri or str(model_dir)), digest)
                 release.update(asdict(record))
         else:
+            from labelmatch.platform.artifact_store import ArtifactStore
             from labelmatch.platform.kserve import DeployConfig, deploy_model
-            from labelmatch.platform.store import ArtifactStore
 
             if not model_uri:
                 raise ConfigError("the kserve target needs the model's store URI (model_uri)")
@@ -250,8 +250,8 @@ def run_deploy_step(
 def _record_local_release(config: DeployStepConfig, model_uri: str, digest: str) -> Any:
     """Append the release record of a local deploy (nothing keeps serving it: the record is what
     a rollback of the local target re-deploys from)."""
+    from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
-    from labelmatch.platform.store import ArtifactStore
 
     record = ReleaseRecord.new(
         service=config.service, namespace=config.namespace, model_uri=model_uri, model_digest=digest,

@@ -28,8 +28,9 @@ from typing import Any, Literal
 
 from labelmatch.core.errors import ConfigError
 from labelmatch.platform.kube import pod_namespace
+from labelmatch.platform.kuberay import RayJobSpec
 from labelmatch.tuning.pbt import TuneConfig, tune_sft
-from labelmatch.tuning.rayjob import RayJobSpec, run_tune_rayjob
+from labelmatch.tuning.rayjob import run_tune_rayjob
 
 BACKENDS = ("local", "ray", "rayjob")
 #: The variable naming the labelmatch store root (``s3://bucket[/prefix]``).

@@ -6,10 +6,10 @@ Public names import lazily (:mod:`labelmatch.core.lazy`): importing the package 
 from labelmatch.core.lazy import lazy_exports
 
 _EXPORTS = {
-    "ServingState": "store",
-    "LabelSet": "store",
-    "PredictionRecord": "store",
-    "StateUnavailable": "store",
+    "ServingState": "serving_state",
+    "LabelSet": "serving_state",
+    "PredictionRecord": "serving_state",
+    "StateUnavailable": "serving_state",
     "migrate": "migrations",
     "ReplicaState": "replica",
     "StateConfig": "replica",

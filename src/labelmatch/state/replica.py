@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from labelmatch.core.errors import ConfigError
-from labelmatch.state.store import LabelSet, PredictionRecord, ServingState, StateUnavailable
+from labelmatch.state.serving_state import LabelSet, PredictionRecord, ServingState, StateUnavailable
 
 logger = logging.getLogger("labelmatch.state")
 

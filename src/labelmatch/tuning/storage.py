@@ -2,7 +2,8 @@
 
 Ray Tune needs storage every node can reach once trials run on more than one machine. An
 ``s3://bucket/prefix`` URI is opened with pyarrow's ``S3FileSystem``, configured from the same
-settings as the artifact store (:class:`labelmatch.platform.store.S3Config`: ``LABELMATCH_S3_ENDPOINT`` or
+settings as the artifact store (:class:`labelmatch.platform.artifact_store.S3Config`:
+``LABELMATCH_S3_ENDPOINT`` or
 ``AWS_ENDPOINT_URL`` for MinIO, credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
 in the environment — a Kubernetes Secret in the cluster — never flags); ``--s3-endpoint``
 overrides the endpoint.
@@ -28,7 +29,7 @@ def s3_filesystem(endpoint: str | None = None) -> Any:
     """
     from pyarrow import fs
 
-    from labelmatch.platform.store import ENDPOINT_VARS, S3Config
+    from labelmatch.platform.artifact_store import ENDPOINT_VARS, S3Config
 
     env = dict(os.environ)
     if endpoint:

@@ -15,7 +15,7 @@ One SQLAlchemy URL names it: a SQLite file for one replica and the demo, Postgre
 * ``monitor_reports``: one row per ``labelmatch monitor`` run (its signals, whether drift
   fired); every replica exports the newest report of its model version as Prometheus gauges.
 
-Feedback itself goes to the feedback store (:mod:`labelmatch.feedback.store`), by default in the
+Feedback itself goes to the feedback store (:mod:`labelmatch.feedback.feedback_store`), by default in the
 same database. The schema is versioned (:mod:`labelmatch.state.migrations`).
 """
 
