@@ -26,9 +26,10 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m labelmatch.demo --out $(RUNS)/demo
 
-## test: the default test suite
+## test: the default test suite (the tests that start Ray clusters of their own in a second pytest process)
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 -m "not own_process"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=5 -m own_process
 
 ## lint: ruff
 lint: setup

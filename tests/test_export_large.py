@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import subprocess
 import sys
 
@@ -46,11 +47,14 @@ def large_export(tmp_path_factory):
          str(root / "onnx"), "--data", str(root / "data"), "--max-parity-docs", "16", "--probe-threads", "1",
          "--waive-agreement-gate", "random weights"],
         capture_output=True, text=True, timeout=1200, check=False)
+    if process.returncode:
+        shutil.rmtree(root, ignore_errors=True)
     assert process.returncode == 0, process.stderr[-3000:]
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"root": root, "built": built, "out": root / "onnx", "stderr": process.stderr,
-            "peak_bytes": peak * 1024 if peak > before else None,
-            "parity": json.loads((root / "onnx" / "parity.json").read_text())}
+    yield {"root": root, "built": built, "out": root / "onnx", "stderr": process.stderr,
+           "peak_bytes": peak * 1024 if peak > before else None,
+           "parity": json.loads((root / "onnx" / "parity.json").read_text())}
+    shutil.rmtree(root, ignore_errors=True)  # about 10 GB: pytest keeps its last three temp dirs
 
 
 def test_the_fp32_graph_crosses_2_gib_with_its_weights_in_external_data(large_export):

@@ -71,7 +71,7 @@ from labelmatch.tuning.pbt import TuneConfig, tune_sft  # noqa: E402
 from labelmatch.tuning.search_space import SearchSpace  # noqa: E402
 from labelmatch.tuning.trainable import RECORD_FILE  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_process]
 
 WORKERS = 4
 ITERATIONS = 3

@@ -30,6 +30,8 @@ from labelmatch.tuning.search_space import SearchSpace  # noqa: E402
 from labelmatch.tuning.trainable import RECORD_FILE  # noqa: E402
 
 ITERATIONS = 3
+#: Beside the GPU-shaped cluster test, in `make test`'s second pytest process.
+pytestmark = pytest.mark.own_process
 
 
 class InterruptOnce(tune.Callback):
