@@ -108,7 +108,7 @@ from labelmatch.export.candidates import (
 from labelmatch.model.card import write_model_card
 from labelmatch.model.chunking import Chunking, document_windows, max_over_windows
 from labelmatch.model.io import read_model_info
-from labelmatch.model.matching import Thresholds, boundary_cosines
+from labelmatch.model.matching import Thresholds, boundary_cosines, label_probabilities
 from labelmatch.monitoring.profile import build_profile
 from labelmatch.runtime.engines import ENGINES, PROBE_TOGETHER_BYTES, STATIC_MODEL_FILE, Engine, cpu_summary
 from labelmatch.runtime.onnx_classifier import (
@@ -679,7 +679,7 @@ class _Scoring:
     bias: float
 
     def probabilities(self, cos: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+        return label_probabilities(cos, self.scale, self.bias)
 
 
 def _load_engine(root: Path, engine: Engine, max_length: int, config: OrtConfig) -> OnnxEncoder:

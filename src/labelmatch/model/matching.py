@@ -109,6 +109,11 @@ class Prediction:
         return out
 
 
+def label_probabilities(cos: np.ndarray, scale: float, bias: float) -> np.ndarray:
+    """Each label's probability from its cosine: ``sigmoid(scale * cos + bias)``, elementwise."""
+    return 1.0 / (1.0 + np.exp(-(scale * cos + bias)))
+
+
 def boundary_cosines(thresholds: np.ndarray, scale: float, bias: float) -> np.ndarray:
     """Decision boundaries in cosine units: ``(logit(threshold) - bias) / scale`` per label."""
     t = np.clip(np.asarray(thresholds, dtype=np.float64), 1e-6, 1 - 1e-6)
@@ -236,8 +241,8 @@ class LabelMatcher:
 
     # -- scoring -------------------------------------------------------------------------------
     def probabilities(self, cos: np.ndarray) -> np.ndarray:
-        """``sigmoid(scale * cos + bias)``, elementwise."""
-        return 1.0 / (1.0 + np.exp(-(self.scale * cos + self.bias)))
+        """``sigmoid(scale * cos + bias)``, elementwise (:func:`label_probabilities`)."""
+        return label_probabilities(cos, self.scale, self.bias)
 
     def similarities(self, texts: Sequence[str], labels: dict[str, str] | None = None,
                      replace: bool = False) -> tuple[list[str], np.ndarray]:
