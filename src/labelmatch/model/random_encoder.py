@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,8 +163,3 @@ def _write_sentence_transformers_files(out: Path, pooling: str, dim: int) -> Non
     (out / "1_Pooling").mkdir(exist_ok=True)
     (out / "1_Pooling" / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "2_Normalize").mkdir(exist_ok=True)
-
-
-def shape_summary(shape: EncoderShape) -> dict[str, Any]:
-    """A JSON-ready description of ``shape`` with its parameter count and fp32 bytes."""
-    return {**asdict(shape), "parameters": shape.parameters(), "fp32_bytes": 4 * shape.parameters()}
