@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from kuberay_double import KubeRayState, kuberay_double
+from kuberay_double import KubeRayState, ended, kuberay_double, lifecycle
 
 from labelmatch.core.errors import ConfigError, LabelmatchError
-from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, delete_rayjob, submit_rayjob
+from labelmatch.platform.kuberay import RayJobSpec, WaitPolicy, build_rayjob, delete_rayjob, submit_rayjob
+
+FAST = WaitPolicy(poll_s=0.01)
 
 ENTRYPOINT = "labelmatch tune --data /data --out /tmp/model --address auto --trials 4"
 
@@ -78,12 +80,7 @@ def test_values_file_sets_the_spec_and_refuses_unknown_keys(tmp_path, rayjob_crd
         RayJobSpec.from_values(values)
 
 
-SCRIPT = [
-    {},
-    {"jobDeploymentStatus": "Initializing"},
-    {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING"},
-    {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"},
-]
+SCRIPT = lifecycle("tune-tax")
 
 
 @pytest.fixture
@@ -96,23 +93,25 @@ def test_submit_creates_the_rayjob_and_follows_its_status_to_completion(kube_api
     api, state = kube_api
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
     seen = []
-    status = submit_rayjob(manifest, api, on_status=seen.append, poll_seconds=0.01)
-    assert status == {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}
-    assert [s.get("jobDeploymentStatus") for s in seen] == [None, "Initializing", "Running", "Complete"]
+    status = submit_rayjob(manifest, api, on_status=seen.append, wait=FAST)
+    assert status == SCRIPT[-1] and status["jobStatus"] == "SUCCEEDED" and status["succeeded"] == 1
+    assert [(s.get("jobDeploymentStatus"), s.get("jobStatus")) for s in seen] == [
+        (None, None), ("Initializing", None), ("Running", "PENDING"), ("Running", "RUNNING"),
+        ("Complete", "SUCCEEDED")]
     assert state.jobs[("ml", "tune-tax")]["object"] == manifest
 
 
 def test_submit_reports_an_api_refusal_in_one_line(kube_api):
     api, _ = kube_api
     manifest = build_rayjob(production_spec(), ENTRYPOINT)
-    submit_rayjob(manifest, api, poll_seconds=0.01)
+    submit_rayjob(manifest, api, wait=FAST)
     with pytest.raises(LabelmatchError, match=r"creating RayJob ml/tune-tax failed: 409 .*already exists"):
-        submit_rayjob(manifest, api, poll_seconds=0.01)
+        submit_rayjob(manifest, api, wait=FAST)
 
 
 def test_delete_removes_the_rayjob_and_tolerates_its_absence(kube_api):
     api, state = kube_api
-    submit_rayjob(build_rayjob(production_spec(), ENTRYPOINT), api, poll_seconds=0.01)
+    submit_rayjob(build_rayjob(production_spec(), ENTRYPOINT), api, wait=FAST)
     assert delete_rayjob("ml", "tune-tax", api) is True
     assert state.deleted == [("ml", "tune-tax")] and not state.jobs
     assert delete_rayjob("ml", "tune-tax", api) is False
@@ -128,7 +127,7 @@ def test_a_failed_rayjob_is_deleted_and_reported(tmp_path, kube_api, monkeypatch
     from labelmatch.tuning.rayjob import run_tune_rayjob
 
     api, state = kube_api
-    state.scripted = [{"jobDeploymentStatus": "Complete", "jobStatus": "FAILED", "message": "trial crashed"}]
+    state.scripted = [ended("tune-tax", "FAILED", "trial crashed")]
     save_dataset(make_tiny_dataset(), tmp_path / "ds")
     write_manifest(tmp_path / "ds", "Dataset")
     lines = []
@@ -138,7 +137,7 @@ def test_a_failed_rayjob_is_deleted_and_reported(tmp_path, kube_api, monkeypatch
         with pytest.raises(LabelmatchError, match=r"RayJob ml/tune-tax did not succeed: .*trial crashed"):
             run_tune_rayjob(tmp_path / "ds", tmp_path / "model", tmp_path / "report", TuneConfig(),
                             production_spec(), "s3://lm-work/run-1", api_client=api, on_status=lines.append,
-                            poll_seconds=0.01)
+                            wait=FAST)
     assert state.deleted == [("ml", "tune-tax")], "a failed RayJob is cleaned up too"
     assert lines[-1] == "RayJob ml/tune-tax: deleted" and "FAILED" in lines[0]
     assert not (tmp_path / "model").exists()

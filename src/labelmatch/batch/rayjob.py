@@ -18,21 +18,30 @@ from typing import Any
 from labelmatch.batch.run import BatchConfig
 from labelmatch.batch.shards import OutputLayout
 from labelmatch.core.errors import ConfigError
-from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, run_rayjob
+from labelmatch.platform.kuberay import (
+    RayJobSpec,
+    WaitPolicy,
+    build_rayjob,
+    rayjob_name,
+    rayjob_owner,
+    run_rayjob,
+)
 
 #: The RayJob shape of a batch run unless a values file or flags say otherwise: CPU workers.
-BATCH_RAYJOB_DEFAULTS = {"name": "labelmatch-batch", "workers": 4, "gpus_per_worker": 0, "worker_cpu": "4",
-                         "worker_memory": "8Gi"}
+BATCH_RAYJOB_DEFAULTS = {"workers": 4, "gpus_per_worker": 0, "worker_cpu": "4", "worker_memory": "8Gi"}
+#: The start of a batch RayJob's name (:func:`~labelmatch.platform.kuberay.rayjob_name`).
+BATCH_NAME_PREFIX = "lm-batch"
 
 
 def batch_spec(values_file: str | Path | None = None, **overrides: Any) -> RayJobSpec:
     """The RayJob shape of a batch run: :data:`BATCH_RAYJOB_DEFAULTS` with this release's step image
-    (:func:`labelmatch.platform.images.image`), then the values file, then the flags (``None`` =
-    not given)."""
+    (:func:`labelmatch.platform.images.image`) and a name of its own (``lm-batch-<random>``, so two
+    runs never collide), then the values file, then the flags (``None`` = not given)."""
     from labelmatch.platform.images import image
 
     # The pods run this release's torch-free step image (Ray Data + ONNX Runtime) by default.
-    return RayJobSpec.from_values(values_file, {"image": image("step"), **BATCH_RAYJOB_DEFAULTS}, **overrides)
+    defaults = {"image": image("step"), "name": rayjob_name(BATCH_NAME_PREFIX), **BATCH_RAYJOB_DEFAULTS}
+    return RayJobSpec.from_values(values_file, defaults, **overrides)
 
 
 def batch_entrypoint(config: BatchConfig, labels_uri: str | None = None) -> str:
@@ -49,8 +58,11 @@ def batch_entrypoint(config: BatchConfig, labels_uri: str | None = None) -> str:
     return shlex.join(args)
 
 
-def batch_rayjob(config: BatchConfig, spec: RayJobSpec) -> tuple[dict[str, Any], str | None]:
-    """``(RayJob manifest, where the extra labels must be uploaded or None)``.
+def batch_rayjob(config: BatchConfig, spec: RayJobSpec, log: Callable[[str], None] | None = print
+                 ) -> tuple[dict[str, Any], str | None]:
+    """``(RayJob manifest, where the extra labels must be uploaded or None)``; owned by this
+    process's pod when it is known (:func:`~labelmatch.platform.kuberay.rayjob_owner`, which
+    says in one ``log`` line why not when the namespaces differ).
 
     Raises:
         ConfigError: The model, input or output is not an ``s3://`` URI (the pods cannot read
@@ -62,14 +74,17 @@ def batch_rayjob(config: BatchConfig, spec: RayJobSpec) -> tuple[dict[str, Any],
         if not is_s3_uri(uri):
             raise ConfigError(f"{what} {uri}: a RayJob reads and writes the store; give an s3:// URI")
     labels_uri = f"{config.output.rstrip('/')}/_labels.json" if config.labels else None
-    return build_rayjob(spec, batch_entrypoint(config, labels_uri), component="batch"), labels_uri
+    manifest = build_rayjob(spec, batch_entrypoint(config, labels_uri), component="batch",
+                            owner=rayjob_owner(spec.namespace, log))
+    return manifest, labels_uri
 
 
 def run_batch_rayjob(config: BatchConfig, spec: RayJobSpec, api_client: Any = None,
-                     on_status: Callable[[str], None] | None = print, poll_seconds: float = 10.0,
-                     timeout_seconds: float | None = None) -> dict[str, Any]:
-    """Run the batch on a RayJob: upload the extra labels, create the job, follow it, delete it,
-    and return the run summary it wrote.
+                     on_status: Callable[[str], None] | None = print,
+                     wait: WaitPolicy | None = None) -> dict[str, Any]:
+    """Run the batch on a RayJob: upload the extra labels, create the job, follow it, delete it
+    (:func:`~labelmatch.platform.kuberay.run_rayjob`: also on SIGTERM and after API errors), and
+    return the run summary it wrote.
 
     Raises:
         ConfigError: See :func:`batch_rayjob`.
@@ -77,11 +92,11 @@ def run_batch_rayjob(config: BatchConfig, spec: RayJobSpec, api_client: Any = No
     """
     from labelmatch.platform.artifact_store import ArtifactStore
 
-    manifest, labels_uri = batch_rayjob(config, spec)
+    manifest, labels_uri = batch_rayjob(config, spec, on_status)
     store = ArtifactStore.from_env()
     if labels_uri:
         store.put_bytes(labels_uri, json.dumps(config.labels, ensure_ascii=False).encode())
-    run_rayjob(manifest, api_client, on_status, poll_seconds, timeout_seconds)
+    run_rayjob(manifest, api_client, on_status, wait)
     layout = OutputLayout.at(config.output)
     with layout.filesystem.open_input_stream(layout.summary()) as handle:
         return json.loads(handle.read())

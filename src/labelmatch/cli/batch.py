@@ -80,6 +80,7 @@ def _on_rayjob(config: Any, values_file: Path | None, dry_run: bool, **flags: An
 
     spec = batch_spec(values_file, **flags)
     if dry_run:
-        typer.echo(yaml.safe_dump(batch_rayjob(config, spec)[0], sort_keys=False))
+        manifest, _ = batch_rayjob(config, spec, log=lambda line: typer.echo(line, err=True))
+        typer.echo(yaml.safe_dump(manifest, sort_keys=False))
         return None
     return run_batch_rayjob(config, spec, on_status=typer.echo)

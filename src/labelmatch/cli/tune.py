@@ -344,12 +344,13 @@ def _run_on_cluster(
     import yaml
 
     from labelmatch.platform.images import image as image_name
-    from labelmatch.platform.kuberay import RayJobSpec, build_rayjob
-    from labelmatch.tuning.rayjob import run_tune_rayjob
+    from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, rayjob_name
+    from labelmatch.tuning.rayjob import TUNE_NAME_PREFIX, run_tune_rayjob
 
     values_file = rayjob_settings.pop("rayjob_values")
     spec_values = {k: v for k, v in rayjob_settings.items() if v not in (None, {}, [])}
-    spec_values["name"] = config.name
+    # A name of its own per run: two runs of the same experiment never collide.
+    spec_values["name"] = rayjob_name(TUNE_NAME_PREFIX, config.name)
     # The pods run this release's train image unless the values file or --image names another.
     spec = RayJobSpec.from_values(values_file, {"image": image_name("train")}, **spec_values)
     if dry_run:

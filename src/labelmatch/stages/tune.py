@@ -10,7 +10,10 @@ One entry point (:func:`run_tune_step`) for the three places tuning runs:
   trials: no CPUs and no GPUs for Ray to schedule; N one-GPU workers, node selector and
   tolerations of the GPU pool), which runs the same tuning against its own Ray cluster with
   checkpoints and experiment state in the store, follows it to the end (status lines in the
-  step's log), deletes it, and downloads the verified best Model. Unless the trials' GPU request
+  step's log), deletes it, and downloads the verified best Model. The RayJob cannot outlive the
+  step: it is named for this run (:meth:`TuneStepConfig.rayjob_spec`), owned by the step's pod
+  (``POD_NAME``/``POD_UID`` from the downward API), given an ``activeDeadlineSeconds`` inside the
+  step's own deadline, and deleted on SIGTERM. Unless the trials' GPU request
   was set, each trial asks for one worker's GPUs (:func:`rayjob_trial_resources`), so the
   workers' GPUs never idle by default.
 
@@ -20,21 +23,25 @@ store root comes from the namespace's ``labelmatch-pipeline-config`` ConfigMap i
 
 from __future__ import annotations
 
-import hashlib
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from labelmatch.core.errors import ConfigError
 from labelmatch.platform.kube import pod_namespace
-from labelmatch.platform.kuberay import RayJobSpec
+from labelmatch.platform.kuberay import RayJobSpec, WaitPolicy, rayjob_name
 from labelmatch.tuning.pbt import TuneConfig, tune_sft
-from labelmatch.tuning.rayjob import run_tune_rayjob
+from labelmatch.tuning.rayjob import TUNE_NAME_PREFIX, run_tune_rayjob
 
 BACKENDS = ("local", "ray", "rayjob")
 #: The variable naming the labelmatch store root (``s3://bucket[/prefix]``).
 STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
+#: Time the step keeps for itself outside the RayJob, within its pod's deadline: the pod's start
+#: and KFP's input download, the dataset upload before the RayJob; the model and report download,
+#: KFP's output upload and the RayJob's deletion after it.
+DEFAULT_MARGIN_S = 1800.0
 
 
 @dataclass
@@ -47,9 +54,18 @@ class TuneStepConfig:
         storage_uri: Tune storage (checkpoints, experiment state): a directory or ``s3://``;
             empty: next to the report for ``local``, ``<store root>/tune/<run id>`` otherwise.
         run_id: The pipeline run (names the storage folder and the RayJob).
-        rayjob: The RayJob's shape; its ``name`` and ``namespace`` are filled in when empty.
-        timeout_s: Longest wait for the RayJob (it is deleted when the wait ends).
+        rayjob: The RayJob's shape; its ``name`` is this run's (:meth:`rayjob_spec`), its
+            ``namespace`` the pod's when empty.
+        deadline_s: The step pod's ``activeDeadlineSeconds`` (the pipeline passes its own); the
+            RayJob's ``activeDeadlineSeconds`` and the wait for it end ``margin_s`` before it,
+            so the step deletes the RayJob before the kubelet stops the pod. 0: no deadline.
+        margin_s: Time kept for the step's work outside the RayJob (:data:`DEFAULT_MARGIN_S`).
         poll_s: Seconds between reads of the RayJob's status.
+        dead_driver_grace_s: How long the RayJob may stay ``Running`` after its Ray job ended (or
+            KubeRay lost sight of it) before the step fails
+            (:func:`labelmatch.platform.kuberay.stalled_reason`).
+        name: The RayJob's name: ``lm-tune-<8 hex of sha256(run id)>-<5 random>``, drawn once per
+            config (two configs, even of the same or an empty run id, never share one).
     """
 
     backend: Literal["local", "ray", "rayjob"] = "local"
@@ -57,10 +73,19 @@ class TuneStepConfig:
     storage_uri: str = ""
     run_id: str = ""
     rayjob: RayJobSpec = field(default_factory=RayJobSpec)
-    timeout_s: float = 86400.0
+    deadline_s: float = 0.0
+    margin_s: float = DEFAULT_MARGIN_S
     poll_s: float = 10.0
+    dead_driver_grace_s: float = WaitPolicy.dead_driver_grace_s
+    name: str = ""
 
     def __post_init__(self) -> None:
+        self.name = self.name or rayjob_name(TUNE_NAME_PREFIX, self.run_id)
+        if self.deadline_s and not 0 < self.margin_s < self.deadline_s:
+            raise ConfigError(
+                f"tune step margin_s must be above 0 and below its deadline_s ({self.deadline_s:g} s), "
+                f"got {self.margin_s:g}"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"tune backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "ray" and not self.ray_address:
@@ -74,7 +99,7 @@ class TuneStepConfig:
 
     @classmethod
     def from_parameters(cls, backend: str = "local", ray_address: str = "", storage_uri: str = "",
-                        run_id: str = "", **rayjob: Any) -> TuneStepConfig:
+                        run_id: str = "", deadline_s: float = 0.0, **rayjob: Any) -> TuneStepConfig:
         """Build from the tune component's flat parameters (``rayjob_<field>`` for the RayJob).
 
         Args:
@@ -82,6 +107,7 @@ class TuneStepConfig:
             ray_address: The ``ray`` backend's cluster.
             storage_uri: Tune storage.
             run_id: The pipeline run.
+            deadline_s: The step pod's deadline (0: none).
             rayjob: ``rayjob_image``, ``rayjob_workers``, ``rayjob_gpu_type`` (→ ``gpu_resource``),
                 ``rayjob_s3_secret`` (→ ``env_secret``), ``rayjob_config_map``
                 (→ ``env_config_map``) and the other :class:`RayJobSpec` fields, prefixed.
@@ -96,7 +122,7 @@ class TuneStepConfig:
         for name in ("env_secret", "env_config_map"):
             values[name] = values.get(name) or None
         return cls(backend=backend, ray_address=ray_address, storage_uri=storage_uri, run_id=run_id,
-                   rayjob=RayJobSpec(**values))
+                   deadline_s=deadline_s, rayjob=RayJobSpec(**values))
 
     def work_uri(self, env: dict[str, str] | None = None) -> str:
         """Tune storage of a cluster backend: ``storage_uri``, else ``<store root>/tune/<run id>``."""
@@ -116,11 +142,19 @@ class TuneStepConfig:
         return f"{root.rstrip('/')}/tune/{self.run_id or 'unnamed-run'}"
 
     def rayjob_spec(self) -> RayJobSpec:
-        """The RayJob's shape, named after the run (short: KubeRay derives Service names from it)
-        and in this pod's namespace unless one is set."""
-        digest = hashlib.sha256((self.run_id or "unnamed-run").encode()).hexdigest()[:12]
-        namespace = self.rayjob.namespace or pod_namespace()
-        return replace(self.rayjob, name=f"lm-tune-{digest}", namespace=namespace)
+        """The RayJob's shape, named :attr:`name` (22 characters, well inside KubeRay's 47:
+        :data:`labelmatch.platform.kuberay.MAX_NAME_LENGTH`) and in this pod's namespace unless
+        one is set."""
+        return replace(self.rayjob, name=self.name, namespace=self.rayjob.namespace or pod_namespace())
+
+    def ends_by(self, started: float) -> float | None:
+        """``time.monotonic()`` by which the RayJob must be over for a step that started at
+        ``started``: its deadline less the margin; ``None`` without a deadline."""
+        return started + self.deadline_s - self.margin_s if self.deadline_s else None
+
+    def wait_policy(self) -> WaitPolicy:
+        """How the step follows its RayJob (the timeout comes from :meth:`ends_by`)."""
+        return WaitPolicy(poll_s=self.poll_s, dead_driver_grace_s=self.dead_driver_grace_s)
 
 
 def rayjob_trial_resources(resources: dict[str, float], spec: RayJobSpec) -> dict[str, float]:
@@ -162,6 +196,7 @@ def run_tune_step(
     Returns:
         The tuning summary (:func:`labelmatch.tuning.pbt.tune_sft`).
     """
+    started = time.monotonic()
     if step.backend == "local":
         config = replace(tune, address=None, storage_path=step.storage_uri or tune.storage_path)
         return tune_sft(dataset_dir, model_dir, report_dir, config)
@@ -171,5 +206,5 @@ def run_tune_step(
         return tune_sft(dataset_dir, model_dir, report_dir, config)
     spec = step.rayjob_spec()
     config = replace(tune, resources_per_trial=rayjob_trial_resources(tune.resources_per_trial, spec))
-    return run_tune_rayjob(dataset_dir, model_dir, report_dir, config, spec, work,
-                           api_client=api_client, poll_seconds=step.poll_s, timeout_seconds=step.timeout_s)
+    return run_tune_rayjob(dataset_dir, model_dir, report_dir, config, spec, work, api_client=api_client,
+                           wait=step.wait_policy(), ends_by=step.ends_by(started))

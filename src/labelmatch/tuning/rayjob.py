@@ -28,11 +28,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labelmatch.core.errors import ConfigError
-from labelmatch.platform.kuberay import RayJobSpec, build_rayjob, run_rayjob
+from labelmatch.platform.kuberay import (
+    RayJobSpec,
+    WaitPolicy,
+    build_rayjob,
+    rayjob_owner,
+    run_rayjob,
+    within_deadline,
+)
 
 if TYPE_CHECKING:
     from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.tuning.pbt import TuneConfig
+
+#: The start of a tune RayJob's name (:func:`~labelmatch.platform.kuberay.rayjob_name`).
+TUNE_NAME_PREFIX = "lm-tune"
 
 
 def submit_ray_job(
@@ -93,9 +103,9 @@ def run_tune_rayjob(
     store: ArtifactStore | None = None,
     api_client: Any = None,
     on_status: Callable[[str], None] | None = print,
-    poll_seconds: float = 10.0,
-    timeout_seconds: float | None = None,
+    wait: WaitPolicy | None = None,
     keep: bool = False,
+    ends_by: float | None = None,
 ) -> dict[str, Any]:
     """Tune on a KubeRay RayJob and bring the best Model and the report back here.
 
@@ -103,10 +113,15 @@ def run_tune_rayjob(
        to ``<work_uri>/dataset``.
     2. A RayJob runs :func:`cluster_entrypoint` with Tune's storage at ``<work_uri>/ray``
        (checkpoints and experiment state every Ray node can reach: PBT exploits restore other
-       trials' checkpoints from there) and the outputs at ``<work_uri>/outputs``.
-    3. Its status is followed until it finishes (``on_status`` gets one line per change); the
-       RayJob is deleted afterwards, also when it failed or this process is interrupted, unless
-       ``keep``.
+       trials' checkpoints from there) and the outputs at ``<work_uri>/outputs``. It is owned by
+       this process's pod when that is known and in the same namespace
+       (:func:`~labelmatch.platform.kuberay.rayjob_owner`), and with ``ends_by`` its
+       ``activeDeadlineSeconds`` and the wait end before that time
+       (:func:`~labelmatch.platform.kuberay.within_deadline`).
+    3. Its status is followed until it finishes (``on_status`` gets one line per change, retry
+       and deletion); the RayJob is deleted afterwards, also when it failed, the API kept failing
+       or this process got SIGTERM/SIGINT (:func:`~labelmatch.platform.kuberay.run_rayjob`),
+       unless ``keep``.
     4. ``outputs/model`` and ``outputs/report`` are downloaded and verified into
        ``out_model_dir`` and ``report_dir``.
 
@@ -120,16 +135,18 @@ def run_tune_rayjob(
         store: The artifact store (default: from the environment).
         api_client: Kubernetes API client (default: in-cluster service account or kubeconfig).
         on_status: Called with a line for each RayJob status change.
-        poll_seconds: Seconds between status reads.
-        timeout_seconds: Give up (and delete the RayJob) after this long.
+        wait: Polling, timeout, grace period of a stalled RayJob, API retries (default
+            :class:`~labelmatch.platform.kuberay.WaitPolicy`).
         keep: Leave the finished RayJob in place (for debugging).
+        ends_by: ``time.monotonic()`` by which the RayJob must be over (the step's deadline less
+            a margin); ``None``: no deadline beyond ``spec.active_deadline_seconds``.
 
     Returns:
         The tuning summary (the report's ``summary.json``).
 
     Raises:
         ConfigError: ``work_uri`` is not ``s3://``.
-        LabelmatchError: the RayJob failed, or did not finish in time.
+        LabelmatchError: the RayJob failed, did not finish in time, or no time was left for it.
     """
     from labelmatch.platform.artifact_store import ArtifactStore, S3Uri, is_s3_uri
 
@@ -143,8 +160,11 @@ def run_tune_rayjob(
     if not is_s3_uri(data):
         store.upload_artifact(data, data_uri, kind="Dataset")
     cluster_config = dataclasses.replace(config, address="auto", storage_path=f"{work}/ray")
-    manifest = build_rayjob(spec, cluster_entrypoint(cluster_config, data_uri, f"{work}/outputs"))
-    run_rayjob(manifest, api_client, on_status, poll_seconds, timeout_seconds, keep)
+    spec, wait = within_deadline(spec, wait or WaitPolicy(), ends_by)
+    owner = rayjob_owner(spec.namespace, on_status)
+    entrypoint = cluster_entrypoint(cluster_config, data_uri, f"{work}/outputs")
+    manifest = build_rayjob(spec, entrypoint, owner=owner)
+    run_rayjob(manifest, api_client, on_status, wait, keep)
     store.download_artifact(f"{work}/outputs/model", out_model_dir, kind="Model")
     store.download_artifact(f"{work}/outputs/report", report_dir, kind="Report")
     return json.loads((Path(report_dir) / "summary.json").read_text())
