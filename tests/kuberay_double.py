@@ -137,8 +137,9 @@ class Fault:
     """An injected failure for the next ``count`` requests (of ``method``, or any).
 
     Attributes:
-        kind: An HTTP status code (429, 500, 503, ...) or ``"reset"`` (the connection is reset
-            before any answer).
+        kind: An HTTP status code (429, 500, 503, ...), ``"reset"`` (the connection is reset
+            before anything is done) or ``"lost"`` (a create is stored, then the connection is
+            reset before the answer).
         count: How many requests it hits.
         method: ``GET``, ``POST``, ``DELETE``; ``None``: any.
         retry_after: ``Retry-After`` header of the answer (seconds), if any.
@@ -215,17 +216,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
                            "message": message, "code": code}, headers)
 
-    def _fault(self) -> bool:
-        """Answer with an injected failure, if one is due; True when it did."""
-        fault = self.state.take_fault(self.command)
-        if fault is None:
+    def _reset(self, answer: str) -> None:
+        self.state.requests.append((self.command, self.path, answer))
+        # SO_LINGER 0: closing sends an RST, the client reads "Connection reset by peer".
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
+    def _fault(self, fault: Fault | None = None) -> bool:
+        """Answer with an injected failure, if one is due; True when it did (``lost`` is
+        answered by the handler once it has done what was asked)."""
+        fault = fault or self.state.take_fault(self.command)
+        if fault is None or fault.kind == "lost":
             return False
         if fault.kind == "reset":
-            self.state.requests.append((self.command, self.path, "reset"))
-            # SO_LINGER 0: closing sends an RST, the client reads "Connection reset by peer".
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.close_connection = True
-            self.connection.close()
+            self._reset("reset")
             return True
         code = int(fault.kind)
         headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else None
@@ -240,7 +245,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         parts, _ = self._key()
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self._fault():
+        fault = self.state.take_fault("POST")
+        if self._fault(fault):
             return None
         if parts[:3] != ["apis", "ray.io", "v1"] or parts[5:] != ["rayjobs"]:
             return self._status(404, "NotFound", f"no route {self.path}")
@@ -252,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
             job["ray_job"] = self._submit(body)
         self.state.jobs[key] = job
         self.state.created.append(body)
+        if fault is not None:  # lost: stored, but the answer never reaches the client
+            return self._reset("lost")
         return self._reply(201, body)
 
     def _submit(self, rayjob: dict) -> str:
