@@ -38,6 +38,7 @@ def tune_sft(
     rayjob_s3_secret: str = "",
     rayjob_config_map: str = "",
     run_id: str = "",
+    deadline_s: int = 0,
     seed: int = 0,
 ) -> float:
     """Tune SFT hyper-parameters with Ray Tune PBT and write the best trial's model.
@@ -45,7 +46,9 @@ def tune_sft(
     Calls :func:`labelmatch.stages.tune.run_tune_step`: trials run on a Ray started in this step
     (``local``, bound to 127.0.0.1), on the Ray cluster at ``ray_address`` (``ray``), or on a
     KubeRay RayJob this step creates, follows (status lines in this log) and deletes
-    (``rayjob``), with checkpoints in the store.
+    (``rayjob``), with checkpoints in the store. The RayJob is named for this run, owned by this
+    pod when ``POD_NAME``/``POD_UID`` are set (the pipeline sets them), ends inside
+    ``deadline_s``, and is deleted on SIGTERM.
 
     Args:
         dataset: Input Dataset artifact (from ``data_prep``), with train/val/test splits;
@@ -86,6 +89,8 @@ def tune_sft(
         rayjob_s3_secret: Secret with the S3 credentials, as environment of every RayJob pod.
         rayjob_config_map: ConfigMap with the S3 endpoint and store root, as environment too.
         run_id: The pipeline run (names the RayJob and the storage folder).
+        deadline_s: This step pod's ``activeDeadlineSeconds`` (the pipeline passes its own): the
+            RayJob and the wait for it end 30 minutes before it. 0: no deadline.
         seed: Seed of the population, the PBT decisions and the trainers.
 
     Returns:
@@ -122,6 +127,7 @@ def tune_sft(
         ray_address=ray_address,
         storage_uri=storage_uri,
         run_id=run_id,
+        deadline_s=deadline_s,
         rayjob_image=rayjob_image,
         rayjob_namespace=rayjob_namespace,
         rayjob_workers=rayjob_workers,

@@ -15,6 +15,8 @@ What a step's pod gets (the IR's ``platforms.kubernetes`` section and the execut
 * **Retries** with back-off on steps that talk to networks (the store, the Kubernetes API).
 * **Timeouts** (``activeDeadlineSeconds``), pod labels (``app.kubernetes.io/part-of: labelmatch``,
   ``labelmatch.io/stage``) and the image's non-root user.
+* **The pod's own name and UID** (downward API) where a step creates objects that must not
+  outlive it (``tune_sft``'s RayJob takes an ``ownerReference`` to the pod): :func:`expose_pod`.
 * **The image registry** the IR was compiled with, as ``LABELMATCH_IMAGE_REGISTRY``: whatever
   image a step names at run time (the InferenceService ``deploy`` creates, a RayJob's pods) comes
   from the same registry as the step's own image (:mod:`labelmatch.platform.images`).
@@ -31,6 +33,7 @@ from typing import Any
 from kfp import kubernetes
 
 from labelmatch.platform.images import REGISTRY_VAR, image_registry
+from labelmatch.platform.kube import POD_NAME_VAR, POD_UID_VAR
 
 #: Secret keys (= environment variable names) of the S3 credentials.
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -120,4 +123,12 @@ def configure_step(
         task.set_accelerator_type(gpus.type).set_accelerator_limit(gpus.count)
         kubernetes.add_node_selector_json(task, gpus.node_selector)
         kubernetes.add_toleration_json(task, gpus.tolerations)
+    return task
+
+
+def expose_pod(task: Any) -> Any:
+    """Give ``task`` its pod's name and UID as ``POD_NAME`` and ``POD_UID`` (downward API:
+    ``metadata.name``, ``metadata.uid``), so what it creates can name the pod as its owner."""
+    kubernetes.use_field_path_as_env(task, POD_NAME_VAR, "metadata.name")
+    kubernetes.use_field_path_as_env(task, POD_UID_VAR, "metadata.uid")
     return task

@@ -36,10 +36,12 @@ from pipelines.platform import (
     Cluster,
     Gpus,
     configure_step,
+    expose_pod,
 )
 
 TRAINING_PIPELINE = "labelmatch-training"
-#: Longest a training step (tune, GRPO) may run before Kubernetes stops its pod.
+#: Longest a training step (tune, GRPO) may run before Kubernetes stops its pod. The tune step
+#: gets it as ``deadline_s`` and ends its RayJob 30 minutes before.
 TUNE_TIMEOUT_S = 24 * 3600
 
 
@@ -354,9 +356,11 @@ def training_pipeline(
         rayjob_s3_secret=s3_secret,
         rayjob_config_map=pipeline_config,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        deadline_s=TUNE_TIMEOUT_S,
         seed=seed,
     )
     configure_step(tuned, "tune_sft", cluster, tune_cpu, tune_memory, timeout_s=TUNE_TIMEOUT_S)
+    expose_pod(tuned)  # the RayJob's ownerReference
     release_settings = {
         "dataset": prep.outputs["dataset"],
         "serving_model_uri": serving_model_uri,

@@ -238,6 +238,20 @@ def test_training_ir_gpu_retries_caching_and_rayjob_shape(rayjob_crd) -> None:
     assert rayjob_trial_resources({"CPU": cpus}, spec) == {"CPU": cpus, "GPU": 1}
 
 
+def test_training_ir_gives_the_tune_step_its_pod_and_its_deadline() -> None:
+    """The tune step knows its pod (the RayJob's ownerReference) and its own deadline (the
+    RayJob's activeDeadlineSeconds and the wait end inside it)."""
+    from pipelines.training import TUNE_TIMEOUT_S
+
+    ir, platform = load_ir(TRAINING_IR)
+    pod = platform["deploymentSpec"]["executors"]["exec-tune-sft"]
+    assert {e["name"]: e["fieldPath"] for e in pod["fieldPathAsEnv"]} == {
+        "POD_NAME": "metadata.name", "POD_UID": "metadata.uid"}
+    assert int(pod["activeDeadlineSeconds"]) == TUNE_TIMEOUT_S
+    deadline = _tasks(ir)["tune-sft"]["inputs"]["parameters"]["deadline_s"]
+    assert deadline["runtimeValue"]["constant"] == TUNE_TIMEOUT_S
+
+
 def test_committed_ir_is_current() -> None:
     """CI fails here when a component or pipeline changed without `make compile`."""
     assert stale_files(COMPILED_DIR) == [], "run `make compile` and commit pipelines/compiled/"
