@@ -23,6 +23,8 @@ def monitor_drift(
     pipeline_version: str = "",
     kfp_host: str = "",
     run_id: str = "",
+    service: str = "",
+    release_root: str = "",
 ) -> bool:
     """Compare a window of the prediction log with the model's reference profile (drift signals).
 
@@ -45,6 +47,9 @@ def monitor_drift(
         pipeline_version: Training pipeline version (empty: the one that produced the model).
         kfp_host: The KFP API, e.g. ``http://ml-pipeline.kubeflow.svc.cluster.local:8888``.
         run_id: The pipeline run (recorded in the report).
+        service: The InferenceService serving the model: the retraining run starts from the
+            parameters of the run its release records name (empty: the pipeline's defaults).
+        release_root: ``s3://`` root of the release records (empty: ``$LABELMATCH_STORE_ROOT``).
 
     Returns:
         Whether a drift rule fired.
@@ -54,7 +59,8 @@ def monitor_drift(
     config = MonitorStepConfig(
         since=since, until=until, limit=limit, rules=rules, publish=publish, trigger=trigger,
         data_uri=data_uri, feedback_uri=feedback_uri, serving_model_uri=serving_model_uri,
-        pipeline_version=pipeline_version, kfp_host=kfp_host, run_id=run_id,
+        pipeline_version=pipeline_version, kfp_host=kfp_host, run_id=run_id, service=service,
+        release_root=release_root,
     )
     result = run_monitor_step(onnx_model.path, report.path, config, model_uri=onnx_model.uri)
     metrics.log_metric("documents", result["window"]["documents"])

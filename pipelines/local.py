@@ -9,19 +9,23 @@ What runs is the **compiled IR** (``pipelines/compiled/<name>-<version>.yaml``, 
 ``kfp.components.load_component_from_file``): the very file a cluster runs, component code
 embedded. :class:`LocalPipelineRegistry` serves those files the way a KFP server serves
 pipeline versions, so a rollback (:mod:`labelmatch.platform.rollback`) can re-run an earlier version's
-deploy IR here.
+deploy IR here, and remembers each run (``<run dir>/labelmatch-run.json``: pipeline, version,
+parameters, and the job id its steps saw) the way a KFP server keeps runs, so a retraining
+trigger (:mod:`labelmatch.monitoring.trigger`) can read back the parameters of the run a release
+record names.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from labelmatch.core.artifacts import MANIFEST, verify_artifact
-from labelmatch.core.errors import ArtifactError
+from labelmatch.core.errors import ArtifactError, ConfigError
 from labelmatch.platform.kfp import (
     PipelineVersion,
     RunInfo,
@@ -100,6 +104,24 @@ def run_artifacts(run_dir: str | Path) -> list[LocalArtifact]:
     return found
 
 
+#: The record :class:`LocalPipelineRegistry` keeps of a run, inside its run directory.
+RUN_RECORD = "labelmatch-run.json"
+
+
+def job_ids(run_dir: str | Path) -> list[str]:
+    """The pipeline job ids a local run's steps recorded (``lineage.run_id`` of its artifacts'
+    manifests: ``dsl.PIPELINE_JOB_ID_PLACEHOLDER``, the id a deploy writes into its release record)."""
+    found = set()
+    for manifest in Path(run_dir).glob(f"*/*/{MANIFEST}"):
+        try:
+            lineage = json.loads(manifest.read_text()).get("lineage") or {}
+        except (OSError, ValueError):
+            continue
+        if isinstance(lineage, dict) and lineage.get("run_id"):
+            found.add(str(lineage["run_id"]))
+    return sorted(found)
+
+
 def task_names(run_dir: str | Path) -> set[str]:
     """Names of the tasks that ran (those that wrote an output directory)."""
     return {p.name for p in Path(run_dir).iterdir() if p.is_dir()}
@@ -108,8 +130,9 @@ def task_names(run_dir: str | Path) -> set[str]:
 class LocalPipelineRegistry:
     """The compiled IR files of a directory served like pipeline versions, run with ``kfp.local``.
 
-    The same two calls :class:`labelmatch.platform.kfp.PipelineRegistry` offers a rollback
-    (``find_version``, ``create_run``), answered from ``<compiled_dir>/<name>-<version>.yaml``.
+    The calls :class:`labelmatch.platform.kfp.PipelineRegistry` offers a rollback (``find_version``,
+    ``create_run``) and a retraining trigger (``find_run``, ``run_parameters``), answered from
+    ``<compiled_dir>/<name>-<version>.yaml`` and the runs under ``pipeline_root``.
 
     Args:
         compiled_dir: Directory of compiled IR files (``pipelines/compiled``).
@@ -152,5 +175,28 @@ class LocalPipelineRegistry:
         target = self.find_version(name, version)
         typed = target.typed_parameters(params)
         run_dir = run_locally(target.version_id, self.pipeline_root, **typed)
-        return RunInfo(run_id=str(run_dir), name=run_name or f"{name} {version}", pipeline=name,
-                       version=version, parameters=typed)
+        run = RunInfo(run_id=str(run_dir), name=run_name or f"{name} {version}", pipeline=name,
+                      version=version, parameters=typed)
+        record = {**asdict(run), "job_ids": job_ids(run_dir)}
+        (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        return run
+
+    def find_run(self, run_id: str) -> RunInfo:
+        """A run this registry made: ``run_id`` is its directory, or the job id its steps recorded
+        (what a release record names).
+
+        Raises:
+            ConfigError: No run of that id under ``pipeline_root``.
+        """
+        direct = Path(run_id) / RUN_RECORD
+        records = [direct] if direct.is_file() else sorted(self.pipeline_root.glob(f"*/{RUN_RECORD}"))
+        for path in records:
+            record = json.loads(path.read_text())
+            if path == direct or run_id in record.pop("job_ids", []):
+                record.pop("job_ids", None)
+                return RunInfo(**record)
+        raise ConfigError(f"run {run_id!r} is not a run under {self.pipeline_root}")
+
+    def run_parameters(self, run_id: str) -> dict[str, Any]:
+        """The parameters run ``run_id`` ran with (:meth:`find_run`)."""
+        return self.find_run(run_id).parameters

@@ -4,11 +4,12 @@ One step (``monitor_drift``) over the served OnnxModel imported by URI (a releas
 ``model_uri``). It reads the prediction log from the serving state (the serving chart's state
 Secret, mounted as ``LABELMATCH_STATE_URL``), writes a Report artifact, stores the report for
 the servers' ``labelmatch_drift_*`` gauges and, with ``trigger``, creates a run of the training
-pipeline version that produced the model when a drift rule fires. A daily recurring run::
+pipeline version that produced the model when a drift rule fires, with the parameters of the run
+that deployed ``service``'s model (its release record; docs/monitoring.md). A daily recurring run::
 
     labelmatch pipeline upload --host $KFP
     # then, in the KFP UI or SDK: a recurring run of labelmatch-monitor <version>, cron "0 6 * * *",
-    # with model_uri, since=24h, trigger=true, data_uri=s3://.../latest
+    # with model_uri, since=24h, trigger=true, data_uri=s3://.../latest, service=labelmatch-serving
 """
 
 from kfp import dsl, kubernetes
@@ -42,6 +43,8 @@ def monitor_pipeline(
     data_uri: str = "",
     feedback_uri: str = "",
     pipeline_version: str = "",
+    service: str = "",
+    release_root: str = "",
     kfp_host: str = "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
     state_secret: str = DEFAULT_STATE_SECRET,
     s3_secret: str = DEFAULT_S3_SECRET,
@@ -62,6 +65,9 @@ def monitor_pipeline(
         data_uri: Training data of the retraining run.
         feedback_uri: FeedbackExport artifact of the retraining run (empty: none).
         pipeline_version: Training pipeline version (empty: the one that produced the model).
+        service: The InferenceService serving the model: the retraining run starts from the
+            parameters of the training run its release records name (empty: the pipeline's defaults).
+        release_root: ``s3://`` root of the release records (empty: the ConfigMap's store root).
         kfp_host: The KFP API the trigger calls.
         state_secret: Secret holding the serving state's SQLAlchemy URL under key ``url``.
         s3_secret: Secret holding the S3 credentials.
@@ -86,6 +92,8 @@ def monitor_pipeline(
         pipeline_version=pipeline_version,
         kfp_host=kfp_host,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        service=service,
+        release_root=release_root,
     ).set_caching_options(False)  # a window of live data: never reuse an earlier answer
     configure_step(step, "monitor", Cluster(s3_secret, pipeline_config), monitor_cpu, monitor_memory,
                    retries=NETWORK_RETRIES, timeout_s=MONITOR_TIMEOUT_S)

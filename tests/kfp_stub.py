@@ -4,6 +4,32 @@ It keeps pipelines, versions, experiments and runs in memory, behaves like the K
 where labelmatch depends on it (the upload endpoint names the first version after the pipeline;
 version names are unique per pipeline; a run must reference an existing version and declared
 parameters) and records every request so tests can assert the exact calls.
+
+Namespaces and identity follow the KFP 2.17.0 backend (kubeflow/pipelines tag ``2.17.0``,
+commit 4a3592cb; files under ``backend/src/apiserver/``):
+
+* ``resource/resource_manager.go`` ``ReplaceNamespace``: a single-user server (``multi_user``
+  False, the default) replaces every namespace it is sent by "" and authorises nothing.
+* ``server/pipeline_upload_server.go`` ``UploadPipeline``: the ``namespace`` query parameter is the
+  new pipeline's namespace ("" = a shared pipeline, which ``canUploadVersionedPipeline`` lets anyone
+  create); ``UploadPipelineVersion`` takes the namespace of the pipeline.
+* ``server/pipeline_server.go`` ``listPipelines``: pipelines are listed for exactly one namespace
+  (``pipelines.Namespace = ?``: a namespaced list does not include the shared ones);
+  ``canAccessPipeline``: reading a shared pipeline needs no identity, changing one is authorised
+  against the KFP namespace (``POD_NAMESPACE``, default ``kubeflow``).
+* ``server/experiment_server.go`` ``canAccessExperiment``: in multi-user mode an experiment (create
+  or list) with an empty namespace is refused, 400 "An experiment cannot have an empty namespace
+  in multi-user mode".
+* ``server/run_server.go`` ``createRun``: a run takes its namespace from its experiment
+  (``GetValidExperimentNamespacePair``); the v2beta1 Run has no namespace field of its own.
+* ``auth/auth.go``, ``auth/authenticator_token_review.go``, ``common/const.go``: the caller is
+  identified by the header ``Authorization: Bearer <token>`` (a TokenReview of the token), else
+  401 Unauthenticated; ``resource/resource_manager.go`` ``IsAuthorized``: then a
+  SubjectAccessReview per namespace, else 403. Here ``KfpState.tokens`` maps a token to the
+  namespaces its user may use (the SubjectAccessReview's answer).
+
+Errors are the grpc-gateway JSON body (``code``, ``message``) with the HTTP status of the gRPC
+code (InvalidArgument 400, Unauthenticated 401, PermissionDenied 403, NotFound 404).
 """
 
 import contextlib
@@ -20,6 +46,16 @@ from urllib.parse import parse_qs, urlsplit
 import yaml
 
 API = "/apis/v2beta1"
+#: The namespace KFP itself runs in (``POD_NAMESPACE``): where shared pipelines are authorised.
+KFP_NAMESPACE = "kubeflow"
+
+
+class Refused(Exception):
+    """A request the server answers with an error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 @dataclass
@@ -32,9 +68,18 @@ class Request:
     headers: dict[str, str]
     body: Any = None  # parsed JSON, or {"uploadfile": bytes} for a multipart upload
 
+    def header(self, name: str) -> str | None:
+        """A header's value; names are case-insensitive (the SDK sends ``authorization``)."""
+        return next((value for key, value in self.headers.items() if key.lower() == name.lower()), None)
+
 
 @dataclass
 class KfpState:
+    """The server's content; ``multi_user`` and ``tokens`` (bearer token -> namespaces its user
+    may use) are set by a test before its requests."""
+
+    multi_user: bool = False
+    tokens: dict[str, set[str]] = field(default_factory=dict)
     pipelines: dict[str, dict] = field(default_factory=dict)
     versions: dict[str, list[dict]] = field(default_factory=dict)
     experiments: dict[str, dict] = field(default_factory=dict)
@@ -48,6 +93,32 @@ class KfpState:
     def calls(self) -> list[tuple[str, str]]:
         """(method, path) of every request but the health check."""
         return [(r.method, r.path) for r in self.requests if not r.path.endswith("/healthz")]
+
+    def namespace(self, given: str | None) -> str:
+        """``ReplaceNamespace``: the namespace as sent in multi-user mode, "" in single-user mode."""
+        return (given or "") if self.multi_user else ""
+
+    def authorize(self, request: Request, namespace: str, write: bool = False) -> None:
+        """Identity and access of a pipeline/experiment/run request in ``namespace``.
+
+        A shared pipeline ("") is readable by anyone; changing it is authorised against
+        :data:`KFP_NAMESPACE`. Raises :class:`Refused` (401 no or unknown token, 403 no access).
+        """
+        if not self.multi_user:
+            return
+        if namespace == "":
+            if not write:
+                return
+            namespace = KFP_NAMESPACE
+        header = request.header("Authorization") or ""
+        token = header.removeprefix("Bearer ") if header.startswith("Bearer ") else None
+        if token is None or token not in self.tokens:
+            raise Refused(401, "Failed to check authorization. User identity is empty in the request header")
+        if namespace not in self.tokens[token]:
+            raise Refused(403, f"PermissionDenied: no access to namespace {namespace}")
+
+    def run_namespace(self, run: dict) -> str:
+        return self.experiments[run["experiment_id"]].get("namespace", "")
 
 
 def _filter_name(query: dict[str, str]) -> str | None:
@@ -100,17 +171,60 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         request, query = self._read()
+        try:
+            self._get(request, query)
+        except Refused as exc:
+            self._error(exc.status, exc.message)
+
+    def do_POST(self) -> None:
+        request, query = self._read()
+        try:
+            self._post(request, query)
+        except Refused as exc:
+            self._error(exc.status, exc.message)
+
+    def do_DELETE(self) -> None:
+        request, _ = self._read()
+        try:
+            self._delete(request)
+        except Refused as exc:
+            self._error(exc.status, exc.message)
+
+    def _pipeline(self, pipeline_id: str, request: Request, write: bool = False) -> dict:
+        if pipeline_id not in self.state.pipelines:
+            raise Refused(404, f"pipeline {pipeline_id} not found")
+        pipeline = self.state.pipelines[pipeline_id]
+        self.state.authorize(request, pipeline["namespace"], write)
+        return pipeline
+
+    def _experiment_namespace(self, given: str | None) -> str:
+        namespace = self.state.namespace(given)
+        if self.state.multi_user and not namespace:
+            raise Refused(400, "An experiment cannot have an empty namespace in multi-user mode")
+        return namespace
+
+    def _get(self, request: Request, query: dict[str, str]) -> None:
         s, path = self.state, request.path
+        parts = path.split("/")
         if path == f"{API}/healthz":
-            return self._send(200, {"multi_user": False})
+            return self._send(200, {"multi_user": s.multi_user})
         if path == f"{API}/pipelines":
-            name = _filter_name(query)
-            found = [p for p in s.pipelines.values() if name is None or p["display_name"] == name]
+            name, namespace = _filter_name(query), s.namespace(query.get("namespace"))
+            s.authorize(request, namespace)
+            found = [p for p in s.pipelines.values()
+                     if p["namespace"] == namespace and (name is None or p["display_name"] == name)]
             return self._send(200, {"pipelines": found, "total_size": len(found)} if found else {})
+        if len(parts) == 5 and path.startswith(f"{API}/pipelines/"):
+            return self._send(200, self._pipeline(parts[4], request))
+        if len(parts) == 7 and path.startswith(f"{API}/pipelines/") and parts[5] == "versions":
+            self._pipeline(parts[4], request)
+            found = [v for v in s.versions[parts[4]] if v["pipeline_version_id"] == parts[6]]
+            if not found:
+                return self._error(404, f"pipeline version {parts[6]} not found")
+            return self._send(200, found[0])
         if path.startswith(f"{API}/pipelines/") and path.endswith("/versions"):
             pipeline_id = path.split("/")[4]
-            if pipeline_id not in s.pipelines:
-                return self._error(404, f"pipeline {pipeline_id} not found")
+            self._pipeline(pipeline_id, request)
             versions = s.versions[pipeline_id]
             start = int(query.get("page_token") or 0)
             size = int(query.get("page_size") or 10)
@@ -119,19 +233,29 @@ class _Handler(BaseHTTPRequestHandler):
                 page["next_page_token"] = str(start + size)
             return self._send(200, page)
         if path == f"{API}/experiments":
-            name = _filter_name(query)
-            found = [e for e in s.experiments.values() if name is None or e["display_name"] == name]
+            name, namespace = _filter_name(query), self._experiment_namespace(query.get("namespace"))
+            s.authorize(request, namespace)
+            found = [e for e in s.experiments.values()
+                     if e["namespace"] == namespace and (name is None or e["display_name"] == name)]
             return self._send(200, {"experiments": found, "total_size": len(found)} if found else {})
+        if len(parts) == 5 and path.startswith(f"{API}/runs/"):
+            if parts[4] not in s.runs:
+                return self._error(404, f"run {parts[4]} not found")
+            run = s.runs[parts[4]]
+            s.authorize(request, s.run_namespace(run))
+            return self._send(200, run)
         return self._error(404, f"no route GET {path}")
 
-    def do_POST(self) -> None:
-        request, query = self._read()
+    def _post(self, request: Request, query: dict[str, str]) -> None:
         s, path = self.state, request.path
         if path == f"{API}/pipelines/upload":
             name = query.get("display_name") or query.get("name")
             if not name or not request.body or "uploadfile" not in request.body:
                 return self._error(400, "name and uploadfile are required")
-            if any(p["display_name"] == name for p in s.pipelines.values()):
+            namespace = s.namespace(query.get("namespace"))
+            if namespace:  # canUploadVersionedPipeline: a shared upload is not authorised
+                s.authorize(request, namespace, write=True)
+            if any(p["display_name"] == name and p["namespace"] == namespace for p in s.pipelines.values()):
                 return self._error(409, f"pipeline {name} already exists")
             pipeline = {
                 "pipeline_id": s.new_id("pipeline"),
@@ -139,6 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "name": name,
                 "description": query.get("description", ""),
                 "created_at": "2025-01-01T00:00:00Z",
+                "namespace": namespace,
             }
             s.pipelines[pipeline["pipeline_id"]] = pipeline
             s.versions[pipeline["pipeline_id"]] = []
@@ -149,14 +274,19 @@ class _Handler(BaseHTTPRequestHandler):
             pipeline_id, name = query.get("pipelineid"), query.get("display_name") or query.get("name")
             if pipeline_id not in s.pipelines:
                 return self._error(404, f"pipeline {pipeline_id} not found")
+            if s.pipelines[pipeline_id]["namespace"]:  # as the upload: a shared pipeline is not authorised
+                s.authorize(request, s.pipelines[pipeline_id]["namespace"], write=True)
             if not name or not request.body or "uploadfile" not in request.body:
                 return self._error(400, "name and uploadfile are required")
             if any(v["display_name"] == name for v in s.versions[pipeline_id]):
                 return self._error(409, f"version {name} already exists")
             return self._send(200, self._add_version(pipeline_id, name, request.body["uploadfile"]))
         if path == f"{API}/experiments":
+            namespace = self._experiment_namespace(request.body.get("namespace"))
+            s.authorize(request, namespace, write=True)
             experiment = {
                 **request.body,
+                "namespace": namespace,
                 "experiment_id": s.new_id("experiment"),
                 "storage_state": "AVAILABLE",
             }
@@ -170,6 +300,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, f"pipeline version {ref} not found")
             if body.get("experiment_id") not in s.experiments:
                 return self._error(404, f"experiment {body.get('experiment_id')} not found")
+            namespace = s.experiments[body["experiment_id"]]["namespace"]
+            if s.multi_user and not namespace:
+                return self._error(400, "A run cannot have an empty namespace in multi-user mode")
+            s.authorize(request, namespace, write=True)
             stored = versions[ref["pipeline_version_id"]]["pipeline_spec"]
             declared = stored.get("pipeline_spec", stored)["root"]["inputDefinitions"]["parameters"]
             unknown = set((body.get("runtime_config") or {}).get("parameters", {})) - set(declared)
@@ -185,10 +319,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, run)
         return self._error(404, f"no route POST {path}")
 
-    def do_DELETE(self) -> None:
-        request, _ = self._read()
+    def _delete(self, request: Request) -> None:
         parts = request.path.split("/")
         if len(parts) == 7 and parts[5] == "versions" and parts[4] in self.state.versions:
+            self._pipeline(parts[4], request, write=True)
             versions = self.state.versions[parts[4]]
             kept = [v for v in versions if v["pipeline_version_id"] != parts[6]]
             if len(kept) == len(versions):

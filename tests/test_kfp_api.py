@@ -32,7 +32,6 @@ def test_first_upload_names_the_version_and_later_uploads_add_versions(kfp, tmp_
         ("GET", f"{API}/pipelines/{uploaded.pipeline_id}/versions"),
         ("POST", f"{API}/pipelines/upload_version"),  # the version named by the package version
         ("DELETE", f"{API}/pipelines/{uploaded.pipeline_id}/versions/version-0002"),  # the auto-named one
-        ("GET", f"{API}/pipelines"),
         ("GET", f"{API}/pipelines/{uploaded.pipeline_id}/versions"),
     ]
     upload, upload_version = state.requests[2], state.requests[4]
@@ -111,3 +110,134 @@ def test_compiled_packages_and_bad_package(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: 1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: field 'pipelineInfo.name' missing"):
         read_package(tmp_path / "bad.yaml")
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def _authorizations(state) -> set[str | None]:
+    return {r.header("Authorization") for r in state.requests if not r.path.endswith("/healthz")}
+
+
+def test_multi_user_runs_go_to_the_profile_namespace_with_the_bearer_token(kfp, tmp_path):
+    """Multi-user KFP (the stub follows the KFP 2.17 backend): the pipeline is uploaded into the
+    profile namespace, the experiment and so the run are filed there, every request carries the
+    token as ``Authorization: Bearer``, and the run reads back with its parameters."""
+    url, state = kfp
+    state.multi_user, state.tokens = True, {"alice": {"team-a"}}
+    registry = PipelineRegistry(url, token="alice", namespace="team-a")
+    uploaded = registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0"), "0.1.0")
+    assert state.pipelines[uploaded.pipeline_id]["namespace"] == "team-a"
+    upload = next(r for r in state.requests if r.path == f"{API}/pipelines/upload")
+    assert upload.query["namespace"] == "team-a"
+
+    run = registry.create_run("labelmatch-deploy", "0.1.0", {"model_uri": "s3://b/m", "deploy_cpu": "2"},
+                              service_account="labelmatch-pipeline-runner")
+    [experiment] = state.experiments.values()
+    assert experiment["namespace"] == "team-a"
+    assert state.run_namespace(state.runs[run.run_id]) == "team-a"
+    assert _authorizations(state) == {"Bearer alice"}
+
+    found = registry.find_run(run.run_id)
+    assert (found.pipeline, found.version) == ("labelmatch-deploy", "0.1.0")
+    assert found.name == "labelmatch-deploy 0.1.0"
+    assert found.parameters == {"model_uri": "s3://b/m", "deploy_cpu": "2"}
+    assert found.service_account == "labelmatch-pipeline-runner"
+    assert registry.run_parameters(run.run_id) == found.parameters
+    with pytest.raises(ConfigError, match=r"run 'run-9999' is not on the KFP server"):
+        registry.find_run("run-9999")
+
+    from kfp_server_api.exceptions import ApiException
+
+    with pytest.raises(ApiException) as refused:  # no access to another profile's namespace
+        PipelineRegistry(url, token="alice", namespace="team-b").create_run(
+            "labelmatch-deploy", "0.1.0", {"model_uri": "s3://b/m"})
+    assert refused.value.status == 403
+    with pytest.raises(ConfigError, match=r"is multi-user: a run needs the profile namespace"):
+        PipelineRegistry(url, token="alice").create_run("labelmatch-deploy", "0.1.0", {"model_uri": "s3://b/m"})
+
+
+def test_single_user_kfp_ignores_the_namespace(kfp, tmp_path):
+    """A single-user server replaces every namespace by "" (ReplaceNamespace): the same commands work."""
+    url, state = kfp
+    registry = PipelineRegistry(url, namespace="team-a")
+    uploaded = registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0"), "0.1.0")
+    run = registry.create_run("labelmatch-deploy", "0.1.0", {"model_uri": "s3://b/m"})
+    assert state.pipelines[uploaded.pipeline_id]["namespace"] == ""
+    assert state.run_namespace(state.runs[run.run_id]) == ""
+    assert _authorizations(state) == {None}
+
+
+def test_cli_namespace_and_token_from_flags_and_environment(kfp, tmp_path, monkeypatch):
+    """`labelmatch pipeline upload/run` honour LABELMATCH_KFP_NAMESPACE and LABELMATCH_KFP_TOKEN,
+    --namespace and --token win over them, and a refusal names what to pass."""
+    url, state = kfp
+    state.multi_user, state.tokens = True, {"alice": {"team-a"}, "bob": {"team-b"}}
+    ir = shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0")
+    monkeypatch.setenv("LABELMATCH_KFP_NAMESPACE", "team-a")
+    monkeypatch.setenv("LABELMATCH_KFP_TOKEN", "alice")
+    result = _cli("pipeline", "upload", "--host", url, "--package", ir, "--version", "0.1.0")
+    assert result.exit_code == 0, result.output
+    result = _cli("pipeline", "run", "--host", url, "--pipeline", "labelmatch-deploy", "--version", "0.1.0",
+                  "--param", "model_uri=s3://b/m")
+    assert result.exit_code == 0, result.output
+    [run] = state.runs.values()
+    assert state.run_namespace(run) == "team-a" and _authorizations(state) == {"Bearer alice"}
+
+    state.requests.clear()
+    result = _cli("pipeline", "upload", "--host", url, "--package", ir, "--version", "0.1.0",
+                  "--namespace", "team-b", "--token", "bob")
+    assert result.exit_code == 0, result.output
+    assert {p["namespace"] for p in state.pipelines.values()} == {"team-a", "team-b"}
+    assert _authorizations(state) == {"Bearer bob"}
+
+    monkeypatch.delenv("LABELMATCH_KFP_TOKEN")
+    result = _cli("pipeline", "versions", "--host", url)
+    assert result.exit_code != 0
+    assert "answered 401" in str(result.exception) and "--token" in str(result.exception)
+    monkeypatch.delenv("LABELMATCH_KFP_NAMESPACE")
+    result = _cli("pipeline", "run", "--host", url, "--pipeline", "labelmatch-deploy", "--version", "0.1.0",
+                  "--token", "alice", "--param", "model_uri=s3://b/m")
+    assert result.exit_code != 0 and "LABELMATCH_KFP_NAMESPACE" in str(result.exception)
+
+
+def test_token_file_is_read_before_every_request(kfp, tmp_path):
+    """--token-file goes through the KFP SDK's ServiceAccountTokenVolumeCredentials: a rotated
+    projected token is picked up without restarting anything."""
+    url, state = kfp
+    state.multi_user, state.tokens = True, {"first": {"team-a"}, "rotated": {"team-a"}}
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    registry = PipelineRegistry(url, namespace="team-a", token_file=token)
+    assert registry.versions("labelmatch-deploy") == []
+    token.write_text("rotated\n")
+    registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0"), "0.1.0")
+    assert state.requests[-1].header("Authorization") == "Bearer rotated"
+    assert _authorizations(state) == {"Bearer first", "Bearer rotated"}
+    with pytest.raises(ConfigError, match=r"missing: cannot read the KFP token"):
+        PipelineRegistry(url, namespace="team-a", token_file=tmp_path / "missing")
+
+
+def test_shared_pipelines_are_uploaded_once_and_run_from_every_profile(kfp, tmp_path):
+    """`upload --shared` creates a pipeline without namespace (its clean-up is authorised against
+    KFP's own namespace: an admin's token); a profile's run finds it after its own namespace."""
+    url, state = kfp
+    state.multi_user, state.tokens = True, {"admin": {"kubeflow"}, "alice": {"team-a"}}
+    ir = shipped_ir(tmp_path, "labelmatch-deploy", "0.1.0")
+    result = _cli("pipeline", "upload", "--host", url, "--package", ir, "--version", "0.1.0", "--shared",
+                  "--token", "admin")
+    assert result.exit_code == 0, result.output
+    [pipeline] = state.pipelines.values()
+    assert pipeline["namespace"] == ""
+    registry = PipelineRegistry(url, token="alice", namespace="team-a")
+    run = registry.create_run("labelmatch-deploy", "0.1.0", {"model_uri": "s3://b/m"})
+    assert state.runs[run.run_id]["pipeline_version_reference"]["pipeline_id"] == pipeline["pipeline_id"]
+    assert state.run_namespace(state.runs[run.run_id]) == "team-a"
+    lookups = [r.query.get("namespace") for r in state.requests if r.path == f"{API}/pipelines"]
+    assert lookups[-2:] == ["team-a", None]  # its own namespace first, then the shared pipelines

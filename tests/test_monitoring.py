@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import yaml
 from conftest import make_tiny_dataset
 from kfp_stub import kfp_stub_server, shipped_ir
 from model_server import ModelServer
+from s3_server import moto_s3_server, s3_env
 from typer.testing import CliRunner
 
 from labelmatch import __version__
@@ -22,7 +25,9 @@ from labelmatch.monitoring.monitor import MonitorConfig, evaluate_window
 from labelmatch.monitoring.profile import PROFILE_FILE, ReferenceProfile
 from labelmatch.monitoring.statistics import mmd_permutation_test, psi
 from labelmatch.monitoring.trigger import plan_retrain, submit_retrain
-from labelmatch.platform.kfp import PipelineRegistry
+from labelmatch.platform.artifact_store import ArtifactStore, S3Config
+from labelmatch.platform.kfp import PipelineRegistry, RunInfo
+from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 from labelmatch.state.serving_state import PredictionRecord, ServingState
 
 #: Documents about nothing the tax model knows: the shifted stream.
@@ -223,14 +228,17 @@ def test_trigger_refuses_parameters_the_version_does_not_take(tmp_path, onnx_mod
         assert kfp.runs[run.run_id]["runtime_config"]["parameters"] == {"data_uri": "s3://d", "trials": 2}
 
 
-def test_monitor_ir_reports_drift_and_submits_the_retraining_run(tmp_path, onnx_model, monkeypatch):
+def test_monitor_ir_reports_drift_and_submits_the_retraining_run(tmp_path, onnx_model, monkeypatch,
+                                                                  production):
     """The committed monitor IR under kfp.local: the served model imported by path, the prediction
     log read from the state URL its Secret would hold, the Report artifact, and the training run
-    created on the KFP API when drift fires."""
+    created on the (multi-user) KFP API when drift fires, with the settings of the run that produced
+    ``service``'s model, in the step's namespace. The local registry remembers the monitor run."""
     from labelmatch.runtime.onnx_classifier import OnnxClassifier, served_model_version
-    from pipelines.local import run_artifacts, run_locally
+    from pipelines.local import LocalPipelineRegistry, run_artifacts
     from pipelines.registry import COMPILED_DIR
 
+    host, kfp, _ = production
     model_dir, _ = onnx_model
     url = f"sqlite:///{tmp_path / 'state.db'}"
     state = ServingState(url)
@@ -239,15 +247,135 @@ def test_monitor_ir_reports_drift_and_submits_the_retraining_run(tmp_path, onnx_
     state.log_predictions([PredictionRecord(f"p{i}", version, 0, p.labels, p.scores, "h", None, time.time())
                            for i, p in enumerate(served)])
     monkeypatch.setenv("LABELMATCH_STATE_URL", url)
-    with kfp_stub_server() as (host, kfp):
-        PipelineRegistry(host).upload(shipped_ir(tmp_path, "labelmatch-training", __version__), __version__)
-        run = run_locally(COMPILED_DIR / f"labelmatch-monitor-{__version__}.yaml", tmp_path / "runs",
-                          model_uri=str(model_dir), since="1h", rules=json.dumps(RULES), trigger=True,
-                          data_uri="s3://data/new", kfp_host=host)
-        [created] = kfp.runs.values()
-    [report] = [a for a in run_artifacts(run) if a.kind == "Report"]
+    monkeypatch.setenv("LABELMATCH_KFP_NAMESPACE", "ml-prod")  # in a pod: the pod's own namespace
+    before = set(kfp.runs)
+    runner = LocalPipelineRegistry(COMPILED_DIR, tmp_path / "runs")
+    params = {"model_uri": str(model_dir), "since": "1h", "rules": json.dumps(RULES), "trigger": "true",
+              "data_uri": "s3://data/new", "kfp_host": host, "service": "tax", "release_root": ROOT}
+    run = runner.create_run("labelmatch-monitor", __version__, params)
+    [new] = set(kfp.runs) - before
+    created = kfp.runs[new]
+    [report] = [a for a in run_artifacts(run.run_id) if a.kind == "Report"]
     body = json.loads((report.path / "report.json").read_text())
     assert body["drift"] and body["window"]["documents"] == len(OFF_TOPIC)
-    assert created["runtime_config"]["parameters"] == {"data_uri": "s3://data/new",
-                                                       "serving_model_uri": str(model_dir)}
+    assert created["runtime_config"]["parameters"] == {
+        "base_model": "s3://labelmatch/encoders/bge-m3", "tune_backend": "rayjob", "namespace": "labelmatch",
+        "service": "tax", "rayjob_workers": 2, "trials": 8, "data_uri": "s3://data/new",
+        "serving_model_uri": str(model_dir)}
+    assert created["service_account"] == "labelmatch-pipeline-runner"
+    assert kfp.run_namespace(created) == "ml-prod"
     assert ServingState(url).latest_monitor_report(version)[1]["drift"]
+
+    # The local registry answers for its runs like a KFP server: by run directory or by the job id
+    # its steps recorded (what a deploy writes into a release record).
+    job_id = json.loads((report.path / "manifest.json").read_text())["lineage"]["run_id"]
+    assert runner.find_run(job_id) == runner.find_run(run.run_id) == run
+    assert runner.run_parameters(job_id)["service"] == "tax"
+    with pytest.raises(ConfigError, match=r"is not a run under"):
+        runner.find_run("no-such-job")
+
+
+ROOT = "s3://labelmatch"
+#: What production trained with: none of it is a pipeline default.
+PRODUCTION = {"base_model": "s3://labelmatch/encoders/bge-m3", "tune_backend": "rayjob",
+              "namespace": "labelmatch", "service": "tax", "trials": "8", "rayjob_workers": "2", "data_uri": "s3://data/tax-2026-06",
+              "feedback_uri": "s3://fb/export-3", "tune_storage_uri": "s3://labelmatch/tune/june"}
+
+
+@pytest.fixture
+def production(tmp_path, monkeypatch):
+    """A multi-user KFP stub and an S3 server holding the release log of service ``tax``: the model
+    it serves (digest d1) came from a training run of an older version (0.0.9, which had a
+    ``legacy_option``) with :data:`PRODUCTION`'s settings; a newer model (d0, a bundled-encoder run)
+    was deployed after it, then a rollback's deploy run put d1 back. Yields ``(host, kfp state,
+    the producing run)``; the CLI reaches both servers through the environment."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with moto_s3_server() as s3, kfp_stub_server() as (host, kfp):
+        for key, value in s3_env(s3).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("LABELMATCH_KFP_TOKEN", "ops-token")
+        kfp.multi_user, kfp.tokens = True, {"ops-token": {"ml-prod"}}
+        registry = PipelineRegistry(host, token="ops-token", namespace="ml-prod")
+        older = Path(shipped_ir(tmp_path, "labelmatch-training", "0.0.9"))
+        docs = list(yaml.safe_load_all(older.read_text()))
+        docs[0]["root"]["inputDefinitions"]["parameters"]["legacy_option"] = {
+            "parameterType": "STRING", "defaultValue": "", "isOptional": True}
+        older.write_text(yaml.safe_dump_all(docs))
+        registry.upload(older, "0.0.9")
+        registry.upload(shipped_ir(tmp_path, "labelmatch-training", __version__), __version__)
+        registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", __version__), __version__)
+        produced = registry.create_run("labelmatch-training", "0.0.9", {**PRODUCTION, "legacy_option": "x"},
+                                       service_account="labelmatch-pipeline-runner")
+        newer = registry.create_run("labelmatch-training", __version__, {"data_uri": "s3://data/other"})
+        rolled = registry.create_run("labelmatch-deploy", __version__, {"model_uri": f"{ROOT}/models/d1"})
+        releases = ReleaseLog(ArtifactStore(S3Config.from_env(s3_env(s3))), ROOT)
+        for digest, version, run in (("d1", "0.0.9", produced), ("d0", __version__, newer),
+                                     ("d1", __version__, rolled)):
+            releases.append(ReleaseRecord.new(service="tax", namespace="labelmatch",
+                                              model_uri=f"{ROOT}/models/{digest}", model_digest=digest,
+                                              pipeline_version=version, run_id=run.run_id))
+        kfp.requests.clear()
+        yield host, kfp, produced
+
+
+def test_retrain_starts_from_the_run_that_produced_the_served_model(production):
+    """`labelmatch retrain` (what the monitor's trigger runs): the retraining run carries the
+    producing run's base_model, tune_backend, namespace, other settings and service account, in
+    the profile namespace; the new data replaces that run's inputs; --param overrides; a parameter
+    the target version no longer declares is dropped with a note."""
+    host, kfp, produced = production
+    args = ["retrain", "--host", host, "--namespace", "ml-prod", "--service", "tax", "--root", ROOT,
+            "--data-uri", "s3://data/tax-2026-12", "--pipeline-version", __version__, "--param", "trials=2"]
+    created_before = set(kfp.runs)
+    dry = _cli(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert set(kfp.runs) == created_before
+    assert "base_model=s3://labelmatch/encoders/bge-m3" in dry.stdout
+    assert f"# run {produced.run_id}" in dry.stdout
+    assert "trials=2" in dry.stdout and "# --param" in dry.stdout
+    assert "service account: labelmatch-pipeline-runner" in dry.stdout
+    assert "legacy_option" in dry.stderr and "dropped" in dry.stderr
+    assert "feedback_uri of run" in dry.stderr and "not carried over" in dry.stderr
+    assert "ran labelmatch-deploy" in dry.stderr  # the rollback's run is passed over
+
+    submitted = _cli(*args)
+    assert submitted.exit_code == 0, submitted.output
+    [new] = set(kfp.runs) - created_before
+    run = kfp.runs[new]
+    assert run["runtime_config"]["parameters"] == {
+        "base_model": "s3://labelmatch/encoders/bge-m3", "tune_backend": "rayjob", "namespace": "labelmatch",
+        "service": "tax", "rayjob_workers": 2, "trials": 2, "data_uri": "s3://data/tax-2026-12"}
+    assert run["service_account"] == "labelmatch-pipeline-runner"
+    assert kfp.run_namespace(run) == "ml-prod"
+    version = PipelineRegistry(host, token="ops-token", namespace="ml-prod").find_version(
+        "labelmatch-training", __version__)
+    assert run["pipeline_version_reference"]["pipeline_version_id"] == version.version_id
+    assert all(r.header("Authorization") == "Bearer ops-token" for r in kfp.requests
+               if not r.path.endswith("/healthz"))
+
+
+def test_retrain_says_when_it_falls_back_to_the_given_parameters(production):
+    host, _, _ = production
+    common = ["retrain", "--host", host, "--namespace", "ml-prod", "--root", ROOT, "--data-uri", "s3://d",
+              "--pipeline-version", __version__, "--dry-run"]
+    unknown = _cli(*common, "--service", "unknown-svc")
+    assert unknown.exit_code == 0, unknown.output
+    assert "'unknown-svc' has no release record" in unknown.stderr and "pipeline's defaults" in unknown.stderr
+    assert "--param data_uri=s3://d" in unknown.stdout and "base_model" not in unknown.stdout
+    bare = _cli(*common)
+    assert "no --service" in bare.stderr and "base_model" not in bare.stdout
+    offline = _cli("retrain", "--service", "tax", "--data-uri", "s3://d", "--pipeline-version", __version__,
+                   "--dry-run")
+    assert offline.exit_code == 0 and "no --host" in offline.stderr
+
+
+def test_retrain_plan_converts_the_servers_typed_values_back():
+    """The server returns typed values (JSON numbers, booleans); the plan writes them back as the
+    command-line strings the version's types convert (3.0 -> "3" for an integer)."""
+    served = {"base_model": "s3://enc", "trials": 3.0, "redact_pii": False, "gpu_tolerations": [{"k": 1}]}
+    base = RunInfo("r1", "n", "labelmatch-training", __version__, served)
+    plan = plan_retrain(None, None, None, "s3://d", base=base, extra={"redact_pii": "true"})
+    assert plan.parameters == {"base_model": "s3://enc", "trials": "3", "redact_pii": "true", "data_uri": "s3://d",
+                               "gpu_tolerations": '[{"k": 1}]'}
+    assert plan.sources["trials"] == "run r1" and plan.sources["redact_pii"] == "--param"
+    assert plan.run_name == "retrain the served model: drift (manual)" and plan.version == __version__

@@ -3,6 +3,13 @@
 S3 settings and credentials come from the environment or a mounted Secret (see
 :mod:`labelmatch.platform.artifact_store`); they are never printed. KFP and Kubernetes errors are turned into
 one-line ``error:`` messages.
+
+Every command that talks to KFP takes the same connection options: ``--host``
+(``KF_PIPELINES_ENDPOINT``), ``--namespace`` (``LABELMATCH_KFP_NAMESPACE``: the profile namespace
+of a multi-user KFP) and a token for a multi-user KFP, ``--token`` (``LABELMATCH_KFP_TOKEN``) or
+``--token-file`` (``KF_PIPELINES_SA_TOKEN_PATH``, re-read before every request). Without either, a
+token at the KFP SDK's in-pod path (``/var/run/secrets/kubeflow/pipelines/token``) is used when one
+is mounted there.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from labelmatch import __version__
 from labelmatch.cli import app
 from labelmatch.core.errors import ConfigError, LabelmatchError
+
+if TYPE_CHECKING:
+    from labelmatch.platform.kfp import PipelineRegistry
 
 pipeline_app = typer.Typer(help="Versioned KFP pipelines: upload, list versions, run.", no_args_is_help=True)
 store_app = typer.Typer(
@@ -37,10 +47,31 @@ TokenFileOpt = Annotated[
     typer.Option(
         "--token-file",
         envvar="KF_PIPELINES_SA_TOKEN_PATH",
-        help="File with a bearer token for a multi-user KFP.",
+        help="File with a bearer token for a multi-user KFP (e.g. a projected service-account token with "
+        "audience pipelines.kubeflow.org), read before every request.",
     ),
 ]
-NamespaceOpt = Annotated[str | None, typer.Option("--kfp-namespace", help="Namespace of a multi-user KFP.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--token",
+        envvar="LABELMATCH_KFP_TOKEN",
+        help="Bearer token for a multi-user KFP, e.g. $(kubectl -n NS create token default-editor "
+        "--audience pipelines.kubeflow.org); never printed. Wins over --token-file.",
+        show_default=False,
+    ),
+]
+NamespaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--namespace",
+        "--kfp-namespace",
+        envvar="LABELMATCH_KFP_NAMESPACE",
+        help="Profile namespace of a multi-user KFP: experiments, runs and uploaded pipelines go there, and "
+        "the runs' pods start there, next to the S3 Secret, pipeline ConfigMap and runner ServiceAccount. "
+        "Unset for a single-user KFP (its runs start in KFP's own namespace).",
+    ),
+]
 RootOpt = Annotated[
     str,
     typer.Option(
@@ -63,6 +94,14 @@ KindOpt = Annotated[
 ]
 
 
+#: What to check when a multi-user KFP refuses a request, by HTTP status.
+_AUTH_HINTS = {
+    401: "; a multi-user KFP needs a token: --token / LABELMATCH_KFP_TOKEN or --token-file",
+    403: "; the token's user has no access to that namespace (--namespace / LABELMATCH_KFP_NAMESPACE: "
+         "a profile namespace it may use)",
+}
+
+
 @contextlib.contextmanager
 def _remote_errors(what: str) -> Iterator[None]:
     """Turn KFP / HTTP client exceptions into one-line :class:`LabelmatchError`s."""
@@ -76,21 +115,25 @@ def _remote_errors(what: str) -> Iterator[None]:
             message = json.loads(exc.body or "{}").get("message") or exc.reason
         except (ValueError, AttributeError):
             message = exc.reason
-        raise LabelmatchError(f"{what}: KFP API answered {exc.status}: {message}") from None
+        hint = _AUTH_HINTS.get(exc.status, "")
+        if exc.status == 400 and "empty namespace" in str(message):
+            hint = "; pass the profile namespace: --namespace or LABELMATCH_KFP_NAMESPACE"
+        raise LabelmatchError(f"{what}: KFP API answered {exc.status}: {message}{hint}") from None
     except urllib3.exceptions.HTTPError as exc:
         raise LabelmatchError(f"{what}: cannot reach the server ({type(exc).__name__})") from None
 
 
-def _registry(host: str, token_file: Path | None, namespace: str | None):
+def _registry(host: str, token: str | None, token_file: Path | None, namespace: str | None,
+              shared_pipelines: bool = False) -> PipelineRegistry:
+    """The KFP server at ``host`` with the connection options of the command line (module docstring)."""
+    from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
+
     from labelmatch.platform.kfp import PipelineRegistry
 
-    token = None
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{token_file}: cannot read the KFP token: {exc.strerror}") from None
-    return PipelineRegistry(host, token=token, namespace=namespace)
+    if token_file is None and not token and Path(KF_PIPELINES_SA_TOKEN_PATH).is_file():
+        token_file = Path(KF_PIPELINES_SA_TOKEN_PATH)
+    return PipelineRegistry(host, token=token or None, namespace=namespace or None, token_file=token_file,
+                            shared_pipelines=shared_pipelines)
 
 
 def _parse_params(items: list[str] | None) -> dict[str, str]:
@@ -118,6 +161,12 @@ def pipeline_upload(
     version: Annotated[
         str, typer.Option(help="Version name on the server (= package version).")
     ] = __version__,
+    shared: Annotated[
+        bool,
+        typer.Option("--shared", help="Multi-user KFP: upload shared pipelines (every profile can run them) "
+                     "instead of pipelines in --namespace."),
+    ] = False,
+    token: TokenOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
@@ -126,7 +175,7 @@ def pipeline_upload(
 
     packages = package or compiled_packages(compiled_dir, version)
     with _remote_errors(f"upload to {host}"):
-        registry = _registry(host, token_file, kfp_namespace)
+        registry = _registry(host, token, token_file, kfp_namespace, shared_pipelines=shared)
         for path in packages:
             uploaded = registry.upload(path, version)
             typer.echo(f"{uploaded.pipeline} {uploaded.version}: version id {uploaded.version_id}")
@@ -139,14 +188,15 @@ def pipeline_versions(
         list[str] | None,
         typer.Option("--pipeline", help="Pipeline name(s); default: the training and deploy pipelines."),
     ] = None,
+    token: TokenOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
-    """List the versions of labelmatch pipelines on the server."""
+    """List the versions of labelmatch pipelines on the server (in --namespace, else shared)."""
     from labelmatch.platform.kfp import DEPLOY_PIPELINE, TRAINING_PIPELINE
 
     with _remote_errors(f"list versions on {host}"):
-        registry = _registry(host, token_file, kfp_namespace)
+        registry = _registry(host, token, token_file, kfp_namespace)
         for name in pipeline or [TRAINING_PIPELINE, DEPLOY_PIPELINE]:
             versions = registry.versions(name)
             if not versions:
@@ -166,12 +216,13 @@ def pipeline_run(
     run_name: Annotated[str | None, typer.Option(help="Run display name.")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment to file the run under.")] = "labelmatch",
     service_account: ServiceAccountOpt = None,
+    token: TokenOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
-    """Create a run of one version of a pipeline."""
+    """Create a run of one version of a pipeline (in --namespace on a multi-user KFP)."""
     with _remote_errors(f"run on {host}"):
-        run = _registry(host, token_file, kfp_namespace).create_run(
+        run = _registry(host, token, token_file, kfp_namespace).create_run(
             pipeline, version, _parse_params(param), run_name, experiment, service_account
         )
     typer.echo(f"run {run.run_id} created: {run.name}")
@@ -314,6 +365,7 @@ def rollback(
     root: RootOpt = "s3://labelmatch",
     pipeline: Annotated[str, typer.Option(help="Name of the deploy-only pipeline.")] = "labelmatch-deploy",
     service_account: ServiceAccountOpt = None,
+    token: TokenOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
@@ -324,7 +376,7 @@ def rollback(
 
     store = ArtifactStore.from_env()
     with _remote_errors(f"rollback through {host}"):
-        registry = _registry(host, token_file, kfp_namespace)
+        registry = _registry(host, token, token_file, kfp_namespace)
         plan, run = run_rollback(
             service, to, ReleaseLog(store, root), store, registry, pipeline, service_account=service_account
         )

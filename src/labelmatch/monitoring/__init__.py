@@ -17,6 +17,7 @@ _EXPORTS = {
     "psi": "statistics",
     "RetrainPlan": "trigger",
     "plan_retrain": "trigger",
+    "producing_run": "trigger",
     "submit_retrain": "trigger",
 }
 __all__ = sorted(_EXPORTS)

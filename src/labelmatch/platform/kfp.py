@@ -14,6 +14,20 @@ upload is one ``upload_version`` call; uploading a version name that exists is a
 Run parameters given as ``key=value`` strings are converted to the types the version's pipeline
 spec declares (``root.inputDefinitions.parameters``), so a run is refused here, with the name of
 the parameter, rather than failing in the cluster.
+
+**Single-user and multi-user KFP** (as the KFP 2.17 backend reads requests:
+``backend/src/apiserver/resource/resource_manager.go`` ``ReplaceNamespace``, ``server/run_server.go``,
+``server/experiment_server.go``, ``server/pipeline_server.go``, ``auth/authenticator_token_review.go``).
+A single-user server ignores every namespace: its runs execute in the namespace KFP is installed in.
+A multi-user server files experiments, and the runs in them, in a *profile namespace*, where the
+runs' pods start, so the Secret, ConfigMap and ServiceAccount the steps use must live there; it
+identifies the caller by ``Authorization: Bearer <token>`` (a Kubernetes service-account token
+with audience ``pipelines.kubeflow.org``, checked by a TokenReview) and authorises per namespace.
+With a ``namespace``, :class:`PipelineRegistry` creates experiments in it, uploads *namespaced*
+pipelines into it (``shared_pipelines=True``: shared ones, readable by every profile), and finds a
+pipeline by name in the namespace first, then among the shared ones. The token is either given
+(``token``) or read by the KFP SDK's own ``ServiceAccountTokenVolumeCredentials`` from a file
+before every request (``token_file``; a projected token rotates).
 """
 
 from __future__ import annotations
@@ -79,13 +93,23 @@ class PipelineVersion:
 
 @dataclass(frozen=True)
 class RunInfo:
-    """A run the server accepted."""
+    """A run on the server (or run locally).
+
+    Attributes:
+        run_id: The server's run id.
+        name: Display name.
+        pipeline: Name of the pipeline it ran ("" when the server no longer has it).
+        version: Name of the pipeline version it ran ("" when unknown).
+        parameters: The run's parameters, typed as the server stores them.
+        service_account: Service account of its pods ("" : the server's default).
+    """
 
     run_id: str
     name: str
     pipeline: str
     version: str
     parameters: dict[str, Any]
+    service_account: str = ""
 
 
 def pick_version(versions: list[PipelineVersion], name: str, version: str, where: str) -> PipelineVersion:
@@ -158,6 +182,21 @@ def pipeline_inputs(path: str | Path) -> tuple[dict[str, str], tuple[str, ...]]:
     return _parameter_types(spec), _required_parameters(spec)
 
 
+def parameter_string(value: Any) -> str:
+    """A typed run parameter as the ``key=value`` string :func:`convert_parameter` reads back.
+
+    Booleans are ``true``/``false``, lists and dicts JSON, and a whole float (the server's JSON
+    numbers) an integer, so that ``2.0`` converts back to ``NUMBER_INTEGER`` 2.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
 def convert_parameter(name: str, value: str, parameter_type: str) -> Any:
     """Convert a command-line value to the KFP parameter type; :class:`ConfigError` names ``name``."""
     try:
@@ -185,21 +224,72 @@ class PipelineRegistry:
 
     Args:
         host: KFP API endpoint, e.g. ``http://ml-pipeline.kubeflow:8888`` or a port-forward.
-        token: Bearer token (e.g. a service-account token for a multi-user KFP); never logged.
-        namespace: Kubernetes namespace of a multi-user KFP; None for single-user.
+        token: Bearer token for a multi-user KFP (e.g. ``kubectl create token … --audience
+            pipelines.kubeflow.org``); never logged. Wins over ``token_file``, as in the KFP SDK.
+        namespace: Profile namespace of a multi-user KFP (experiments, runs and uploaded
+            pipelines go there); None: the KFP SDK's own choice (its context file, or in a pod of a
+            multi-user KFP the pod's namespace), else none (single-user).
+        token_file: File holding the bearer token, read before every request through the SDK's
+            ``ServiceAccountTokenVolumeCredentials`` (a projected service-account token).
+        shared_pipelines: Upload shared pipelines (no namespace: every profile can run them; the
+            first upload's clean-up needs the right to delete shared pipeline versions) instead of
+            pipelines in ``namespace``.
+
+    Raises:
+        ConfigError: ``token_file`` cannot be read.
     """
 
-    def __init__(self, host: str, token: str | None = None, namespace: str | None = None):
+    def __init__(self, host: str, token: str | None = None, namespace: str | None = None,
+                 token_file: str | Path | None = None, shared_pipelines: bool = False):
         # Not ``kfp.Client``: inside a pipeline step (_KFP_RUNTIME=true) ``import kfp`` leaves the
         # client out, and the monitor step creates retraining runs from there.
         from kfp.client import Client
 
-        self.namespace = namespace
-        self.client = Client(host=host, existing_token=token, namespace=namespace or "kubeflow")
+        credentials = None
+        if token_file is not None and not token:
+            from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
+
+            try:
+                Path(token_file).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"{token_file}: cannot read the KFP token: {exc.strerror}") from None
+            credentials = ServiceAccountTokenVolumeCredentials(str(token_file))
+        # The SDK's namespace argument defaults to "kubeflow", its marker for "none given".
+        self.client = Client(host=host, existing_token=token or None, namespace=namespace or "kubeflow",
+                             credentials=credentials)
+        self.host = host
+        self.namespace = namespace or self.client.get_user_namespace() or None
+        self.shared_pipelines = shared_pipelines
+        self._multi_user: bool | None = None
+
+    @property
+    def multi_user(self) -> bool:
+        """Whether the server runs in multi-user mode (its healthz answer, asked once)."""
+        if self._multi_user is None:
+            self._multi_user = bool(self.client.get_kfp_healthz().multi_user)
+        return self._multi_user
+
+    def _find_pipeline(self, name: str, namespace: str | None) -> str | None:
+        """The id of the pipeline named ``name`` in ``namespace`` (None: the shared ones)."""
+        predicate = {"operation": "EQUALS", "key": "display_name", "stringValue": name}
+        query = json.dumps({"predicates": [predicate]})
+        found = self.client.list_pipelines(filter=query, namespace=namespace).pipelines or []
+        if len(found) > 1:
+            raise ConfigError(f"{len(found)} pipelines are named {name!r} on the server; "
+                              "names must be unique")
+        return found[0].pipeline_id if found else None
+
+    def _upload_namespace(self) -> str | None:
+        return None if self.shared_pipelines else self.namespace
 
     def pipeline_id(self, name: str) -> str | None:
-        """The server id of the pipeline named ``name``, or None."""
-        return self.client.get_pipeline_id(name)
+        """The server id of the pipeline named ``name``: in the namespace, else a shared one; or None."""
+        places = [self.namespace, None] if self.namespace else [None]
+        for namespace in places:
+            found = self._find_pipeline(name, namespace)
+            if found:
+                return found
+        return None
 
     def _versions(self, pipeline_id: str, name: str) -> list[PipelineVersion]:
         found, token = [], ""
@@ -237,11 +327,13 @@ class PipelineRegistry:
             The version, new or already on the server.
         """
         name, description = read_package(package)
-        pipeline_id = self.pipeline_id(name)
+        # Only where this upload puts pipelines: a shared pipeline of the same name is left alone.
+        pipeline_id = self._find_pipeline(name, self._upload_namespace())
         auto_named: list[PipelineVersion] = []
         if pipeline_id is None:
             pipeline = self.client.upload_pipeline(
-                str(package), pipeline_name=name, description=description or None
+                str(package), pipeline_name=name, description=description or None,
+                namespace=self._upload_namespace(),
             )
             pipeline_id = pipeline.pipeline_id
             # The server named the version it created after the pipeline: replaced below.
@@ -260,7 +352,7 @@ class PipelineRegistry:
         for item in auto_named:
             if item.version != version:
                 self.client.delete_pipeline_version(pipeline_id, item.version_id)
-        return self.find_version(name, version)
+        return pick_version(self._versions(pipeline_id, name), name, version, "on the server")
 
     def create_run(
         self,
@@ -280,7 +372,14 @@ class PipelineRegistry:
             run_name: Display name of the run (default ``<name> <version>``).
             experiment: Experiment to file the run under (created when missing).
             service_account: Kubernetes service account of the run's pods.
+
+        Raises:
+            ConfigError: No such version, a parameter it does not take, or a multi-user server
+                and no namespace.
         """
+        if self.namespace is None and self.multi_user:
+            raise ConfigError(f"KFP at {self.host} is multi-user: a run needs the profile namespace to "
+                              "run in (--namespace or LABELMATCH_KFP_NAMESPACE)")
         target = self.find_version(name, version)
         typed = target.typed_parameters(params)
         experiment_id = self.client.create_experiment(experiment, namespace=self.namespace).experiment_id
@@ -295,4 +394,40 @@ class PipelineRegistry:
         )
         if not run.run_id:
             raise LabelmatchError(f"KFP accepted run {run_name!r} but returned no run id")
-        return RunInfo(run_id=run.run_id, name=run_name, pipeline=name, version=version, parameters=typed)
+        return RunInfo(run_id=run.run_id, name=run_name, pipeline=name, version=version, parameters=typed,
+                       service_account=service_account or "")
+
+    def find_run(self, run_id: str) -> RunInfo:
+        """The run ``run_id`` as the server keeps it: its parameters (``runtime_config``), the
+        pipeline and version it ran (names; "" when they were deleted since) and its service account.
+
+        Raises:
+            ConfigError: No such run on the server.
+            kfp_server_api.ApiException: No access to it, or another refusal.
+        """
+        from kfp_server_api.exceptions import ApiException
+
+        try:
+            run = self.client.get_run(run_id)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ConfigError(f"run {run_id!r} is not on the KFP server at {self.host}") from None
+            raise
+        parameters = dict((run.runtime_config.parameters if run.runtime_config else None) or {})
+        reference = run.pipeline_version_reference
+        pipeline = version = ""
+        try:
+            if reference is not None and reference.pipeline_id:
+                pipeline = self.client.get_pipeline(reference.pipeline_id).display_name or ""
+                if reference.pipeline_version_id:
+                    version = self.client.get_pipeline_version(
+                        reference.pipeline_id, reference.pipeline_version_id).display_name or ""
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        return RunInfo(run_id=run.run_id or run_id, name=run.display_name or "", pipeline=pipeline,
+                       version=version, parameters=parameters, service_account=run.service_account or "")
+
+    def run_parameters(self, run_id: str) -> dict[str, Any]:
+        """The parameters run ``run_id`` ran with (:meth:`find_run`)."""
+        return self.find_run(run_id).parameters

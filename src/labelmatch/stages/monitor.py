@@ -3,8 +3,11 @@
 Reads the prediction log from the serving state named by ``LABELMATCH_STATE_URL`` (the serving
 chart's state Secret), compares it with the model's reference profile, stores the report for the
 servers' gauges, and, when asked and a rule fires, creates the retraining run through the KFP API
-(in-cluster address and the pod's service-account token, ``KF_PIPELINES_SA_TOKEN_PATH``) with
-``labelmatch pipeline run`` (:func:`submit_outside_kfp_runtime` says why in a child process).
+with ``labelmatch retrain`` (:func:`submit_outside_kfp_runtime` says why in a child process): the
+training pipeline version that produced the model, starting from the parameters of the run that
+deployed ``service``'s model (its release record), in the step's own namespace (a multi-user
+KFP's profile namespace), with the token at ``KF_PIPELINES_SA_TOKEN_PATH`` or the KFP SDK's in-pod
+token path when one is mounted.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class MonitorStepConfig:
         pipeline_version: The training pipeline version (empty: the one that made the model).
         kfp_host: The KFP API (in-cluster address).
         run_id: This pipeline run (recorded in the report).
+        service: The InferenceService serving the model: its release records name the run whose
+            parameters the retraining run starts from (empty: the pipeline's defaults, noted).
+        release_root: ``s3://`` root of the release records (empty: ``$LABELMATCH_STORE_ROOT``).
     """
 
     since: str = "24h"
@@ -53,24 +59,54 @@ class MonitorStepConfig:
     pipeline_version: str = ""
     kfp_host: str = ""
     run_id: str = ""
+    service: str = ""
+    release_root: str = ""
 
 
-def submit_outside_kfp_runtime(plan: Any, host: str) -> str:
-    """Create the planned run with ``labelmatch pipeline run`` in a child process; returns its id.
+#: The pod's namespace, as Kubernetes mounts it with the service-account token.
+POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def pod_namespace() -> str:
+    """The namespace this step's pod runs in ("" outside a pod): a multi-user KFP's profile namespace."""
+    try:
+        return POD_NAMESPACE_FILE.read_text().strip()
+    except OSError:
+        return ""
+
+
+def submit_outside_kfp_runtime(plan: Any, host: str, config: MonitorStepConfig) -> str:
+    """Create the retraining run with ``labelmatch retrain`` in a child process; returns its id.
 
     Inside a KFP step the SDK runs with ``_KFP_RUNTIME=true``, under which ``kfp.client`` cannot be
     imported (its compiler imports half-initialised ``kfp.dsl`` modules); the child process runs
-    without that variable, and it is the very command users type. Its token comes from
-    ``KF_PIPELINES_SA_TOKEN_PATH`` (the pod's projected service-account token), as for users.
+    without that variable, and it is the very command users type. It reads the release records of
+    ``config.service`` and the producing run's parameters from the server itself; its notes (what
+    was carried over, dropped or not found) are copied to this step's log.
+
+    Args:
+        plan: The plan made here without a server (:func:`labelmatch.monitoring.trigger.plan_retrain`):
+            the version, run name and this trigger's own parameters.
+        host: The KFP API.
+        config: The step's settings (service, release root).
 
     Raises:
         LabelmatchError: The run was not created (the command's last error line).
     """
     env = {key: value for key, value in os.environ.items() if key != "_KFP_RUNTIME"}
-    command = [sys.executable, "-m", "labelmatch", "pipeline", "run", "--host", host,
-               "--pipeline", plan.pipeline, "--version", plan.version, "--run-name", plan.run_name,
-               *(f"--param={key}={value}" for key, value in sorted(plan.parameters.items()))]
+    namespace = env.get("LABELMATCH_KFP_NAMESPACE") or pod_namespace()
+    given = {key: value for key, value in plan.parameters.items()
+             if key in ("data_uri", "feedback_uri", "serving_model_uri")}
+    command = [sys.executable, "-m", "labelmatch", "retrain", "--host", host,
+               "--pipeline-version", plan.version, "--run-name", plan.run_name,
+               *(f"--{key.replace('_', '-')}={value}" for key, value in sorted(given.items())),
+               *([f"--service={config.service}"] if config.service else []),
+               *([f"--root={config.release_root}"] if config.release_root else []),
+               *([f"--namespace={namespace}"] if namespace else [])]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    for line in done.stderr.splitlines():
+        if line.startswith("note: "):
+            print(line, file=sys.stderr)
     match = re.search(r"^run (\S+) created", done.stdout, re.MULTILINE)
     if done.returncode != 0 or match is None:
         lines = (done.stderr or done.stdout).strip().splitlines()
@@ -116,7 +152,7 @@ def run_monitor_step(model_dir: str | Path, out_dir: str | Path, config: Monitor
         if config.trigger and report.drift:  # the server checks the version's inputs when it creates the run
             plan = plan_retrain(report, info, None, config.data_uri, config.feedback_uri,
                                 config.serving_model_uri or model_uri, config.pipeline_version or None)
-            run_id = submit_outside_kfp_runtime(plan, config.kfp_host)
+            run_id = submit_outside_kfp_runtime(plan, config.kfp_host, config)
         lineage = {"model_version": report.model_version, "run_id": config.run_id}
         write_manifest(tmp, "Report", lineage=lineage,
                        extra={"stage": "monitor_drift", "drift": report.drift, "retraining_run": run_id})
