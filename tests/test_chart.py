@@ -30,6 +30,8 @@ CRDS = ROOT.parent / "shared" / "crds"
 ISVC_CRD = CRDS / "serving.kserve.io_inferenceservices.yaml"
 K8S_VERSION = "1.35"
 CI_VALUES = sorted(SERVING.glob("ci/*.yaml")) + sorted(PIPELINES.glob("ci/*.yaml"))
+#: A model URI to serve, as a pipeline run's deploy leaves it.
+MODEL_URI = "s3://labelmatch/models/onnx/0.1.0"
 
 
 @pytest.fixture(scope="session")
@@ -241,7 +243,8 @@ def test_serving_image_follows_the_one_registry_setting(helm: str, rendered: dic
         "serve", registry=DEFAULT_REGISTRY, version=version
     )
     mirror = "registry.internal:5000/ml"
-    docs = render(helm, SERVING, "--set", f"image.registry={mirror}")
+    docs = render(helm, SERVING, "--set", f"image.registry={mirror}", "--set",
+                  f"model.storageUri={MODEL_URI}")
     assert predictor_image(docs) == image("serve", registry=mirror, version=version)
 
 
@@ -272,6 +275,43 @@ def test_helm_test_hook_checks_v2_readiness(rendered: dict[Path, list[dict]]) ->
     assert model == "tax"
 
 
+def _install_notes(helm: str, release: str, *args: str) -> tuple[str, str]:
+    """``helm install --dry-run=client`` into namespace ``labelmatch``: (manifests, NOTES.txt)."""
+    proc = run_helm(helm, "install", release, str(SERVING), "-n", "labelmatch", "--dry-run=client", *args)
+    assert proc.returncode == 0, proc.stderr
+    manifests, notes = proc.stdout.split("NOTES:", 1)
+    return manifests, notes
+
+
+def test_first_install_waits_for_a_model_and_says_how_to_deploy_it(helm: str) -> None:
+    """Before any pipeline run there is no model: the chart's defaults render no InferenceService
+    (its storage initializer would crash-loop on a missing URI), no PDB and no test pod, only what
+    serving needs around the model; NOTES.txt says how the first model gets deployed (the training
+    pipeline's deploy step creates the InferenceService: labelmatch.platform.kserve) and handed over."""
+    from labelmatch.platform.kserve import DeployConfig
+
+    docs = render(helm, SERVING)
+    assert sorted(doc["kind"] for doc in docs) == ["ConfigMap", "ServiceAccount"]
+    for doc in docs:
+        validate(doc)
+    manifests, notes = _install_notes(helm, "labelmatch-serving")
+    assert "NO MODEL YET, so no InferenceService" in notes and "kind: InferenceService" not in manifests
+    assert "--param deploy_target=kserve" in notes
+    assert "--param service=labelmatch-serving --param namespace=labelmatch" in notes
+    assert "meta.helm.sh/release-name=labelmatch-serving meta.helm.sh/release-namespace=labelmatch" in notes
+    assert '--set model.storageUri="$(labelmatch releases --service labelmatch-serving' in notes
+    # The InferenceService the deploy step creates uses this release's ServiceAccount (the S3 Secret's).
+    [account] = [doc for doc in yaml.safe_load_all(manifests.split("MANIFEST:", 1)[1])
+                 if doc and doc["kind"] == "ServiceAccount"]
+    assert account["metadata"]["name"] == DeployConfig("labelmatch-serving").service_account
+    assert "WARNING" not in notes
+    assert "WARNING: the deploy step's InferenceService uses" in _install_notes(helm, "other")[1]
+
+    manifests, notes = _install_notes(helm, "labelmatch-serving", "--set", f"model.storageUri={MODEL_URI}")
+    assert f"Model:   {MODEL_URI}" in notes and "NO MODEL YET" not in notes
+    assert "kind: InferenceService" in manifests
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -279,6 +319,7 @@ def test_helm_test_hook_checks_v2_readiness(rendered: dict[Path, list[dict]]) ->
         (["--set", "autoscaling.minReplica=2"], "minReplica"),
         (["--set", "s3.existingSecret="], "s3.accessKeyId is required"),
         (["--set", "model.storageUri=/local/path"], "storageUri"),
+        (["--set", "model.digest=3f1c9a0d"], "model.digest is set but model.storageUri is empty"),
         (["--set", "state.existingSecret="], "autoscaling.maxReplicas > 1 needs state.existingSecret"),
         (["--set", "state.predictionText=plain"], "predictionText"),
     ],
