@@ -21,7 +21,9 @@ from labelmatch.core.errors import ArtifactError
 from labelmatch.platform.artifact_store import ArtifactStore, S3Config, S3Uri
 
 FAKE_SESSION_TOKEN = "lm-fake-session-token-Hq2LwX9bE"
-SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY)
+#: The bearer token of a multi-user KFP (LABELMATCH_KFP_TOKEN).
+FAKE_KFP_TOKEN = "lm-fake-kfp-token-Rt5yUi8oP"
+SECRETS = (FAKE_SECRET_KEY, FAKE_SESSION_TOKEN, FAKE_ACCESS_KEY, FAKE_KFP_TOKEN)
 
 
 def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, caplog):
@@ -42,7 +44,10 @@ def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, 
             "HOME": str(tmp_path),
             "LABELMATCH_STORE_ROOT": "s3://labelmatch",
             "KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", kube_url)),
+            "LABELMATCH_KFP_TOKEN": FAKE_KFP_TOKEN,
+            "LABELMATCH_KFP_NAMESPACE": "ml",
         }
+        kfp.multi_user, kfp.tokens = True, {FAKE_KFP_TOKEN: {"ml"}}
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         config = S3Config.from_env()
@@ -87,6 +92,7 @@ def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, 
             "0.1.0",
             "--timeout",
             "10",
+            "--no-verify-served",  # a tiny stand-in model: nothing could serve it
         )
         run("releases", "--service", "tax")
         run("rollback", "--service", "tax", "--to", "0.1.0", "--host", kfp_url)
