@@ -16,6 +16,7 @@ def deploy(
     release_root: str = "",
     expected_digest: str = "",
     run_id: str = "",
+    restore_release: str = "",
 ) -> str:
     """Deploy the model and record the release.
 
@@ -38,6 +39,8 @@ def deploy(
             ``$LABELMATCH_STORE_ROOT`` (from the pipeline ConfigMap in a cluster).
         expected_digest: Refuse a model whose artifact digest differs (rollbacks pin it).
         run_id: The pipeline run (recorded in the release).
+        restore_release: A release id whose whole served state (image, engine, label-set version,
+            predictor settings) comes back with the model (a rollback; ``kserve`` only).
 
     Returns:
         The deployed model's artifact digest.
@@ -51,6 +54,7 @@ def deploy(
         release_root=release_root,
         expected_digest=expected_digest,
         run_id=run_id,
+        restore_release=restore_release,
     )
     record = run_deploy_step(onnx_model.path, release.path, config, model_uri=onnx_model.uri)
     release.metadata.update({"kind": "Report", "target": target, "model_digest": record["model_digest"]})

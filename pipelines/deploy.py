@@ -1,8 +1,8 @@
 """The deploy-only pipeline: deploy a model artifact given by URI (used by rollbacks).
 
 ``labelmatch.platform.rollback`` re-runs *this pipeline of an earlier version* with the
-``model_uri``/``model_digest``/``service``/``namespace``/``target``/``release_root`` of an
-earlier release, so those parameter names are a contract
+``model_uri``/``model_digest``/``service``/``namespace``/``target``/``release_root``/
+``restore_release`` of an earlier release, so those parameter names are a contract
 (:data:`labelmatch.platform.kserve.DEPLOY_PARAMETERS`); every other parameter has a default.
 """
 
@@ -28,6 +28,7 @@ def deploy_pipeline(
     namespace: str = "default",
     target: str = "kserve",
     release_root: str = "",
+    restore_release: str = "",
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
     deploy_cpu: str = "1",
@@ -43,6 +44,8 @@ def deploy_pipeline(
         target: ``kserve`` or ``local``.
         release_root: ``s3://bucket/prefix`` of the release records (empty:
             ``LABELMATCH_STORE_ROOT`` from the pipeline ConfigMap).
+        restore_release: The release a rollback restores whole (its image, engine, label-set
+            version and predictor settings, not only its model); empty: a plain deploy.
         s3_secret: Secret holding the S3 credentials.
         pipeline_config: ConfigMap holding the S3 endpoint, region and store root.
         deploy_cpu: CPU of the deploy step (request = limit).
@@ -58,6 +61,7 @@ def deploy_pipeline(
         namespace=namespace,
         release_root=release_root,
         expected_digest=model_digest,
+        restore_release=restore_release,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # a side effect: always run
     configure_step(deployed, "deploy", Cluster(s3_secret, pipeline_config), deploy_cpu, deploy_memory,

@@ -1,20 +1,68 @@
-"""A local fake of the few Kubernetes API calls labelmatch's deploy makes, on 127.0.0.1.
+"""A test double of the Kubernetes API and of the controllers behind an InferenceService, on 127.0.0.1.
 
-It serves InferenceServices (get, create, JSON merge patch) like the API server: generation
-bumps on spec changes, 404/409 Status objects. A fake KServe controller marks the current
-generation Ready after ``ready_after`` status reads (never, when None).
+**API server** (as any Kubernetes API server answers): InferenceServices get, create and JSON
+merge patch (``metadata.generation`` bumps on ``spec`` changes only, ``resourceVersion`` on every
+write; 404/409/415 ``Status`` objects); Deployments (``apps/v1``) get; Pods (``v1``) list by label
+selector. Nothing else is served (an unexpected path fails the request).
+
+**Controllers**, written from their source, not from labelmatch's code. They advance one step per
+API request (a "tick"), so a test sets how long things take in requests, deterministically:
+
+* KServe's InferenceService controller, kserve/kserve ``pkg/apis/serving/v1beta1/
+  inference_service_status.go`` (identical in v0.15.0, v0.16.0 and master at v0.20.0-104):
+
+  - RawDeployment (``Standard`` since v0.20): after ``controller_lag`` ticks it writes the
+    predictor's pod template into the Deployment ``<name>-predictor``
+    (``constants.PredictorServiceName``; labels ``serving.kserve.io/inferenceservice`` and
+    ``component=predictor`` from ``components/predictor.go`` ``buildObjectMeta``). The replica
+    count is left to the HPA after creation. ``PropagateRawStatus`` is ported as written:
+    ``PredictorReady`` from the Deployment's ``Available``/``Progressing``/``ReplicaFailure``
+    conditions (True while ``Available`` is True, i.e. **during** a rolling update too), and
+    ``status.observedGeneration`` **copied from the Deployment's status**.
+  - Serverless (``Knative``): each template change makes the Knative Service create a revision
+    ``<name>-predictor-0000N``; ``PropagateStatus`` is ported: ``latestCreatedRevision``,
+    ``latestReadyRevision``, ``latestRolledoutRevision`` (the ready revision once it has 100 % of
+    the traffic), ``PredictorReady`` / ``PredictorConfigurationReady`` from the Knative Service's
+    ``Ready`` / ``ConfigurationsReady``, ``status.observedGeneration`` copied from the Knative
+    Service's.
+  - ``Ready`` is the living condition set of ``PredictorReady`` and ``IngressReady``; the ingress
+    reconciler marks ``IngressReady`` once the predictor has been ready.
+  - ``modelStatus.transitionStatus``: ``InProgress`` while the new pods start, ``UpToDate`` when
+    ready, ``BlockedByFailedLoad`` when they crash (``PropagateModelStatus``).
+
+* Kubernetes' Deployment controller (kubernetes ``pkg/controller/deployment/rolling.go``,
+  ``progress.go``; default strategy maxSurge 25 % rounded up, maxUnavailable 25 % rounded down, so
+  one new pod is added before an old one goes): ``observedGeneration`` catches up one tick after a
+  spec change; a template change creates the new ReplicaSet's pods, which become ready after
+  ``pod_start_ticks`` (``Progressing`` True ``ReplicaSetUpdated``); then the old pods go
+  (``NewReplicaSetAvailable``). Pods that never become ready end in ``Progressing`` False
+  ``ProgressDeadlineExceeded`` after ``progress_deadline_ticks``.
+
+**Pods** are not run unless a ``pod_runner`` is given: then each new pod is a real process
+(the test's runner starts the container's own command on 127.0.0.1) and ``status.address.url``
+points at the ready one, as KServe's Service would.
 """
 
+from __future__ import annotations
+
 import contextlib
+import copy
+import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
-PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
+ISVC_PREFIX = "/apis/serving.kserve.io/v1beta1/namespaces/"
+DEPLOY_PREFIX = "/apis/apps/v1/namespaces/"
+PODS_PREFIX = "/api/v1/namespaces/"
+SERVICE_PREFIX = "/svc/"
+RAW_MODES = ("RawDeployment", "Standard")
+MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -31,13 +79,396 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 @dataclass
+class Pod:
+    """One predictor pod: its template, when it is ready, and the process behind it (if any)."""
+
+    template: dict
+    starting: int
+    ready: bool = False
+    crashed: bool = False
+    handle: Any = None  # what pod_runner returned: has .url and .stop()
+
+
+@dataclass
+class Predictor:
+    """What the controllers keep for one InferenceService."""
+
+    mode: str
+    lag: int
+    deployment: dict | None = None
+    pods: list[Pod] = field(default_factory=list)
+    deadline: int = 0
+    ever_ready: bool = False
+    # Knative
+    revisions: list[dict] = field(default_factory=list)
+    ksvc_generation: int = 0
+    rolled_out: str = ""
+    previous_rolled_out: str = ""
+
+
+@dataclass
 class KubeState:
+    """The objects, the controllers' state, the requests seen, and the knobs of the world."""
+
     objects: dict[tuple[str, str], dict] = field(default_factory=dict)
-    requests: list[tuple[str, str, str, Any]] = field(
-        default_factory=list
-    )  # method, path, content type, body
-    ready_after: int | None = 2
-    reads_since_change: dict[tuple[str, str], int] = field(default_factory=dict)
+    predictors: dict[tuple[str, str], Predictor] = field(default_factory=dict)
+    requests: list[tuple[str, str, str, Any]] = field(default_factory=list)  # method, path, type, body
+    default_mode: str = "RawDeployment"
+    controller_lag: int = 1
+    pod_start_ticks: int = 2
+    progress_deadline_ticks: int = 6
+    crash: bool = False  # new pods never become ready (the model server exits)
+    pod_runner: Callable[[dict, str], Any] | None = None
+    base_url: str = ""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    # -- what a test does as "someone else" --------------------------------------------------
+    def hpa_scale(self, namespace: str, name: str, replicas: int) -> None:
+        """The HPA scales the predictor Deployment: its generation bumps, the template stays."""
+        with self.lock:
+            deployment = self.predictors[(namespace, name)].deployment
+            assert deployment is not None
+            deployment["spec"]["replicas"] = replicas
+            deployment["metadata"]["generation"] += 1
+
+    def deployment(self, namespace: str, name: str) -> dict | None:
+        """The predictor Deployment of InferenceService ``name``."""
+        return self.predictors[(namespace, name)].deployment
+
+    def stop_pods(self) -> None:
+        """Stop every pod process (end of a test)."""
+        with self.lock:
+            for predictor in self.predictors.values():
+                for pod in predictor.pods:
+                    if pod.handle is not None:
+                        pod.handle.stop()
+                predictor.pods.clear()
+
+    # -- controllers --------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One step of every controller."""
+        with self.lock:
+            for key, isvc in self.objects.items():
+                predictor = self.predictors[key]
+                if predictor.mode == "raw":
+                    self._kserve_raw(isvc, predictor)
+                    self._deployment_controller(predictor)
+                    self._propagate_raw(isvc, predictor)
+                else:
+                    self._kserve_knative(isvc, predictor)
+                    self._propagate_knative(isvc, predictor)
+
+    def _start_pod(self, template: dict, namespace: str) -> Pod:
+        return Pod(copy.deepcopy(template), self.pod_start_ticks)
+
+    def _advance_pod(self, pod: Pod, namespace: str) -> None:
+        if pod.ready or pod.crashed:
+            return
+        pod.starting -= 1
+        if pod.starting > 0:
+            return
+        if self.crash:
+            pod.crashed = True
+            return
+        if self.pod_runner is not None:
+            [container] = [c for c in pod.template["spec"]["containers"] if c["name"] == "kserve-container"]
+            pod.handle = self.pod_runner(container, namespace)
+        pod.ready = True
+
+    @staticmethod
+    def _template(isvc: dict) -> dict:
+        predictor = isvc["spec"]["predictor"]
+        spec = {
+            key: copy.deepcopy(predictor[key])
+            for key in ("containers", "volumes", "serviceAccountName")
+            if key in predictor
+        }
+        name = isvc["metadata"]["name"]
+        labels = {
+            **isvc["metadata"].get("labels", {}),
+            "serving.kserve.io/inferenceservice": name,
+            "component": "predictor",
+        }
+        return {"metadata": {"labels": labels}, "spec": spec}
+
+    def _kserve_raw(self, isvc: dict, predictor: Predictor) -> None:
+        if predictor.lag > 0:
+            predictor.lag -= 1
+            return
+        template = self._template(isvc)
+        name, namespace = isvc["metadata"]["name"], isvc["metadata"]["namespace"]
+        if predictor.deployment is None:
+            predictor.deployment = {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": f"{name}-predictor",
+                    "namespace": namespace,
+                    "generation": 1,
+                    "labels": template["metadata"]["labels"],
+                },
+                "spec": {"replicas": isvc["spec"]["predictor"].get("minReplicas", 1), "template": template},
+                "status": {},
+            }
+        elif predictor.deployment["spec"]["template"] != template:
+            predictor.deployment["spec"]["template"] = template
+            predictor.deployment["metadata"]["generation"] += 1
+
+    def _deployment_controller(self, predictor: Predictor) -> None:
+        deployment = predictor.deployment
+        if deployment is None:
+            return
+        status = deployment["status"]
+        namespace = deployment["metadata"]["namespace"]
+        # One sync (``syncRolloutStatus`` / ``calculateStatus``): the observed generation and the
+        # replica counts for the current template are written together.
+        status["observedGeneration"] = deployment["metadata"]["generation"]
+        template, replicas = deployment["spec"]["template"], deployment["spec"]["replicas"]
+        new = [p for p in predictor.pods if p.template == template]
+        old = [p for p in predictor.pods if p.template != template]
+        conditions = {}
+        if len(new) < replicas:
+            predictor.pods += [self._start_pod(template, namespace) for _ in range(replicas - len(new))]
+            predictor.deadline = self.progress_deadline_ticks
+            conditions["Progressing"] = ("True", "ReplicaSetUpdated", "ReplicaSet is progressing.")
+        else:
+            for pod in new:
+                self._advance_pod(pod, namespace)
+            if all(p.ready for p in new):
+                for pod in old + new[replicas:]:  # the old ReplicaSet, and pods above a scale-down
+                    if pod.handle is not None:
+                        pod.handle.stop()
+                predictor.pods = new[:replicas]
+                old = []
+                conditions["Progressing"] = (
+                    "True",
+                    "NewReplicaSetAvailable",
+                    "ReplicaSet has successfully progressed.",
+                )
+            else:
+                predictor.deadline -= 1
+                if predictor.deadline <= 0:
+                    conditions["Progressing"] = (
+                        "False",
+                        "ProgressDeadlineExceeded",
+                        f'ReplicaSet "{deployment["metadata"]["name"]}" has timed out progressing.',
+                    )
+                else:
+                    conditions["Progressing"] = ("True", "ReplicaSetUpdated", "ReplicaSet is progressing.")
+        new = [p for p in predictor.pods if p.template == template]
+        available = sum(p.ready for p in predictor.pods)
+        # maxUnavailable 25 % of the replicas, rounded down.
+        conditions["Available"] = (
+            ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+            if available >= replicas - replicas // 4
+            else ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+        )
+        status.update(
+            replicas=len(predictor.pods),
+            updatedReplicas=len(new),
+            readyReplicas=available,
+            availableReplicas=available,
+        )
+        previous = {c["type"]: c for c in status.get("conditions", [])}
+        for kind, (value, reason, message) in conditions.items():
+            previous[kind] = {"type": kind, "status": value, "reason": reason, "message": message}
+        status["conditions"] = list(previous.values())
+
+    def _url(self, isvc: dict, pods: list[Pod]) -> str:
+        """The InferenceService's address: a stable Service URL. With real pods it is served by
+        this double (``/svc/<namespace>/<name>/...``), forwarding to a ready pod as a Service would."""
+        name, namespace = isvc["metadata"]["name"], isvc["metadata"]["namespace"]
+        if self.pod_runner is not None:
+            return f"{self.base_url}{SERVICE_PREFIX}{namespace}/{name}"
+        return f"http://{name}.{namespace}.svc.cluster.local"
+
+    def endpoint(self, namespace: str, name: str) -> str | None:
+        """The URL of a ready pod behind the Service (``None`` when there is none)."""
+        with self.lock:
+            predictor = self.predictors.get((namespace, name))
+            ready = [p for p in predictor.pods if p.ready and p.handle is not None] if predictor else []
+            return ready[-1].handle.url if ready else None
+
+    @staticmethod
+    def _set(conditions: dict, kind: str, value: str, reason: str = "", message: str = "") -> None:
+        conditions[kind] = {
+            "type": kind,
+            "status": value,
+            **({"reason": reason} if reason else {}),
+            **({"message": message} if message else {}),
+        }
+
+    def _finish(self, isvc: dict, predictor: Predictor, conditions: dict, status: dict) -> None:
+        """IngressReady, Ready (living condition set: all True → True, any False → False) and
+        modelStatus, then write the status."""
+        ready = conditions.get("PredictorReady", {}).get("status") == "True"
+        predictor.ever_ready = predictor.ever_ready or ready
+        if predictor.ever_ready:
+            self._set(conditions, "IngressReady", "True")
+        dependents = [
+            conditions.get(k, {}).get("status", "Unknown") for k in ("PredictorReady", "IngressReady")
+        ]
+        overall = (
+            "True"
+            if all(v == "True" for v in dependents)
+            else ("False" if "False" in dependents else "Unknown")
+        )
+        failing = next(
+            (
+                conditions[k]
+                for k in ("PredictorReady", "IngressReady")
+                if conditions.get(k, {}).get("status") != "True" and k in conditions
+            ),
+            {},
+        )
+        self._set(conditions, "Ready", overall, failing.get("reason", ""), failing.get("message", ""))
+        status["conditions"] = list(conditions.values())
+        status["url"] = self._url(isvc, predictor.pods)
+        status["address"] = {"url": status["url"]}
+        isvc["status"] = status
+
+    def _model_status(self, pods: list[Pod]) -> dict:
+        if any(p.crashed for p in pods):
+            return {
+                "transitionStatus": "BlockedByFailedLoad",
+                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "container exited with 1"},
+            }
+        if pods and all(p.ready for p in pods):
+            return {"transitionStatus": "UpToDate"}
+        return {"transitionStatus": "InProgress"}
+
+    def _propagate_raw(self, isvc: dict, predictor: Predictor) -> None:
+        """``PropagateRawStatus`` (inference_service_status.go), one Deployment."""
+        status = copy.deepcopy(isvc.get("status") or {})
+        status["deploymentMode"] = "RawDeployment"
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        deployment = predictor.deployment
+        if deployment is None:
+            self._set(conditions, "PredictorReady", "Unknown")
+            return self._finish(isvc, predictor, conditions, status)
+        deployment_conditions = {c["type"]: c for c in deployment["status"].get("conditions", [])}
+        available = deployment_conditions.get("Available")
+        progressing = deployment_conditions.get("Progressing")
+        failure = deployment_conditions.get("ReplicaFailure")
+        component = ("False", "", "")
+        if available and available["status"] == "True":
+            component = ("True", available["reason"], available["message"])
+        if progressing:
+            if progressing["status"] == "False":
+                if progressing.get("message"):
+                    component = ("False", progressing["reason"], progressing["message"])
+            elif progressing["reason"] == "NewReplicaSetAvailable":
+                component = ("True", progressing["reason"], progressing["message"])
+            elif not (available and available["status"] == "True"):
+                component = ("Unknown", progressing["reason"], progressing["message"])
+        if available and available["status"] == "False":
+            component = ("False", available["reason"], available["message"])
+        if failure and failure["status"] == "True":
+            component = ("False", failure["reason"], failure["message"])
+        self._set(conditions, "PredictorReady", *component)
+        if deployment["status"]:
+            status["observedGeneration"] = deployment["status"].get("observedGeneration", 0)
+        status["modelStatus"] = self._model_status(
+            [p for p in predictor.pods if p.template == deployment["spec"]["template"]]
+        )
+        self._finish(isvc, predictor, conditions, status)
+
+    def _kserve_knative(self, isvc: dict, predictor: Predictor) -> None:
+        if predictor.lag > 0:
+            predictor.lag -= 1
+            return
+        template = self._template(isvc)
+        namespace = isvc["metadata"]["namespace"]
+        if not predictor.revisions or predictor.revisions[-1]["template"] != template:
+            predictor.ksvc_generation += 1
+            name = f"{isvc['metadata']['name']}-predictor-{predictor.ksvc_generation:05d}"
+            predictor.revisions.append(
+                {"name": name, "template": template, "pod": self._start_pod(template, namespace)}
+            )
+            predictor.pods.append(predictor.revisions[-1]["pod"])
+            return
+        latest = predictor.revisions[-1]
+        self._advance_pod(latest["pod"], namespace)
+        ready = [r for r in predictor.revisions if r["pod"].ready]
+        if ready and predictor.rolled_out != ready[-1]["name"]:
+            # The route sends 100 % to the latest ready revision; the old revision scales to zero.
+            for revision in predictor.revisions:
+                if revision is not ready[-1] and revision["pod"].handle is not None:
+                    revision["pod"].handle.stop()
+                    revision["pod"].handle = None
+            predictor.pods = [ready[-1]["pod"]] + ([latest["pod"]] if latest is not ready[-1] else [])
+            predictor.previous_rolled_out, predictor.rolled_out = predictor.rolled_out, ready[-1]["name"]
+
+    def _propagate_knative(self, isvc: dict, predictor: Predictor) -> None:
+        """``PropagateStatus`` (inference_service_status.go) from the Knative Service's status."""
+        status = copy.deepcopy(isvc.get("status") or {})
+        status["deploymentMode"] = "Serverless"
+        conditions = {c["type"]: c for c in status.get("conditions", [])}
+        if not predictor.revisions:
+            self._set(conditions, "PredictorReady", "Unknown")
+            return self._finish(isvc, predictor, conditions, status)
+        latest = predictor.revisions[-1]
+        ready = [r for r in predictor.revisions if r["pod"].ready]
+        components = status.setdefault("components", {}).setdefault("predictor", {})
+        components["latestCreatedRevision"] = latest["name"]
+        if ready:
+            components["latestReadyRevision"] = ready[-1]["name"]
+        if predictor.rolled_out:
+            components["latestRolledoutRevision"] = predictor.rolled_out
+            components["traffic"] = [
+                {"revisionName": predictor.rolled_out, "percent": 100, "latestRevision": True}
+            ]
+            if predictor.previous_rolled_out:
+                components["previousRolledoutRevision"] = predictor.previous_rolled_out
+        if latest["pod"].crashed:
+            configuration = (
+                "False",
+                "RevisionFailed",
+                f'Revision "{latest["name"]}" failed with message: Container failed with: exit status 1.',
+            )
+            service = configuration
+        elif latest["pod"].ready and predictor.rolled_out == latest["name"]:
+            configuration = service = ("True", "", "")
+        else:
+            configuration = service = (
+                "Unknown",
+                "RevisionMissing",
+                f'Configuration "{isvc["metadata"]["name"]}-predictor" is waiting for a '
+                "Revision to become ready.",
+            )
+        self._set(conditions, "PredictorConfigurationReady", *configuration)
+        self._set(conditions, "PredictorRouteReady", "True" if predictor.rolled_out else "Unknown")
+        self._set(conditions, "PredictorReady", *service)
+        status["observedGeneration"] = predictor.ksvc_generation
+        status["modelStatus"] = self._model_status([latest["pod"]])
+        self._finish(isvc, predictor, conditions, status)
+
+    def pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
+        """The pods a label selector matches, as the API returns them."""
+        items = []
+        for (ns, name), predictor in self.predictors.items():
+            for index, pod in enumerate(predictor.pods):
+                labels = pod.template["metadata"]["labels"]
+                if ns != namespace or any(labels.get(k) != v for k, v in selector.items()):
+                    continue
+                statuses = [
+                    {
+                        "name": c["name"],
+                        "ready": pod.ready,
+                        "image": c["image"],
+                        "imageID": f"docker-pullable://{c['image'].split(':')[0].split('@')[0]}@sha256:"
+                        f"{hashlib.sha256(c['image'].encode()).hexdigest()}",
+                    }
+                    for c in pod.template["spec"]["containers"]
+                ]
+                items.append(
+                    {
+                        "metadata": {"name": f"{name}-predictor-{index}", "namespace": ns, "labels": labels},
+                        "spec": pod.template["spec"],
+                        "status": {"containerStatuses": statuses},
+                    }
+                )
+        return items
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -67,78 +498,135 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def _route(self) -> tuple[str, str | None, Any]:
+    def _body(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else None
         self.state.requests.append((self.command, self.path, self.headers.get("Content-Type", ""), body))
-        assert self.path.startswith(PREFIX), self.path
-        parts = self.path[len(PREFIX) :].split("?")[0].split("/")
+        return body
+
+    def _isvc_key(self) -> tuple[str, str | None]:
+        assert self.path.startswith(ISVC_PREFIX), self.path
+        parts = urlparse(self.path).path[len(ISVC_PREFIX) :].split("/")
         assert parts[1] == "inferenceservices", self.path
-        return parts[0], parts[2] if len(parts) > 2 else None, body
+        return parts[0], parts[2] if len(parts) > 2 else None
+
+    def _forward(self) -> bool:
+        """Service traffic (``/svc/<namespace>/<name>/<path>``) goes to a ready pod; False if not."""
+        if not self.path.startswith(SERVICE_PREFIX):
+            return False
+        import requests
+
+        namespace, name, rest = self.path[len(SERVICE_PREFIX) :].split("/", 2)
+        target = self.state.endpoint(namespace, name)
+        if target is None:
+            self._send(503, {"error": "no ready endpoints"})
+            return True
+        length = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "authorization")}
+        response = requests.request(self.command, f"{target}/{rest}", data=data, headers=headers, timeout=120)
+        self.send_response(response.status_code)
+        self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+        return True
+
+    def do_PUT(self) -> None:
+        if not self._forward():
+            self._status(405, "MethodNotAllowed", "PUT is not served by this double")
 
     def do_GET(self) -> None:
-        namespace, name, _ = self._route()
-        key = (namespace, name)
-        if key not in self.state.objects:
-            return self._status(404, "NotFound", f'inferenceservices.serving.kserve.io "{name}" not found')
-        obj = self.state.objects[key]
-        reads = self.state.reads_since_change[key] = self.state.reads_since_change.get(key, 0) + 1
-        if self.state.ready_after is not None and reads >= self.state.ready_after:
-            generation = obj["metadata"]["generation"]
-            obj["status"] = {
-                "observedGeneration": generation,
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "url": f"http://{name}.{namespace}.example.com",
-            }
-        return self._send(200, obj)
+        if self._forward():
+            return
+        self._body()
+        state = self.state
+        with state.lock:
+            state.tick()
+            path = urlparse(self.path)
+            if path.path.startswith(DEPLOY_PREFIX):
+                namespace, kind, name = path.path[len(DEPLOY_PREFIX) :].split("/")
+                assert kind == "deployments", self.path
+                for (ns, _), predictor in state.predictors.items():
+                    deployment = predictor.deployment
+                    if ns == namespace and deployment and deployment["metadata"]["name"] == name:
+                        return self._send(200, deployment)
+                return self._status(404, "NotFound", f'deployments.apps "{name}" not found')
+            if path.path.startswith(PODS_PREFIX) and path.path.endswith("/pods"):
+                namespace = path.path[len(PODS_PREFIX) :].split("/")[0]
+                raw = parse_qs(path.query).get("labelSelector", [""])[0]
+                selector = dict(part.split("=", 1) for part in raw.split(",") if part)
+                return self._send(
+                    200, {"kind": "PodList", "apiVersion": "v1", "items": state.pods(namespace, selector)}
+                )
+            key = self._isvc_key()
+            if key not in state.objects:
+                return self._status(
+                    404, "NotFound", f'inferenceservices.serving.kserve.io "{key[1]}" not found'
+                )
+            return self._send(200, state.objects[key])
 
     def do_POST(self) -> None:
-        namespace, _, body = self._route()
+        if self._forward():
+            return
+        body = self._body()
+        namespace, _ = self._isvc_key()
         key = (namespace, body["metadata"]["name"])
-        if key in self.state.objects:
-            return self._status(
-                409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{key[1]}" already exists'
-            )
-        obj = json.loads(json.dumps(body))
-        obj["metadata"].update(generation=1, resourceVersion="1", uid=f"uid-{key[1]}")
-        obj["status"] = {
-            "observedGeneration": 0,
-            "conditions": [{"type": "Ready", "status": "False", "reason": "PredictorNotReady"}],
-        }
-        self.state.objects[key] = obj
-        self.state.reads_since_change[key] = 0
-        return self._send(201, obj)
+        state = self.state
+        with state.lock:
+            if key in state.objects:
+                return self._status(
+                    409, "AlreadyExists", f'inferenceservices.serving.kserve.io "{key[1]}" already exists'
+                )
+            obj = json.loads(json.dumps(body))
+            obj["metadata"].update(generation=1, resourceVersion="1", uid=f"uid-{key[1]}")
+            obj.pop("status", None)
+            mode = (obj["metadata"].get("annotations") or {}).get(MODE_ANNOTATION, state.default_mode)
+            state.objects[key] = obj
+            state.predictors[key] = Predictor("raw" if mode in RAW_MODES else "knative", state.controller_lag)
+            return self._send(201, obj)
 
     def do_PATCH(self) -> None:
-        namespace, name, patch = self._route()
-        key = (namespace, name)
-        if self.headers.get("Content-Type") != "application/merge-patch+json":
-            return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type", ""))
-        if key not in self.state.objects:
-            return self._status(404, "NotFound", f'inferenceservices.serving.kserve.io "{name}" not found')
-        old = self.state.objects[key]
-        new = json.loads(json.dumps(merge_patch(old, patch)))
-        if new["spec"] != old["spec"]:
-            new["metadata"]["generation"] = old["metadata"]["generation"] + 1
-            self.state.reads_since_change[key] = 0
-        new["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
-        self.state.objects[key] = new
-        return self._send(200, new)
+        patch = self._body()
+        key = self._isvc_key()
+        state = self.state
+        with state.lock:
+            if self.headers.get("Content-Type") != "application/merge-patch+json":
+                return self._status(415, "UnsupportedMediaType", self.headers.get("Content-Type", ""))
+            if key not in state.objects:
+                return self._status(
+                    404, "NotFound", f'inferenceservices.serving.kserve.io "{key[1]}" not found'
+                )
+            old = state.objects[key]
+            new = json.loads(json.dumps(merge_patch(old, patch)))
+            if new["spec"] != old["spec"]:
+                new["metadata"]["generation"] = old["metadata"]["generation"] + 1
+                state.predictors[key].lag = state.controller_lag
+            new["metadata"]["resourceVersion"] = str(int(old["metadata"]["resourceVersion"]) + 1)
+            new["status"] = old.get("status", {})
+            state.objects[key] = new
+            return self._send(200, new)
 
 
 @contextlib.contextmanager
-def kube_fake_server() -> Iterator[tuple[str, KubeState]]:
-    """Serve the fake on 127.0.0.1 (free port); yield ``(http://host:port, state)``."""
-    state = KubeState()
+def kube_fake_server(**knobs: Any) -> Iterator[tuple[str, KubeState]]:
+    """Serve the double on 127.0.0.1 (free port); yield ``(http://host:port, state)``.
+
+    Args:
+        knobs: :class:`KubeState` fields (``default_mode``, ``pod_start_ticks``, ``pod_runner``, ...).
+    """
+    state = KubeState(**knobs)
     handler = type("Handler", (_Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    state.base_url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", state
+        yield state.base_url, state
     finally:
         server.shutdown()
         server.server_close()
+        state.stop_pods()
 
 
 def kubeconfig(path: Path, server: str, namespace: str = "default") -> Path:

@@ -378,14 +378,20 @@ def _pipeline_objects(rendered: dict[Path, list[dict]], values: str) -> dict[tup
 
 def test_pipeline_runner_rbac_grants_exactly_what_the_steps_need(rendered: dict[Path, list[dict]]) -> None:
     """The IR's tune step creates/reads/deletes RayJobs and its deploy step reads/creates/patches
-    InferenceServices (labelmatch.platform.kuberay, labelmatch.platform.kserve); KFP's launcher reads its
-    ConfigMap and the S3 Secret; Argo reports outputs. Nothing else: no list/watch, no wildcard."""
+    InferenceServices, reads the predictor Deployment and lists the predictor pods
+    (labelmatch.platform.kuberay, labelmatch.platform.kserve, labelmatch.platform.kserve_rollout); KFP's
+    launcher reads its ConfigMap and the S3 Secret; Argo reports outputs. Nothing else: no watch, no
+    other list, no wildcard."""
     objects = _pipeline_objects(rendered, "default-values.yaml")
     role = objects[("Role", "labelmatch-pipeline-runner")]
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r for r in role["rules"]}
     assert set(rules[(("ray.io",), ("rayjobs",))]["verbs"]) == {"create", "get", "delete"}
     assert set(rules[(("serving.kserve.io",), ("inferenceservices",))]["verbs"]) == {"get", "create", "patch"}
     assert set(rules[(("argoproj.io",), ("workflowtaskresults",))]["verbs"]) == {"create", "patch"}
+    assert rules[(("apps",), ("deployments",))]["verbs"] == ["get"]
+    assert rules[(("",), ("pods",))]["verbs"] == ["list"]
+    listing = [r for r in role["rules"] if "list" in r["verbs"] or "watch" in r["verbs"]]
+    assert listing == [rules[(("",), ("pods",))]]
     assert rules[(("",), ("secrets",))] == {"apiGroups": [""], "resources": ["secrets"],
                                              "resourceNames": ["labelmatch-s3-credentials"], "verbs": ["get"]}
     assert rules[(("",), ("configmaps",))]["resourceNames"] == ["kfp-launcher"]

@@ -1,4 +1,5 @@
-"""Deploy to KServe (against a local fake of the Kubernetes API), release records and rollback."""
+"""Deploy to KServe (against a double of the Kubernetes API and KServe's controller written from
+their source: tests/k8s_fake.py), release records and rollback."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from kfp_stub import kfp_stub_server, shipped_ir
 from s3_server import moto_s3_server, s3_env
 
 from labelmatch import __version__
-from labelmatch.core.artifacts import artifact_digest, write_manifest
+from labelmatch.core.artifacts import write_manifest
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError, LabelmatchError
 from labelmatch.platform.artifact_store import ArtifactStore, S3Config, S3Uri
 from labelmatch.platform.k8s_schema import validate_against_crd
@@ -49,7 +50,10 @@ def onnx_model(tmp_path: Path, store: ArtifactStore, name: str) -> tuple[str, st
 
 
 def config(**changes) -> DeployConfig:
-    values = dict(service="tax", namespace=NS, timeout_s=5.0, poll_s=0.01, crd_path=str(CRD))
+    # The small artifacts here cannot be served: what the server serves is checked in the rollback
+    # test, with real model servers as the pods.
+    values = dict(service="tax", namespace=NS, timeout_s=5.0, poll_s=0.01, crd_path=str(CRD),
+                  verify_served=False)
     values.update(changes)
     return DeployConfig(**values)
 
@@ -57,6 +61,18 @@ def config(**changes) -> DeployConfig:
 def storage_uri(obj: dict) -> str:
     [container] = obj["spec"]["predictor"]["containers"]
     return {e["name"]: e.get("value") for e in container["env"]}["STORAGE_URI"]
+
+
+def rolled_out(state, service: str) -> str:
+    """The release every replica of the predictor Deployment runs ("" mid-rollout)."""
+    deployment = state.deployment(NS, service)
+    status = deployment["status"]
+    replicas = deployment["spec"]["replicas"]
+    counts = (status.get("updatedReplicas"), status.get("replicas"), status.get("availableReplicas"))
+    if counts != (replicas,) * 3:
+        return ""
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value") for e in container["env"]}["LABELMATCH_RELEASE_ID"]
 
 
 def test_inference_service_is_valid_against_the_crd():
@@ -102,8 +118,8 @@ def test_deploy_creates_then_patches_and_records_releases(tmp_path, store, kube,
     served = state.objects[(NS, "tax")]
     assert storage_uri(served) == uri_b and served["metadata"]["generation"] == 2
     assert "--max-batch=32" in served["spec"]["predictor"]["containers"][0]["args"]
-    # It waited for the new generation, not the old generation's Ready.
-    assert served["status"]["observedGeneration"] == 2
+    # It returned once the predictor Deployment ran the new release on every replica.
+    assert rolled_out(state, "tax") == second.release_id
 
     records = ReleaseLog(store, ROOT).list("tax")
     assert [(r.model_uri, r.model_digest, r.pipeline_version, r.run_id) for r in records] == [
@@ -124,8 +140,9 @@ def test_deploy_refuses_a_wrong_digest_and_times_out_without_a_record(tmp_path, 
         deploy_model(config(service="other"), uri, store, ROOT, expected_digest="0" * 64, api=api)
     assert state.requests == []  # refused before touching the cluster
 
-    state.ready_after = None  # the predictor never becomes Ready
-    with pytest.raises(LabelmatchError, match=r"ml/other not Ready after 0.2 s \(.*PredictorNotReady\)"):
+    state.pod_start_ticks = state.progress_deadline_ticks = 10**6  # still starting when we give up
+    with pytest.raises(LabelmatchError, match=r"ml/other not Ready after 0.2 s \(Deployment other-predictor: "
+                                              r"0 of 1 updated replicas available\)"):
         deploy_model(config(service="other", timeout_s=0.2), uri, store, ROOT, api=api)
     assert ReleaseLog(store, ROOT).list("other") == []
 
@@ -153,14 +170,17 @@ def test_release_log_is_append_only_and_finds_releases(store):
 @pytest.fixture
 def deploy_ir_env(tmp_path, store, monkeypatch):
     """What the compiled deploy IR's step needs to reach the S3 server and the API double, as env
-    (kfp.local's step subprocesses inherit it); yields ``(kube state, pipeline runner)``."""
+    (kfp.local's step subprocesses inherit it); the double's pods are real model servers
+    (tests/kserve_pods.py). Yields ``(kube state, pipeline runner)``."""
+    from kserve_pods import LocalPods
+
     from pipelines.local import LocalPipelineRegistry
     from pipelines.registry import COMPILED_DIR
 
     for key, value in s3_env(f"http://{store.config.endpoint}").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with kube_fake_server() as (url, state):
+    with kube_fake_server(pod_runner=LocalPods(store, tmp_path / "pods")) as (url, state):
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", url, NS)))
         yield state, LocalPipelineRegistry(COMPILED_DIR, tmp_path / "runs")
 
@@ -169,45 +189,91 @@ def _deploy_params(uri: str, service: str) -> dict[str, str]:
     return {"model_uri": uri, "service": service, "namespace": NS, "target": "kserve", "release_root": ROOT}
 
 
+def _served_model(tmp_path: Path, store: ArtifactStore, source: Path, name: str) -> tuple[str, str]:
+    """Upload a copy of a real OnnxModel under its own model version; returns (uri, digest)."""
+    import json
+    import shutil
+
+    root = tmp_path / name
+    shutil.copytree(source, root)
+    info = json.loads((root / "labelmatch.json").read_text())
+    info["model_version"] = f"{name}-{info.get('model_version', '')}"[:40]
+    (root / "labelmatch.json").write_text(json.dumps(info))
+    write_manifest(root, "OnnxModel")
+    uri = f"{ROOT}/models/onnx/{name}"
+    return uri, store.upload_artifact(root, uri)
+
+
 @pytest.mark.slow
-def test_rollback_reruns_the_compiled_deploy_ir_and_serves_the_earlier_model(tmp_path, store, deploy_ir_env):
-    """Deploys and the rollback all run the deploy IR that ships (kfp.local); only the Kubernetes
-    API is a double. The KFP server's part (which version, which parameters) is checked against
-    the KFP stub with the same IR uploaded."""
+def test_rollback_restores_the_whole_served_state(tmp_path, store, onnx_model, deploy_ir_env):
+    """Deploys and the rollback run the deploy IR that ships (kfp.local); the Kubernetes API and
+    KServe's controller are a double, the predictor pods real model servers. After the rollback
+    the server itself reports the earlier release's model digest, label-set version and engine,
+    and the InferenceService has its image (by digest) and args. The KFP server's part (which
+    version, which parameters) is checked against the KFP stub with the same IR uploaded."""
+    import requests
+    from model_server import ADMIN_TOKEN
+
+    from labelmatch.platform.kserve_rollout import served_url
+
     state, runner = deploy_ir_env
-    uri_a, digest_a = onnx_model(tmp_path, store, "ra")
-    uri_b, digest_b = onnx_model(tmp_path, store, "rb")
+    uri_a, digest_a = _served_model(tmp_path, store, onnx_model[0], "ra")
+    uri_b, digest_b = _served_model(tmp_path, store, onnx_model[0], "rb")
     releases = ReleaseLog(store, ROOT)
+
+    def labels_url() -> str:
+        return f"{served_url(state.objects[(NS, 'tax2')])}/v2/models/tax2/labels"
+
+    def put_labels(labels: dict[str, str]) -> int:
+        response = requests.put(labels_url(), json={"labels": labels}, timeout=60,
+                                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert response.status_code == 200, response.text
+        return response.json()["label_set_version"]
+
     runner.create_run("labelmatch-deploy", __version__, _deploy_params(uri_a, "tax2"))
+    [first] = releases.list("tax2")
+    assert (first.model_digest, first.label_set_version, first.engine) == (digest_a, 0, "ort-int8-dynamic")
+    pinned = put_labels({"vat": "value added tax", "payroll": "payroll and wage taxes"})
+    runner.create_run("labelmatch-deploy", __version__, _deploy_params(uri_a, "tax2"))
+    second = releases.list("tax2")[-1]
+    assert (second.model_digest, second.label_set_version) == (digest_a, pinned)
+    assert second.image_id.startswith("ghcr.io/labelmatch/labelmatch-serve@sha256:")
+    newer = put_labels({"vat": "value added tax"})  # the newest label set of model A is now another
+    # An operator switches the engine; the next release serves model B with it.
+    container = state.objects[(NS, "tax2")]["spec"]["predictor"]["containers"][0]
+    container["args"] += ["--engine", "ort-fp32"]
     runner.create_run("labelmatch-deploy", __version__, _deploy_params(uri_b, "tax2"))
-    first, second = releases.list("tax2")
-    assert (first.model_digest, second.model_digest) == (digest_a, digest_b)
-    assert storage_uri(state.objects[(NS, "tax2")]) == uri_b
+    third = releases.list("tax2")[-1]
+    assert (third.model_digest, third.engine) == (digest_b, "ort-fp32")
+    assert requests.get(labels_url(), timeout=10).json()["model_digest"] == digest_b
 
     with kfp_stub_server() as (url, kfp):
         registry = PipelineRegistry(url)
         registry.upload(shipped_ir(tmp_path, "labelmatch-deploy", __version__), __version__)
-        plan, run = rollback("tax2", first.release_id, releases, store, registry)
-        assert plan.release == first and plan.version.version == __version__
+        plan, run = rollback("tax2", second.release_id, releases, store, registry)
+        assert plan.release == second and plan.version.version == __version__
         sent = kfp.runs[run.run_id]["runtime_config"]["parameters"]
     assert sent == {"model_uri": uri_a, "model_digest": digest_a, "service": "tax2", "namespace": NS,
-                    "target": "kserve", "release_root": ROOT}
+                    "target": "kserve", "release_root": ROOT, "restore_release": second.release_id}
 
     # What the cluster runs for that request: the same IR with the same parameters.
-    plan, _ = rollback("tax2", first.release_id, releases, store, runner)
+    plan, _ = rollback("tax2", second.release_id, releases, store, runner)
     assert plan.parameters == sent
-    third = releases.list("tax2")[-1]
-    assert (third.model_digest, third.model_uri) == (digest_a, uri_a) and third.release_id != first.release_id
-    served = state.objects[(NS, "tax2")]
-    assert storage_uri(served) == uri_a
-    assert {e["name"]: e["value"] for e in served["spec"]["predictor"]["containers"][0]["env"]}[
-        "LABELMATCH_MODEL_DIGEST"] == digest_a
-    store.download_artifact(uri_a, tmp_path / "served", kind="OnnxModel")
-    assert artifact_digest(tmp_path / "served") == digest_a  # byte-identical files
+    fourth = releases.list("tax2")[-1]
+    assert fourth.release_id not in (first.release_id, second.release_id, third.release_id)
+    served = requests.get(labels_url(), timeout=10).json()
+    assert served["release_id"] == fourth.release_id
+    assert (served["model_digest"], served["label_set_version"], served["engine"]) == (
+        digest_a, pinned, "ort-int8-dynamic"), f"restored label set {pinned}, not the newest ({newer})"
+    assert served["thresholds"] == second.thresholds
+    container = state.objects[(NS, "tax2")]["spec"]["predictor"]["containers"][0]
+    assert container["image"] == second.image_id and container["args"] == second.predictor["args"]
+    assert (fourth.model_digest, fourth.label_set_version, fourth.engine) == (
+        digest_a, pinned, "ort-int8-dynamic")
 
     # A model changed in the store since its release is never rolled back to.
-    store.put_bytes(S3Uri.parse(uri_a).child("model.onnx"), b"retrained in place")
-    with pytest.raises(ArtifactError, match=r"model.onnx is corrupted"):
+    store.put_bytes(S3Uri.parse(uri_a).child("labels.json"), b"retrained in place")
+    with pytest.raises(ArtifactError, match=r"labels.json is corrupted"):
         rollback("tax2", first.release_id, releases, store, runner)
 
 

@@ -107,6 +107,29 @@ def test_a_replica_picks_up_another_replicas_label_set_and_reports_an_unreachabl
         two.stop()
 
 
+def test_a_pinned_label_set_is_served_until_a_newer_one_is_stored(url):
+    """A rollback pins the label set its release served; older and newer-but-existing sets do not
+    replace it, one stored afterwards does, and a set of another model cannot be pinned."""
+    admin = ReplicaState(StateConfig(url), "m1", lambda label_set: None)
+    first = admin.save_labels({"vat": "Value added tax."}, THRESHOLDS)
+    admin.save_labels({"vat": "VAT.", "customs": "Import duties."}, THRESHOLDS)
+    other = ServingState(url).save_label_set("m2", {"payroll": "Payroll."}, THRESHOLDS)
+    applied = []
+    replica = ReplicaState(StateConfig(url), "m1", applied.append)
+    replica.pin_labels(first.version)
+    assert [s.labels for s in applied] == [{"vat": "Value added tax."}]
+    assert replica.label_set_version == first.version
+    assert not replica.sync_labels()
+    model_own = ReplicaState(StateConfig(url), "m1", applied.append)
+    model_own.pin_labels(0)
+    assert not model_own.sync_labels() and model_own.label_set_version == 0
+    later = admin.save_labels({"customs": "Import duties."}, THRESHOLDS)
+    assert replica.sync_labels() and replica.label_set_version == later.version
+    with pytest.raises(ConfigError, match=rf"label set version {other.version} .*no such label set for model "
+                                          r"version m1"):
+        ReplicaState(StateConfig(url), "m1", applied.append).pin_labels(other.version)
+
+
 def test_a_replica_that_cannot_reach_its_store_at_start_fails_with_the_reason():
     # A port nothing listens on: the server must not start half-configured.
     replica_config = StateConfig("postgresql+psycopg://nobody@127.0.0.1:9/none")

@@ -318,8 +318,12 @@ def deploy(
     crd: Annotated[
         Path | None, typer.Option(help="InferenceService CRD file to validate against first.")
     ] = None,
+    verify_served: Annotated[bool, typer.Option(
+        help="Ask the model server (the InferenceService's cluster address) what it serves before recording "
+             "the release; off outside the cluster network (the record then has no engine or label-set "
+             "version).")] = True,
 ) -> None:
-    """Create or patch the KServe InferenceService, wait for Ready, append a release record."""
+    """Create or patch the KServe InferenceService, wait for its rollout, append a release record."""
     from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.images import image as image_name
     from labelmatch.platform.kserve import DeployConfig, deploy_model
@@ -331,6 +335,7 @@ def deploy(
         service_account=service_account,
         timeout_s=timeout,
         crd_path=str(crd) if crd else None,
+        verify_served=verify_served,
     )
     record = deploy_model(
         config, model_uri, ArtifactStore.from_env(), root, pipeline_version, run_id, expected_digest

@@ -6,8 +6,15 @@
 2. create the InferenceService, or patch the existing one (for instance the one the
    ``labelmatch-serving`` Helm chart installed) so that its ``kserve-container`` points at the
    new model; everything else the chart set is kept;
-3. wait until KServe reports the *new* generation Ready, with a timeout;
-4. append a release record (service, model URI and digest, pipeline version, run id, time).
+3. wait until the change is rolled out as KServe and Kubernetes report it, in either deployment
+   mode (:mod:`labelmatch.platform.kserve_rollout`), with a timeout;
+4. ask the model server what it serves (``GET /v2/models/<service>/labels``: model digest, release
+   id, engine, label-set version, thresholds) and refuse a server that serves something else;
+5. append a release record: the whole served state (model URI and digest, serve image and the
+   image digest the pods run, engine, label-set version and thresholds, the predictor's args,
+   resources and replicas, pipeline version, run id, time).
+
+A rollback (``restore``) re-applies all of a release's served state, not only its model.
 
 The predictor is our own container (``labelmatch serve``). KServe's storage initializer
 downloads ``STORAGE_URI`` into ``/mnt/models`` with the S3 credentials of the predictor's service
@@ -22,6 +29,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,17 +37,20 @@ from labelmatch import __version__
 from labelmatch.core.errors import ArtifactError, ConfigError, LabelmatchError
 from labelmatch.platform.artifact_store import ArtifactStore
 from labelmatch.platform.images import image as image_name
+from labelmatch.platform.kserve_rollout import CONTAINER, RELEASE_ENV
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
-CONTAINER = "kserve-container"  # KServe mounts the storage initializer's download into this container
 MODEL_DIR = "/mnt/models"
 DIGEST_ENV = "LABELMATCH_MODEL_DIGEST"
 ANNOTATION_PREFIX = "labelmatch.io/"
+LABEL_SET_ENV = "LABELMATCH_LABEL_SET_VERSION"
+ENGINE_ENV = "LABELMATCH_ENGINE"
 #: Parameters the deploy pipeline must declare so that a rollback can re-run it.
-DEPLOY_PARAMETERS = ("model_uri", "model_digest", "service", "namespace", "target", "release_root")
+DEPLOY_PARAMETERS = ("model_uri", "model_digest", "service", "namespace", "target", "release_root",
+                     "restore_release")
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,8 @@ class DeployConfig:
         timeout_s: How long to wait for Ready.
         poll_s: Seconds between status checks.
         crd_path: InferenceService CRD file to validate the object against before it is sent.
+        verify_served: After the rollout, ask the model server (``status.address.url``) what it
+            serves and refuse a release it does not serve.
     """
 
     service: str
@@ -79,6 +92,7 @@ class DeployConfig:
     timeout_s: float = 600.0
     poll_s: float = 5.0
     crd_path: str | None = None
+    verify_served: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -89,9 +103,18 @@ class DeployConfig:
                               "state): without it each pod keeps its own label sets and prediction records")
 
 
-def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+def _set_env(container: dict[str, Any], name: str, value: str | None) -> None:
+    """Set (or, with ``None``, remove) a plain env var of ``container``."""
     env = [item for item in container.get("env", []) if item.get("name") != name]
-    container["env"] = [*env, {"name": name, "value": value}]
+    container["env"] = env if value is None else [*env, {"name": name, "value": value}]
+
+
+def _point(container: dict[str, Any], model_uri: str, model_digest: str, release_id: str) -> None:
+    _set_env(container, "STORAGE_URI", model_uri)
+    _set_env(container, DIGEST_ENV, model_digest)
+    # A new value per deploy: the pod template always changes, so there is always a rollout to
+    # wait for, and the server reports which release it belongs to.
+    _set_env(container, RELEASE_ENV, release_id)
 
 
 def inference_service(
@@ -124,7 +147,8 @@ def inference_service(
             "--state-dir",
             "/tmp/labelmatch-state",
         ],
-        "env": [{"name": "STORAGE_URI", "value": model_uri}, {"name": DIGEST_ENV, "value": model_digest}],
+        "env": [{"name": "STORAGE_URI", "value": model_uri}, {"name": DIGEST_ENV, "value": model_digest},
+                {"name": RELEASE_ENV, "value": release.get("release-id", "")}],
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         "ports": [{"name": "http1", "containerPort": config.port, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": f"/v2/models/{config.service}/state", "port": config.port},
@@ -169,26 +193,66 @@ def inference_service(
     }
 
 
-def point_at_model(existing: dict, model_uri: str, model_digest: str, release: dict[str, str]) -> dict:
+def point_at_model(existing: dict, model_uri: str, model_digest: str, release: dict[str, str],
+                   image: str | None = None, restore: ReleaseRecord | None = None) -> dict:
     """The merge patch that points an existing InferenceService at another model, keeping the rest.
+
+    Args:
+        existing: The InferenceService as read.
+        model_uri: The model artifact's ``s3://`` URI.
+        model_digest: Its artifact digest.
+        release: ``labelmatch.io/*`` annotation values; ``release-id`` also goes into the pods'
+            ``LABELMATCH_RELEASE_ID``.
+        image: The predictor image (the deploying version's serve image); ``None`` keeps it.
+        restore: A release whose whole served state comes back (a rollback): its image (by
+            digest where it was recorded), engine, label-set version, args, resources and
+            replicas. Without it a pinned label set is unpinned (the new model serves its newest).
 
     Raises:
         LabelmatchError: The InferenceService has no ``kserve-container`` to point.
     """
-    containers = copy.deepcopy(existing.get("spec", {}).get("predictor", {}).get("containers", []))
+    predictor = copy.deepcopy(existing.get("spec", {}).get("predictor", {}))
+    containers = predictor.get("containers", [])
     target = next((c for c in containers if c.get("name") == CONTAINER), None)
     if target is None:
         name = existing.get("metadata", {}).get("name", "?")
         raise LabelmatchError(
             f"InferenceService {name!r} has no container '{CONTAINER}' to point at the model"
         )
-    _set_env(target, "STORAGE_URI", model_uri)
-    _set_env(target, DIGEST_ENV, model_digest)
+    _point(target, model_uri, model_digest, release["release-id"])
+    patch_predictor: dict[str, Any] = {"containers": containers}
+    if restore is None:
+        if image:
+            target["image"] = image
+        _set_env(target, LABEL_SET_ENV, None)
+    else:
+        served = restore.predictor
+        target["image"] = restore.image_id or restore.image or target.get("image")
+        for key in ("args", "resources"):
+            if key in served:
+                target[key] = copy.deepcopy(served[key])
+        for key in ("minReplicas", "maxReplicas"):
+            if key in served:
+                patch_predictor[key] = served[key]
+        _set_env(target, LABEL_SET_ENV, None if restore.label_set_version is None
+                 else str(restore.label_set_version))
+        if restore.engine:
+            _set_env(target, ENGINE_ENV, restore.engine)
     return {
         "metadata": {"annotations": {ANNOTATION_PREFIX + key: value for key, value in release.items()}},
         # A JSON merge patch replaces lists whole: send every container, changed in place.
-        "spec": {"predictor": {"containers": containers}},
+        "spec": {"predictor": patch_predictor},
     }
+
+
+def predictor_settings(isvc: dict) -> dict[str, Any]:
+    """The predictor settings a release records (the chart values that matter): the
+    ``kserve-container``'s args and resources, and the replica bounds."""
+    predictor = isvc.get("spec", {}).get("predictor", {})
+    container = next((c for c in predictor.get("containers", []) if c.get("name") == CONTAINER), {})
+    settings = {key: copy.deepcopy(container[key]) for key in ("args", "resources") if key in container}
+    settings.update({key: predictor[key] for key in ("minReplicas", "maxReplicas") if key in predictor})
+    return settings
 
 
 def merged(existing: dict, patch: dict) -> dict:
@@ -220,9 +284,18 @@ def _api_error(what: str, exc: Exception) -> LabelmatchError:
 
 
 def apply_inference_service(
-    api: Any, config: DeployConfig, model_uri: str, model_digest: str, release: dict[str, str]
-) -> dict:
-    """Create the InferenceService, or patch an existing one to serve ``model_uri``; returns it."""
+    api: Any, config: DeployConfig, model_uri: str, model_digest: str, release: dict[str, str],
+    restore: ReleaseRecord | None = None,
+) -> tuple[dict | None, dict]:
+    """Create the InferenceService, or patch an existing one to serve ``model_uri``.
+
+    Args:
+        restore: A release whose whole served state a rollback brings back (see
+            :func:`point_at_model`).
+
+    Returns:
+        ``(the object before the change or None, the object after it)``.
+    """
     from kubernetes.client.exceptions import ApiException
 
     from labelmatch.platform.k8s_schema import validate_against_crd
@@ -236,59 +309,122 @@ def apply_inference_service(
         existing = None
     if existing is None:
         body = inference_service(config, model_uri, model_digest, release)
+        if restore is not None:  # the service is gone: create it, then put the release's state back
+            body = merged(body, point_at_model(body, model_uri, model_digest, release, restore=restore))
         if config.crd_path:
             validate_against_crd(body, config.crd_path)
         try:
-            return api.create_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, body)
+            return None, api.create_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, body)
         except ApiException as exc:
             raise _api_error(f"{where}: create", exc) from None
-    patch = point_at_model(existing, model_uri, model_digest, release)
+    patch = point_at_model(existing, model_uri, model_digest, release, image=config.image, restore=restore)
     if config.crd_path:
         result = merged(existing, patch)
         validate_against_crd({key: result[key] for key in ("apiVersion", "kind", "spec")}, config.crd_path)
     try:
-        return api.patch_namespaced_custom_object(
+        return existing, api.patch_namespaced_custom_object(
             GROUP, VERSION, config.namespace, PLURAL, config.service, patch
         )
     except ApiException as exc:
         raise _api_error(f"{where}: patch", exc) from None
 
 
-def _ready(obj: dict, generation: int) -> tuple[bool, str]:
-    status = obj.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions", [])}
-    ready = conditions.get("Ready", {})
-    detail = ready.get("message") or ready.get("reason") or "no Ready condition yet"
-    if status.get("observedGeneration", 0) < generation:
-        return False, f"generation {generation} not observed yet; Ready: {detail}"
-    return ready.get("status") == "True", detail
+def wait_rolled_out(api: Any, config: DeployConfig, release_id: str, previous_revision: str = "") -> dict:
+    """Poll until release ``release_id`` serves on every predictor replica and the
+    InferenceService is Ready, as KServe reports it in its deployment mode
+    (:func:`labelmatch.platform.kserve_rollout.rollout_state`).
 
-
-def wait_ready(api: Any, config: DeployConfig, generation: int) -> dict:
-    """Poll until KServe reports ``generation`` of the InferenceService Ready.
+    Args:
+        api: A ``CustomObjectsApi`` (its ``api_client`` also reads the predictor Deployment).
+        config: Service, namespace, timeout and poll interval.
+        release_id: The release the new pods carry.
+        previous_revision: Knative's latest created revision before the change (Serverless).
 
     Raises:
-        LabelmatchError: Not Ready within ``config.timeout_s``; names the last status seen.
+        LabelmatchError: Not rolled out within ``config.timeout_s`` (naming what was awaited), or
+            the rollout failed (a crash loop past the progress deadline, a failed revision).
     """
     from kubernetes.client.exceptions import ApiException
 
+    from labelmatch.platform.kserve_rollout import RolloutFailed, rollout_state
+
+    where = f"InferenceService {config.namespace}/{config.service}"
     deadline = time.monotonic() + config.timeout_s
-    detail = "not checked"
+    delay = min(0.25, config.poll_s)  # quick first looks, then every poll_s
     while True:
         try:
             obj = api.get_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, config.service)
+            state = rollout_state(obj, api.api_client, release_id, previous_revision)
         except ApiException as exc:
-            raise _api_error(f"InferenceService {config.namespace}/{config.service}: get", exc) from None
-        ready, detail = _ready(obj, generation)
-        if ready:
+            raise _api_error(f"{where}: get", exc) from None
+        except RolloutFailed as exc:
+            raise LabelmatchError(f"{where}: release {release_id} failed to roll out: {exc}") from None
+        if state.done:
             return obj
         if time.monotonic() >= deadline:
-            raise LabelmatchError(
-                f"InferenceService {config.namespace}/{config.service} "
-                f"not Ready after {config.timeout_s:g} s "
-                f"({detail})"
-            )
-        time.sleep(config.poll_s)
+            raise LabelmatchError(f"{where} not Ready after {config.timeout_s:g} s ({state.detail})")
+        time.sleep(delay)
+        delay = min(2 * delay, config.poll_s)
+
+
+def served_state(isvc: dict, config: DeployConfig, release_id: str) -> dict[str, Any]:
+    """What the model server behind the InferenceService reports it serves
+    (``GET <status.address.url>/v2/models/<service>/labels``), once it answers for ``release_id``.
+
+    Raises:
+        LabelmatchError: No address, or no answer for that release within ``config.timeout_s``.
+    """
+    import requests
+
+    from labelmatch.platform.kserve_rollout import served_url
+
+    base = served_url(isvc)
+    if not base:
+        raise LabelmatchError(f"InferenceService {config.namespace}/{config.service} is Ready but reports "
+                              "no address; cannot check what it serves (verify_served=False skips this)")
+    url = f"{base}/v2/models/{config.service}/labels"
+    deadline = time.monotonic() + config.timeout_s
+    last = "no answer"
+    delay = min(0.25, config.poll_s)
+    while True:
+        try:
+            response = requests.get(url, timeout=10)
+            if response.status_code == 200:
+                served = response.json()
+                if served.get("release_id") == release_id:
+                    return served
+                last = f"answered for release {served.get('release_id') or '(none)'}"
+            else:
+                last = f"HTTP {response.status_code}"
+        except (requests.RequestException, ValueError) as exc:
+            last = type(exc).__name__
+        if time.monotonic() >= deadline:
+            raise LabelmatchError(f"{url}: no answer for release {release_id} after {config.timeout_s:g} s "
+                                  f"({last}); deploy from inside the cluster network, or skip this check "
+                                  "(verify_served=False, --no-verify-served)")
+        time.sleep(delay)
+        delay = min(2 * delay, config.poll_s)
+
+
+def check_served(served: dict[str, Any], model_digest: str, restore: ReleaseRecord | None) -> None:
+    """Refuse a server that does not serve the model (and, for a rollback, the label set and
+    engine) of the release.
+
+    Raises:
+        LabelmatchError: Naming the first difference.
+    """
+    expected: dict[str, Any] = {"model_digest": model_digest}
+    if restore is not None:
+        if restore.label_set_version is not None:
+            expected["label_set_version"] = restore.label_set_version
+        if restore.engine:
+            expected["engine"] = restore.engine
+        if restore.thresholds:
+            expected["thresholds"] = restore.thresholds
+    for key, value in expected.items():
+        if served.get(key) != value:
+            raise LabelmatchError(f"the model server serves {key} {served.get(key)!r}, not the release's "
+                                  f"{value!r}; no release recorded")
 
 
 #: The predictor's memory when nothing says more (MiniLM measured about 400 MiB with its fallback).
@@ -331,6 +467,7 @@ def deploy_model(
     run_id: str = "",
     expected_digest: str | None = None,
     api: Any = None,
+    restore: ReleaseRecord | None = None,
 ) -> ReleaseRecord:
     """Serve the model artifact at ``model_uri`` and append its release record.
 
@@ -343,40 +480,71 @@ def deploy_model(
         run_id: The KFP run id, when run by a pipeline.
         expected_digest: Refuse the model unless its artifact digest is this one (rollbacks).
         api: A ``CustomObjectsApi``; default :func:`kube_custom_objects`.
+        restore: The release a rollback brings back whole (its model must be ``model_uri``).
 
     Returns:
         The release record written.
     """
+    from labelmatch.platform.kserve_rollout import predictor_revision
+
     digest = store.verify_remote(model_uri, kind=("OnnxModel", "Model"))
     if expected_digest and digest != expected_digest:
         raise ArtifactError(
             f"{model_uri}: artifact digest {digest[:12]}… is not the expected {expected_digest[:12]}…; "
             "refusing to deploy"
         )
+    if restore is not None and restore.model_digest != digest:
+        raise ArtifactError(f"{model_uri}: digest {digest[:12]}… is not release {restore.release_id}'s "
+                            f"{restore.model_digest[:12]}…; refusing to restore it")
     if config.memory == "auto":
         config = dataclasses.replace(config, memory=_artifact_serving_memory(store, model_uri))
+    release_id = uuid.uuid4().hex[:12]
+    annotations = {"release-id": release_id, "pipeline-version": pipeline_version, "run-id": run_id}
+    api = api or kube_custom_objects()
+    before, applied = apply_inference_service(api, config, model_uri, digest, annotations, restore)
+    log.info("InferenceService %s/%s now points at %s (release %s); waiting for the rollout",
+             config.namespace, config.service, model_uri, release_id)
+    ready = wait_rolled_out(api, config, release_id, predictor_revision(before) if before else "")
+    served: dict[str, Any] = {}
+    if config.verify_served:
+        served = served_state(ready, config, release_id)
+        check_served(served, digest, restore)
+    container = next(c for c in applied["spec"]["predictor"]["containers"] if c.get("name") == CONTAINER)
     record = ReleaseRecord.new(
+        release_id=release_id,
         service=config.service,
         namespace=config.namespace,
         model_uri=model_uri,
         model_digest=digest,
         pipeline_version=pipeline_version,
         run_id=run_id,
-        image=config.image,
+        image=container.get("image", ""),
+        image_id=_image_id(api, config, release_id),
+        engine=served.get("engine", ""),
+        label_set_version=served.get("label_set_version"),
+        thresholds=served.get("thresholds") or {},
+        predictor=predictor_settings(applied),
     )
-    annotations = {"release-id": record.release_id, "pipeline-version": pipeline_version, "run-id": run_id}
-    api = api or kube_custom_objects()
-    applied = apply_inference_service(api, config, model_uri, digest, annotations)
-    log.info(
-        "InferenceService %s/%s now points at %s; waiting for Ready",
-        config.namespace,
-        config.service,
-        model_uri,
-    )
-    wait_ready(api, config, int(applied.get("metadata", {}).get("generation", 1)))
     uri = ReleaseLog(store, release_root).append(record)
     log.info("release %s recorded at %s", record.release_id, uri)
     return record
+
+
+def _image_id(api: Any, config: DeployConfig, release_id: str) -> str:
+    """The image digest the release's predictor pods run ("" when the pods cannot be listed)."""
+    from kubernetes.client.exceptions import ApiException
+
+    from labelmatch.platform.kserve_rollout import predictor_image_ids
+
+    try:
+        ids = predictor_image_ids(api.api_client, config.namespace, config.service, release_id)
+    except ApiException as exc:
+        log.warning("cannot list the predictor pods (%s %s): the release records the image by tag only",
+                    exc.status, exc.reason)
+        return ""
+    if len(ids) > 1:
+        log.warning("predictor pods of release %s run different images: %s", release_id, ", ".join(ids))
+    return ids[0] if ids else ""
 
 
 def _artifact_serving_memory(store: ArtifactStore, model_uri: str) -> str:

@@ -2,9 +2,11 @@
 
 Every deploy writes one JSON object to
 ``<root>/releases/<service>/<YYYYmmddTHHMMSSffffffZ>-<release id>.json``; records are never
-rewritten or deleted, and the time-stamped key sorts them in deploy order. A record names the
-model artifact (URI *and* digest), the pipeline version and run that deployed it, so a rollback
-can re-run exactly that deploy (see :mod:`labelmatch.platform.rollback`).
+rewritten or deleted, and the time-stamped key sorts them in deploy order. A record is the
+whole served state: the model artifact (URI *and* digest), the serve image and the image digest its
+pods ran, the engine, label-set version and thresholds the server reported, the predictor's args,
+resources and replicas, and the pipeline version and run that deployed it, so a rollback can put
+all of it back (see :mod:`labelmatch.platform.rollback`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import json
 import re
 import time
 import uuid
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from labelmatch.core.errors import ArtifactError, ConfigError, DataError
 from labelmatch.platform.artifact_store import ArtifactStore, S3Uri
 
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: Record fields that are not strings, and what they may hold.
+_FIELD_TYPES: dict[str, Any] = {"label_set_version": (int, type(None)), "thresholds": dict, "predictor": dict}
+_TYPE_NAMES: dict[Any, str] = {str: "a string", dict: "an object", (int, type(None)): "an integer or null"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,13 @@ class ReleaseRecord:
         image: Predictor container image.
         target: Where it was deployed: ``kserve`` (an InferenceService) or ``local`` (the model
             server on the deploying machine); a rollback deploys to the same kind of target.
+        image_id: The image digest (``repo@sha256:…``) the predictor pods ran ("" when unknown).
+        engine: The engine the model server reported serving ("" when not asked).
+        label_set_version: The label-set version it reported (0: the model's own; ``None``: not
+            asked, or a record older than this field).
+        thresholds: The thresholds it reported (``{"default": t, "labels": {...}}``).
+        predictor: The predictor settings that matter (:func:`labelmatch.platform.kserve.predictor_settings`:
+            ``args``, ``resources``, ``minReplicas``, ``maxReplicas``).
     """
 
     release_id: str
@@ -50,6 +62,11 @@ class ReleaseRecord:
     time: str
     image: str = ""
     target: str = "kserve"
+    image_id: str = ""
+    engine: str = ""
+    label_set_version: int | None = None
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    predictor: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def new(cls, **values: Any) -> ReleaseRecord:
@@ -63,14 +80,24 @@ class ReleaseRecord:
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ReleaseRecord:
-        """Parse a record; a missing or non-string field is a :class:`DataError` naming ``source``."""
+        """Parse a record; a missing field or one of the wrong type is a :class:`DataError` naming
+        ``source`` (fields added later take their defaults in older records)."""
         if not isinstance(data, dict):
             raise DataError(source, "expected a JSON object")
         values = {}
         for spec in fields(cls):
-            value = data.get(spec.name, None if spec.default is MISSING else spec.default)
-            if not isinstance(value, str):
-                raise DataError(source, "missing or not a string", field=spec.name)
+            if spec.name in data:
+                value = data[spec.name]
+            elif spec.default is not MISSING:
+                value = spec.default
+            elif spec.default_factory is not MISSING:
+                value = spec.default_factory()
+            else:
+                raise DataError(source, "missing", field=spec.name)
+            wanted = _FIELD_TYPES.get(spec.name, str)
+            if not isinstance(value, wanted) or isinstance(value, bool):
+                raise DataError(source, f"expected {_TYPE_NAMES[wanted]}, got {type(value).__name__}",
+                                field=spec.name)
             values[spec.name] = value
         return cls(**values)
 

@@ -4,9 +4,11 @@ A rollback changes nothing by hand: it finds the release record (by release id, 
 release of a pipeline version), checks that the model artifact it names is still in the store
 *byte for byte* (every object against the manifest, and the manifest against the recorded
 digest), then creates a KFP run of the deploy pipeline **of that earlier pipeline version** with
-``model_uri`` and ``model_digest`` from the record. That run's deploy step verifies the digest
-again before it points the InferenceService at the model and writes a new release record, so the
-service comes back serving exactly the files it served then.
+``model_uri`` and ``model_digest`` from the record and ``restore_release`` naming it. That run's
+deploy step verifies the digest again, puts the release's whole served state back (model, serve
+image by digest, engine, label-set version and thresholds, predictor args, resources and replicas:
+:func:`labelmatch.platform.kserve.point_at_model`), waits for the rollout, checks that the server
+reports that model digest, label-set version and engine, and writes a new release record.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ def plan_rollback(
         "namespace": release.namespace,
         "target": release.target,
         "release_root": str(releases.root),
+        "restore_release": release.release_id,
     }
     # Older deploy pipelines may declare fewer parameters; the model URI is the one that matters.
     parameters = {key: value for key, value in wanted.items() if key in version.parameters}

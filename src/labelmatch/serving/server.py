@@ -105,6 +105,9 @@ class ServeConfig:
         labels_file: A ``labels.json`` (e.g. from a ConfigMap) served instead of the model's.
         thresholds_file: A ``thresholds.json`` to go with it (or on its own).
         expected_digest: Refuse to start unless the artifact has this digest (set by deploy).
+        label_set_version: Serve this stored label set (0: the model's own labels) instead of the
+            newest one (a rollback restores its release's); ``None``: the newest.
+        release_id: The release this server belongs to (set by deploy; reported, never checked).
     """
 
     model_dir: Path
@@ -120,6 +123,8 @@ class ServeConfig:
     labels_file: Path | None = None
     thresholds_file: Path | None = None
     expected_digest: str | None = None
+    label_set_version: int | None = None
+    release_id: str = ""
 
     def state_config(self) -> StateConfig:
         """The state settings, defaulting to a SQLite file under ``state_dir``."""
@@ -164,6 +169,8 @@ class LabelmatchModel(kserve.Model):
         self.state: ReplicaState | None = None
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
         self._feedback_store: Any = None
+        #: The loaded artifact's digest ("" before :meth:`load`).
+        self.model_digest = ""
 
     @property
     def label_set_version(self) -> int:
@@ -179,7 +186,7 @@ class LabelmatchModel(kserve.Model):
         """Verify the artifact (refusing a corrupted file by name), load it and the label state."""
         verify_artifact(self.config.model_dir, "OnnxModel")
         expected = self.config.expected_digest
-        actual = artifact_digest(self.config.model_dir)
+        actual = self.model_digest = artifact_digest(self.config.model_dir)
         if expected and actual != expected:
             raise ArtifactError(f"artifact {self.config.model_dir}: digest {actual} is not the expected "
                                 f"{expected} (LABELMATCH_MODEL_DIGEST)")
@@ -200,7 +207,10 @@ class LabelmatchModel(kserve.Model):
                                   on_dropped=self.metrics.state_errors.inc,
                                   on_monitor=self.metrics.show_monitor_report,
                                   on_logged=self.metrics.logged_predictions.inc)
-        self.state.sync_labels()  # the newest label set stored for this model version, if any
+        if self.config.label_set_version is None:
+            self.state.sync_labels()  # the newest label set stored for this model version, if any
+        else:
+            self.state.pin_labels(self.config.label_set_version)
         self.state.sync_monitor_report()  # and the newest drift report's gauges
         self.state.start()
         from labelmatch.feedback.feedback_store import FeedbackStore
@@ -393,12 +403,20 @@ class LabelmatchModel(kserve.Model):
             self.state.stop()
 
     # -- admin and feedback ----------------------------------------------------------------
+    def served(self) -> dict[str, Any]:
+        """What this server serves: model version and artifact digest, engine, label-set version and
+        the release it was deployed as (a deploy and a rollback compare these with the release)."""
+        classifier = self.classifier
+        assert classifier is not None
+        return {"model_version": classifier.model_version, "model_digest": self.model_digest,
+                "engine": classifier.engine, "label_set_version": self.label_set_version,
+                "release_id": self.config.release_id}
+
     def label_state(self) -> dict[str, Any]:
         """The served label set, thresholds and versions."""
         classifier = self.classifier
         assert classifier is not None
-        return {"model_version": classifier.model_version, "label_set_version": self.label_set_version,
-                "labels": classifier.labels,
+        return {**self.served(), "labels": classifier.labels,
                 "thresholds": {"default": classifier.default_threshold,
                                "labels": classifier.label_thresholds}}
 
@@ -520,9 +538,10 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
         return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', exc)}"}, status_code=400)
 
     async def metadata() -> dict[str, Any]:
+        served = model.served() if model.classifier is not None else {}
         return {"name": model.name, "versions": [model.model_version], "platform": "onnxruntime",
                 "inputs": model.get_input_types(), "outputs": model.get_output_types(),
-                "label_set_version": model.label_set_version}
+                "label_set_version": model.label_set_version, "served": served}
 
     async def get_labels() -> dict[str, Any]:
         return model.label_state()
@@ -569,6 +588,17 @@ class BoundModelServer(ModelServer):
         if self._rest_server is not None:
             self._rest_server.config.host = self.host
         super().setup_event_loop()
+
+
+def _int_env(name: str) -> int | None:
+    """An integer environment variable (``None`` when unset or empty)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}: expected an integer") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -627,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "must be one the export measured (labelmatch.json 'engines'). 'probe': "
                              "time the engines that passed the export's gate on this machine at load "
                              "and serve the cheapest.")
+    parser.add_argument("--label_set_version", type=int,
+                        default=_int_env("LABELMATCH_LABEL_SET_VERSION"),
+                        help="Serve this stored label set of the model (0: the model's own labels) instead "
+                             "of the newest; later label-set updates are still served (a rollback sets it).")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 
@@ -652,6 +686,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,
         inference_threads=args.inference_threads, labels_file=args.labels, thresholds_file=args.thresholds,
         expected_digest=os.environ.get("LABELMATCH_MODEL_DIGEST") or None,
+        label_set_version=args.label_set_version,
+        release_id=os.environ.get("LABELMATCH_RELEASE_ID", ""),
     )
 
 

@@ -66,6 +66,8 @@ class DeployStepConfig:
         run_id: The pipeline run, recorded in the release.
         texts: Documents the local deploy classifies.
         timeout_s: Longest wait for the server (or the InferenceService) to become ready.
+        restore_release: A release id whose whole served state comes back with the model (a
+            rollback: image, engine, label-set version, predictor settings); ``kserve`` only.
     """
 
     target: str = "local"
@@ -77,6 +79,7 @@ class DeployStepConfig:
     run_id: str = ""
     texts: list[str] = field(default_factory=lambda: list(SMOKE_TEXTS))
     timeout_s: float = 300.0
+    restore_release: str = ""
 
     def __post_init__(self) -> None:
         if self.target not in ("local", "kserve"):
@@ -224,17 +227,22 @@ def run_deploy_step(
         else:
             from labelmatch.platform.artifact_store import ArtifactStore
             from labelmatch.platform.kserve import DeployConfig, deploy_model
+            from labelmatch.platform.releases import ReleaseLog
 
             if not model_uri:
                 raise ConfigError("the kserve target needs the model's store URI (model_uri)")
+            store = ArtifactStore.from_env()
+            restore = (ReleaseLog(store, config.release_root).find(config.service, config.restore_release)
+                       if config.restore_release else None)
             record = deploy_model(
                 DeployConfig(config.service, config.namespace, timeout_s=config.timeout_s),
                 as_s3_uri(model_uri),
-                ArtifactStore.from_env(),
+                store,
                 config.release_root,
                 config.pipeline_version,
                 config.run_id,
                 digest,
+                restore=restore,
             )
             release.update(asdict(record))
         write_json(tmp / "release.json", release)

@@ -116,6 +116,8 @@ class ReplicaState:
         self._apply = apply
         self._redact = redact or (lambda text: text)
         self.label_set_version = 0
+        #: Label sets up to this version are not synced (see :meth:`pin_labels`).
+        self._sync_floor = 0
         #: Why the store cannot be written now (``None`` when it can).
         self.error: str | None = None
         self._stop = threading.Event()
@@ -138,7 +140,7 @@ class ReplicaState:
         """Apply the newest stored label set of the served model when it is newer; True if applied."""
         with self._sync_lock:
             latest = self.store.latest_version(self.model_version)
-            if latest <= self.label_set_version:
+            if latest <= max(self.label_set_version, self._sync_floor):
                 return False
             label_set = self.store.latest_label_set(self.model_version)
             if label_set is None:
@@ -146,6 +148,27 @@ class ReplicaState:
             self._apply(label_set)
             self.label_set_version = label_set.version
             return True
+
+    def pin_labels(self, version: int) -> None:
+        """Serve label set ``version`` (0: the model's own labels) instead of the newest stored one.
+
+        A rollback restores the label set its release served. Label sets stored after this call
+        (an admin's later ``PUT``, on any replica) are served as usual.
+
+        Raises:
+            ConfigError: The store has no label set ``version`` for the served model.
+        """
+        with self._sync_lock:
+            floor = self.store.latest_version(self.model_version)
+            if version:
+                label_set = self.store.label_set(self.model_version, version)
+                if label_set is None:
+                    raise ConfigError(f"label set version {version} (LABELMATCH_LABEL_SET_VERSION): the "
+                                      f"serving state has no such label set for model version "
+                                      f"{self.model_version}")
+                self._apply(label_set)
+            self.label_set_version = version
+            self._sync_floor = floor
 
     def sync_monitor_report(self) -> bool:
         """Hand a newer monitor report of the served model version to ``on_monitor``; True if one."""

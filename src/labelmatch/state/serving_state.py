@@ -235,6 +235,20 @@ class ServingState:
             return None
         return LabelSet(int(row[0]), model_version, json.loads(row[1]), json.loads(row[2]), float(row[3]))
 
+    def label_set(self, model_version: str, version: int) -> LabelSet | None:
+        """Label set ``version`` of ``model_version`` (``None``: no such set for that model)."""
+        from sqlalchemy import text
+
+        with self._errors("read the label set"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT version, labels, thresholds, created_at FROM label_sets "
+                     "WHERE model_version = :m AND version = :v"),
+                {"m": model_version, "v": version},
+            ).first()
+        if row is None:
+            return None
+        return LabelSet(int(row[0]), model_version, json.loads(row[1]), json.loads(row[2]), float(row[3]))
+
     def latest_version(self, model_version: str) -> int:
         """The newest label-set version of ``model_version`` (0 when none); one indexed read."""
         from sqlalchemy import text
