@@ -63,18 +63,6 @@ class MonitorStepConfig:
     release_root: str = ""
 
 
-#: The pod's namespace, as Kubernetes mounts it with the service-account token.
-POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-def pod_namespace() -> str:
-    """The namespace this step's pod runs in ("" outside a pod): a multi-user KFP's profile namespace."""
-    try:
-        return POD_NAMESPACE_FILE.read_text().strip()
-    except OSError:
-        return ""
-
-
 def submit_outside_kfp_runtime(plan: Any, host: str, config: MonitorStepConfig) -> str:
     """Create the retraining run with ``labelmatch retrain`` in a child process; returns its id.
 
@@ -93,8 +81,11 @@ def submit_outside_kfp_runtime(plan: Any, host: str, config: MonitorStepConfig) 
     Raises:
         LabelmatchError: The run was not created (the command's last error line).
     """
+    from labelmatch.platform.kube import pod_namespace
+
     env = {key: value for key, value in os.environ.items() if key != "_KFP_RUNTIME"}
-    namespace = env.get("LABELMATCH_KFP_NAMESPACE") or pod_namespace()
+    # In a pod, its own namespace: a multi-user KFP's profile namespace (a single-user one ignores it).
+    namespace = env.get("LABELMATCH_KFP_NAMESPACE") or pod_namespace(default="")
     given = {key: value for key, value in plan.parameters.items()
              if key in ("data_uri", "feedback_uri", "serving_model_uri")}
     command = [sys.executable, "-m", "labelmatch", "retrain", "--host", host,
