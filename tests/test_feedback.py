@@ -234,3 +234,25 @@ def test_cli_import_export_stats(tmp_path, sample_dir):
         app, ["feedback", "export", "--out", str(out), "--current-version", "sample", "--db", db]
     )
     assert result.exit_code == 0 and len(read_export(Path(out)).records) == 4
+
+
+def test_feedback_on_a_prediction_is_kept_once_per_principal(tmp_path):
+    """A repeat by the same principal updates its record; another principal adds one; the
+    principal and the prediction id are stored and exported."""
+    from labelmatch.feedback.feedback_store import FeedbackRecord, FeedbackStore, read_export
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    first = FeedbackRecord("VAT refund late", "v1", ["vat"], 2, principal="alice", prediction_id="p1")
+    id1, created = store.upsert(first)
+    assert created
+    again, created = store.upsert(FeedbackRecord("VAT refund late", "v1", ["vat"], 5, principal="alice",
+                                                 prediction_id="p1", corrected_labels=["vat"]))
+    assert (again, created) == (id1, False)
+    _, created = store.upsert(FeedbackRecord("VAT refund late", "v1", ["vat"], 1, principal="bob",
+                                             prediction_id="p1"))
+    assert created
+    records = {r.principal: r for r in store.records()}
+    assert len(records) == 2 and records["alice"].score == 5 and records["alice"].corrected_labels == ["vat"]
+    assert records["bob"].prediction_id == "p1"
+    exported = read_export(store.export(tmp_path / "export"))
+    assert sorted(r.principal for r in exported.records) == ["alice", "bob"]

@@ -9,6 +9,9 @@ file by default (``sqlite:///feedback.db``), PostgreSQL in production
 Validation (the same for :meth:`FeedbackStore.add` and :meth:`FeedbackStore.import_file`):
 
 * ``score`` must be an integer 1–5, ``text`` non-empty, ``id`` unique (in the store and in the file);
+* feedback on a served prediction (``prediction_id``) is kept **once per prediction and principal**:
+  :meth:`FeedbackStore.upsert` derives the record id from both, so a repeat updates the record
+  (score, corrected labels, time) instead of adding one;
 * once at least one model version is registered (:meth:`FeedbackStore.register_model`), a record's
   ``model_version`` must be one of them and its predicted/corrected labels and score keys must be
   labels of that version. An empty registry accepts any version and label (an open store for
@@ -68,6 +71,13 @@ MIGRATIONS: list[list[str]] = [
             pii_types TEXT NOT NULL)""",
         "CREATE INDEX ix_feedback_model_version ON feedback (model_version)",
     ],
+    [
+        # Who gave the feedback (the authenticated principal; "" for imports and older records),
+        # and the served prediction it rates (NULL for feedback by text).
+        "ALTER TABLE feedback ADD COLUMN principal VARCHAR(200) NOT NULL DEFAULT ''",
+        "ALTER TABLE feedback ADD COLUMN prediction_id VARCHAR(200)",
+        "CREATE INDEX ix_feedback_principal ON feedback (principal)",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -87,6 +97,8 @@ class FeedbackRecord:
         id: Unique id; generated when ``None``.
         time: ISO-8601 UTC time; now when ``None``.
         pii_types: PII types the redactor found in the text (filled by the store).
+        principal: Who gave it (the authenticated caller; "" when unknown, e.g. imports).
+        prediction_id: The served prediction it rates (``None``: feedback by text).
     """
 
     text: str
@@ -99,6 +111,8 @@ class FeedbackRecord:
     id: str | None = None
     time: str | None = None
     pii_types: list[str] = field(default_factory=list)
+    principal: str = ""
+    prediction_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (one line of ``feedback.jsonl``)."""
@@ -180,7 +194,7 @@ def record_from_json(
         isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in scores.values()
     ):
         raise DataError(where, "expected an object {label: probability in [0, 1]}", line=line, field="scores")
-    for key in ("text", "model_version", "source", "id", "time"):
+    for key in ("text", "model_version", "source", "id", "time", "principal", "prediction_id"):
         if obj.get(key) is not None and not isinstance(obj[key], str):
             raise DataError(where, f"expected a string, got {type(obj[key]).__name__}", line=line, field=key)
     corrected = obj.get("corrected_labels")
@@ -195,7 +209,16 @@ def record_from_json(
         id=obj.get("id"),
         time=obj.get("time"),
         pii_types=list(obj.get("pii_types") or []),
+        principal=obj.get("principal") or "",
+        prediction_id=obj.get("prediction_id"),
     )
+
+
+def feedback_id(prediction_id: str, principal: str) -> str:
+    """The record id of a principal's feedback on a served prediction (one record per pair)."""
+    import hashlib
+
+    return hashlib.sha256(f"{prediction_id}\0{principal}".encode()).hexdigest()[:32]
 
 
 class FeedbackStore:
@@ -271,7 +294,7 @@ class FeedbackStore:
         line: int | None,
     ) -> FeedbackRecord:
         """Store-level validation; fills id/time and redacts. Raises DataError naming the field."""
-        if not 1 <= record.score <= 5:
+        if isinstance(record.score, bool) or not isinstance(record.score, int) or not 1 <= record.score <= 5:
             raise DataError(where, f"score {record.score} is outside 1-5", line=line, field="score")
         if not isinstance(record.text, str) or not record.text.strip():
             raise DataError(where, "is empty", line=line, field="text")
@@ -315,6 +338,8 @@ class FeedbackStore:
             record_id,
             record.time or _now(),
             list(found),
+            record.principal,
+            record.prediction_id,
         )
 
     def _existing_ids(self, ids: Iterable[str]) -> set[str]:
@@ -345,6 +370,8 @@ class FeedbackStore:
                 "corrected_labels": None if r.corrected_labels is None else json.dumps(r.corrected_labels),
                 "source": r.source,
                 "pii_types": json.dumps(r.pii_types),
+                "principal": r.principal,
+                "prediction_id": r.prediction_id,
             }
             for r in records
         ]
@@ -354,8 +381,9 @@ class FeedbackStore:
             conn.execute(
                 text(
                     "INSERT INTO feedback (id, time, model_version, text, predicted_labels, scores, score, "
-                    "corrected_labels, source, pii_types) VALUES (:id, :time, :model_version, :text, "
-                    ":predicted_labels, :scores, :score, :corrected_labels, :source, :pii_types)"
+                    "corrected_labels, source, pii_types, principal, prediction_id) VALUES (:id, :time, "
+                    ":model_version, :text, :predicted_labels, :scores, :score, :corrected_labels, :source, "
+                    ":pii_types, :principal, :prediction_id)"
                 ),
                 rows,
             )
@@ -370,6 +398,47 @@ class FeedbackStore:
         checked = self._check(record, self.model_versions(), taken, "<feedback>", None)
         self._insert([checked])
         return str(checked.id)
+
+    def upsert(self, record: FeedbackRecord) -> tuple[str, bool]:
+        """Store a principal's feedback on a served prediction, once per (prediction, principal).
+
+        The id is :func:`feedback_id` of the pair; when it exists, its score, corrected labels and
+        time are updated (idempotent for a client that retries).
+
+        Returns:
+            ``(id, created)``: ``created`` is False when an earlier record was updated.
+
+        Raises:
+            ConfigError: The record has no ``prediction_id``.
+            DataError: As :meth:`add`.
+        """
+        from dataclasses import replace
+
+        from sqlalchemy import text
+
+        if not record.prediction_id:
+            raise ConfigError("upsert needs a prediction_id (feedback by text is added with add())")
+        record = replace(record, id=feedback_id(record.prediction_id, record.principal))
+        checked = self._check(record, self.model_versions(), set(), "<feedback>", None)
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                text("UPDATE feedback SET score = :score, corrected_labels = :corrected, time = :time "
+                     "WHERE id = :id"),
+                {"score": checked.score, "time": checked.time, "id": checked.id,
+                 "corrected": None if checked.corrected_labels is None
+                 else json.dumps(checked.corrected_labels)},
+            ).rowcount
+        if updated:
+            return str(checked.id), False
+        try:
+            self._insert([checked])
+        except Exception as exc:  # a concurrent first write of the same pair won: update it instead
+            from sqlalchemy.exc import IntegrityError
+
+            if not isinstance(exc, IntegrityError):
+                raise
+            return self.upsert(record)[0], False
+        return str(checked.id), True
 
     def import_file(self, path: str | Path) -> ImportReport:
         """Import a JSON-lines file of feedback objects: store the good lines, report the bad ones.
@@ -424,7 +493,7 @@ class FeedbackStore:
 
         query = (
             "SELECT id, time, model_version, text, predicted_labels, scores, score, corrected_labels, "
-            "source, pii_types FROM feedback"
+            "source, pii_types, principal, prediction_id FROM feedback"
         )
         params: dict[str, Any] = {}
         if model_version is not None:
@@ -444,6 +513,8 @@ class FeedbackStore:
                 id=r.id,
                 time=r.time,
                 pii_types=json.loads(r.pii_types),
+                principal=r.principal,
+                prediction_id=r.prediction_id,
             )
             for r in rows
         ]
@@ -458,6 +529,7 @@ class FeedbackStore:
             "registered_versions": list(self.model_versions()),
             "scores": {str(s): sum(r.score == s for r in records) for s in range(1, 6)},
             "sources": dict(Counter(r.source for r in records)),
+            "principals": len({r.principal for r in records}),
             "with_corrections": sum(r.corrected_labels is not None for r in records),
             "with_pii": sum(bool(r.pii_types) for r in records),
             "mean_score": round(sum(r.score for r in records) / len(records), 4) if records else None,
