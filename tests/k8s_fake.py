@@ -118,7 +118,7 @@ class KubeState:
     pod_start_ticks: int = 2
     progress_deadline_ticks: int = 6
     crash: bool = False  # new pods never become ready (the model server exits)
-    pod_runner: Callable[[dict, str], Any] | None = None
+    pod_runner: Callable[..., Any] | None = None  # (kserve-container, namespace, volumes=pod volumes)
     base_url: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -172,7 +172,8 @@ class KubeState:
             return
         if self.pod_runner is not None:
             [container] = [c for c in pod.template["spec"]["containers"] if c["name"] == "kserve-container"]
-            pod.handle = self.pod_runner(container, namespace)
+            volumes = pod.template["spec"].get("volumes", [])
+            pod.handle = self.pod_runner(container, namespace, volumes=volumes)
         pod.ready = True
 
     @staticmethod

@@ -131,7 +131,8 @@ def validate(doc: dict) -> None:
 def test_ci_values_exist() -> None:
     names = {path.name for path in SERVING.glob("ci/*.yaml")}
     assert {"default-values.yaml", "minio-s3-values.yaml", "cpu-autoscaling-values.yaml",
-            "single-replica-sqlite-values.yaml", "monitoring-values.yaml"} <= names
+            "single-replica-sqlite-values.yaml", "monitoring-values.yaml", "auth-header-values.yaml",
+            "networkpolicy-values.yaml"} <= names
     assert {p.name for p in PIPELINES.glob("ci/*.yaml")} >= {"default-values.yaml", "tls-values.yaml"}
 
 
@@ -169,8 +170,8 @@ def test_serving_defaults_are_secure_and_listen_on_pod_ip(rendered: dict[Path, l
     args = container["args"]
     assert args[:3] == ["serve", "--model", "/mnt/models"]
     assert args[args.index("--host") + 1] == "0.0.0.0"
-    # Ready means the shared state takes writes (the model serves either way, docs/serving.md).
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/rel-labelmatch-serving/state"
+    # Ready means the model and a label set are loaded; a database outage keeps the pods ready.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/rel-labelmatch-serving/ready"
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
     volumes = {volume["name"]: volume for volume in predictor["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
@@ -184,6 +185,10 @@ def test_serving_defaults_are_secure_and_listen_on_pod_ip(rendered: dict[Path, l
     assert account["secrets"] == [{"name": "labelmatch-s3-credentials"}]
     assert account["automountServiceAccountToken"] is False
     assert predictor["serviceAccountName"] == account["metadata"]["name"]
+    # Writes are authenticated by default, with the tokens file of an existing Secret.
+    assert args[args.index("--auth") + 1] == "tokens"
+    assert volumes[mounts["/etc/labelmatch-auth"]]["secret"]["secretName"] == "labelmatch-serving-auth"
+    assert not [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
 
 
 def test_replicas_share_state_and_a_disruption_budget_keeps_one_serving(
@@ -322,6 +327,24 @@ def test_first_install_waits_for_a_model_and_says_how_to_deploy_it(helm: str) ->
         (["--set", "model.digest=3f1c9a0d"], "model.digest is set but model.storageUri is empty"),
         (["--set", "state.existingSecret="], "autoscaling.maxReplicas > 1 needs state.existingSecret"),
         (["--set", "state.predictionText=plain"], "predictionText"),
+        (["--set", "auth.existingSecret="], "auth.mode=tokens needs auth.existingSecret"),
+        (["--set", "auth.mode=none"], "/auth/mode"),
+        (["--set", "auth.mode=header"], "auth.mode=header trusts whoever sets"),
+        (["--set", "auth.mode=header,networkPolicy.enabled=true,deploymentMode=Serverless,"
+                   "networkPolicy.egress.postgres.namespace=db"],
+         "Knative's activator"),
+        (["--set", "auth.header.permissions={root}"], "/auth/header/permissions"),
+        # No value takes a token: credentials come from existing Secrets only.
+        (["--set", "auth.token=abcdefghijklmnopqrstuvwxyz"], "additional properties 'token' not allowed"),
+        (["--set", "auth.adminToken.value=abcdefghijklmnopqrstuvwxyz"],
+         "additional properties 'value' not allowed"),
+        (["--set", "server.extraEnv[0].name=LABELMATCH_ADMIN_TOKEN,server.extraEnv[0].value=abc"],
+         "LABELMATCH_ADMIN_TOKEN as a plain value"),
+        (["--set", "server.extraArgs={--auth,none}"], "--auth is set by the chart"),
+        (["--set", "networkPolicy.enabled=true"], "networkPolicy.egress.postgres.cidrs or .namespace"),
+        (["--set", "networkPolicy.enabled=true,state.existingSecret=,autoscaling.maxReplicas=1,"
+                   "autoscaling.minReplicas=1,networkPolicy.egress.s3.namespace="],
+         "networkPolicy.egress.s3.cidrs or .namespace"),
     ],
 )
 def test_bad_values_are_refused(helm: str, override: list[str], message: str) -> None:
@@ -453,3 +476,191 @@ def test_monitoring_values_render_drift_alerts_on_the_servers_gauges(rendered: d
     broken = {**rule, "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": 'max(x{a="b")'}]}]}}
     with pytest.raises(ValueError, match="unexpected"):  # the validator does reject a broken expression
         validate_prometheus_rule(broken)
+
+
+def _isvc_container(docs: list[dict]) -> tuple[dict, dict]:
+    predictor = by_kind(docs, "InferenceService")["spec"]["predictor"]
+    (container,) = predictor["containers"]
+    return predictor, container
+
+
+@pytest.mark.parametrize("values", [SERVING / "ci" / "default-values.yaml",
+                                    SERVING / "ci" / "networkpolicy-values.yaml",
+                                    SERVING / "ci" / "auth-header-values.yaml"], ids=lambda path: path.name)
+def test_auth_values_reach_the_server(rendered: dict[Path, list[dict]], values: Path, tmp_path: Path) -> None:
+    """The rendered predictor's args, through the real ``labelmatch serve`` CLI and the server's own
+    parser, with the Secret volumes mounted as the kubelet would: tokens mode reads the tokens file
+    of ``auth.existingSecret`` (no token: 401), header mode trusts the configured header with the
+    configured permissions; the admin token is a Secret reference; the rate limit is the values'."""
+    from kserve_pods import mount_secrets, server_config
+
+    from labelmatch.serving.auth import AuthRefused
+
+    settings = yaml.safe_load(values.read_text())
+    auth = {"existingSecret": "labelmatch-serving-auth", "secretKey": "tokens.yaml", "mode": "tokens",
+            **settings.get("auth", {})}
+    token = "a-feedback-token-of-the-secret"
+    secrets = {auth["existingSecret"]: {auth["secretKey"]: yaml.safe_dump(
+        {"tokens": [{"name": "support-ui", "token": token, "permissions": ["feedback"]}]})}}
+    predictor, container = _isvc_container(rendered[values])
+    served = server_config(mount_secrets(container, predictor["volumes"], secrets, tmp_path))
+    assert served.auth.mode == auth["mode"]
+    with pytest.raises(AuthRefused) as refused:
+        served.auth.require({}, "feedback")
+    assert refused.value.status == 401
+    if auth["mode"] == "tokens":
+        assert served.auth.require({"authorization": f"Bearer {token}"}, "feedback").name == "support-ui"
+        [volume] = [v for v in predictor["volumes"] if "secret" in v]
+        assert volume["secret"]["items"] == [{"key": auth["secretKey"], "path": auth["secretKey"]}]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        assert mount["readOnly"] is True
+    else:
+        assert not [v for v in predictor["volumes"] if "secret" in v]
+        header = auth["header"]["name"]
+        principal = served.auth.require({header: "alice"}, "feedback_text")
+        assert (principal.name, principal.permissions) == ("alice", frozenset(auth["header"]["permissions"]))
+    admin = [e for e in container["env"] if e["name"] == "LABELMATCH_ADMIN_TOKEN"]
+    if "adminToken" in auth:
+        assert admin == [{"name": "LABELMATCH_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": auth["adminToken"]["existingSecret"], "key": auth["adminToken"]["secretKey"]}}}]
+    else:
+        assert admin == []
+    limits = {"perMinute": 120, "burst": 60, **auth.get("feedbackRateLimit", {})}
+    assert served.feedback_rate == (limits["perMinute"], limits["burst"])
+
+
+def test_chart_and_deploy_step_agree_on_auth_and_readiness(rendered: dict[Path, list[dict]]) -> None:
+    """The InferenceService the deploy step creates (before the chart takes it over) authenticates
+    with the chart's default Secret at the chart's path and probes readiness the same way."""
+    from labelmatch.platform.kserve import DeployConfig, inference_service
+
+    predictor, container = _isvc_container(rendered[SERVING / "ci" / "default-values.yaml"])
+    created = inference_service(DeployConfig("rel-labelmatch-serving"), MODEL_URI, "d" * 64, {})
+    created_predictor = created["spec"]["predictor"]
+    [created_container] = created_predictor["containers"]
+
+    def auth_of(predictor: dict, container: dict) -> tuple:
+        args = container["args"]
+        [volume] = [v for v in predictor["volumes"] if "secret" in v]
+        mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume["name"])
+        return (args[args.index("--auth") + 1], args[args.index("--auth_tokens_file") + 1], mount,
+                volume["secret"]["secretName"], volume["secret"]["items"], volume["secret"]["defaultMode"])
+
+    assert auth_of(predictor, container) == auth_of(created_predictor, created_container)
+    assert container["readinessProbe"]["httpGet"] == created_container["readinessProbe"]["httpGet"]
+    assert predictor["securityContext"] == created_predictor["securityContext"]
+
+
+def test_readiness_no_longer_follows_the_database(helm: str) -> None:
+    """``state.readinessRequiresWrites`` (which made a database outage take every replica out of
+    the Service) is gone: set in an old values file, it renders the model readiness probe and
+    NOTES.txt says it is no longer used."""
+    manifests, notes = _install_notes(helm, "labelmatch-serving", "--set", f"model.storageUri={MODEL_URI}",
+                                      "--set", "state.readinessRequiresWrites=true")
+    [isvc] = [d for d in yaml.safe_load_all(manifests.split("MANIFEST:", 1)[1])
+              if d and d["kind"] == "InferenceService"]
+    probe = isvc["spec"]["predictor"]["containers"][0]["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/v2/models/labelmatch-serving/ready"
+    assert "state.readinessRequiresWrites is no longer used" in notes
+    assert "readinessRequiresWrites" not in (SERVING / "values.yaml").read_text()
+    default_notes = _install_notes(helm, "labelmatch-serving", "--set", f"model.storageUri={MODEL_URI}")[1]
+    assert "readinessRequiresWrites" not in default_notes
+    create = "create secret generic labelmatch-serving-auth --from-file=tokens.yaml=tokens.yaml"
+    assert create in default_notes
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"no matchExpressions in our policies: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _peer_admits(peer: dict, policy_namespace: str, other: dict) -> bool:
+    """Whether a NetworkPolicyPeer admits ``other``: {"ip"} or {"namespace", "labels"} (a pod)."""
+    import ipaddress
+
+    if "ipBlock" in peer:
+        block = peer["ipBlock"]
+        ip = ipaddress.ip_address(other.get("ip", "0.0.0.0"))
+        return "ip" in other and ip in ipaddress.ip_network(block["cidr"]) and not any(
+            ip in ipaddress.ip_network(e) for e in block.get("except", []))
+    if "ip" in other:  # a pod selector never matches traffic from outside the cluster's pods
+        return False
+    if "namespaceSelector" in peer:
+        namespace_labels = {"kubernetes.io/metadata.name": other["namespace"]}
+        if not _selects(peer["namespaceSelector"], namespace_labels):
+            return False
+    elif other["namespace"] != policy_namespace:
+        return False
+    return _selects(peer.get("podSelector", {}), other.get("labels", {}))
+
+
+def _admits(policy: dict, direction: str, other: dict, port: int, protocol: str = "TCP") -> bool:
+    """Whether ``policy`` (the only one selecting the pod) allows traffic of ``direction``
+    (ingress: from ``other``; egress: to it) on ``port``, as NetworkPolicy semantics say: rules
+    are ORed; a rule admits when one peer and one port match (no peers/ports: all)."""
+    spec = policy["spec"]
+    key, peers_key = ("ingress", "from") if direction == "ingress" else ("egress", "to")
+    assert key.capitalize() in spec["policyTypes"]
+    for rule in spec.get(key, []):
+        peers, ports = rule.get(peers_key), rule.get("ports")
+        if peers and not any(_peer_admits(p, policy["metadata"]["namespace"], other) for p in peers):
+            continue
+        if ports and not any(p.get("protocol", "TCP") == protocol and p["port"] == port for p in ports):
+            continue
+        return True
+    return False
+
+
+def test_network_policy_admits_only_the_gateway_and_reaches_only_dns_postgres_and_s3(
+        rendered: dict[Path, list[dict]]) -> None:
+    """The NetworkPolicy, evaluated as Kubernetes does (rules ORed, peers and ports matched),
+    for a managed database and S3 by CIDR and for in-cluster ones by namespace and labels."""
+    policy = by_kind(rendered[SERVING / "ci" / "networkpolicy-values.yaml"], "NetworkPolicy")
+    isvc = by_kind(rendered[SERVING / "ci" / "networkpolicy-values.yaml"], "InferenceService")
+    assert _selects(policy["spec"]["podSelector"], isvc["spec"]["predictor"]["labels"])
+    gateway = {"namespace": "gateway-system", "labels": {"app": "envoy"}}
+    assert _admits(policy, "ingress", gateway, 8080)
+    assert not _admits(policy, "ingress", gateway, 9090)
+    for stranger in ({"namespace": "ml", "labels": {}}, {"namespace": "default", "labels": {"app": "curl"}},
+                     {"ip": "203.0.113.7"}):
+        assert not _admits(policy, "ingress", stranger, 8080), stranger
+    assert _admits(policy, "ingress", {"namespace": "monitoring", "labels": {}}, 8080)
+    deploy_step = {"namespace": "kubeflow-ml", "labels": {"labelmatch.io/stage": "deploy"}}
+    assert _admits(policy, "ingress", deploy_step, 8080)
+    assert not _admits(policy, "ingress", {**deploy_step, "labels": {"labelmatch.io/stage": "grpo"}}, 8080)
+    helm_test = {"namespace": "ml", "labels": {"app.kubernetes.io/name": "labelmatch-serving",
+                                               "app.kubernetes.io/instance": "rel",
+                                               "app.kubernetes.io/component": "test"}}
+    assert _admits(policy, "ingress", helm_test, 8080)
+
+    dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    assert _admits(policy, "egress", dns, 53, "UDP") and _admits(policy, "egress", dns, 53, "TCP")
+    assert not _admits(policy, "egress", {"namespace": "default", "labels": {}}, 53, "UDP")
+    assert _admits(policy, "egress", {"ip": "10.20.0.7"}, 5432)
+    assert not _admits(policy, "egress", {"ip": "10.20.0.7"}, 22)
+    assert not _admits(policy, "egress", {"ip": "10.21.0.7"}, 5432)
+    assert _admits(policy, "egress", {"ip": "52.219.1.1"}, 443)  # s3.useHttps, no port: 443
+    assert not _admits(policy, "egress", {"ip": "52.219.1.1"}, 80)
+    assert not _admits(policy, "egress", {"ip": "1.1.1.1"}, 443)
+    assert not _admits(policy, "egress", {"namespace": "kube-system", "labels": {}}, 443)  # no API server
+
+    header = by_kind(rendered[SERVING / "ci" / "auth-header-values.yaml"], "NetworkPolicy")
+    ingress_gateway = {"namespace": "istio-system", "labels": {"istio": "ingressgateway"}}
+    assert _admits(header, "ingress", ingress_gateway, 8080)
+    assert not _admits(header, "ingress", {"namespace": "istio-system", "labels": {"app": "istiod"}}, 8080)
+    postgres = {"namespace": "db", "labels": {"app.kubernetes.io/name": "postgresql"}}
+    assert _admits(header, "egress", postgres, 5432)
+    assert not _admits(header, "egress", {**postgres, "namespace": "other"}, 5432)
+    minio = {"namespace": "minio", "labels": {"app": "minio"}}
+    assert _admits(header, "egress", minio, 9000)  # the port of s3.endpoint
+    assert not _admits(header, "egress", minio, 443)
+
+
+def test_network_policy_with_knative_admits_the_activator(helm: str) -> None:
+    docs = render(helm, SERVING, "-f", str(SERVING / "ci" / "networkpolicy-values.yaml"),
+                  "--set", "deploymentMode=Serverless")
+    policy = by_kind(docs, "NetworkPolicy")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    assert _admits(policy, "ingress", {"namespace": "knative-serving", "labels": {"app": "activator"}}, 8012)
+    assert _admits(policy, "ingress", {"namespace": "gateway-system", "labels": {}}, 8012)
+    assert not _admits(policy, "ingress", {"namespace": "default", "labels": {}}, 8012)

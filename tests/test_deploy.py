@@ -91,6 +91,46 @@ def test_inference_service_is_valid_against_the_crd():
         validate_against_crd(body, CRD)
 
 
+def test_created_inference_service_authenticates_writes_and_is_ready_without_the_database(tmp_path):
+    """The InferenceService the deploy step creates runs ``labelmatch serve --auth tokens`` with the
+    tokens file of a Secret volume (as the serving chart does): through the real CLI and server
+    parser, a request without a token is refused 401 and a token of the Secret is a principal; a
+    namespace without the Secret gets no pod. Readiness is KServe's model readiness, not the
+    state store's ``/state``."""
+    from kserve_pods import FEEDBACK_TOKEN, SECRETS, mount_secrets, server_config
+
+    from labelmatch.serving.auth import AuthRefused
+
+    isvc = inference_service(config(), "s3://labelmatch/models/onnx/a", "d" * 64, {"release-id": "r1"})
+    predictor = isvc["spec"]["predictor"]
+    [container] = predictor["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/models/tax/ready"
+    [auth] = [v for v in predictor["volumes"] if "secret" in v]
+    assert auth["secret"]["secretName"] == DeployConfig("x").auth_secret == "labelmatch-serving-auth"
+    mount = {"name": auth["name"], "mountPath": "/etc/labelmatch-auth", "readOnly": True}
+    assert mount in container["volumeMounts"]
+
+    served = server_config(mount_secrets(container, predictor["volumes"], SECRETS, tmp_path))
+    assert served.auth.mode == "tokens"
+    with pytest.raises(AuthRefused) as refused:
+        served.auth.require({}, "feedback")
+    assert refused.value.status == 401
+    principal = served.auth.require({"authorization": f"Bearer {FEEDBACK_TOKEN}"}, "feedback")
+    assert principal.name == "support-ui"
+    with pytest.raises(AuthRefused) as forbidden:  # a feedback token is no admin
+        served.auth.require({"authorization": f"Bearer {FEEDBACK_TOKEN}"}, "admin")
+    assert forbidden.value.status == 403
+
+    other = inference_service(config(auth_secret="team-tokens", auth_secret_key="tokens.json"),
+                              "s3://labelmatch/models/onnx/a", "d" * 64, {})
+    validate_against_crd(other, CRD)
+    [container] = other["spec"]["predictor"]["containers"]
+    args = container["args"]
+    assert args[args.index("--auth_tokens_file") + 1] == "/etc/labelmatch-auth/tokens.json"
+    with pytest.raises(RuntimeError, match="secret 'team-tokens' not found"):
+        mount_secrets(container, other["spec"]["predictor"]["volumes"], SECRETS, tmp_path / "other")
+
+
 def test_deploy_creates_then_patches_and_records_releases(tmp_path, store, kube, monkeypatch):
     api, state = kube
     uri_a, digest_a = onnx_model(tmp_path, store, "a")

@@ -73,6 +73,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 /etc/labelmatch
 {{- end -}}
 
+{{/* Mount path of the auth Secret's tokens file (auth.mode=tokens). */}}
+{{- define "labelmatch-serving.authDir" -}}
+/etc/labelmatch-auth
+{{- end -}}
+
 {{/* The annotations through which KServe's storage initializer finds the S3 endpoint. */}}
 {{- define "labelmatch-serving.s3Annotations" -}}
 serving.kserve.io/s3-endpoint: {{ .Values.s3.endpoint | quote }}

@@ -77,6 +77,10 @@ class DeployConfig:
         crd_path: InferenceService CRD file to validate the object against before it is sent.
         verify_served: After the rollout, ask the model server (``status.address.url``) what it
             serves and refuse a release it does not serve.
+        auth_secret: Secret (which you create) whose key ``auth_secret_key`` is the tokens file of
+            ``labelmatch serve --auth tokens`` (:mod:`labelmatch.serving.auth`), mounted read-only;
+            the serving chart's ``auth.existingSecret`` default. Without it the pod does not start.
+        auth_secret_key: Key of the tokens file in ``auth_secret`` (the chart's ``auth.secretKey``).
     """
 
     service: str
@@ -93,6 +97,8 @@ class DeployConfig:
     poll_s: float = 5.0
     crd_path: str | None = None
     verify_served: bool = True
+    auth_secret: str = "labelmatch-serving-auth"
+    auth_secret_key: str = "tokens.yaml"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
@@ -117,6 +123,12 @@ def _point(container: dict[str, Any], model_uri: str, model_digest: str, release
     _set_env(container, RELEASE_ENV, release_id)
 
 
+#: Where the predictor finds the tokens file of ``DeployConfig.auth_secret`` (the chart's mount).
+AUTH_DIR = "/etc/labelmatch-auth"
+#: The serve image's user (images/serve/Dockerfile), as the chart's podSecurityContext.
+SERVE_USER = 10001
+
+
 def inference_service(
     config: DeployConfig, model_uri: str, model_digest: str, release: dict[str, str]
 ) -> dict:
@@ -129,6 +141,7 @@ def inference_service(
         release: ``labelmatch.io/*`` annotation values (release id, pipeline version, run id).
     """
     memory = MIN_SERVING_MEMORY if config.memory == "auto" else config.memory
+    auth_file = f"{AUTH_DIR}/{config.auth_secret_key}"
     container = {
         "name": CONTAINER,
         "image": config.image,
@@ -146,12 +159,20 @@ def inference_service(
             # The root filesystem is read-only: a SQLite state (one replica) lives on /tmp.
             "--state-dir",
             "/tmp/labelmatch-state",
+            # Feedback and label-set writes need a token of the mounted tokens file (as the chart).
+            "--auth",
+            "tokens",
+            "--auth_tokens_file",
+            auth_file,
         ],
         "env": [{"name": "STORAGE_URI", "value": model_uri}, {"name": DIGEST_ENV, "value": model_digest},
                 {"name": RELEASE_ENV, "value": release.get("release-id", "")}],
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "auth", "mountPath": AUTH_DIR, "readOnly": True}],
         "ports": [{"name": "http1", "containerPort": config.port, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": f"/v2/models/{config.service}/state", "port": config.port},
+        # Ready = model and label set loaded; not the database (an outage must not make every
+        # replica unready: predictions need none). /v2/models/<name>/state reports the store.
+        "readinessProbe": {"httpGet": {"path": f"/v2/models/{config.service}/ready", "port": config.port},
                            "periodSeconds": 10},
         "resources": {"requests": {"cpu": "1", "memory": memory}, "limits": {"cpu": "2", "memory": memory}},
         "securityContext": {
@@ -186,8 +207,18 @@ def inference_service(
                 "maxReplicas": config.max_replicas,
                 "serviceAccountName": config.service_account,
                 "automountServiceAccountToken": False,
+                # Pod Security "restricted", as the chart's podSecurityContext (the images' user).
+                "securityContext": {"runAsNonRoot": True, "runAsUser": SERVE_USER, "runAsGroup": SERVE_USER,
+                                    "fsGroup": SERVE_USER, "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [container],
-                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "512Mi"}}],
+                "volumes": [
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "512Mi"}},
+                    # Only the tokens file, readable by the pod's group (fsGroup); a missing Secret
+                    # or key keeps the pod from starting instead of serving with no tokens.
+                    {"name": "auth", "secret": {
+                        "secretName": config.auth_secret, "defaultMode": 0o440,
+                        "items": [{"key": config.auth_secret_key, "path": config.auth_secret_key}]}},
+                ],
             }
         },
     }
