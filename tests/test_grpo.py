@@ -51,6 +51,11 @@ def test_output_is_a_merged_model_recording_its_inputs(grpo_run, trained_model, 
     assert info["reference_model_digest"] == artifact_digest(trained_model)
     assert info["feedback_digest"] == artifact_digest(export_dir)
     assert info["grpo"]["config"]["group_size"] == 4 and info["layout"] == "encoder"
+    # the per-principal cap is reported: the sample records have no principal, one source
+    assert info["grpo"]["principals"] == summary["principals"]
+    assert summary["principals"]["max_share"] == GRPOConfig().max_principal_share
+    assert summary["principals"]["principals"] == 1 and summary["principals"]["capped_principals"] == 0
+    assert summary["principals"]["top"][0]["principal"] == "(unknown:sample)"
     assert manifest["lineage"]["reference_model_digest"] == artifact_digest(trained_model)
     assert summary["steps"] == 2 and len(summary["reward_curve"]) == len(summary["kl_curve"]) == 2
     assert all(k >= 0 for k in summary["kl_curve"]) and summary["final_kl"] > 0  # it moved, a little
@@ -130,3 +135,36 @@ def test_feedback_on_test_documents_is_not_trained_on(trained_model, export_dir)
     assert kept.served.shape[0] == kept.weights.shape[0] == len(kept.texts)
     with pytest.raises(DataError, match=r"all 12 feedback records are test documents"):
         feedback_tensors(export_dir, labels, exclude_texts=everything.texts)
+
+
+def test_a_flood_by_one_principal_is_capped_in_the_trainer(trained_model, tmp_path):
+    """One principal holding half the records weighs max_principal_share of the run; the others
+    keep their weights, and the loss is normalised by the run's mean weight."""
+    from labelmatch.feedback.feedback_store import FeedbackRecord
+
+    labels = json.loads((trained_model / "labels.json").read_text())
+    names = list(labels)
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    store.register_model("v", labels)
+    for i in range(12):  # 6 honest users, 2 records each, and 2 anonymous records
+        principal = f"user-{i // 2}" if i < 12 - 2 else ""
+        store.upsert(FeedbackRecord(f"honest document {i}", "v", [names[i % len(names)]], 4,
+                                    principal=principal, prediction_id=f"p{i}"))
+    for i in range(12):  # the attacker: as many records as everybody else together
+        store.upsert(FeedbackRecord(f"flood document {i}", "v", [names[0]], 5, principal="mallory",
+                                    prediction_id=f"m{i}"))
+    export = store.export(tmp_path / "export", current_version="v")
+    feedback = feedback_tensors(export, names)
+    assert feedback.principals.count("mallory") == 12 and feedback.principals.count("(unknown:serve)") == 0
+    assert feedback.principals.count("(unknown:api)") == 2  # FeedbackRecord's default source
+    trainer = GRPOTrainer(trained_model, feedback, small_config(max_principal_share=0.2))
+    report = trainer.principal_weights.report()
+    attacker = [i for i, p in enumerate(feedback.principals) if p == "mallory"]
+    assert report["top"][0]["principal"] == "mallory" and report["top"][0]["share_before"] == 0.5
+    assert trainer.weights[attacker].sum() / trainer.weights.sum() == pytest.approx(0.2)
+    assert report["capped_principals"] == 1 and report["largest_share_after"] == pytest.approx(0.2)
+    honest = [i for i in range(len(feedback.texts)) if i not in attacker]
+    assert torch.equal(trainer.weights[honest], feedback.weights[honest])  # untouched
+    assert trainer._weight_norm == pytest.approx(trainer.weights.mean().item())
+    uncapped = GRPOTrainer(trained_model, feedback, small_config(max_principal_share=1.0))
+    assert torch.equal(uncapped.weights, feedback.weights)

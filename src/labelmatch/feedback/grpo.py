@@ -8,7 +8,12 @@
   the policy (independent Bernoulli per label), score them with :mod:`labelmatch.feedback.rewards`,
   normalise rewards within each group into advantages, then take ``inner_iterations`` gradient
   steps on ``−clipped surrogate + β·KL(π‖ref) − entropy_weight·H(π)`` (:mod:`labelmatch.feedback.grpo_math`),
-  with each document's terms weighted by its export weight (previous-version feedback can weigh less).
+  with each document's terms weighted by its export weight (previous-version feedback can weigh less)
+  after the per-principal cap (:mod:`labelmatch.feedback.principals`: no principal carries more
+  than ``max_principal_share`` of the run's weight, so one principal flooding the store cannot
+  outvote the others). A batch's loss is divided by the run's mean weight, not the batch's own
+  sum, so the cap holds step by step in expectation: a batch that happens to hold only a capped
+  principal's records takes a correspondingly small step.
 * The encoder runs in eval mode (no dropout): the policy that sampled the actions and the one whose
   ratio is taken must be the same function, or the first ratio is not 1.
 
@@ -46,6 +51,7 @@ from labelmatch.feedback.grpo_math import (
     log_prob,
     sample_label_sets,
 )
+from labelmatch.feedback.principals import PrincipalWeights, cap_principal_weights, principal_key
 from labelmatch.feedback.rewards import RewardConfig, feedback_label_rewards, feedback_rewards
 from labelmatch.model.chunking import Chunking
 from labelmatch.model.dual_encoder import DualEncoder
@@ -94,6 +100,11 @@ class GRPOConfig:
             (the default, as benchmarked) embeds the labels once per step with the sampling
             policy, without gradient, and reuses them in the inner iterations: 2–3× cheaper with
             many labels on a CPU.
+        max_principal_share: The largest share of the run's total feedback weight one principal
+            may carry, in (0, 1]; 1.0: no cap. Records without a principal count per source as
+            ``(unknown:<source>)``; with ``n`` principals the bound is ``max(share, 1/n)``
+            (:func:`~labelmatch.feedback.principals.cap_principal_weights`); see
+            ``make bench-feedback-poisoning`` for its effect against a flood.
         checkpoint_every: Save a resumable checkpoint every this many steps (0: never).
         checkpoint_dir: Where; a run finding a checkpoint there resumes from it.
         seed: Seed of sampling and shuffling.
@@ -122,6 +133,7 @@ class GRPOConfig:
     lora_dropout: float = 0.0
     max_length: int | None = None
     label_gradients: bool = False
+    max_principal_share: float = 0.1
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     seed: int = 0
@@ -148,6 +160,10 @@ class GRPOConfig:
             raise ConfigError(
                 "GRPOConfig: lr must be > 0; beta, entropy_weight, cosine_weight, weight_decay >= 0"
             )
+        if not 0.0 < self.max_principal_share <= 1.0:
+            raise ConfigError(
+                f"GRPOConfig.max_principal_share must be in (0, 1], got {self.max_principal_share}"
+            )
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError("GRPOConfig.checkpoint_every needs checkpoint_dir")
 
@@ -166,7 +182,12 @@ class GRPOConfig:
 
 @dataclass
 class FeedbackTensors:
-    """The feedback export as tensors in the model's label order."""
+    """The feedback export as tensors in the model's label order.
+
+    ``weights`` are the export's weights (before the per-principal cap); ``principals`` names
+    each record's principal (:func:`~labelmatch.feedback.principals.principal_key`; empty: all
+    records count as one principal).
+    """
 
     texts: list[str]
     served: torch.Tensor
@@ -175,6 +196,7 @@ class FeedbackTensors:
     has_correction: torch.Tensor
     weights: torch.Tensor
     excluded_test_overlap: int = 0
+    principals: list[str] = dataclasses.field(default_factory=list)
 
 
 def feedback_tensors(
@@ -230,11 +252,30 @@ def feedback_tensors(
         has_correction=torch.tensor([r.corrected_labels is not None for r in records]),
         weights=torch.tensor(weights, dtype=torch.float32),
         excluded_test_overlap=len(exported.records) - len(records),
+        principals=[principal_key(r.principal, r.source) for r in records],
     )
 
 
-def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (values * weights).sum() / weights.sum().clamp(min=1e-12)
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, norm: float | None = None) -> torch.Tensor:
+    """``Σ v·w / Σ w`` over the batch, or ``Σ v·w / (len · norm)`` with the run's mean weight ``norm``."""
+    if norm is None:
+        return (values * weights).sum() / weights.sum().clamp(min=1e-12)
+    return (values * weights).sum() / (len(values) * norm)
+
+
+def principal_weights(feedback: FeedbackTensors, max_share: float) -> PrincipalWeights:
+    """The feedback's weights with each principal capped at ``max_share`` of the run's total.
+
+    Args:
+        feedback: The feedback (its export weights and principals).
+        max_share: :attr:`GRPOConfig.max_principal_share`.
+
+    Returns:
+        The capped per-record weights and the report
+        (:class:`~labelmatch.feedback.principals.PrincipalWeights`).
+    """
+    principals = feedback.principals or [""] * len(feedback.texts)
+    return cap_principal_weights(principals, feedback.weights.tolist(), max_share)
 
 
 class GRPOTrainer:
@@ -244,6 +285,10 @@ class GRPOTrainer:
         model_dir: The SFT Model artifact (the frozen reference).
         feedback: The feedback as tensors (:func:`feedback_tensors`).
         config: GRPO settings.
+
+    Attributes:
+        principal_weights: The per-principal cap applied to ``feedback.weights``
+            (:func:`principal_weights`); ``weights`` are the capped weights the loss uses.
     """
 
     def __init__(self, model_dir: str | Path, feedback: FeedbackTensors, config: GRPOConfig):
@@ -251,6 +296,9 @@ class GRPOTrainer:
 
         self.config = config
         self.feedback = feedback
+        self.principal_weights = principal_weights(feedback, config.max_principal_share)
+        self.weights = torch.tensor(self.principal_weights.weights, dtype=torch.float32)
+        self._weight_norm = float(self.weights.mean()) if len(self.weights) else 1.0
         self.model_dir = Path(model_dir)
         seed_everything(config.seed)
         merged, self.tokenizer, self.info = load_encoder_model(model_dir, verify=False, merge=True)
@@ -307,7 +355,7 @@ class GRPOTrainer:
         index = self._next_batch()
         self._label_emb = None  # re-embedded once per step by the sampling policy
         texts = [fb.texts[i] for i in index]
-        ref, weights = self.ref_logits[index].to(self.device), fb.weights[index].to(self.device)
+        ref, weights = self.ref_logits[index].to(self.device), self.weights[index].to(self.device)
         cos, logits = self._forward(texts)
         # Sampled on the CPU with a dedicated generator: reproducible whatever the device.
         actions = sample_label_sets(logits.detach().cpu(), cfg.group_size, self.sampler).to(self.device)
@@ -347,10 +395,11 @@ class GRPOTrainer:
                 objective = objective.mean(-1)
             kl = bernoulli_kl(logits, ref)
             entropy = bernoulli_entropy(logits)
+            norm = self._weight_norm  # the run's mean weight: a batch of capped records steps less
             loss = (
-                -_weighted_mean(objective.mean(1), weights)
-                + cfg.beta * _weighted_mean(kl, weights)
-                - cfg.entropy_weight * _weighted_mean(entropy, weights)
+                -_weighted_mean(objective.mean(1), weights, norm)
+                + cfg.beta * _weighted_mean(kl, weights, norm)
+                - cfg.entropy_weight * _weighted_mean(entropy, weights, norm)
             )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -492,7 +541,8 @@ def train_grpo(
     Returns:
         Summary: ``steps``, ``reward_curve``, ``kl_curve``, ``final_kl``, ``history``, ``seconds``,
         ``reference_model_digest``, ``feedback_digest``, ``feedback_records``,
-        ``feedback_excluded_test_overlap`` and ``out_dir``.
+        ``feedback_excluded_test_overlap``, ``principals`` (the per-principal cap and its effect:
+        :meth:`~labelmatch.feedback.principals.PrincipalWeights.report`) and ``out_dir``.
     """
     started = time.perf_counter()
     model_dir, feedback_dir = Path(model_dir), Path(feedback_dir)
@@ -519,7 +569,13 @@ def train_grpo(
         "feedback_digest": artifact_digest(feedback_dir),
         "feedback_records": len(trainer.feedback.texts),
         "feedback_excluded_test_overlap": feedback.excluded_test_overlap,
+        "principals": trainer.principal_weights.report(),
     }
+    capped = summary["principals"]
+    if capped["capped_principals"]:
+        log.info("principal cap %.3g (effective %.3g): %d of %d principals capped, %.1f%% of the "
+                 "weight moved", capped["max_share"], capped["effective_share"], capped["capped_principals"],
+                 capped["principals"], 100 * capped["weight_moved"])
     info = {
         **{
             k: v
@@ -546,6 +602,7 @@ def train_grpo(
             "feedback_excluded_test_overlap": summary["feedback_excluded_test_overlap"],
             "final_kl": summary["final_kl"],
             "stopped_early": trainer.stopped_early,
+            "principals": summary["principals"],
         },
     }
     lineage = {
