@@ -83,7 +83,7 @@ def test_classify_local_shards_rows_rejects_and_digests(onnx_model, tmp_path, sa
     assert [r["line"] for r in b] == [1, 6]
     rejects = [json.loads(line) for line in (out / "rejects" / "sub__b.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"].split(":")[0]) for r in rejects] == [
-        (2, "invalid JSON"), (3, "field 'text'"), (5, "expected a JSON object, got list")]
+        (2, "invalid JSON"), (3, "field 'text'"), (5, "expected a JSON object, got an array")]
     assert all(r["file"].endswith("sub/b.jsonl") for r in rejects)
     assert pq.read_table(out / "empty.parquet").num_rows == 0
 
@@ -215,6 +215,109 @@ def test_batch_agrees_with_the_model_server(onnx_model, tmp_path, sandbox):
     served_scores = np.array([[p["scores"][n] for n in names] for p in served])
     assert np.abs(batch_scores - served_scores).max() <= 1e-5
     assert table.column("labels").to_pylist() == [p["labels"] for p in served]
+
+
+def test_bad_rows_go_to_rejects_and_valid_rows_keep_their_exact_lines(onnx_model, tmp_path, sandbox):
+    """JSON Lines as written: only \\n ends a record (U+2028, U+2029, U+0085 and \\r stay text), a
+    line that is not UTF-8 or not one strict JSON object is a reject with its line, and every valid
+    row keeps its own line number (blank lines and a BOM counted as the file has them)."""
+    model = onnx_model[0]
+    texts = _texts(6)
+    valid = lambda i, extra="": json.dumps({"id": f"v{i}", "text": texts[i] + extra},  # noqa: E731
+                                           ensure_ascii=False).encode()
+    rows = [
+        valid(0, " line\u2028separator"),                 # 1
+        b'{"id": "bad-utf8", "text": "caf\xe9"}',          # 2 not UTF-8
+        valid(1, " paragraph\u2029separator and \x85"),   # 3
+        b"",                                                # 4 blank: counted, no row
+        valid(2) + b"\r",                                  # 5 Windows line end
+        b'{"id": "nan", "text": "x", "score": NaN}',        # 6 not JSON
+        b'{"id": "dup", "text": "a", "text": "b"}',         # 7 a key twice
+        b'{"id": "sur", "text": "\\ud800 lone"}',           # 8 unpaired surrogate
+        b'{"id": {"a": 1}, "text": "x"}',                   # 9 id not a string or number
+        b"[" * 50_000 + b"]" * 50_000,                      # 10 nested too deep
+        b'{"id": "blank", "text": " "}',                    # 11 empty text
+        b"\xff\xfe\x00garbage",                             # 12 binary
+        valid(3),                                           # 13 last line, no \n after it
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "mixed.jsonl").write_bytes(b"\n".join(rows))
+    (tmp_path / "in" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + valid(4) + b"\n\n" + valid(5) + b"\n")
+    out = tmp_path / "out"
+
+    summary = run_batch(_config(model, tmp_path / "in", out, sandbox, batch_size=4))
+
+    kept = pq.read_table(out / "mixed.parquet").to_pylist()
+    assert [(r["id"], r["line"]) for r in kept] == [("v0", 1), ("v1", 3), ("v2", 5), ("v3", 13)]
+    bom = pq.read_table(out / "bom.parquet").to_pylist()
+    assert [(r["id"], r["line"]) for r in bom] == [("v4", 1), ("v5", 3)]
+    rejects = [json.loads(line) for line in (out / "rejects" / "mixed.jsonl").read_text().split("\n") if line]
+    reasons = {r["line"]: r["reason"] for r in rejects}
+    assert sorted(reasons) == [2, 6, 7, 8, 9, 10, 11, 12]
+    assert reasons[2].startswith("not valid UTF-8 (byte 31: 0xe9)")
+    assert "NaN" in reasons[6] and "field 'text': given twice" in reasons[7]
+    assert "unpaired surrogate" in reasons[8] and reasons[9].startswith("field 'id': expected a string")
+    assert "nested too deeply" in reasons[10] and reasons[11] == "field 'text': is empty"
+    assert reasons[12].startswith("not valid UTF-8")
+    assert all(r["file"].endswith("in/mixed.jsonl") and "\n" not in r["reason"] for r in rejects)
+    assert summary["rows"] == 6 and summary["rejects"] == 8
+
+
+def test_strict_run_refused_at_its_first_row_leaves_no_empty_output(onnx_model, tmp_path, sandbox):
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "VAT refund"}\n{"text": "caf\xe9"}\n')
+    out = tmp_path / "new" / "out"
+    with pytest.raises(DataError, match=r"in\.jsonl:2: not valid UTF-8"):
+        run_batch(_config(onnx_model[0], tmp_path / "in.jsonl", out, sandbox, strict=True))
+    assert not (tmp_path / "new").exists()
+
+
+def _refusal(tmp_path: Path, model: Path, input: Path, output: Path) -> str:
+    """The CLI's answer to a run it refuses: exit status 2 and one line on stderr."""
+    done = subprocess.run([sys.executable, "-m", "labelmatch", "classify", "--model", str(model), "--input",
+                           str(input), "--output", str(output), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+def test_inputs_that_are_not_what_their_name_says_are_refused_in_one_line(onnx_model, tmp_path):
+    """A text file named .parquet, a gzip file named .jsonl, a compressed input, an output that
+    is a file or inside the input: exit 2, one line naming the file, and no output left behind."""
+    import gzip
+
+    model = onnx_model[0]
+    texts = tmp_path / "texts"
+    _write_jsonl(texts / "part-0.parquet", _docs("t", _texts(2)))
+    out = tmp_path / "out"
+    line = _refusal(tmp_path, model, texts, out)
+    assert f"{texts / 'part-0.parquet'}: not a Parquet file (it starts like JSON: name it .jsonl)" in line
+    assert not out.exists()
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "a.jsonl").write_bytes(gzip.compress("".join(d + "\n" for d in _docs("g", _texts(3))).encode()))
+    line = _refusal(tmp_path, model, packed, out)
+    assert f"{packed / 'a.jsonl'}: the file is gzip-compressed, not UTF-8 JSON Lines: decompress it" in line
+    assert not out.exists()
+    (packed / "a.jsonl").rename(packed / "a.jsonl.gz")
+    assert "compressed" in _refusal(tmp_path, model, packed / "a.jsonl.gz", out)
+    assert "1 compressed file(s) there" in _refusal(tmp_path, model, packed, out)
+
+    _write_jsonl(tmp_path / "good" / "in.jsonl", _docs("d", _texts(2)))
+    (tmp_path / "taken").write_text("a file\n")
+    assert "--output " + str(tmp_path / "taken") + ": is an existing file" in _refusal(
+        tmp_path, model, tmp_path / "good", tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "a file\n"
+    assert "is inside --input" in _refusal(tmp_path, model, tmp_path / "good", tmp_path / "good" / "out")
+    assert not (tmp_path / "good" / "out").exists()
+
+    table = tmp_path / "cols"
+    table.mkdir()
+    pq.write_table(pa.table({"text": [1, 2]}), table / "n.parquet")
+    assert "field 'text': expected a column of strings, got int64" in _refusal(tmp_path, model, table, out)
+    assert not out.exists()
 
 
 def test_bad_settings_are_refused_before_anything_runs(onnx_model, tmp_path):

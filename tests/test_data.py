@@ -143,6 +143,11 @@ BROKEN = [
     ("huge_document", [{"id": "a", "text": "x" * 10_000_000}], 1, "text", "over the limit"),
     ("non_utf8", [{"id": "a", "text": "ok"}, b'{"id": "b", "text": "caf\xe9"}'], 2, None, "not valid UTF-8"),
     ("not_an_object", ['["a", "b"]'], 1, None, "expected a JSON object"),
+    ("too_deep", [{"id": "a", "text": "x"}, "[" * 100_000 + "]" * 100_000], 2, None, "nested too deeply"),
+    ("nan", ['{"id": "a", "text": "x", "soft": {"vat": NaN}}'], 1, None, "NaN is not a JSON value"),
+    ("key_twice", ['{"id": "a", "text": "x", "text": "y"}'], 1, "text", "given twice"),
+    ("lone_surrogate", ['{"id": "a", "text": "\\ud800 half a character"}'], 1, None, "unpaired surrogate"),
+    ("id_object", [{"id": {"n": 1}, "text": "x"}], 1, "id", "expected a string, got an object"),
 ]
 
 
@@ -260,3 +265,62 @@ def test_training_warns_about_a_label_without_training_positives(caplog):
     with caplog.at_level("WARNING", logger="labelmatch.training.sft"):
         SFTTrainer(dataset, tiny_config())
     assert "label 'customs' has no positive training document (none in validation either)" in caplog.text
+    assert len(caplog.records) == 1
+
+
+def test_records_end_at_newline_only_and_a_bom_is_skipped(tmp_path):
+    """JSON Lines: U+2028, U+2029, U+0085 and a lone \\r inside a text are text, not line ends;
+    a UTF-8 byte-order mark and Windows line ends are accepted; line numbers stay the file's."""
+    texts = ["one\u2028two", "three\u2029four", "five\x85six", "seven\rcarriage"]
+    lines = [json.dumps({"id": str(i), "text": t}, ensure_ascii=False) for i, t in enumerate(texts)]
+    raw = "\ufeff" + "\r\n".join(lines) + "\r\n"
+    (tmp_path / "docs.jsonl").write_bytes(raw.encode())
+    (tmp_path / "labels.json").write_text(json.dumps(LABELS))
+    assert [d.text for d in load_dataset(tmp_path).documents] == texts
+    (tmp_path / "docs.jsonl").write_bytes(("\n".join(lines) + "\n{\"id\": \"x\"}\n").encode())
+    with pytest.raises(DataError) as info:
+        load_dataset(tmp_path)
+    assert info.value.line == 5 and info.value.field == "text"
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "labels.json", "hierarchy.json", "pairs.jsonl"])
+def test_a_compressed_input_is_named_compressed_not_bad_utf8(tmp_path, name):
+    import gzip
+
+    write_docs(tmp_path, [{"id": "a", "text": "VAT return", "labels": ["vat"]}])
+    (tmp_path / "hierarchy.json").write_text(json.dumps({"vat": ["transfer_pricing"]}))
+    target = tmp_path / name
+    if name == "pairs.jsonl":
+        pair = {"doc_id": "a", "doc_text": "x", "label_name": "vat", "label_text": "VAT.", "target": 1}
+        target.write_text(json.dumps(pair) + "\n")
+    target.write_bytes(gzip.compress(target.read_bytes()))
+    with pytest.raises(DataError) as info:
+        load_dataset(target if name == "pairs.jsonl" else tmp_path)
+    assert info.value.path == str(target) and "gzip-compressed" in str(info.value)
+    assert "decompress it first" in str(info.value) and "UTF-8 (byte" not in str(info.value)
+
+
+def test_a_hierarchy_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    write_docs(tmp_path, [{"id": "a", "text": "VAT return", "labels": ["vat"]}])
+    (tmp_path / "hierarchy.json").write_bytes(b'{\n  "vat": ["transfer_pric\xe9ng"]\n}\n')
+    with pytest.raises(DataError, match=r"hierarchy.json:2: not valid UTF-8 \(byte 24: 0xe9\)"):
+        load_dataset(tmp_path)
+
+
+def test_no_validation_split_names_the_file_and_the_flag(tmp_path):
+    """Two documents rarely hash into val: the error names docs.jsonl and --val-fraction (the CLI
+    prints it in one line with exit 2)."""
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    data = write_docs(tmp_path, [{"id": "a", "text": "VAT return", "labels": ["vat"]},
+                                 {"id": "b", "text": "Transfer prices", "labels": ["transfer_pricing"]}])
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
+                                      "--val-fraction", "0.0"])
+    assert isinstance(result.exception, DataError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"{data / 'docs.jsonl'}: no document is in the 'val' split")
+    assert "--val-fraction" in message and '"split": "val"' in message and "\n" not in message
+    assert not (tmp_path / "model").exists()

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labelmatch.batch.shards import OutputLayout, Shard, list_shards
-from labelmatch.batch.worker import EMPTY, BatchClassifier, label_set_digest
+from labelmatch.batch.shards import OutputLayout, Shard, check_shards, list_shards
+from labelmatch.batch.worker import BatchClassifier, label_set_digest
 from labelmatch.core.errors import ConfigError, DataError
 
 
@@ -146,11 +146,11 @@ class _ShardWriter:
         assert shard is not None and self.writer is not None
         errors = table.column("error").to_pylist()
         ids = table.column("id").to_pylist()
+        # JSON Lines rows carry their line (blank lines are no rows); Parquet rows are counted.
+        numbers = table.column("line").to_pylist() if "line" in table.column_names else None
         keep, out_ids, lines = [], [], []
         for i, error in enumerate(errors):
-            self.line += 1
-            if error == EMPTY:
-                continue
+            self.line = numbers[i] if numbers is not None else self.line + 1
             if error:
                 if self.strict:
                     raise DataError(shard.uri, error, line=self.line)
@@ -210,17 +210,19 @@ def _aborting(writer: _ShardWriter) -> Iterator[None]:
         raise
 
 
-def _dataset(shards: list[Shard], kind: str, filesystem: Any, config: BatchConfig) -> Any:
+def _dataset(shards: list[Shard], kind: str, filesystem: Any, config: BatchConfig,
+             columns: dict[str, list[str]]) -> Any:
     import ray
 
     paths = [s.path for s in shards]
     # Reads are I/O only (parsing happens in the actors): they take no CPU slot.
     if kind == "jsonl":
-        ds = ray.data.read_text(paths, include_paths=True, drop_empty_lines=False, filesystem=filesystem,
-                                num_cpus=0)
+        from labelmatch.batch.jsonl_source import read_json_lines
+
+        ds = read_json_lines(paths, filesystem)
     else:
         ds = ray.data.read_parquet(paths, include_paths=True, filesystem=filesystem,
-                                   columns=_parquet_columns(shards, filesystem), num_cpus=0)
+                                   columns=_parquet_columns(shards, columns), num_cpus=0)
     return ds.map_batches(
         BatchClassifier,
         fn_constructor_kwargs={"model_uri": config.model, "kind": kind, "labels": config.labels,
@@ -232,20 +234,14 @@ def _dataset(shards: list[Shard], kind: str, filesystem: Any, config: BatchConfi
     )
 
 
-def _parquet_columns(shards: list[Shard], filesystem: Any) -> list[str]:
+def _parquet_columns(shards: list[Shard], columns: dict[str, list[str]]) -> list[str]:
     """``text`` and, where every shard has it, ``id`` (the other columns are never read).
 
-    Raises:
-        DataError: A shard has no ``text`` column.
+    Args:
+        shards: The Parquet shards.
+        columns: Each shard's columns by path (:func:`~labelmatch.batch.shards.check_shards`).
     """
-    import pyarrow.parquet as pq
-
-    with_id = True
-    for shard in shards:
-        names = pq.read_schema(shard.path, filesystem=filesystem).names
-        if "text" not in names:
-            raise DataError(shard.uri, "field 'text': no such column")
-        with_id = with_id and "id" in names
+    with_id = all("id" in columns[shard.path] for shard in shards)
     return ["id", "text"] if with_id else ["text"]
 
 
@@ -270,16 +266,45 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
         DataError: ``strict`` and a row cannot be read (``file:line: reason``); the shards
             finished before it stay.
     """
-    import ray
-    from tqdm.auto import tqdm
 
     _check_local_cpus(config)
     started = time.perf_counter()
+    # Everything that can refuse the run is checked before the output is created.
     in_fs, shards = list_shards(config.input)
     layout = OutputLayout.at(config.output)
-    leftovers = layout.remove_leftovers()
-    pending = [s for s in shards if not layout.done(s)]
+    _check_not_inside(config.input, config.output)
     served = _served(config)
+    pending = [s for s in shards if not layout.done(s)]
+    columns = check_shards(in_fs, pending)
+    created = layout.create()
+    try:
+        leftovers = layout.remove_leftovers()
+        writer = _classify(config, in_fs, pending, layout, served, columns)
+    except BaseException:
+        layout.remove_if_empty(created)
+        raise
+    seconds = time.perf_counter() - started
+    summary = {
+        "shards": len(shards), "skipped_done": len(shards) - len(pending), "written": len(pending),
+        "rows": writer.rows, "rejects": writer.rejected, "leftovers_removed": leftovers,
+        "seconds": seconds, "docs_per_s": writer.rows / seconds if seconds else 0.0,
+        "model_digest": served.model_digest, "label_set_digest": served.label_set_digest,
+        "label_names": served.names, "concurrency": config.concurrency, "batch_size": config.batch_size,
+        "ort_threads": config.ort_threads,
+    }
+    tmp = layout.temporary(layout.summary())
+    with layout.filesystem.open_output_stream(tmp) as out:
+        out.write(json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    layout.filesystem.move(tmp, layout.summary())
+    return summary
+
+
+def _classify(config: BatchConfig, in_fs: Any, pending: list[Shard], layout: OutputLayout, served: _Served,
+              columns: dict[str, list[str]]) -> _ShardWriter:
+    """Stream the pending shards through the actors into their output shards."""
+    import ray
+    from tqdm.auto import tqdm
+
     writer = _ShardWriter(layout, served, config.strict)
     by_path = {s.path: s for s in pending}
     seen: set[str] = set()
@@ -297,8 +322,8 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
             group = [s for s in pending if s.kind == kind]
             if not group:
                 continue
-            for table in _dataset(group, kind, in_fs, config).iter_batches(batch_format="pyarrow",
-                                                                            batch_size=None):
+            for table in _dataset(group, kind, in_fs, config, columns).iter_batches(batch_format="pyarrow",
+                                                                                     batch_size=None):
                 for path in _runs(table.column("path").to_pylist()):
                     part = table.slice(path[1], path[2] - path[1])
                     shard = by_path[_strip(path[0], in_fs)]
@@ -316,20 +341,24 @@ def run_batch(config: BatchConfig) -> dict[str, Any]:
         if shard.path not in seen:
             writer.start(shard, config.similarities)
             writer.finish()
-    seconds = time.perf_counter() - started
-    summary = {
-        "shards": len(shards), "skipped_done": len(shards) - len(pending), "written": len(pending),
-        "rows": writer.rows, "rejects": writer.rejected, "leftovers_removed": leftovers,
-        "seconds": seconds, "docs_per_s": writer.rows / seconds if seconds else 0.0,
-        "model_digest": served.model_digest, "label_set_digest": served.label_set_digest,
-        "label_names": served.names, "concurrency": config.concurrency, "batch_size": config.batch_size,
-        "ort_threads": config.ort_threads,
-    }
-    tmp = layout.temporary(layout.summary())
-    with layout.filesystem.open_output_stream(tmp) as out:
-        out.write(json.dumps(summary, indent=2, ensure_ascii=False).encode())
-    layout.filesystem.move(tmp, layout.summary())
-    return summary
+    return writer
+
+
+def _check_not_inside(input_uri: str, output_uri: str) -> None:
+    """Refuse an output inside the input (its shards would be read as input by the next run).
+
+    Raises:
+        ConfigError: The output is the input or under it.
+    """
+    from labelmatch.batch.shards import filesystem_for
+
+    in_fs, in_root = filesystem_for(input_uri)
+    out_fs, out_root = filesystem_for(output_uri)
+    if in_fs.type_name != out_fs.type_name:
+        return
+    if out_root == in_root or out_root.startswith(in_root.rstrip("/") + "/"):
+        raise ConfigError(f"--output {output_uri} is inside --input {input_uri}: its results would be read "
+                          "as input by the next run; choose an output outside the input")
 
 
 def _strip(path: str, filesystem: Any) -> str:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labelmatch.core.errors import ConfigError
+from labelmatch.core.errors import ConfigError, DataError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
+#: Suffixes of compressed files, which are not read (named in the refusal).
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 TMP_PREFIX = "_tmp-"
 
 
@@ -71,6 +73,9 @@ def list_shards(input_uri: str) -> tuple[Any, list[Shard]]:
     scheme = "s3://" if input_uri.startswith("s3://") else ""
     if info.type == fs.FileType.File:
         kind = _kind(root)
+        if kind is None and root.lower().endswith(COMPRESSED_SUFFIXES):
+            raise ConfigError(f"{input_uri}: a compressed file; decompress it first (shards are .jsonl, "
+                              ".json or .parquet)")
         if kind is None:
             raise ConfigError(f"{input_uri}: not a .jsonl, .json or .parquet file")
         name = Path(root).name.rsplit(".", 1)[0]
@@ -78,17 +83,69 @@ def list_shards(input_uri: str) -> tuple[Any, list[Shard]]:
     if info.type == fs.FileType.NotFound:
         raise ConfigError(f"{input_uri}: no such file or prefix")
     found = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
-    shards = []
+    shards, compressed = [], 0
     for item in sorted(found, key=lambda i: i.path):
         kind = _kind(item.path) if item.type == fs.FileType.File else None
         relative = item.path[len(root):].lstrip("/")
+        compressed += kind is None and item.path.lower().endswith(COMPRESSED_SUFFIXES)
         if kind is None or relative.startswith((".", "_")):
             continue
         name = relative.rsplit(".", 1)[0].replace("/", "__")
         shards.append(Shard(item.path, f"{scheme}{item.path}", kind, name))
     if not shards:
-        raise ConfigError(f"{input_uri}: no .jsonl, .json or .parquet shards under it")
+        note = f" ({compressed} compressed file(s) there: decompress them first)" if compressed else ""
+        raise ConfigError(f"{input_uri}: no .jsonl, .json or .parquet shards under it{note}")
     return filesystem, shards
+
+
+def check_shards(filesystem: Any, shards: list[Shard]) -> dict[str, list[str]]:
+    """Refuse, before anything runs, a shard that is not what its name says; returns the columns
+    of each Parquet shard by path.
+
+    A ``.jsonl``/``.json`` shard must be text (not gzip/bzip2/xz/zstd/zip, Parquet or UTF-16:
+    :func:`labelmatch.core.inputs.refuse_binary`); a ``.parquet`` shard must be a Parquet file
+    with a ``text`` column of strings. Rows are checked later, one by one (bad ones are rejects).
+
+    Args:
+        filesystem: The shards' pyarrow filesystem.
+        shards: The shards to check.
+
+    Raises:
+        DataError: Naming the shard (and the field): ``in/a.parquet: not a Parquet file (...)``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from labelmatch.core.inputs import SNIFF_BYTES, describe_binary, refuse_binary
+
+    columns: dict[str, list[str]] = {}
+    for shard in shards:
+        try:
+            with filesystem.open_input_stream(shard.path) as handle:
+                head = handle.read(SNIFF_BYTES)
+        except OSError as exc:
+            raise DataError(shard.uri, f"cannot read: {exc}") from None
+        if shard.kind == "jsonl":
+            refuse_binary(shard.uri, head, "UTF-8 JSON Lines")
+            continue
+        found = describe_binary(head)
+        if found is not None and found[0] != "a Parquet file":
+            refuse_binary(shard.uri, head, "a Parquet file")
+        try:
+            schema = pq.read_schema(shard.path, filesystem=filesystem)
+        except (pa.ArrowException, OSError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            looks = " (it starts like JSON: name it .jsonl)" if head.lstrip()[:1] in (b"{", b"[") else ""
+            raise DataError(shard.uri, f"not a Parquet file{looks}: {reason}") from None
+        if "text" not in schema.names:
+            raise DataError(shard.uri, "no such column", field="text")
+        text_type = schema.field("text").type
+        if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+                or pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type)
+                or str(text_type) == "string_view"):
+            raise DataError(shard.uri, f"expected a column of strings, got {text_type}", field="text")
+        columns[shard.path] = list(schema.names)
+    return columns
 
 
 @dataclass(frozen=True)
@@ -100,11 +157,53 @@ class OutputLayout:
 
     @classmethod
     def at(cls, output_uri: str) -> OutputLayout:
-        """The layout of ``output_uri`` (created when local)."""
+        """The layout of ``output_uri`` (nothing is created: see :meth:`create`).
+
+        Raises:
+            ConfigError: ``output_uri`` is an existing file (or object), not a directory.
+        """
+        from pyarrow import fs
+
         filesystem, root = filesystem_for(output_uri)
-        layout = cls(filesystem, root)
-        layout.make_dir(root)
-        return layout
+        if filesystem.get_file_info(root).type == fs.FileType.File:
+            raise ConfigError(f"--output {output_uri}: is an existing file; give a directory "
+                              "(or an s3:// prefix)")
+        return cls(filesystem, root)
+
+    def create(self) -> list[str]:
+        """Create the output directory (local); returns the directories created, outermost first
+        (:meth:`remove_if_empty` takes them back).
+
+        Raises:
+            ConfigError: It cannot be created (a parent is a file, no permission).
+        """
+        if self.filesystem.type_name == "s3":
+            return []
+        created = []
+        path = Path(self.root)
+        while not path.exists() and path != path.parent:
+            created.insert(0, str(path))
+            path = path.parent
+        try:
+            self.make_dir(self.root)
+        except OSError as exc:
+            raise ConfigError(f"--output {self.root}: cannot create the directory: "
+                              f"{exc.strerror or exc}") from exc
+        return created
+
+    def remove_if_empty(self, created: list[str]) -> None:
+        """Remove the directories :meth:`create` made, innermost first, as long as they are empty
+        (a refused or failed run leaves no empty output behind; finished shards stay)."""
+        import os
+
+        if not created:
+            return
+        for directory in [f"{self.root}/rejects", *reversed(created)]:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                if directory != f"{self.root}/rejects":
+                    return
 
     def make_dir(self, path: str) -> None:
         """Create a local directory; nothing on S3 (no directory marker objects there)."""

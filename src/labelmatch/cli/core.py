@@ -69,6 +69,7 @@ def train(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Fine-tune the dual encoder with LoRA (SFT) and write a Model artifact."""
+    from labelmatch.data.dataset import check_training_splits
     from labelmatch.training.config import TrainConfig
     from labelmatch.training.sft import train_sft
 
@@ -94,6 +95,7 @@ def train(
     values["seed"], values["progress"] = seed, not no_progress
     cfg = TrainConfig.from_dict(values)
     dataset = _load_split_dataset(data, labels, val_fraction, test_fraction, seed)
+    check_training_splits(dataset, data, val_fraction)
     trainer = train_sft(dataset, cfg, out, source=data)
     best = max((h["val_macro_f1"] for h in trainer.history), default=0.0)
     typer.echo(f"model written to {out} (best validation macro-F1 {best:.4f} after {trainer.step} steps)")

@@ -25,8 +25,12 @@ class DataError(LabelmatchError, ValueError):
         self.field = field
         self.message = message
         where = self.path if line is None else f"{self.path}:{line}"
-        what = f"field '{field}': " if field else ""
-        super().__init__(f"{where}: {what}{message}")
+        super().__init__(f"{where}: {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        """The problem without its place in the file: ``field 'x': message`` (or the message)."""
+        return f"field '{self.field}': {self.message}" if self.field else self.message
 
 
 class ArtifactError(LabelmatchError):

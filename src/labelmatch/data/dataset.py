@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.core.errors import DataError
+from labelmatch.core.inputs import iter_jsonl, iter_records, json_type, parse_record, summarise_names
+from labelmatch.core.settings import read_json_file
 from labelmatch.data.hierarchy import HIERARCHY_FILE, Hierarchy, load_hierarchy
 
 log = logging.getLogger(__name__)
@@ -133,26 +135,9 @@ class Dataset:
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line, with precise errors."""
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(path, "file is empty")
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(path, f"not valid UTF-8 (byte {exc.start})", line=number) from exc
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"invalid JSON: {exc.msg} at column {exc.colno}", line=number) from exc
-        if not isinstance(obj, dict):
-            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line=number)
-        yield number, obj
+    """Yield ``(line_number, object)`` for each non-blank line, with precise errors
+    (:func:`labelmatch.core.inputs.iter_jsonl`: only ``\\n`` ends a record)."""
+    return iter_jsonl(path)
 
 
 def load_labels(path: str | Path) -> dict[str, str]:
@@ -165,12 +150,7 @@ def load_labels(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "label file not found")
-    try:
-        labels = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys(path))
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"not valid UTF-8 (byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(path, f"invalid JSON: {exc.msg}", line=exc.lineno) from exc
+    labels = read_json_file(path, object_pairs_hook=_unique_keys(path))
     if not isinstance(labels, dict) or not labels:
         raise DataError(path, "expected a non-empty JSON object {label: description}")
     for name, description in labels.items():
@@ -195,14 +175,28 @@ def _unique_keys(path: Path):
     return hook
 
 
-def _check_str(path: Path, line: int, obj: dict[str, Any], key: str, max_chars: int | None = None) -> str:
+def check_string(
+    path: str | Path, line: int, obj: dict[str, Any], key: str, max_chars: int | None = None
+) -> str:
+    """The non-empty string ``obj[key]`` of a record (an ``id``/``doc_id`` may also be a number).
+
+    Args:
+        path: The file (for messages).
+        line: The record's line.
+        obj: The record.
+        key: The field.
+        max_chars: Longest accepted value (``None``: no limit).
+
+    Raises:
+        DataError: Missing, not a string, empty, or longer than ``max_chars``.
+    """
     if key not in obj:
         raise DataError(path, "missing", line=line, field=key)
     value = obj[key]
     if isinstance(value, int | float) and key in ("id", "doc_id") and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise DataError(path, f"expected a string, got {type(value).__name__}", line=line, field=key)
+        raise DataError(path, f"expected a string, got {json_type(value)}", line=line, field=key)
     if not value.strip():
         raise DataError(path, "is empty", line=line, field=key)
     if max_chars is not None and len(value) > max_chars:
@@ -235,13 +229,13 @@ def load_documents(
     documents: list[Document] = []
     seen: dict[str, int] = {}
     for line, obj in _iter_json_lines(path):
-        doc_id = _check_str(path, line, obj, "id")
+        doc_id = check_string(path, line, obj, "id")
         if doc_id in seen:
             raise DataError(
                 path, f"duplicate id {doc_id!r} (first on line {seen[doc_id]})", line=line, field="id"
             )
         seen[doc_id] = line
-        text = _check_str(path, line, obj, "text", max_chars)
+        text = check_string(path, line, obj, "text", max_chars)
         raw_labels = obj.get("labels", [])
         if not isinstance(raw_labels, list) or not all(isinstance(x, str) for x in raw_labels):
             raise DataError(path, "expected a list of label names", line=line, field="labels")
@@ -282,13 +276,12 @@ def _split_name(path: Path, line: int, split: Any) -> str:
 def is_pair_file(path: str | Path) -> bool:
     """True when the first non-blank line of ``path`` looks like the pair format."""
     with open(path, "rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                try:
-                    obj = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    return False
-                return isinstance(obj, dict) and all(k in obj for k in ("doc_id", "label_name"))
+        for number, raw in iter_records(handle):
+            try:
+                obj = parse_record(path, number, raw)
+            except DataError:
+                return False  # the loader that reads it reports the line
+            return all(k in obj for k in ("doc_id", "label_name"))
     return False
 
 
@@ -317,9 +310,9 @@ def load_pairs(
         for key in PAIR_FIELDS:
             if key not in obj:
                 raise DataError(path, "missing", line=line, field=key)
-        doc_id = _check_str(path, line, obj, "doc_id")
-        text = _check_str(path, line, obj, "doc_text", max_chars)
-        label = _check_str(path, line, obj, "label_name")
+        doc_id = check_string(path, line, obj, "doc_id")
+        text = check_string(path, line, obj, "doc_text", max_chars)
+        label = check_string(path, line, obj, "label_name")
         if labels is not None and label not in labels:
             raise DataError(
                 path, f"unknown label {label!r} (not in labels.json)", line=line, field="label_name"
@@ -363,9 +356,14 @@ def load_pairs(
         split = obj.get("split")
         if split is not None:
             doc.split = _split_name(path, line, split)
-    for label, line in overridden.items():
+    if len(overridden) == 1:
+        [(label, line)] = overridden.items()
         log.warning("%s:%d: label %r: the labels.json description replaces the pairs' label_text",
                     path, line, label)
+    elif overridden:
+        named = [f"{label} (line {line})" for label, line in overridden.items()]
+        log.warning("%s: %d labels: the labels.json descriptions replace the pairs' label_text: %s", path,
+                    len(overridden), summarise_names(named))
     return Dataset(list(docs.values()), descriptions)
 
 
@@ -382,7 +380,7 @@ def load_dataset(
         max_chars: Longest accepted text.
     """
     path = Path(path)
-    docs_path = path / DOCS_FILE if path.is_dir() else path
+    docs_path = documents_file(path)
     if labels_path is None and (docs_path.parent / LABELS_FILE).is_file():
         labels_path = docs_path.parent / LABELS_FILE
     labels = load_labels(labels_path) if labels_path is not None else None
@@ -448,6 +446,63 @@ def labels_without_positives(dataset: Dataset, split: str = "train") -> list[str
     description)."""
     positive = {label for doc in dataset.split(split).documents for label in doc.labels}
     return [name for name in dataset.labels if name not in positive]
+
+
+def without_positives_warning(dataset: Dataset) -> str | None:
+    """One line on the labels without a positive training document (``None`` when there are none).
+
+    One label is named with where it has positives; many are counted and the first few named
+    (:func:`labelmatch.core.inputs.summarise_names`), so 100,000 such labels are one line, not
+    100,000.
+    """
+    missing = labels_without_positives(dataset, "train")
+    if not missing:
+        return None
+    in_val = {label for doc in dataset.split("val").documents for label in doc.labels}
+    if len(missing) == 1:
+        where = "it has some only in validation" if missing[0] in in_val else "none in validation either"
+        return (f"label {missing[0]!r} has no positive training document ({where}): it is learnt from its "
+                "description alone")
+    only_val = sum(name in in_val for name in missing)
+    return (f"{len(missing):,} of {len(dataset.labels):,} labels have no positive training document "
+            f"({only_val:,} of them have some in validation): {summarise_names(missing)}; they are learnt "
+            "from their descriptions alone")
+
+
+def documents_file(path: str | Path) -> Path:
+    """The documents file of a ``--data`` path: ``docs.jsonl`` in a directory, else the file."""
+    path = Path(path)
+    return path / DOCS_FILE if path.is_dir() else path
+
+
+def check_training_splits(dataset: Dataset, source: str | Path, val_fraction: float,
+                          flag: str = "--val-fraction") -> None:
+    """Refuse a split dataset without ``train`` or ``val`` documents, naming the file and the fix.
+
+    Args:
+        dataset: The dataset after :func:`assign_splits`.
+        source: Where its documents came from (a file, or a ``--data`` directory).
+        val_fraction: The validation share it was split with.
+        flag: How the user sets that share (``--val-fraction``, or ``val_fraction`` in a config).
+
+    Raises:
+        DataError: ``docs.jsonl: no document is in the 'val' split ...: add ..., or raise
+            --val-fraction``.
+    """
+    counts = Counter(doc.split for doc in dataset.documents)
+    where = documents_file(source)
+    shown = ", ".join(f"{counts[name]} {name}" for name in SPLITS)
+    if not counts["train"]:
+        raise DataError(where, f"no document is in the 'train' split ({shown}): training needs some; give "
+                               'documents "split": "train" or leave their split out')
+    if not counts["val"]:
+        raise DataError(
+            where,
+            f"no document is in the 'val' split ({shown}; {flag} {val_fraction:g}): validation picks the "
+            f"epoch and tunes the thresholds; give some documents \"split\": \"val\" (or \"dev\"), or raise "
+            f"{flag} (each unsplit document's split is drawn from a hash of its id, so with few documents "
+            "none may land in val)",
+        )
 
 
 def split_of(doc_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:

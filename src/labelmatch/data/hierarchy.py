@@ -13,7 +13,6 @@ This module imports neither torch nor transformers (the serving path uses it).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from labelmatch.core.errors import DataError
+from labelmatch.core.settings import read_json_file
 
 HIERARCHY_FILE = "hierarchy.json"
 
@@ -97,10 +97,7 @@ def load_hierarchy(path: str | Path, labels: dict[str, str] | None = None) -> Hi
             parents, or a cycle — naming the file and the label.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"cannot read the hierarchy: {exc}") from None
+    raw = read_json_file(path)
     if not isinstance(raw, dict):
         raise DataError(path, "expected an object {parent: [children]} or {child: parent}")
     parent_of: dict[str, str] = {}

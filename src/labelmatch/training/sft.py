@@ -39,7 +39,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from labelmatch.core.artifacts import artifact_digest, atomic_artifact_dir, read_manifest
 from labelmatch.core.errors import ConfigError, DataError
-from labelmatch.data.dataset import Dataset, labels_without_positives
+from labelmatch.data.dataset import Dataset, without_positives_warning
 from labelmatch.evaluation.metrics import binarize, macro_f1, tune_global_threshold, tune_thresholds
 from labelmatch.model.chunking import Chunking, chunked_cosines
 from labelmatch.model.dual_encoder import DualEncoder
@@ -162,11 +162,9 @@ class SFTTrainer:
             )
         self.label_names = dataset.label_names
         self.label_texts = list(dataset.labels.values())
-        no_val = set(labels_without_positives(dataset, "val"))
-        for name in labels_without_positives(dataset, "train"):
-            where = "none in validation either" if name in no_val else "it has some only in validation"
-            log.warning("label %r has no positive training document (%s): it is learnt from its "
-                        "description alone", name, where)
+        warning = without_positives_warning(dataset)
+        if warning:
+            log.warning("%s", warning)
         self.device = resolve_device(config.device)
         seed_everything(config.seed)
         base, self.tokenizer = load_base(config.base_model)
