@@ -66,12 +66,21 @@ def start(root: str | Path) -> str:
         root.chmod(0o755)
     subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                                     "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
-    port = _free_port()
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {sockets} -c fsync=off -c max_connections=200"
-    start_server = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-o", options,
-                    "-w", "-t", "60", "start"]
+    (root / "port").write_text(str(_free_port()))
+    return resume(root)
+
+
+def resume(root: str | Path) -> str:
+    """Start the server initialised under ``root`` again, on its port (after :func:`stop`)."""
+    bindir = _bindir()
+    assert bindir is not None
+    root = Path(root)
+    port = int((root / "port").read_text())
+    options = (f"-c listen_addresses=127.0.0.1 -p {port} -k {root / 'sockets'} -c fsync=off "
+               "-c max_connections=200")
+    start_server = [str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "server.log"), "-o",
+                    options, "-w", "-t", "60", "start"]
     subprocess.run(_as_server_user(start_server), check=True, capture_output=True)
-    (root / "port").write_text(str(port))
     return f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
 
 

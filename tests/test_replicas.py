@@ -1,7 +1,8 @@
 """Several real model servers on 127.0.0.1 sharing one real PostgreSQL: a label set stored on one
 is served by all, feedback by id works wherever it lands, a killed replica costs the others
 nothing, everything survives a restart of every server, and a store that stops accepting writes
-shows in the state readiness while predictions keep being served."""
+shows in the state endpoint while predictions keep being served, the replica stays ready, and the
+records it could not write are written when the store is back."""
 
 from __future__ import annotations
 
@@ -136,8 +137,9 @@ def test_three_replicas_share_labels_predictions_and_feedback_and_survive_kill_a
                           json={"prediction_id": made["id"], "score": 5}, timeout=30)
     assert again.status_code == 200, again.text
 
-    # 5. The store stops accepting writes: state readiness fails, predictions keep being served,
-    # label updates answer 503; when writes return, so does readiness.
+    # 5. The store stops accepting writes: the state endpoint says so, predictions keep being served
+    # and the replica stays ready, label updates answer 503; when writes return, the held-back
+    # prediction records are written.
     state = f"{a.base}/v2/models/labelmatch/state"
     assert requests.get(state, timeout=10).status_code == 200
     _sql(postgres_url, 'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
@@ -147,9 +149,10 @@ def test_three_replicas_share_labels_predictions_and_feedback_and_survive_kill_a
         _wait(lambda: requests.get(state, timeout=10).status_code == 503, 15, "state readiness failing")
         assert "read-only" in requests.get(state, timeout=10).json()["error"]
         assert _predict(a.base, "VAT refund").status_code == 200
-        dropped = _wait(lambda: _metric(a.base, "labelmatch_state_errors_total") >= 1, 5,
-                        "the unrecorded prediction counted")
-        assert dropped < 5
+        held = _wait(lambda: _metric(a.base, "labelmatch_state_waiting_records") >= 1, 5,
+                     "the unrecorded prediction held back")
+        assert held < 5
+        assert requests.get(f"{a.base}/v2/models/labelmatch/ready", timeout=10).status_code == 200
         refused = requests.put(f"{a.base}/v2/models/labelmatch/labels", json={"labels": LABELS},
                                headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
         assert refused.status_code == 503 and "nothing changed" in refused.json()["error"]
@@ -158,3 +161,5 @@ def test_three_replicas_share_labels_predictions_and_feedback_and_survive_kill_a
         _sql(postgres_url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                            "WHERE datname = '{db}' AND pid <> pg_backend_pid()")
     _wait(lambda: requests.get(state, timeout=10).status_code == 200, 15, "state readiness back")
+    _wait(lambda: _metric(a.base, "labelmatch_state_waiting_records") == 0, 15,
+          "the held-back records written")

@@ -50,6 +50,11 @@ class ServeMetrics:
             ["endpoint", "status"], registry=registry)
         self.feedback = Counter(
             "labelmatch_feedback_total", "Feedback records stored.", registry=registry)
+        self.refused = Counter(
+            "labelmatch_refused_total",
+            "Writes refused (feedback, label sets) by endpoint and reason: unauthenticated, forbidden, "
+            "rate_limited, invalid, unknown_prediction, store_unavailable.",
+            ["endpoint", "reason"], registry=registry)
         self.fp32_fallback = Counter(
             "labelmatch_fp32_fallback_documents_total",
             "Documents re-embedded by the fp32 graph because an int8 score sat near a decision boundary.",
@@ -60,6 +65,11 @@ class ServeMetrics:
         self.state_errors = Counter(
             "labelmatch_state_errors_total",
             "Prediction records dropped (shared state unreachable or the record queue full).",
+            registry=registry)
+        self.state_waiting = Gauge(
+            "labelmatch_state_waiting_records",
+            "Prediction records not written yet: queued, or held back while the shared state is unreachable "
+            "(written when it is back).",
             registry=registry)
         self.label_set_version = Gauge(
             "labelmatch_label_set_version", "Version of the served label set (0: the model's own).",
@@ -215,9 +225,14 @@ class RequestGuard:
         body = b"".join(chunks)
         binary_v2 = b"inference-header-content-length" in headers
         if endpoint_of(scope["path"]) in ("v1_predict", "v2_infer", "labels", "feedback") and not binary_v2:
+            from labelmatch.serving.request_schema import MAX_JSON_DEPTH, json_depth
+
+            depth = json_depth(body)
+            if depth > MAX_JSON_DEPTH:
+                return body, (400, f"request body nests {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
             try:
                 json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 return body, (400, f"request body is not valid JSON: {exc}")
         return body, None
 

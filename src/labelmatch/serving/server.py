@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -66,8 +65,10 @@ from labelmatch.core.errors import ArtifactError, ConfigError, DataError, Labelm
 from labelmatch.data.dataset import load_labels
 from labelmatch.model.matching import Thresholds, check_label_count
 from labelmatch.runtime.onnx_classifier import OnnxClassifier, OrtConfig
+from labelmatch.serving.auth import AuthConfig, AuthRefused, RateLimiter, auth_from_args
 from labelmatch.serving.load_probe import PROBE, probe_engine_at_load
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
+from labelmatch.serving.request_schema import FeedbackBody, LabelsBody, parse
 from labelmatch.state.replica import ReplicaState, StateConfig
 from labelmatch.state.serving_state import LabelSet, StateUnavailable
 
@@ -99,7 +100,10 @@ class ServeConfig:
             the export's probe picked and recorded in the artifact; ``probe`` re-runs the probe
             on this machine at load (:mod:`labelmatch.serving.load_probe`).
         feedback_url: SQLAlchemy URL of the feedback store (default: the state's URL).
-        admin_token: Bearer token for label-set updates; updates are refused without one.
+        admin_token: Bearer token for label-set updates (a principal ``admin``; see
+            :mod:`labelmatch.serving.auth`).
+        auth: How feedback and label updates are authenticated (:mod:`labelmatch.serving.auth`).
+        feedback_rate: ``(writes per minute, burst)`` of feedback per principal (0: unlimited).
         inference_threads: Threads running predictions (requests queue for them, which keeps
             the event loop free for health checks and metrics under load).
         labels_file: A ``labels.json`` (e.g. from a ConfigMap) served instead of the model's.
@@ -119,12 +123,18 @@ class ServeConfig:
     engine: str | None = None
     feedback_url: str | None = None
     admin_token: str | None = None
+    auth: AuthConfig = field(default_factory=lambda: AuthConfig("none"))
+    feedback_rate: tuple[float, int] = (120.0, 60)
     inference_threads: int = 1
     labels_file: Path | None = None
     thresholds_file: Path | None = None
     expected_digest: str | None = None
     label_set_version: int | None = None
     release_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.admin_token and not self.auth.admin_token:
+            self.auth = replace(self.auth, admin_token=self.admin_token)
 
     def state_config(self) -> StateConfig:
         """The state settings, defaulting to a SQLite file under ``state_dir``."""
@@ -169,6 +179,7 @@ class LabelmatchModel(kserve.Model):
         self.state: ReplicaState | None = None
         self._executor = ThreadPoolExecutor(config.inference_threads, thread_name_prefix="inference")
         self._feedback_store: Any = None
+        self._rate = RateLimiter(*config.feedback_rate)
         #: The loaded artifact's digest ("" before :meth:`load`).
         self.model_digest = ""
 
@@ -213,6 +224,7 @@ class LabelmatchModel(kserve.Model):
             self.state.pin_labels(self.config.label_set_version)
         self.state.sync_monitor_report()  # and the newest drift report's gauges
         self.state.start()
+        self.metrics.state_waiting.set_function(lambda: self.state.waiting if self.state else 0)
         from labelmatch.feedback.feedback_store import FeedbackStore
 
         self._feedback_store = FeedbackStore(self.config.feedback_url or self.state.config.url, redact=True)
@@ -297,6 +309,8 @@ class LabelmatchModel(kserve.Model):
             raise RequestRejected(413, f"the request has {len(texts)} documents; the limit is "
                                        f"{limits.max_docs} per request (--max_docs)")
         for i, text in enumerate(texts):
+            if not text.strip():
+                raise RequestRejected(400, f"document {i} is empty or only whitespace")
             if len(text) > limits.max_chars:
                 raise RequestRejected(413, f"document {i} has {len(text)} characters; the limit is "
                                            f"{limits.max_chars} (--max_chars)")
@@ -304,8 +318,12 @@ class LabelmatchModel(kserve.Model):
     def _parse_v1(self, payload: Any) -> ParsedRequest:
         if isinstance(payload, bytes | str):
             # KServe hands over the raw body when the content type is not JSON (curl -d); the
-            # RequestGuard has already checked that it parses.
-            payload = json.loads(payload)
+            # RequestGuard has already checked that it parses; a body that is one JSON string
+            # arrives as that string.
+            try:
+                payload = json.loads(payload)
+            except (ValueError, RecursionError):
+                raise RequestRejected(400, 'expected a JSON object with an "instances" list') from None
         if not isinstance(payload, dict) or not isinstance(payload.get("instances"), list):
             raise RequestRejected(400, 'expected a JSON object with an "instances" list')
         texts, ids = [], []
@@ -420,84 +438,105 @@ class LabelmatchModel(kserve.Model):
                 "thresholds": {"default": classifier.default_threshold,
                                "labels": classifier.label_thresholds}}
 
-    def update_labels(self, body: Any, authorization: str | None) -> dict[str, Any]:
-        """Validate, persist and serve a new label set (admin)."""
-        token = self.config.admin_token
-        if not token:
-            raise RequestRejected(403, "label updates are disabled: start the server with "
-                                       "LABELMATCH_ADMIN_TOKEN set")
-        if not authorization or not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
-            raise RequestRejected(401, "label updates need the header 'Authorization: Bearer <admin token>'")
-        if not isinstance(body, dict):
-            raise RequestRejected(400, 'expected a JSON object with "labels"')
-        labels = _check_labels(body.get("labels"), "labels")
-        if not labels:
-            raise RequestRejected(400, '"labels" must be a non-empty object {label: description}')
-        thresholds = body.get("thresholds", {})
+    def update_labels(self, body: Any, headers: dict[str, str]) -> dict[str, Any]:
+        """Validate, persist and serve a new label set (the ``admin`` permission)."""
+        self._refusing("labels", lambda: self.config.auth.require(headers, "admin"))
+        try:
+            request = parse(LabelsBody, body)
+            check_label_count(len(request.labels))
+        except (ValueError, ConfigError) as exc:
+            self.metrics.refused.labels("labels", "invalid").inc()
+            raise RequestRejected(400, f"label set refused: {exc}") from None
         classifier = self.classifier
         assert classifier is not None
-        try:
-            default = float(thresholds.get("default", classifier.default_threshold))
-            per_label = {str(k): float(v) for k, v in thresholds.get("labels", {}).items()}
-        except (AttributeError, TypeError, ValueError) as exc:
-            message = f'"thresholds" must be {{"default": t, "labels": {{label: t}}}}: {exc}'
-            raise RequestRejected(400, message) from exc
+        labels = dict(request.labels)
+        default = request.thresholds.default
+        default = classifier.default_threshold if default is None else default
         kept = {k: v for k, v in classifier.label_thresholds.items() if k in labels}
-        new_thresholds = {"default": default, "labels": {**kept, **per_label}}
+        new_thresholds = {"default": default, "labels": {**kept, **request.thresholds.labels}}
         assert self.state is not None
         try:
             self.state.save_labels(labels, new_thresholds)
         except StateUnavailable as exc:
+            self.metrics.refused.labels("labels", "store_unavailable").inc()
             raise RequestRejected(503, f"label set not stored (nothing changed): {exc}") from exc
         return self.label_state()
 
-    def add_feedback(self, body: Any) -> dict[str, Any]:
-        """Store one feedback record (by ``prediction_id`` or by ``text`` + ``predicted_labels``)."""
+    def _refusing(self, endpoint: str, check: Any) -> Any:
+        """Run an auth check; count and re-raise its refusal."""
+        try:
+            return check()
+        except AuthRefused as exc:
+            self.metrics.refused.labels(endpoint, exc.reason).inc()
+            raise
+
+    def add_feedback(self, body: Any, headers: dict[str, str]) -> dict[str, Any]:
+        """Store one feedback record of the calling principal.
+
+        By ``prediction_id`` (the ``feedback`` permission): the served prediction is looked up and
+        rated, once per prediction and principal (a repeat updates the record). By ``text`` and
+        ``predicted_labels`` (the ``feedback_text`` permission): nothing served backs it. Each
+        principal is rate-limited; every refusal is a 4xx and counts in ``labelmatch_refused_total``.
+        """
         from labelmatch.feedback.feedback_store import FeedbackRecord
         from labelmatch.state.replica import text_sha256
 
-        if not isinstance(body, dict):
-            raise RequestRejected(400, 'expected a JSON object with "score" and "prediction_id" or "text"')
+        def refuse(status: int, reason: str, message: str) -> RequestRejected:
+            self.metrics.refused.labels("feedback", reason).inc()
+            return RequestRejected(status, message)
+
+        by_id = not (isinstance(body, dict) and "prediction_id" not in body and "text" in body)
+        permission = "feedback" if by_id else "feedback_text"
+        principal = self._refusing("feedback", lambda: self.config.auth.require(headers, permission))
+        self._refusing("feedback", lambda: self._rate.take(principal.name))
+        try:
+            request = parse(FeedbackBody, body)
+        except ValueError as exc:
+            raise refuse(400, "invalid", f"feedback rejected: {exc}") from None
         assert self.state is not None and self._feedback_store is not None
-        if "prediction_id" in body:
+        if request.prediction_id is not None:
             try:
-                stored = self.state.resolve(str(body["prediction_id"]))
+                stored = self.state.resolve(request.prediction_id)
             except StateUnavailable as exc:
-                raise RequestRejected(503, f"feedback not stored: {exc}") from exc
+                raise refuse(503, "store_unavailable", f"feedback not stored: {exc}") from exc
             if stored is None:
                 ttl = self.state.config.prediction_ttl_s
-                raise RequestRejected(404, f"unknown or expired prediction_id {body['prediction_id']!r} "
-                                           f"(predictions are kept {ttl:g} s); send text and "
-                                           "predicted_labels instead")
+                message = (f"unknown or expired prediction_id {request.prediction_id!r} (predictions are "
+                           f"kept {ttl:g} s)")
+                raise refuse(404, "unknown_prediction", message)
             text = stored.text
             if text is None:  # only the hash was kept: the client sends the text again
-                text = body.get("text")
-                if not isinstance(text, str) or text_sha256(text) != stored.text_sha256:
-                    raise RequestRejected(400, 'this server keeps only a hash of predicted texts: send the '
-                                               'document as "text" with the prediction_id')
+                text = request.text
+                if text is None or text_sha256(text) != stored.text_sha256:
+                    raise refuse(400, "invalid", 'this server keeps only a hash of predicted texts: send the '
+                                                 'document as "text" with the prediction_id')
             served = {"text": text, "labels": stored.labels, "scores": stored.scores,
                       "model_version": stored.model_version}
-        elif isinstance(body.get("text"), str) and isinstance(body.get("predicted_labels"), list):
-            served = {"text": body["text"], "labels": body["predicted_labels"],
-                      "scores": body.get("scores") or {},
-                      "model_version": self.model_version}
+        elif request.text is not None and request.predicted_labels is not None:
+            served = {"text": request.text, "labels": request.predicted_labels,
+                      "scores": request.scores or {}, "model_version": self.model_version}
         else:
-            raise RequestRejected(400, 'feedback needs "prediction_id", or "text" with "predicted_labels"')
+            raise refuse(400, "invalid", 'feedback needs "prediction_id", or "text" with "predicted_labels"')
         record = FeedbackRecord(
             text=served["text"], model_version=served["model_version"],
-            predicted_labels=list(served["labels"]), score=body.get("score"), scores=dict(served["scores"]),
-            corrected_labels=body.get("corrected_labels"),
-            source="serve",
+            predicted_labels=list(served["labels"]), score=request.score, scores=dict(served["scores"]),
+            corrected_labels=request.corrected_labels, source="serve" if by_id else "serve-text",
+            principal=principal.name, prediction_id=request.prediction_id,
         )
         try:
-            feedback_id = self._feedback_store.add(record)
+            if request.prediction_id is not None:
+                feedback_id, created = self._feedback_store.upsert(record)
+            else:
+                feedback_id, created = self._feedback_store.add(record), True
         except DataError as exc:
-            raise RequestRejected(400, f"feedback rejected: {exc.message}") from exc
+            raise refuse(400, "invalid", f"feedback rejected: {exc.message}") from exc
         except SQLAlchemyError as exc:
-            message = f"feedback not stored: the feedback store is unreachable: {exc}"
-            raise RequestRejected(503, message) from exc
+            reason = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+            raise refuse(503, "store_unavailable", f"feedback not stored: the feedback store is unreachable: "
+                                                   f"{reason}") from exc
         self.metrics.feedback.inc()
-        return {"id": feedback_id, "model_version": record.model_version}
+        return {"id": feedback_id, "model_version": record.model_version, "principal": principal.name,
+                "updated": not created}
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -532,6 +571,9 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
     async def rejected(_: Request, exc: RequestRejected) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
+    async def refused(_: Request, exc: AuthRefused) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
@@ -548,7 +590,7 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
 
     async def put_labels(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
-        return await run_in_threadpool(model.update_labels, body, request.headers.get("authorization"))
+        return await run_in_threadpool(model.update_labels, body, dict(request.headers))
 
     async def state() -> JSONResponse:
         replica = model.state
@@ -562,9 +604,10 @@ def add_routes(app: Any, model: LabelmatchModel) -> None:
 
     async def feedback(request: Request) -> dict[str, Any]:
         body = json.loads(await request.body())
-        return await run_in_threadpool(model.add_feedback, body)
+        return await run_in_threadpool(model.add_feedback, body, dict(request.headers))
 
     app.add_exception_handler(RequestRejected, rejected)
+    app.add_exception_handler(AuthRefused, refused)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_api_route(prefix, metadata, methods=["GET"])
     app.add_api_route(f"{prefix}/labels", get_labels, methods=["GET"])
@@ -661,6 +704,22 @@ def build_parser() -> argparse.ArgumentParser:
                         default=_int_env("LABELMATCH_LABEL_SET_VERSION"),
                         help="Serve this stored label set of the model (0: the model's own labels) instead "
                              "of the newest; later label-set updates are still served (a rollback sets it).")
+    parser.add_argument("--auth", choices=["tokens", "header", "none"],
+                        default=os.environ.get("LABELMATCH_AUTH", "none"),
+                        help="How feedback and label updates are authenticated: bearer tokens of "
+                             "--auth_tokens_file, a trusted identity header set by the gateway, or none (a "
+                             "laptop; the serving chart and deploy use tokens). See labelmatch.serving.auth.")
+    parser.add_argument("--auth_tokens_file", type=Path,
+                        default=os.environ.get("LABELMATCH_AUTH_TOKENS_FILE") or None,
+                        help="YAML/JSON {tokens: [{name, token, permissions}]} (a mounted Secret key).")
+    parser.add_argument("--auth_header", default="x-auth-request-user",
+                        help="The identity header a trusted gateway sets (--auth header).")
+    parser.add_argument("--auth_header_permissions", default="feedback",
+                        help="Permissions of a header-authenticated principal (comma-separated: feedback, "
+                             "feedback_text, admin).")
+    parser.add_argument("--feedback_rate_per_minute", type=float, default=120.0,
+                        help="Feedback writes per principal and minute (0: unlimited); 429 above.")
+    parser.add_argument("--feedback_burst", type=int, default=60, help="Feedback burst per principal.")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 
@@ -684,6 +743,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         ort=OrtConfig(args.intra_op_threads, args.inter_op_threads, args.allow_spinning, args.batch_size),
         engine=args.engine, feedback_url=args.feedback_url,
         admin_token=os.environ.get("LABELMATCH_ADMIN_TOKEN") or None,
+        auth=auth_from_args(args, os.environ.get("LABELMATCH_ADMIN_TOKEN") or None),
+        feedback_rate=(args.feedback_rate_per_minute, args.feedback_burst),
         inference_threads=args.inference_threads, labels_file=args.labels, thresholds_file=args.thresholds,
         expected_digest=os.environ.get("LABELMATCH_MODEL_DIGEST") or None,
         label_set_version=args.label_set_version,

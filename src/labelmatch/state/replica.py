@@ -54,8 +54,10 @@ class StateConfig:
         purge_every_s: How often a replica deletes expired prediction records.
         record_delay_s: Longest time between a response and its prediction record being
             resolvable on every replica (the writer flushes at least this often).
-        record_queue: Records that may wait for the writer; beyond that they are dropped (and
-            counted), so an outage never grows memory without bound.
+        record_queue: Records that may wait for the writer, and records the writer holds back
+            while the store is unreachable (retried with back-off, oldest first); beyond either
+            bound the oldest are dropped and counted, so an outage never grows memory without
+            bound.
         log_sample_rate: Share of predictions also written to the prediction log that
             ``labelmatch monitor`` reads (0 turns the log off). Its text follows
             ``prediction_text``.
@@ -134,6 +136,9 @@ class ReplicaState:
         self._monitor_report_id = 0
         self._sample = random.Random()
         self._writer: threading.Thread | None = None
+        #: Records a failed write held back, oldest first (bounded by ``record_queue``).
+        self._backlog: list[tuple[str, str, dict[str, Any], int, bool]] = []
+        self._backlog_lock = threading.Lock()
 
     # -- label sets -----------------------------------------------------------------------------
     def sync_labels(self) -> bool:
@@ -224,16 +229,31 @@ class ReplicaState:
             for prediction_id, text, prediction, label_set_version, _ in batch
         ]
 
+    @property
+    def waiting(self) -> int:
+        """Records not written yet: queued for the writer, or held back while the store is down."""
+        return len(self._backlog) + self._pending.qsize()
+
     def write_pending(self, wait_s: float = 0.0) -> int:
-        """Write what has queued (waiting up to ``wait_s`` for a first record); returns how many."""
-        batch = []
-        try:
-            batch.append(self._pending.get(timeout=wait_s) if wait_s > 0 else self._pending.get_nowait())
-        except queue.Empty:
-            return 0
+        """Write the held-back records, then what has queued (waiting up to ``wait_s`` for a first
+        record); returns how many were written.
+
+        When the store cannot be written the batch is held back (oldest first) for the next
+        call; beyond ``record_queue`` held-back records the oldest are dropped, counted and logged.
+        """
+        with self._backlog_lock:
+            batch, self._backlog = self._backlog[:1000], self._backlog[1000:]
+        taken = 0  # records taken from the queue (each needs task_done)
+        if not batch:
+            try:
+                batch.append(self._pending.get(timeout=wait_s) if wait_s > 0 else self._pending.get_nowait())
+                taken = 1
+            except queue.Empty:
+                return 0
         while len(batch) < 1000:
             try:
                 batch.append(self._pending.get_nowait())
+                taken += 1
             except queue.Empty:
                 break
         start = time.perf_counter()
@@ -244,18 +264,30 @@ class ReplicaState:
             self._on_written(time.perf_counter() - start)
             if logged:
                 self._on_logged(len(logged))
+            return len(batch)
         except StateUnavailable as exc:
-            self._on_dropped(len(batch))
-            if self.error is None:
-                logger.error("prediction records dropped: %s", exc)
-            self.error = str(exc)
+            self._hold_back(batch, exc)
+            return 0
         finally:
-            for _ in batch:
+            for _ in range(taken):
                 self._pending.task_done()
-        return len(batch)
+
+    def _hold_back(self, batch: list[tuple[str, str, dict[str, Any], int, bool]], exc: Exception) -> None:
+        with self._backlog_lock:
+            self._backlog = batch + self._backlog
+            overflow = len(self._backlog) - self.config.record_queue
+            if overflow > 0:
+                del self._backlog[:overflow]
+        if overflow > 0:
+            self._on_dropped(overflow)
+            logger.error("prediction records dropped: %d (more than %d held back while the store is "
+                         "unreachable)", overflow, self.config.record_queue)
+        if self.error is None:
+            logger.error("prediction records held back until the store is reachable: %s", exc)
+        self.error = str(exc)
 
     def flush(self) -> None:
-        """Block until every queued record is written (or dropped)."""
+        """Block until every queued record is written or held back (see :meth:`write_pending`)."""
         if self._writer is None:
             while self.write_pending():
                 pass
@@ -310,8 +342,14 @@ class ReplicaState:
                 self.check()
 
         def write() -> None:
+            backoff = self.config.record_delay_s
             while not self._stop.is_set():
-                self.write_pending(wait_s=self.config.record_delay_s / 2)
+                written = self.write_pending(wait_s=self.config.record_delay_s / 2)
+                if written or not self._backlog:
+                    backoff = self.config.record_delay_s
+                else:  # the store is down: retry the held-back records with back-off (up to 5 s)
+                    self._stop.wait(backoff)
+                    backoff = min(2 * backoff, 5.0)
 
         self._thread = threading.Thread(target=loop, name="labelmatch-state", daemon=True)
         self._thread.start()
@@ -319,13 +357,21 @@ class ReplicaState:
         self._writer.start()
 
     def stop(self) -> None:
-        """Write what is queued, stop the background threads and release connections."""
+        """Write what is queued, stop the background threads and release connections (records
+        still held back by an outage are dropped and counted)."""
         if self._writer is not None:
             self.flush()
         self._stop.set()
         for thread in (self._thread, self._writer):
             if thread is not None:
                 thread.join(timeout=10)
+        while self._backlog and self.write_pending():  # one last try for what an outage held back
+            pass
+        if self._backlog:
+            self._on_dropped(len(self._backlog))
+            logger.error("prediction records dropped at shutdown: %d (the store was unreachable)",
+                         len(self._backlog))
+            self._backlog = []
         self.store.close()
 
 
