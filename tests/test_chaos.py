@@ -5,6 +5,7 @@ is back or counted as dropped."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -125,3 +126,63 @@ def test_a_database_outage_costs_no_prediction_and_no_readiness(onnx_model, tmp_
         server.stop()
         pg.stop(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_store_going_away_during_an_upload_is_ridden_out_or_named(sample_dir, tmp_path):
+    """A step's upload (``labelmatch store push``, as every step's output goes to the store) while
+    the S3 server is stopped: back within seconds, the upload finishes and verifies; gone for
+    good, it fails with one line naming the URI and leaves nothing a reader accepts."""
+    import subprocess
+    import sys
+
+    from model_server import free_port
+    from moto.server import ThreadedMotoServer
+    from s3_server import s3_env
+
+    from labelmatch.core.artifacts import write_manifest
+    from labelmatch.platform.artifact_store import ArtifactStore, S3Config
+
+    artifact = tmp_path / "dataset"
+    shutil.copytree(sample_dir, artifact)
+    write_manifest(artifact, "Dataset")
+    port = free_port()
+    env = {**os.environ, **s3_env(f"http://127.0.0.1:{port}")}
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    store = ArtifactStore(S3Config.from_env(env))
+    store.put_bytes("s3://chaos/ready", b"1")  # the bucket exists before the outage
+    server.stop()
+
+    def push(uri: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "labelmatch", "store", "push", str(artifact), uri, "--kind", "Dataset"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    upload = push("s3://chaos/data/v1")
+    time.sleep(4)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        _, stderr = upload.communicate(timeout=120)
+        assert upload.returncode == 0, stderr[-2000:]
+        store.download_artifact("s3://chaos/data/v1", tmp_path / "back", kind="Dataset")
+    finally:
+        server.stop()
+
+    started = time.monotonic()
+    upload = push("s3://chaos/data/v2")
+    _, stderr = upload.communicate(timeout=180)
+    lines = [line for line in stderr.splitlines() if line.strip() and "upload s3://" not in line]
+    assert upload.returncode == 2 and len(lines) == 1, stderr[-2000:]
+    assert "s3://chaos/data/v2" in lines[0] and "failed" in lines[0], lines
+    assert time.monotonic() - started < 120
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        assert store.remote_manifest("s3://chaos/data/v2") is None  # no commit point: nothing to accept
+    finally:
+        server.stop()

@@ -234,6 +234,29 @@ class ArtifactInfo:
     files: int
 
 
+#: How long an S3 outage a store call rides out: connection errors and 500/502/503/504 are
+#: retried 8 times, 0.5 s, 1 s, 2 s ... apart (at most 10 s each), about 45 s in all, before the
+#: call fails with one line naming the URI. A step's own retries (KFP) come on top.
+S3_RETRIES = 8
+S3_BACKOFF_S = 0.5
+S3_BACKOFF_MAX_S = 10.0
+
+
+def _http_client(config: S3Config) -> Any:
+    """minio's own pool settings (5 min timeouts, certifi or ``SSL_CERT_FILE``), with the
+    longer retry policy above and ``config.ca_bundle``."""
+    import certifi
+    import urllib3
+
+    retries = urllib3.Retry(total=S3_RETRIES, connect=S3_RETRIES, read=3, backoff_factor=S3_BACKOFF_S,
+                            backoff_max=S3_BACKOFF_MAX_S, status_forcelist=(500, 502, 503, 504),
+                            allowed_methods=None, raise_on_status=False)
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=300, read=300), maxsize=10,
+        cert_reqs="CERT_REQUIRED" if config.cert_check else "CERT_NONE",
+        ca_certs=config.ca_bundle or os.environ.get("SSL_CERT_FILE") or certifi.where(), retries=retries)
+
+
 class ArtifactStore:
     """Artifacts, encoders and small JSON records in an S3 bucket (MinIO).
 
@@ -250,13 +273,6 @@ class ArtifactStore:
         from minio import Minio
 
         self.config = config
-        http_client = None
-        if config.ca_bundle:
-            import urllib3
-
-            http_client = urllib3.PoolManager(
-                ca_certs=config.ca_bundle, retries=urllib3.Retry(total=3, backoff_factor=0.2)
-            )
         self._client = Minio(
             config.endpoint,
             access_key=config.access_key,
@@ -265,7 +281,7 @@ class ArtifactStore:
             secure=config.secure,
             region=config.region,
             cert_check=config.cert_check,
-            http_client=http_client,
+            http_client=_http_client(config),
         )
 
     @classmethod
