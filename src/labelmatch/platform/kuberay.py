@@ -8,6 +8,9 @@ classification):
   actors all land on the workers), one worker group of N workers, and an ``entrypoint``; the
   cluster is deleted when the job ends (``shutdownAfterJobFinishes``, ``ttlSecondsAfterFinished``);
   with an owner pod, an ``ownerReference`` to it, so that deleting the pod deletes the RayJob.
+  Every pod it makes KubeRay create passes Pod Security "restricted" (:data:`RESTRICTED`), the
+  submitter Job's pod included (``submitterPodTemplate``: KubeRay's default submitter sets no
+  security context, and a namespace enforcing "restricted" would refuse it).
 * :func:`submit_rayjob` creates it through the Kubernetes API (``CustomObjectsApi``) and
   follows its status until it ends, retrying API calls that fail for a moment
   (:mod:`labelmatch.platform.kube_retry`) and bounding a RayJob that stays ``Running`` after its
@@ -23,6 +26,7 @@ What runs in it is the caller's: :mod:`labelmatch.tuning.rayjob` (``labelmatch t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -57,6 +61,8 @@ TERMINAL_JOB = ("SUCCEEDED", "FAILED", "STOPPED")
 #: ``IsDNS1035Label`` by ``ValidateRayJobMetadata`` in ``utils/validation.go``).
 MAX_NAME_LENGTH = 47
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: The security context of every container the RayJob's pods run (Pod Security "restricted";
+#: KubeRay's ``wait-gcs-ready`` init container copies the Ray container's).
 RESTRICTED = {
     "runAsNonRoot": True,
     "allowPrivilegeEscalation": False,
@@ -208,6 +214,31 @@ def _pod_template(spec: RayJobSpec, container: dict[str, Any], worker: bool) -> 
     }
 
 
+def _submitter_template(spec: RayJobSpec, component: str) -> dict[str, Any]:
+    """The pod of the Job that submits the entrypoint (``K8sJobMode``): KubeRay's default submitter
+    (``GetDefaultSubmitterContainer``: the head's image, 500m/200Mi up to 1 CPU/1Gi, the command
+    KubeRay fills in) with the restricted security context KubeRay's default lacks."""
+    container = {
+        "name": "ray-job-submitter",
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"},
+                      "limits": {"cpu": "1", "memory": "1Gi"}},
+        "securityContext": copy.deepcopy(RESTRICTED),
+    }
+    return {
+        "metadata": {"labels": {"app.kubernetes.io/name": "labelmatch",
+                                "app.kubernetes.io/component": component}},
+        "spec": {
+            "restartPolicy": "Never",  # a Job's pod; KubeRay's Job retries (backoffLimit)
+            "containers": [container],
+            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+            # It only talks to the Ray dashboard: no API token.
+            "automountServiceAccountToken": False,
+        },
+    }
+
+
 def build_rayjob(spec: RayJobSpec, entrypoint: str, component: str = "tune",
                  owner: PodIdentity | None = None) -> dict[str, Any]:
     """The RayJob manifest (``ray.io/v1``) running ``entrypoint`` on a fresh Ray cluster.
@@ -244,6 +275,7 @@ def build_rayjob(spec: RayJobSpec, entrypoint: str, component: str = "tune",
         "shutdownAfterJobFinishes": spec.shutdown_after_job_finishes,
         "ttlSecondsAfterFinished": spec.ttl_seconds_after_finished,
         "submissionMode": "K8sJobMode",
+        "submitterPodTemplate": _submitter_template(spec, component),
         "rayClusterSpec": {
             "rayVersion": spec.ray_version,
             "headGroupSpec": {
