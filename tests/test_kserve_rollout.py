@@ -252,6 +252,33 @@ def test_restoring_a_release_puts_back_its_whole_served_state():
     [container] = patch["spec"]["predictor"]["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert container["image"] == release.image_id and container["args"] == ["serve"]
+    # Who may write stays today's setting: an older release's args never switch auth off.
+    secured = {
+        **isvc,
+        "spec": {
+            "predictor": {
+                **isvc["spec"]["predictor"],
+                "containers": [
+                    {
+                        **isvc["spec"]["predictor"]["containers"][0],
+                        "args": [
+                            "serve",
+                            "--auth",
+                            "tokens",
+                            "--auth_tokens_file=/etc/labelmatch-auth/tokens.yaml",
+                        ],
+                    }
+                ],
+            }
+        },
+    }
+    restored = point_at_model(secured, "s3://m/1", "d1", {"release-id": "r9"}, restore=release)
+    assert restored["spec"]["predictor"]["containers"][0]["args"] == [
+        "serve",
+        "--auth",
+        "tokens",
+        "--auth_tokens_file=/etc/labelmatch-auth/tokens.yaml",
+    ]
     assert container["resources"] == {"limits": {"memory": "2Gi"}}
     assert env["LABELMATCH_LABEL_SET_VERSION"] == "3" and env["LABELMATCH_ENGINE"] == "ort-int8-dynamic"
     assert env["LABELMATCH_RELEASE_ID"] == "r9" and env["LABELMATCH_MODEL_DIGEST"] == "d1"

@@ -259,9 +259,12 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
     else:
         served = restore.predictor
         target["image"] = restore.image_id or restore.image or target.get("image")
+        security = _security_args(target.get("args", []))
         for key in ("args", "resources"):
             if key in served:
                 target[key] = copy.deepcopy(served[key])
+        # Who may write (auth, rate limits) is today's setting, never an older release's.
+        target["args"] = [*_security_args(target.get("args", []), keep=False), *security]
         for key in ("minReplicas", "maxReplicas"):
             if key in served:
                 patch_predictor[key] = served[key]
@@ -274,6 +277,26 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
         # A JSON merge patch replaces lists whole: send every container, changed in place.
         "spec": {"predictor": patch_predictor},
     }
+
+
+#: Server flags that say who may write (labelmatch.serving.auth); a rollback keeps today's.
+SECURITY_FLAGS = ("--auth", "--feedback_rate_per_minute", "--feedback_burst")
+
+
+def _security_args(args: list[str], keep: bool = True) -> list[str]:
+    """The ``--auth*`` and feedback rate-limit flags of ``args`` (with their values), or, with
+    ``keep=False``, every other argument."""
+    picked, rest, taking = [], [], False
+    for arg in args:
+        if taking:
+            picked.append(arg)
+            taking = False
+        elif arg.startswith(SECURITY_FLAGS):
+            picked.append(arg)
+            taking = "=" not in arg
+        else:
+            rest.append(arg)
+    return picked if keep else rest
 
 
 def predictor_settings(isvc: dict) -> dict[str, Any]:
