@@ -125,3 +125,93 @@ def test_calibration_of_the_exported_model_as_served(onnx_model):
     assert set(labels) <= set(result.thresholds.labels)
     assert all(0.0 < result.thresholds.labels[name] < 1.0 for name in labels)
     assert {k: result.thresholds.labels[k] for k in kept} == kept
+
+
+def _write_data(root: Path, labels: dict[str, str], docs: list[Document]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "labels.json").write_text(json.dumps(labels))
+    with open(root / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"id": d.id, "text": d.text, "labels": d.labels}) + "\n")
+    return root
+
+
+def test_labels_without_positives_are_warned_and_do_not_fire_on_every_document(trained_model, tmp_path):
+    """No document positive for any label: the search would answer its lowest candidate (0.05) and
+    every label would fire on nearly every document. They keep the model's threshold, raised above
+    their highest score on these documents (all negatives); stderr names them in one line."""
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    clf = Classifier.load(trained_model)
+    labels, docs = _renamed(["tax_problem", "vat"])
+    extra = {f"unused_{i:02d}": f"Rules about {topic}." for i, topic in enumerate(
+        ["shipping containers", "import duties", "fishing quotas", "airport slots", "radio spectrum",
+         "grain subsidies", "mining royalties", "film rebates", "tobacco excise", "water rights"])}
+    none = [Document(d.id, d.text, [], split="all") for d in docs]
+
+    result = calibrate_thresholds(clf, Dataset(none, {**labels, **extra}))
+
+    names = list(labels) + list(extra)
+    _, probs = clf.scores([d.text for d in none], {**labels, **extra}, replace=True)
+    thresholds = result.thresholds.for_labels(names)
+    assert np.all(thresholds > probs.max(0)) and np.all(thresholds >= clf.thresholds.default)
+    assert result.global_threshold == clf.thresholds.default
+    assert sorted(result.without_positives) == sorted(names)
+
+    out = tmp_path / "thresholds.json"
+    data = _write_data(tmp_path / "data", {**labels, **extra}, none)
+    cli = CliRunner().invoke(app, ["calibrate", "--model", str(trained_model), "--data", str(data), "--out",
+                                   str(out)])
+    assert cli.exit_code == 0, cli.output
+    warnings = [line for line in cli.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "warning: 12 of 12 labels have no positive document, so their thresholds are not tuned: "
+        "'new_tax_problem', 'new_vat', 'unused_00', 'unused_01', 'unused_02' and 7 more")
+    assert "warning" not in cli.stdout
+    written = Thresholds.from_json(json.loads(out.read_text()))
+    assert all(written.labels[name] > 0.05 for name in names)
+
+
+def test_a_label_without_positives_beside_tuned_ones_fires_on_none_of_its_negatives(trained_model):
+    clf = Classifier.load(trained_model)
+    labels, docs = _renamed(["tax_problem", "tax_solution", "vat"])
+    labels["new_customs"] = "Customs duties and tariffs on imported goods."
+
+    result = calibrate_thresholds(clf, Dataset(docs, labels))
+
+    assert result.without_positives == ["new_customs"]
+    assert "1 of 4 labels have no positive document" in result.warning()
+    assert "the label set's global threshold" in result.warning()
+    _, probs = clf.scores([d.text for d in docs], labels, replace=True)
+    assert result.thresholds.labels["new_customs"] >= result.global_threshold
+    assert result.thresholds.labels["new_customs"] > probs[:, list(labels).index("new_customs")].max()
+
+
+@pytest.mark.parametrize(("text", "line", "field", "message"), [
+    ('{\n  "default": 0.5,\n  "labels": {\n    "vat": "0.7"\n  }\n}\n', 4, "labels.vat",
+     "expected a number, got a string '0.7'"),
+    ('{\n  "default": true\n}\n', 2, "default", "expected a number, got a boolean true"),
+    ('{\n  "default": 0.5,\n  "labels": {"vat": 1.5}\n}\n', 3, "labels.vat", "a threshold in [0, 1]"),
+    ('{\n  "defualt": 0.5\n}\n', 2, "defualt", "unknown setting"),
+    ('{"default": null}', 1, "default", "expected a number, got null"),
+    ('{"labels": ["vat"]}', 1, "labels", "expected a mapping of numbers, got an array"),
+])
+def test_thresholds_file_fields_are_type_checked(tmp_path, text, line, field, message):
+    """thresholds.json (calibrate's output, serve --thresholds): every value a number in [0, 1];
+    a bad one is named with its line, and serve refuses the file before the server starts."""
+    import subprocess
+    import sys
+
+    from labelmatch.core.errors import DataError
+
+    path = tmp_path / "thresholds.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as info:
+        Thresholds.from_file(path)
+    err = info.value
+    assert (err.path, err.line, err.field) == (str(path), line, field) and message in str(err)
+    if field == "labels.vat" and line == 4:  # the CLI's answer, once: exit 2, one line
+        done = subprocess.run([sys.executable, "-m", "labelmatch", "serve", "--model", str(tmp_path / "m"),
+                               "--thresholds", str(path)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"error: {err}"]

@@ -107,6 +107,61 @@ def test_rules_file_errors_name_file_line_and_field(tmp_path):
         MonitorConfig.from_file(path)
 
 
+BAD_RULES = [
+    ("monitor.json", '{\n  "rules": ["embedding"],\n  "alpha": "0.01"\n}\n', 3, "alpha",
+     "expected a number, got a string '0.01'"),
+    ("monitor.json", '{\n  "min_documents": true\n}', 2, "min_documents", "expected an integer, got a bool"),
+    ("monitor.json", '{"permutations": null}', 1, "permutations", "expected an integer, got null"),
+    ("monitor.json", '{\n  "rules": "embedding"\n}', 2, "rules", "expected a list of strings, got a string"),
+    ("monitor.json", '{\n  "label_score_psi": "high"\n}', 2, "label_score_psi", "expected a number or null"),
+    ("monitor.json", '{"alpha": 0.01, "alpha": 0.05}', None, "alpha", "given twice"),
+    ("monitor.json", '{"alpha": NaN}', None, None, "NaN is not a JSON value"),
+    ("monitor.json", '{\n  "seed": 1.5\n}', 2, "seed", "expected an integer, got a number 1.5"),
+    ("monitor.json", '{\n  "alpha": 2\n}', 2, "alpha", "alpha must be within (0, 1)"),
+    ("monitor.yaml", "alpha: 0.01\nrules:\n  - embedding\n  - 7\n", 4, "rules[1]", "expected a string"),
+    ("monitor.yaml", "alpha: 0.01\nalpha: 0.02\n", 2, "alpha", "given twice"),
+    ("monitor.yaml", "min_feedback: [1\n", 2, None, "invalid YAML"),
+    ("monitor.json", "[0.01]", None, None, "expected a mapping of settings, got an array"),
+    ("monitor.json", "", None, None, "file is empty"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "line", "field", "message"), BAD_RULES,
+                         ids=[f"{i}-{r[4][:24]}" for i, r in enumerate(BAD_RULES)])
+def test_every_rules_field_is_type_checked_and_named_with_its_line(tmp_path, name, text, line, field,
+                                                                   message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as info:
+        MonitorConfig.from_file(path)
+    err = info.value
+    assert (err.path, err.line, err.field) == (str(path), line, field), str(err)
+    assert message in str(err) and "\n" not in str(err)
+
+
+def test_monitor_cli_refuses_a_string_alpha_in_one_line_with_exit_2(tmp_path):
+    """The issue's case end to end: one line naming file, line and field; status 2; no report."""
+    import subprocess
+    import sys
+
+    rules = tmp_path / "monitor.json"
+    rules.write_text('{\n  "alpha": "0.01"\n}\n')
+    done = subprocess.run([sys.executable, "-m", "labelmatch", "monitor", "--model", str(tmp_path / "model"),
+                           "--config", str(rules), "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {rules}:2: field 'alpha': expected a number, got a string '0.01'"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_yaml_rules_read_exponent_floats_as_numbers(tmp_path):
+    path = tmp_path / "monitor.yaml"
+    path.write_text("alpha: 1e-3\nrules: [embedding, max_score]\nlabel_score_psi: 2.5e-1\n")
+    config = MonitorConfig.from_file(path)
+    assert (config.alpha, config.rules, config.label_score_psi) == (0.001, ["embedding", "max_score"], 0.25)
+
+
 def test_window_times_parse_durations_iso_times_and_unix_times():
     from datetime import UTC, datetime
 

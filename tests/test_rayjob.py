@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kuberay_double import KubeRayState, ended, kuberay_double, lifecycle
 
-from labelmatch.core.errors import ConfigError, LabelmatchError
+from labelmatch.core.errors import DataError, LabelmatchError
 from labelmatch.platform.kuberay import RayJobSpec, WaitPolicy, build_rayjob, delete_rayjob, submit_rayjob
 
 FAST = WaitPolicy(poll_s=0.01)
@@ -76,8 +76,33 @@ def test_values_file_sets_the_spec_and_refuses_unknown_keys(tmp_path, rayjob_crd
     assert (spec.workers, spec.image) == (3, "img:1")
     assert rayjob_crd(build_rayjob(spec, ENTRYPOINT)) == []
     values.write_text(yaml.safe_dump({"worker_count": 2}))
-    with pytest.raises(ConfigError, match=r"unknown RayJob setting.*worker_count"):
+    with pytest.raises(DataError, match=r"values.yaml:1: field 'worker_count': unknown setting"):
         RayJobSpec.from_values(values)
+
+
+@pytest.mark.parametrize(("text", "line", "field", "message"), [
+    ("workers: two\n", 1, "workers", "expected an integer, got a string 'two'"),
+    ("namespace: ml\nenv:\n  PORT: 8080\n", 3, "env.PORT", "expected a string, got a number 8080"),
+    ("tolerations:\n  key: gpu\n", 1, "tolerations", "expected a list of mappings"),
+    ("shutdown_after_job_finishes: 'yes'\n", 1, "shutdown_after_job_finishes", "expected true or false"),
+    ("workers: 0\n", 1, "workers", "RayJob needs workers >= 1"),
+    ("workers: 2\nworkers: 3\n", 2, "workers", "given twice"),
+    ("- workers\n", None, None, "expected a mapping of settings, got an array"),
+])
+def test_values_file_fields_are_type_checked_with_their_line(tmp_path, text, line, field, message):
+    values = tmp_path / "values.yaml"
+    values.write_text(text)
+    with pytest.raises(DataError) as info:
+        RayJobSpec.from_values(values)
+    err = info.value
+    assert (err.path, err.line, err.field) == (str(values), line, field) and message in str(err)
+
+
+def test_values_file_quantities_may_be_numbers(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_text("worker_cpu: 4\nhead_cpu: 0.5\nworker_memory: 16Gi\n")
+    spec = RayJobSpec.from_values(values)
+    assert (spec.worker_cpu, spec.head_cpu, spec.worker_memory) == ("4", "0.5", "16Gi")
 
 
 SCRIPT = lifecycle("tune-tax")

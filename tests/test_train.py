@@ -127,6 +127,58 @@ def test_bad_config_is_refused():
         type(tiny_config()).from_dict({"learning_rate": 1e-3})
 
 
+@pytest.mark.parametrize(("text", "line", "field", "message"), [
+    ('{\n  "epochs": 2,\n  "lr": "1e-3"\n}\n', 3, "lr", "expected a number, got a string '1e-3'"),
+    ('{\n  "epochs": true\n}', 2, "epochs", "expected an integer, got a boolean true"),
+    ('{\n  "schedule": "cos"\n}', 2, "schedule", "expected one of 'linear', 'cosine', got a string 'cos'"),
+    ('{\n  "lora_target_modules": "query"\n}', 2, "lora_target_modules", "expected a list of strings"),
+    ('{\n  "learning_rate": 0.001\n}', 2, "learning_rate", "unknown setting"),
+    ('{\n  "epochs": 0\n}', 2, "epochs", "TrainConfig.epochs must be > 0, got 0"),
+    ('{"epochs": 2,}', 1, None, "invalid JSON"),
+])
+def test_train_config_file_fields_are_type_checked_with_file_and_line(tmp_path, text, line, field, message):
+    """``train --config``: a bad field is one line naming file, line and field, before any data
+    is read or anything written."""
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import app, register_commands
+    from labelmatch.core.errors import DataError
+
+    register_commands()
+    config = tmp_path / "train.json"
+    config.write_text(text)
+    result = CliRunner().invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out",
+                                      str(tmp_path / "model"), "--config", str(config)])
+    assert isinstance(result.exception, DataError), result.output
+    err = result.exception
+    assert (err.path, err.line, err.field) == (str(config), line, field)
+    assert message in str(err) and "\n" not in str(err)
+    assert not (tmp_path / "model").exists()
+
+
+def test_labels_without_positives_are_one_summarised_warning(caplog):
+    """100,000 labels and a few documents: one line with the count and the first few names, not
+    one line per label (the trainer logs this line)."""
+    from labelmatch.data.dataset import Dataset, Document, without_positives_warning
+
+    labels = {f"label_{i:06d}": f"Description of label {i}." for i in range(100_000)}
+    docs = [Document("a", "VAT return", ["label_000000"], split="train"),
+            Document("b", "Payroll", ["label_000001"], split="train"),
+            Document("c", "Customs", ["label_000002"], split="val")]
+    message = without_positives_warning(Dataset(docs, labels))
+    assert message is not None and "\n" not in message and len(message) < 400
+    assert message.startswith("99,998 of 100,000 labels have no positive training document "
+                              "(1 of them have some in validation): 'label_000002', 'label_000003'")
+    assert message.count("label_") == 5 and "and 99,993 more" in message
+
+    dataset = make_tiny_dataset()
+    dataset.labels.update({f"new_{i}": f"A label nobody uses, number {i}." for i in range(40)})
+    with caplog.at_level("WARNING", logger="labelmatch.training.sft"):
+        SFTTrainer(dataset, tiny_config())
+    [record] = [r for r in caplog.records if "no positive training document" in r.getMessage()]
+    assert record.getMessage().startswith("40 of 48 labels have no positive training document")
+
+
 def test_lora_targets_default_per_architecture_overridable_and_checked():
     from labelmatch.model.encoder import add_lora, load_base
 

@@ -36,6 +36,44 @@ def test_bad_settings_raise_config_error(values, message):
         TuneConfig.from_dict(values)
 
 
+def test_tune_config_file_and_inline_values_are_type_checked(tmp_path):
+    """``tune --config`` (a file: its line; inline JSON: the flag) and ``--search-space``/``--resources``:
+    a value of the wrong type is one line naming the field, nothing is started."""
+    from labelmatch.core.errors import DataError
+
+    config = tmp_path / "tune.yaml"
+    config.write_text("trials: 4\ntrain_config:\n  epochs: 2\n  lr: fast\n")
+    result = CliRunner().invoke(app, ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                      "--config", str(config)])
+    assert isinstance(result.exception, DataError), result.output
+    assert str(result.exception) == (f"{config}:4: field 'train_config.lr': expected a number, "
+                                     "got a string 'fast'")
+    inline = CliRunner().invoke(app, ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                      "--config", '{"trials": "4"}'])
+    assert isinstance(inline.exception, ConfigError)
+    assert str(inline.exception) == "--config: field 'trials': expected an integer, got a string '4'"
+    space = CliRunner().invoke(app, ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                     "--search-space", '{"lr": ["1e-4", 1e-3]}'])
+    assert str(space.exception) == "--search-space: field 'lr[0]': expected a number, got a string '1e-4'"
+    resources = CliRunner().invoke(app, ["tune", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+                                         "--resources", '{"GPU": "1"}'])
+    assert str(resources.exception) == "--resources: field 'GPU': expected a number, got a string '1'"
+    assert not (tmp_path / "m").exists()
+    good = CliRunner().invoke(app, ["tune", "--data", "s3://datasets/tax", "--out", "model", "--rayjob",
+                                    "--dry-run", "--storage-path", "s3://tuning/runs",
+                                    "--config", '{"trials": 3, "train_config": {"lr": 0.002}}'])
+    assert good.exit_code == 0, good.output
+    args = shlex.split(yaml.safe_load(good.output)["spec"]["entrypoint"])
+    shipped = TuneConfig.from_dict(json.loads(args[args.index("--config") + 1]))
+    assert shipped.trials == 3 and shipped.train_config.lr == 0.002
+    from labelmatch.cli.tune import _json_option  # what the RayJob's pod reads back, inline
+
+    read_back = _json_option(json.dumps(shipped.to_dict()), "--config", TuneConfig)
+    assert TuneConfig.from_dict(read_back) == shipped
+    with pytest.raises(ConfigError, match=r"field 'search_space.lora_ranks\[1\]': expected an integer"):
+        TuneConfig.from_dict({"search_space": {"lora_ranks": [8, 16.5]}})
+
+
 def test_random_search_may_run_one_trial_and_config_round_trips():
     config = TuneConfig.from_dict({"scheduler": "random", "trials": 1, "search_space": {"lora_ranks": [8]}})
     again = TuneConfig.from_dict(json.loads(json.dumps(config.to_dict())))

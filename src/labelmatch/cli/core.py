@@ -44,7 +44,7 @@ def train(
         str, typer.Option(help="bundled:minilm, a local HF directory, or a hub id (e.g. BAAI/bge-m3).")
     ] = "bundled:minilm",
     config: Annotated[
-        Path | None, typer.Option(help="JSON file of TrainConfig fields; flags below override it.")
+        Path | None, typer.Option(help="JSON (or .yaml) file of TrainConfig fields; flags below override it.")
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Documents per step.")] = None,
@@ -69,13 +69,13 @@ def train(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide progress bars.")] = False,
 ) -> None:
     """Fine-tune the dual encoder with LoRA (SFT) and write a Model artifact."""
+    from labelmatch.core.settings import load_settings
     from labelmatch.data.dataset import check_training_splits
     from labelmatch.training.config import TrainConfig
     from labelmatch.training.sft import train_sft
 
-    values = json.loads(config.read_text()) if config else {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{config}: expected a JSON object of TrainConfig fields")
+    # The file alone first: a bad field is named with its file and line.
+    values = load_settings(TrainConfig, config)[1] if config else {}
     values["base_model"] = (
         base_model if base_model != "bundled:minilm" or "base_model" not in values else values["base_model"]
     )
@@ -190,7 +190,9 @@ def calibrate(
     """Tune thresholds for labels the model was not trained on, from a few labelled documents.
 
     Every document of --data (all splits) is scored against the labels of --labels alone; each
-    label gets a threshold (shrunk towards their global one), merged into the model's own.
+    label gets a threshold (shrunk towards their global one), merged into the model's own. A label
+    no document is positive for is named in a warning on stderr and keeps the global (or the
+    model's) threshold, raised above its highest score on the documents.
     """
     from labelmatch.core.artifacts import write_json
     from labelmatch.data.dataset import load_dataset
@@ -198,6 +200,9 @@ def calibrate(
     from labelmatch.evaluation.evaluate import load_as_served
 
     result = calibrate_thresholds(load_as_served(model), load_dataset(data, labels), replace_default)
+    warning = result.warning()
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result.thresholds.to_json())
     typer.echo(json.dumps(result.summary()))

@@ -30,8 +30,15 @@ def serve(
     --intra_op_threads 2 --label_sync_s 1`` (see ``python -m
     labelmatch.serving.server --help``).
     """
+    from labelmatch.data.dataset import load_labels
+    from labelmatch.model.matching import Thresholds
     from labelmatch.serving.server import serve as run_server
 
+    # The files a ConfigMap mounts are checked here first: a bad one is one line (file, line, field).
+    if labels is not None:
+        load_labels(labels)
+    if thresholds is not None:
+        Thresholds.from_file(thresholds)
     argv = ["--model_dir", str(model), "--host", host, "--http_port", str(port), "--model_name", model_name]
     for flag, value in (("--labels", labels), ("--thresholds", thresholds), ("--state_dir", state_dir),
                         ("--state_url", state_url)):

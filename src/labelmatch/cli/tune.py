@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,22 +12,31 @@ from labelmatch.cli import app
 from labelmatch.core.errors import ConfigError, LabelmatchError
 
 
-def _json_option(value: str | None, what: str) -> Any:
-    """A JSON value given inline or as a path to a JSON/YAML file."""
+def _json_option(value: str | None, what: str, hint: Any = Any) -> Any:
+    """A JSON value given inline or as a path to a JSON/YAML file, checked against ``hint`` (a
+    dataclass or a type annotation): a bad field is named with its file and line.
+
+    Raises:
+        ConfigError: Neither inline JSON nor a file, or (inline) a bad field.
+        DataError: The file cannot be read, or a bad field in it.
+    """
+    from labelmatch.core.inputs import parse_json
+    from labelmatch.core.settings import build_settings, check_value, read_settings
+
     if value is None:
         return None
-    text = value if value.lstrip().startswith(("{", "[")) else None
-    if text is None:
-        path = Path(value)
-        if not path.is_file():
+    if value.lstrip().startswith(("{", "[")):
+        source: Any = what
+        body = parse_json(what, value)
+    else:
+        if not Path(value).is_file():
             raise ConfigError(f"{what}: {value} is neither inline JSON nor a file")
-        import yaml
-
-        return yaml.safe_load(path.read_text())
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what}: invalid JSON ({exc})") from exc
+        source = read_settings(value)
+        body = source.body
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        instance = build_settings(hint, body, source)  # these values alone: a file's fields named with lines
+        return {key: getattr(instance, key) for key in body}
+    return check_value(body, hint, (), source)
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -213,10 +222,12 @@ def tune(
     or fewer than 2 trials for PBT fail at once with one line naming the problem.
     """
     from labelmatch.tuning.pbt import TuneConfig
+    from labelmatch.tuning.search_space import SearchSpace
 
-    values = _json_option(config, "--config") or {}
+    values = _json_option(config, "--config", TuneConfig) or {}
     if not isinstance(values, dict):
         raise ConfigError("--config: expected an object of TuneConfig fields")
+    values = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in values.items()}
     flags = {
         "trials": trials,
         "iterations": iterations,
@@ -238,9 +249,9 @@ def tune(
         {k: True for k, on in {"synch": synch, "dashboard": dashboard, "resume": resume}.items() if on}
     )
     if search_space is not None:
-        values["search_space"] = _json_option(search_space, "--search-space")
+        values["search_space"] = _json_option(search_space, "--search-space", SearchSpace)
     if resources is not None:
-        values["resources_per_trial"] = _json_option(resources, "--resources")
+        values["resources_per_trial"] = _json_option(resources, "--resources", dict[str, float])
     train = dict(values.get("train_config") or {"steps_per_iteration": 20})
     train.update(
         {

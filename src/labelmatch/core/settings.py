@@ -104,15 +104,20 @@ class SettingsFile:
         return str(self.path)
 
 
-def read_settings(path: str | Path) -> SettingsFile:
+def read_settings(path: str | Path, default_format: Literal["json", "yaml"] = "json") -> SettingsFile:
     """Read a JSON file, or YAML by suffix (``.yaml``/``.yml``).
+
+    Args:
+        path: The file.
+        default_format: How a file whose suffix is neither ``.json`` nor YAML's is read.
 
     Raises:
         DataError: Missing, not text, not UTF-8, empty (JSON), invalid JSON/YAML (with its
             line), or a key given twice.
     """
     path = Path(path)
-    yaml_file = path.suffix.lower() in YAML_SUFFIXES
+    suffix = path.suffix.lower()
+    yaml_file = suffix in YAML_SUFFIXES or (suffix != ".json" and default_format == "yaml")
     text = _read_text(path, "UTF-8 YAML" if yaml_file else "UTF-8 JSON")
     body = _parse_yaml(path, text) if yaml_file else parse_json(path, text)
     return SettingsFile(path, text, body)
@@ -250,8 +255,16 @@ def _describe(hint: Any) -> str:
 
 
 def _plural(hint: Any) -> str:
+    """How a message names several values of ``hint`` (the items of a list or mapping)."""
     words = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
-    return words.get(hint, "values" if hint is Any else _describe(hint))
+    if hint in words:
+        return words[hint]
+    origin = typing.get_origin(hint)
+    if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
+        return "mappings"
+    if origin in (list, tuple) or hint in (list, tuple):
+        return "lists"
+    return "values"
 
 
 def check_value(value: Any, hint: Any, where: Where, source: SettingsFile | str | Path) -> Any:
@@ -281,7 +294,8 @@ def check_value(value: Any, hint: Any, where: Where, source: SettingsFile | str 
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
+        scalar = options[0] in (bool, int, float, str) or typing.get_origin(options[0]) is Literal
+        if len(options) == 1 and not scalar:  # a container or settings: name the nested field at fault
             if value is None:
                 raise wrong()
             return check_value(value, options[0], where, source)

@@ -14,6 +14,12 @@ library's rule (:func:`labelmatch.evaluation.metrics.tune_thresholds`: one globa
 per-label thresholds shrunk towards it by how many positives back them) and merges them into the
 model's own, so the trained labels keep theirs. The result is a ``thresholds.json`` for the
 server's ``--thresholds`` (a ConfigMap) or the label-set admin API, next to the new descriptions.
+
+A label with no positive document among them cannot be tuned: the search would give it the
+lowest threshold of the grid (0.05) whenever no label has a positive, and it would fire on nearly
+every document. Such a label keeps the label set's global threshold (the model's own threshold for
+it when no label of the set has a positive), raised above its highest score on the documents given
+(all of them negatives for it), so it fires on none of them; :meth:`Calibration.warning` names them.
 """
 
 from __future__ import annotations
@@ -21,10 +27,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from labelmatch.core.inputs import summarise_names
 from labelmatch.data.dataset import Dataset
 from labelmatch.evaluation.evaluate import score_split
 from labelmatch.evaluation.metrics import binarize, macro_f1, tune_thresholds
 from labelmatch.model.matching import Thresholds
+
+#: How far above a label's highest score on its negatives an untuned threshold sits.
+THRESHOLD_STEP = 0.01
 
 
 @dataclass
@@ -49,16 +61,32 @@ class Calibration:
     macro_f1_before: float
     macro_f1_after: float
 
+    @property
+    def without_positives(self) -> list[str]:
+        """The labels no document is positive for (their thresholds are not tuned, see the module)."""
+        return [name for name, count in self.positives.items() if count == 0]
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (without the thresholds themselves)."""
         return {
             "global_threshold": self.global_threshold,
             "documents": self.documents,
             "labels": len(self.positives),
-            "labels_without_positives": sorted(k for k, v in self.positives.items() if v == 0),
+            "labels_without_positives": sorted(self.without_positives),
             "macro_f1_before": round(self.macro_f1_before, 4),
             "macro_f1_after_in_sample": round(self.macro_f1_after, 4),
         }
+
+    def warning(self) -> str | None:
+        """One line naming the labels without a positive document (a few, and how many), or ``None``."""
+        missing = self.without_positives
+        if not missing:
+            return None
+        rule = ("the label set's global threshold" if len(missing) < len(self.positives)
+                else "the model's threshold (no label has a positive document, so there is no global one)")
+        return (f"{len(missing):,} of {len(self.positives):,} labels have no positive document, so their "
+                f"thresholds are not tuned: {summarise_names(missing)}; they keep {rule}, raised above their "
+                f"highest score on these documents; add labelled documents for them and calibrate again")
 
 
 def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: bool = False) -> Calibration:
@@ -75,18 +103,29 @@ def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: boo
             threshold of labels added at request time with no threshold of their own).
 
     Returns:
-        A :class:`Calibration`: every label of ``dataset`` gets its own threshold (labels without
-        a positive document get the global one); the model's other per-label thresholds are kept.
+        A :class:`Calibration`: every label of ``dataset`` gets its own threshold (a label without
+        a positive document: the global one, or the model's when no label has a positive, raised
+        above its highest score on the documents); the model's other per-label thresholds are
+        kept.
     """
     targets, probs = score_split(classifier, dataset, "all")
-    global_threshold, per_label = tune_thresholds(targets, probs)
     names = list(dataset.labels)
     current = classifier.thresholds
+    present = targets.sum(0) > 0
+    if present.any():
+        global_threshold, per_label = tune_thresholds(targets, probs)
+        fallback = np.full(len(names), global_threshold, dtype=np.float32)
+    else:  # nothing to tune on: the search's answer (its lowest candidate) would mean nothing
+        global_threshold, replace_default = current.default, False
+        per_label = fallback = current.for_labels(names)
+    # A label without a positive fires on none of the documents, all negatives for it.
+    highest = probs.max(0) if len(probs) else np.zeros(len(names), dtype=np.float32)
+    untuned = np.minimum(np.maximum(fallback, highest + THRESHOLD_STEP), 1.0)
+    per_label = np.where(present, per_label, untuned)
     before = binarize(probs, current.for_labels(names))
     after = binarize(probs, per_label)
-    present = targets.sum(0) > 0
     merged = Thresholds(
-        global_threshold if replace_default else current.default,
+        float(global_threshold) if replace_default else current.default,
         {**current.labels, **{name: round(float(t), 4) for name, t in zip(names, per_label, strict=True)}},
     )
     return Calibration(
@@ -94,6 +133,6 @@ def calibrate_thresholds(classifier: Any, dataset: Dataset, replace_default: boo
         global_threshold=float(global_threshold),
         documents=len(dataset.documents),
         positives={name: int(n) for name, n in zip(names, targets.sum(0), strict=True)},
-        macro_f1_before=macro_f1(targets[:, present], before[:, present]),
-        macro_f1_after=macro_f1(targets[:, present], after[:, present]),
+        macro_f1_before=macro_f1(targets[:, present], before[:, present]) if present.any() else 0.0,
+        macro_f1_after=macro_f1(targets[:, present], after[:, present]) if present.any() else 0.0,
     )

@@ -19,6 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,11 +80,43 @@ class Thresholds:
         return {"default": self.default, "labels": self.labels}
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any] | Thresholds) -> Thresholds:
-        """Parse ``thresholds.json`` (a :class:`Thresholds` passes through)."""
+    def from_json(cls, obj: dict[str, Any] | Thresholds, source: Any = "thresholds") -> Thresholds:
+        """Parse ``thresholds.json`` (a :class:`Thresholds` passes through).
+
+        Only ``default`` and ``labels`` are accepted, and every threshold must be a number in
+        [0, 1] (a string, ``true`` or ``null`` is refused, not converted).
+
+        Args:
+            obj: The parsed JSON.
+            source: Where it came from, for messages (a
+                :class:`~labelmatch.core.settings.SettingsFile` names file and line).
+
+        Raises:
+            ConfigError: (DataError for a file) naming the field, e.g. ``labels.vat``.
+        """
         if isinstance(obj, Thresholds):
             return obj
-        return cls(float(obj.get("default", 0.5)), {k: float(v) for k, v in obj.get("labels", {}).items()})
+        from labelmatch.core.settings import build_settings, settings_error
+
+        thresholds = build_settings(cls, obj, source)
+        values = [(("default",), thresholds.default)]
+        values += [(("labels", k), v) for k, v in thresholds.labels.items()]
+        for where, value in values:
+            if not 0.0 <= value <= 1.0:
+                raise settings_error(source, where, f"expected a threshold in [0, 1], got {value}")
+        return thresholds
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Thresholds:
+        """Read a ``thresholds.json`` (:meth:`from_json`); a bad field is named with its line.
+
+        Raises:
+            DataError: ``thresholds.json:4: field 'labels.vat': expected a number, got a string '0.5'``.
+        """
+        from labelmatch.core.settings import read_settings
+
+        settings = read_settings(path)
+        return cls.from_json(settings.body, settings)
 
 
 @dataclass

@@ -28,13 +28,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.core.errors import ConfigError
+from labelmatch.core.settings import SettingsFile, build_settings, load_settings
 from labelmatch.monitoring.profile import ReferenceProfile, cosines_from_scores
 from labelmatch.monitoring.statistics import PSI_LARGE, mmd_permutation_test, psi
 
@@ -69,52 +70,32 @@ class MonitorConfig:
             raise ConfigError(f"alpha must be within (0, 1), got {self.alpha}")
         unknown = [rule for rule in self.rules if rule not in SIGNALS]
         if unknown:
-            raise ConfigError(f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(SIGNALS)}")
-        if self.min_documents < 2 or self.permutations < 19:
-            raise ConfigError("min_documents must be >= 2 and permutations >= 19")
+            raise ConfigError(f"unknown rule(s) in rules: {', '.join(unknown)}; known: {', '.join(SIGNALS)}")
+        if self.min_documents < 2:
+            raise ConfigError(f"min_documents must be >= 2, got {self.min_documents}")
+        if self.permutations < 19:
+            raise ConfigError(f"permutations must be >= 19 (a p-value below 0.05 needs them), got "
+                              f"{self.permutations}")
+        if self.min_feedback < 1:
+            raise ConfigError(f"min_feedback must be >= 1, got {self.min_feedback}")
+        if self.label_score_psi is not None and not self.label_score_psi > 0:
+            raise ConfigError(f"label_score_psi must be > 0 (or null: reported only), got "
+                              f"{self.label_score_psi}")
 
     @classmethod
     def from_file(cls, path: str | Path) -> MonitorConfig:
-        """Read a rules file (JSON, or YAML by extension); a bad key is named with its line."""
-        path = Path(path)
-        try:
-            raw = path.read_text()
-        except OSError as exc:
-            raise DataError(path, f"cannot read the monitor rules: {exc.strerror}") from exc
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
+        """Read a rules file (JSON, or YAML by extension); every field is type-checked and a bad
+        one is named with its line (:mod:`labelmatch.core.settings`).
 
-                body = yaml.safe_load(raw) or {}
-            else:
-                body = json.loads(raw)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-            raise DataError(path, f"not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
-                                  f"{exc}") from exc
-        return cls.from_mapping(body, path, raw)
+        Raises:
+            DataError: ``monitor.json:2: field 'alpha': expected a number, got a string '0.01'``.
+        """
+        return load_settings(cls, path)[0]
 
     @classmethod
     def from_mapping(cls, body: Any, source: str | Path = "<rules>", raw: str = "") -> MonitorConfig:
         """Rules from a parsed mapping; errors name ``source``, the field and (given ``raw``) its line."""
-        if not isinstance(body, dict):
-            raise DataError(source, "expected a mapping of rule settings", line=1)
-        known = {f.name for f in fields(cls)}
-        for key in body:
-            if key not in known:
-                raise DataError(source, f"unknown field (known: {', '.join(sorted(known))})",
-                                line=_line_of(raw, key), field=key)
-        try:
-            return cls(**body)
-        except (ConfigError, TypeError) as exc:
-            key = next((k for k in body if k in str(exc)), None)
-            raise DataError(source, str(exc), line=_line_of(raw, key) if key else None, field=key) from exc
-
-
-def _line_of(text: str, key: str) -> int | None:
-    for number, line in enumerate(text.splitlines(), 1):
-        if f'"{key}"' in line or line.lstrip().startswith(f"{key}:"):
-            return number
-    return None
+        return build_settings(cls, body, SettingsFile(Path(str(source)), raw, body))
 
 
 @dataclass

@@ -27,7 +27,6 @@ What runs in it is the caller's: :mod:`labelmatch.tuning.rayjob` (``labelmatch t
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import re
@@ -137,21 +136,37 @@ class RayJobSpec:
     @classmethod
     def from_values(cls, path: str | Path | None, defaults: dict[str, Any] | None = None,
                     **overrides: Any) -> RayJobSpec:
-        """Read a values file (YAML or JSON; ``None``: none) over ``defaults`` and apply flag
-        overrides (``None`` = not given)."""
-        import yaml
+        """Read a values file (YAML, or JSON by its ``.json`` suffix; ``None``: none) over
+        ``defaults`` and apply flag overrides (``None`` = not given).
 
-        values = yaml.safe_load(Path(path).read_text()) or {} if path else {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of RayJob settings")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(
-                f"{path}: unknown RayJob setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
+        Every field of the file is type-checked and a bad one named with its line
+        (:mod:`labelmatch.core.settings`); CPU and memory quantities may be numbers (``4``, ``0.5``)
+        and are read as Kubernetes quantities (``"4"``, ``"0.5"``).
+
+        Raises:
+            DataError: A bad values file (``values.yaml:3: field 'workers': expected an integer,
+                got a string 'two'``).
+            ConfigError: A bad flag or default.
+        """
+        from labelmatch.core.settings import build_settings, read_settings
+
+        values: dict[str, Any] = {}
+        if path:
+            settings = read_settings(path, default_format="yaml")
+            if isinstance(settings.body, dict):
+                settings.body = values = {k: str(v) if k in QUANTITIES and _is_number(v) else v
+                                          for k, v in settings.body.items()}
+            build_settings(cls, settings.body, settings)  # the file alone: its fields named with their lines
         values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**values)
+        return build_settings(cls, values, "RayJob settings")
+
+
+#: RayJobSpec fields that are Kubernetes quantities (a number in a values file is read as one).
+QUANTITIES = ("worker_cpu", "worker_memory", "head_cpu", "head_memory")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_name(name: str) -> None:

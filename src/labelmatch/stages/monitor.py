@@ -12,7 +12,6 @@ token path when one is mounted.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -22,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from labelmatch.core.artifacts import atomic_artifact_dir, verify_artifact, write_manifest
-from labelmatch.core.errors import ConfigError, DataError, LabelmatchError
+from labelmatch.core.errors import ConfigError, LabelmatchError
+from labelmatch.core.inputs import parse_json
 
 
 @dataclass
@@ -127,10 +127,7 @@ def run_monitor_step(model_dir: str | Path, out_dir: str | Path, config: Monitor
     if config.trigger and not (config.kfp_host and config.data_uri):
         raise ConfigError("trigger needs kfp_host (the KFP API address) and data_uri (the new training data)")
     verify_artifact(model_dir, "OnnxModel")
-    try:
-        body = json.loads(config.rules or "{}")
-    except json.JSONDecodeError as exc:
-        raise DataError("rules", f"not a JSON object: {exc}", field="rules") from exc
+    body = parse_json("rules", config.rules or "{}")
     rules = MonitorConfig.from_mapping(body, "rules", config.rules)
     with atomic_artifact_dir(out_dir) as tmp:
         report, info = run_monitor(MonitorRun(

@@ -201,13 +201,25 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build a config, refusing unknown keys with a clear message."""
+    def from_dict(cls, values: dict[str, Any], source: Any = "TrainConfig") -> TrainConfig:
+        """Build a config from JSON-like values: unknown keys refused, every value type-checked
+        (:func:`labelmatch.core.settings.build_settings`), then the range checks.
+
+        Args:
+            values: Field values.
+            source: Where they came from, for messages (a
+                :class:`~labelmatch.core.settings.SettingsFile` names file and line).
+
+        Raises:
+            ConfigError: (DataError for a file) naming the field.
+        """
+        from labelmatch.core.settings import build_settings
+
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        unknown = sorted(set(values) - known) if isinstance(values, dict) else []
+        if unknown and isinstance(source, str):
             raise ConfigError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return build_settings(cls, values, source)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (validated)."""

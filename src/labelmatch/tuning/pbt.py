@@ -140,18 +140,28 @@ class TuneConfig:
         self.train_config.validate()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TuneConfig:
-        """Build from JSON-like values (``search_space`` and ``train_config`` as dicts)."""
+    def from_dict(cls, values: dict[str, Any], source: Any = "TuneConfig") -> TuneConfig:
+        """Build from JSON-like values (``search_space`` and ``train_config`` as dicts), every
+        value type-checked (:func:`labelmatch.core.settings.build_settings`).
+
+        Args:
+            values: Field values.
+            source: Where they came from, for messages (a
+                :class:`~labelmatch.core.settings.SettingsFile` names file and line).
+
+        Raises:
+            ConfigError: (DataError for a file) naming the field.
+        """
+        from labelmatch.core.settings import build_settings
+
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        unknown = sorted(set(values) - known) if isinstance(values, dict) else []
+        if unknown and isinstance(source, str):
             raise ConfigError(f"unknown TuneConfig field(s): {', '.join(unknown)}")
-        values = dict(values)
-        if isinstance(values.get("search_space"), dict):
-            values["search_space"] = SearchSpace.from_dict(values["search_space"])
-        if isinstance(values.get("train_config"), dict):
-            values["train_config"] = TrainConfig.from_dict(values["train_config"])
-        return cls(**values)
+        space = values.get("search_space") if isinstance(values, dict) else None
+        if isinstance(space, dict) and isinstance(source, str):  # its own message for an unknown name
+            SearchSpace.check_names(space)
+        return build_settings(cls, values, source)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (recorded in the model and the report)."""
@@ -285,7 +295,7 @@ def tune_sft(
         ``exploits``, ``trials``, ``trial_iterations``, ``wall_seconds``, ...
     """
     from labelmatch.core.artifacts import atomic_artifact_dir, write_json, write_manifest
-    from labelmatch.data.dataset import assign_splits, load_dataset
+    from labelmatch.data.dataset import assign_splits, check_training_splits, load_dataset
     from labelmatch.training.sft import SFTTrainer, dataset_lineage
     from labelmatch.tuning.history import build_history, markdown_summary, plot_history
     from labelmatch.tuning.trainable import read_record
@@ -294,6 +304,7 @@ def tune_sft(
     dataset = load_dataset(dataset_dir)
     if any(d.split is None for d in dataset.documents) or not dataset.split("val").documents:
         dataset = assign_splits(dataset, config.val_fraction, config.test_fraction, config.seed)
+    check_training_splits(dataset, dataset_dir, config.val_fraction, "val_fraction (tune --config)")
     storage = config.storage_path or str(Path(report_dir).resolve().parent / "ray_results")
     started = time.perf_counter()
     with ray_session(config.address, config.num_cpus, config.dashboard, config.ray_temp_dir):

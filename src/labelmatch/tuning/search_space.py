@@ -50,16 +50,28 @@ class SearchSpace:
         self.validate()
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> SearchSpace:
-        """Build from a JSON-like mapping, refusing unknown hyper-parameters by name."""
+    def from_dict(cls, values: dict[str, Any], source: Any = "search_space") -> SearchSpace:
+        """Build from a JSON-like mapping, refusing unknown hyper-parameters by name and values of
+        the wrong type (:func:`labelmatch.core.settings.build_settings`)."""
+        from labelmatch.core.settings import build_settings
+
+        cls.check_names(values)
+        return build_settings(cls, values, source)
+
+    @classmethod
+    def check_names(cls, values: Any) -> None:
+        """Refuse hyper-parameters the search space does not tune, by name.
+
+        Raises:
+            ConfigError: ``unknown hyper-parameter(s) in the search space: dropout (tunable: ...)``.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - known) if isinstance(values, dict) else []
         if unknown:
             raise ConfigError(
                 f"unknown hyper-parameter(s) in the search space: {', '.join(unknown)} "
                 f"(tunable: {', '.join(sorted(known))})"
             )
-        return cls(**{k: tuple(v) for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (recorded in the report and the model's ``labelmatch.json``)."""
