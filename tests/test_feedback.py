@@ -256,3 +256,27 @@ def test_feedback_on_a_prediction_is_kept_once_per_principal(tmp_path):
     assert records["bob"].prediction_id == "p1"
     exported = read_export(store.export(tmp_path / "export"))
     assert sorted(r.principal for r in exported.records) == ["alice", "bob"]
+
+
+def test_feedback_files_follow_json_lines_not_python_line_splitting(tmp_path):
+    """U+2028/U+2029/U+0085 in a text are text (an export read back keeps the record whole), a BOM
+    is skipped, and a compressed file is named as such."""
+    import gzip
+    import json
+
+    from labelmatch.core.errors import DataError
+    from labelmatch.feedback.feedback_store import FeedbackRecord, FeedbackStore, read_export
+
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    text = "line one\u2028line two\u2029three\u0085four"
+    store.add(FeedbackRecord(text, "v1", ["vat"], 4))
+    [record] = read_export(store.export(tmp_path / "export")).records
+    assert record.text == text
+    row = {"text": text, "model_version": "v1", "predicted_labels": ["vat"], "score": 5}
+    lines = "\ufeff" + json.dumps(row)
+    (tmp_path / "in.jsonl").write_text(lines + "\n", encoding="utf-8")
+    report = FeedbackStore(f"sqlite:///{tmp_path / 'g.db'}").import_file(tmp_path / "in.jsonl")
+    assert report.ok and len(report.stored) == 1
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    with pytest.raises(DataError, match="gzip"):
+        FeedbackStore(f"sqlite:///{tmp_path / 'h.db'}").import_file(tmp_path / "in.jsonl.gz")

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from labelmatch.core.artifacts import atomic_artifact_dir, verify_artifact, write_json, write_manifest
 from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.core.inputs import SNIFF_BYTES, parse_record, refuse_binary, split_records
 from labelmatch.state.migrations import migrate, schema_version
 
 FEEDBACK_FILE = "feedback.jsonl"
@@ -456,18 +457,13 @@ class FeedbackStore:
         raw = path.read_bytes()
         if not raw.strip():
             raise DataError(path, "file is empty")
+        refuse_binary(path, raw[:SNIFF_BYTES], "UTF-8 JSON Lines")
         report = ImportReport(str(path))
         parsed: list[tuple[int, FeedbackRecord]] = []
-        for number, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
+        for number, line in split_records(raw):  # only \n ends a record; a BOM is skipped
             try:
-                obj = json.loads(line.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", line=number)
+                obj = parse_record(path, number, line)
                 parsed.append((number, record_from_json(obj, str(path), number)))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                report.failed.append(LineError(number, None, f"not valid JSON ({exc})"))
             except DataError as exc:
                 report.failed.append(LineError(number, exc.field, exc.message))
         versions = self.model_versions()
@@ -609,10 +605,8 @@ def read_export(export_dir: str | Path) -> ExportedFeedback:
     manifest = verify_artifact(root, "FeedbackExport")
     path = root / FEEDBACK_FILE
     records, weights = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        obj = json.loads(line)
+    for number, raw in split_records(path.read_bytes()):  # not str.splitlines: U+2028 is text
+        obj = parse_record(path, number, raw)
         weight = obj.pop("weight", 1.0)
         records.append(record_from_json(obj, str(path), number))
         weights.append(float(weight))
