@@ -140,7 +140,7 @@ def test_the_store_going_away_during_an_upload_is_ridden_out_or_named(sample_dir
     from s3_server import s3_env
 
     from labelmatch.core.artifacts import write_manifest
-    from labelmatch.platform.artifact_store import ArtifactStore, S3Config
+    from labelmatch.platform.artifact_store import RETRIES_VAR, ArtifactStore, S3Config
 
     artifact = tmp_path / "dataset"
     shutil.copytree(sample_dir, artifact)
@@ -174,6 +174,7 @@ def test_the_store_going_away_during_an_upload_is_ridden_out_or_named(sample_dir
         server.stop()
 
     started = time.monotonic()
+    env[RETRIES_VAR] = "2"  # the whole retry budget is not waited out here (about 45 s by default)
     upload = push("s3://chaos/data/v2")
     _, stderr = upload.communicate(timeout=180)
     lines = [line for line in stderr.splitlines() if line.strip() and "upload s3://" not in line]

@@ -127,6 +127,14 @@ def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str] | 
     return None
 
 
+#: How long an S3 outage a store call rides out: connection errors and 500/502/503/504 are
+#: retried 8 times (``$LABELMATCH_S3_RETRIES``), 0.5 s, 1 s, 2 s ... apart (at most 10 s each),
+#: about 45 s in all, before the call fails with one line naming the URI. A step's own retries
+#: (KFP) come on top.
+S3_RETRIES = 8
+RETRIES_VAR = "LABELMATCH_S3_RETRIES"
+
+
 @dataclass(frozen=True)
 class S3Config:
     """Where the store is and how to authenticate; secrets are excluded from ``repr``.
@@ -140,6 +148,8 @@ class S3Config:
         access_key: Access key id.
         secret_key: Secret access key.
         session_token: Temporary session token.
+        retries: Retries of a call on connection errors and 5xx (:data:`S3_RETRIES`,
+            ``$LABELMATCH_S3_RETRIES``).
     """
 
     endpoint: str
@@ -150,6 +160,11 @@ class S3Config:
     access_key: str | None = field(default=None, repr=False)
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    retries: int = S3_RETRIES
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ConfigError(f"S3 retries must be >= 0, got {self.retries}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, secret_dir: str | Path | None = None) -> S3Config:
@@ -191,7 +206,11 @@ class S3Config:
             pairs = ", ".join(f"{a}/{s}" for a, s in CREDENTIAL_NAMES)
             raise ConfigError(f"S3 secret directory {secret_dir}: no credential pair ({pairs})")
         token = source.get(SESSION_TOKEN_NAME)
+        retries = env.get(RETRIES_VAR, "").strip()
+        if retries and not retries.isdigit():
+            raise ConfigError(f"{RETRIES_VAR}={retries!r}: expected a whole number")
         return cls(
+            retries=int(retries) if retries else S3_RETRIES,
             endpoint=endpoint,
             secure=secure,
             region=region[1] if region else None,
@@ -234,10 +253,6 @@ class ArtifactInfo:
     files: int
 
 
-#: How long an S3 outage a store call rides out: connection errors and 500/502/503/504 are
-#: retried 8 times, 0.5 s, 1 s, 2 s ... apart (at most 10 s each), about 45 s in all, before the
-#: call fails with one line naming the URI. A step's own retries (KFP) come on top.
-S3_RETRIES = 8
 S3_BACKOFF_S = 0.5
 S3_BACKOFF_MAX_S = 10.0
 
@@ -248,7 +263,8 @@ def _http_client(config: S3Config) -> Any:
     import certifi
     import urllib3
 
-    retries = urllib3.Retry(total=S3_RETRIES, connect=S3_RETRIES, read=3, backoff_factor=S3_BACKOFF_S,
+    retries = urllib3.Retry(total=config.retries, connect=config.retries,
+                            read=min(3, config.retries), backoff_factor=S3_BACKOFF_S,
                             backoff_max=S3_BACKOFF_MAX_S, status_forcelist=(500, 502, 503, 504),
                             allowed_methods=None, raise_on_status=False)
     return urllib3.PoolManager(
