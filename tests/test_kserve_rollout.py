@@ -280,7 +280,7 @@ def test_restoring_a_release_puts_back_its_whole_served_state():
         "--auth_tokens_file=/etc/labelmatch-auth/tokens.yaml",
     ]
     assert container["resources"] == {"limits": {"memory": "2Gi"}}
-    assert env["LABELMATCH_LABEL_SET_VERSION"] == "3" and env["LABELMATCH_ENGINE"] == "ort-int8-dynamic"
+    assert env["LABELMATCH_LABEL_SET_VERSION"] == "3" and "LABELMATCH_ENGINE" not in env
     assert env["LABELMATCH_RELEASE_ID"] == "r9" and env["LABELMATCH_MODEL_DIGEST"] == "d1"
     assert (patch["spec"]["predictor"]["minReplicas"], patch["spec"]["predictor"]["maxReplicas"]) == (1, 2)
     # A plain deploy takes the deploying version's image and unpins the label set.

@@ -47,7 +47,6 @@ MODEL_DIR = "/mnt/models"
 DIGEST_ENV = "LABELMATCH_MODEL_DIGEST"
 ANNOTATION_PREFIX = "labelmatch.io/"
 LABEL_SET_ENV = "LABELMATCH_LABEL_SET_VERSION"
-ENGINE_ENV = "LABELMATCH_ENGINE"
 #: Parameters the deploy pipeline must declare so that a rollback can re-run it.
 DEPLOY_PARAMETERS = ("model_uri", "model_digest", "service", "namespace", "target", "release_root",
                      "restore_release")
@@ -236,8 +235,9 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
             ``LABELMATCH_RELEASE_ID``.
         image: The predictor image (the deploying version's serve image); ``None`` keeps it.
         restore: A release whose whole served state comes back (a rollback): its image (by
-            digest where it was recorded), engine, label-set version, args, resources and
-            replicas. Without it a pinned label set is unpinned (the new model serves its newest).
+            digest where it was recorded), label-set version, args (and with them the engine),
+            resources and replicas; the auth flags stay today's. Without it a pinned label set is
+            unpinned (the new model serves its newest).
 
     Raises:
         LabelmatchError: The InferenceService has no ``kserve-container`` to point.
@@ -270,8 +270,9 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
                 patch_predictor[key] = served[key]
         _set_env(target, LABEL_SET_ENV, None if restore.label_set_version is None
                  else str(restore.label_set_version))
-        if restore.engine:
-            _set_env(target, ENGINE_ENV, restore.engine)
+        # The engine comes back with the args (--engine) or the artifact's own choice; the server's
+        # report is checked against the release after the rollout (check_served). No env is set
+        # for it: a later plain deploy of another artifact must not inherit it.
     return {
         "metadata": {"annotations": {ANNOTATION_PREFIX + key: value for key, value in release.items()}},
         # A JSON merge patch replaces lists whole: send every container, changed in place.
