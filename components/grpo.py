@@ -19,6 +19,7 @@ def grpo(
     batch_size: int = 16,
     beta: float = 0.1,
     lr: float = 1e-3,
+    max_principal_share: float = 0.1,
     seed: int = 0,
 ) -> float:
     """Train a new LoRA on the SFT model from user feedback (GRPO with a KL penalty).
@@ -36,13 +37,18 @@ def grpo(
         model: Output Model artifact: merged ``encoder/`` (SFT + GRPO), recomputed label
             embeddings and thresholds, ``labelmatch.json`` with the reference and feedback digests.
         metrics: Output KFP metrics: ``final_kl``, ``final_reward``, ``steps``, ``feedback_records``,
-            ``feedback_excluded_test_overlap``.
+            ``feedback_excluded_test_overlap`` and the per-principal cap: ``principals``,
+            ``principal_cap`` (the bound enforced), ``capped_principals``,
+            ``largest_principal_share_before``/``_after``, ``principal_weight_moved``; the top
+            principals with their records and shares are in the model's ``labelmatch.json``.
         epochs: Passes over the feedback (ignored when ``steps`` > 0).
         steps: Exact number of GRPO steps (0: derived from ``epochs``).
         group_size: Label sets sampled per document (the GRPO group).
         batch_size: Feedback documents per step.
         beta: Weight of the KL penalty to the reference.
         lr: Learning rate of the new LoRA.
+        max_principal_share: Largest share of the run's feedback weight one principal may carry
+            (records without a principal count per source); 1.0 disables the cap.
         seed: Random seed.
 
     Returns:
@@ -61,6 +67,7 @@ def grpo(
         batch_size=batch_size,
         beta=beta,
         lr=lr,
+        max_principal_share=max_principal_share,
         seed=seed,
         progress=False,
     )
@@ -73,5 +80,12 @@ def grpo(
     metrics.log_metric("steps", summary["steps"])
     metrics.log_metric("feedback_records", summary["feedback_records"])
     metrics.log_metric("feedback_excluded_test_overlap", summary["feedback_excluded_test_overlap"])
+    cap = summary["principals"]
+    metrics.log_metric("principals", cap["principals"])
+    metrics.log_metric("principal_cap", cap["effective_share"])
+    metrics.log_metric("capped_principals", cap["capped_principals"])
+    metrics.log_metric("largest_principal_share_before", cap["largest_share_before"])
+    metrics.log_metric("largest_principal_share_after", cap["largest_share_after"])
+    metrics.log_metric("principal_weight_moved", cap["weight_moved"])
     model.metadata.update({"kind": "Model", "feedback_digest": summary["feedback_digest"]})
     return float(summary["final_kl"])

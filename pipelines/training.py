@@ -132,6 +132,7 @@ def improve_and_release(
     feedback_uri: str,
     grpo_epochs: int = 3,
     grpo_steps: int = 0,
+    grpo_max_principal_share: float = 0.1,
     seed: int = 0,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
@@ -169,6 +170,7 @@ def improve_and_release(
         dataset=dataset,
         epochs=grpo_epochs,
         steps=grpo_steps,
+        max_principal_share=grpo_max_principal_share,
         seed=seed,
     )
     gpus = Gpus(grpo_gpus, gpu_type, gpu_node_selector, gpu_tolerations)
@@ -226,6 +228,7 @@ def training_pipeline(
     feedback_uri: str = "",
     grpo_epochs: int = 3,
     grpo_steps: int = 0,
+    grpo_max_principal_share: float = 0.1,
     serving_model_uri: str = "",
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
@@ -288,6 +291,8 @@ def training_pipeline(
         feedback_uri: A FeedbackExport artifact; when given, GRPO refines the tuned model.
         grpo_epochs: GRPO passes over the feedback.
         grpo_steps: Exact GRPO steps (0: from ``grpo_epochs``).
+        grpo_max_principal_share: Largest share of a GRPO run's feedback weight one principal may
+            carry (1.0: no cap); against one principal flooding the feedback.
         serving_model_uri: The artifact serving now (gate baseline, scored as served); empty: the
             latest release of ``service`` in the release log, or none.
         min_improvement: Macro-F1 gain the candidate needs over the serving model.
@@ -386,6 +391,7 @@ def training_pipeline(
             feedback_uri=feedback_uri,
             grpo_epochs=grpo_epochs,
             grpo_steps=grpo_steps,
+            grpo_max_principal_share=grpo_max_principal_share,
             seed=seed,
             gpu_type=gpu_type,
             gpu_node_selector=gpu_node_selector,

@@ -191,7 +191,8 @@ def _library_defaults() -> dict[str, dict]:
                ("base_model", "steps_per_iteration", "batch_size", "max_length")},
         },
         "grpo": {
-            **{k: getattr(grpo, k) for k in ("epochs", "group_size", "batch_size", "beta", "lr", "seed")},
+            **{k: getattr(grpo, k) for k in
+               ("epochs", "group_size", "batch_size", "beta", "lr", "max_principal_share", "seed")},
             "steps": 0,  # 0 = GRPOConfig.steps None (from epochs)
         },
         "evaluate": {
@@ -222,6 +223,7 @@ def test_pipeline_defaults_pass_the_component_defaults_through() -> None:
     feeds = {"trials": "tune_sft", "iterations": "tune_sft", "steps_per_iteration": "tune_sft",
              "batch_size": "tune_sft", "max_length": "tune_sft", "base_model": "tune_sft",
              "grpo_epochs": ("grpo", "epochs"), "grpo_steps": ("grpo", "steps"),
+             "grpo_max_principal_share": ("grpo", "max_principal_share"),
              "min_improvement": "evaluate", "max_label_regression": "evaluate",
              "export_agreement_gate": ("export_onnx", "agreement_gate"), "redact_pii": "data_prep"}
     for param, target in feeds.items():

@@ -137,25 +137,32 @@ def test_feedback_on_test_documents_is_not_trained_on(trained_model, export_dir)
         feedback_tensors(export_dir, labels, exclude_texts=everything.texts)
 
 
-def test_a_flood_by_one_principal_is_capped_in_the_trainer(trained_model, tmp_path):
-    """One principal holding half the records weighs max_principal_share of the run; the others
-    keep their weights, and the loss is normalised by the run's mean weight."""
+@pytest.fixture(scope="module")
+def flood_export(trained_model, tmp_path_factory) -> Path:
+    """12 honest records (5 users with 2 each, 2 anonymous) and 12 by ``mallory`` (half of all)."""
     from labelmatch.feedback.feedback_store import FeedbackRecord
 
+    root = tmp_path_factory.mktemp("flood")
     labels = json.loads((trained_model / "labels.json").read_text())
     names = list(labels)
-    store = FeedbackStore(f"sqlite:///{tmp_path / 'f.db'}")
+    store = FeedbackStore(f"sqlite:///{root / 'f.db'}")
     store.register_model("v", labels)
-    for i in range(12):  # 6 honest users, 2 records each, and 2 anonymous records
+    for i in range(12):
         principal = f"user-{i // 2}" if i < 12 - 2 else ""
         store.upsert(FeedbackRecord(f"honest document {i}", "v", [names[i % len(names)]], 4,
                                     principal=principal, prediction_id=f"p{i}"))
-    for i in range(12):  # the attacker: as many records as everybody else together
+    for i in range(12):
         store.upsert(FeedbackRecord(f"flood document {i}", "v", [names[0]], 5, principal="mallory",
                                     prediction_id=f"m{i}"))
-    export = store.export(tmp_path / "export", current_version="v")
-    feedback = feedback_tensors(export, names)
-    assert feedback.principals.count("mallory") == 12 and feedback.principals.count("(unknown:serve)") == 0
+    return store.export(root / "export", current_version="v")
+
+
+def test_a_flood_by_one_principal_is_capped_in_the_trainer(trained_model, flood_export):
+    """One principal holding half the records weighs max_principal_share of the run; the others
+    keep their weights, and the loss is normalised by the run's mean weight."""
+    names = list(json.loads((trained_model / "labels.json").read_text()))
+    feedback = feedback_tensors(flood_export, names)
+    assert feedback.principals.count("mallory") == 12
     assert feedback.principals.count("(unknown:api)") == 2  # FeedbackRecord's default source
     trainer = GRPOTrainer(trained_model, feedback, small_config(max_principal_share=0.2))
     report = trainer.principal_weights.report()
@@ -168,3 +175,23 @@ def test_a_flood_by_one_principal_is_capped_in_the_trainer(trained_model, tmp_pa
     assert trainer._weight_norm == pytest.approx(trainer.weights.mean().item())
     uncapped = GRPOTrainer(trained_model, feedback, small_config(max_principal_share=1.0))
     assert torch.equal(uncapped.weights, feedback.weights)
+
+
+def test_the_cli_takes_the_cap_and_reports_it(trained_model, flood_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    result = CliRunner().invoke(app, [
+        "grpo", "--model", str(trained_model), "--feedback", str(flood_export), "--out", str(tmp_path / "m"),
+        "--steps", "1", "--max-principal-share", "0.25", "--no-progress",
+    ])
+    assert result.exit_code == 0, result.output
+    assert ("principals: 7, cap 0.25 of the weight: 1 capped, largest share 0.500 → 0.250, 25.0% of the "
+            "weight moved") in result.output
+    info = json.loads((tmp_path / "m" / "labelmatch.json").read_text())
+    assert info["grpo"]["config"]["max_principal_share"] == 0.25
+    assert info["grpo"]["principals"]["top"][0] == {
+        "principal": "mallory", "records": 12, "share_before": 0.5, "share_after": pytest.approx(0.25),
+        "capped": True}

@@ -33,6 +33,11 @@ def grpo(
     target_kl: Annotated[
         float | None, typer.Option(help="Stop once the KL to the SFT model exceeds this (nats/doc).")
     ] = None,
+    max_principal_share: Annotated[
+        float | None,
+        typer.Option(help="Largest share of the run's feedback weight one principal may carry (0, 1]; "
+                     "1 disables the cap (default 0.1)."),
+    ] = None,
     val_data: Annotated[
         Path | None,
         typer.Option(
@@ -51,14 +56,19 @@ def grpo(
     if not isinstance(values, dict):
         raise ConfigError(f"{config}: expected a JSON object of GRPOConfig fields")
     flags = {"steps": steps, "epochs": epochs, "group_size": group_size, "beta": beta, "lr": lr}
-    flags.update(credit=credit, target_kl=target_kl)
+    flags.update(credit=credit, target_kl=target_kl, max_principal_share=max_principal_share)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["seed"], values["progress"] = seed, not no_progress
     labels_path = model / "labels.json"
     val_dataset = load_dataset(val_data, labels_path) if val_data else None
     summary = train_grpo(model, feedback, out, GRPOConfig.from_dict(values), val_dataset=val_dataset)
-    reward = summary["reward_curve"]
+    reward, cap = summary["reward_curve"], summary["principals"]
     typer.echo(
         f"model written to {out}: {summary['steps']} steps, mean reward {reward[0]:.3f} → {reward[-1]:.3f}, "
         f"final KL to the SFT model {summary['final_kl']:.4f}"
+    )
+    typer.echo(
+        f"principals: {cap['principals']}, cap {cap['effective_share']:.3g} of the weight: "
+        f"{cap['capped_principals']} capped, largest share {cap['largest_share_before']:.3f} → "
+        f"{cap['largest_share_after']:.3f}, {100 * cap['weight_moved']:.1f}% of the weight moved"
     )
