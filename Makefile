@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,7 +37,7 @@ lint: setup
 	$(VENV)/bin/lint-imports
 
 ## bench: every benchmark (JSON + Markdown under bench/results/)
-bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
+bench: bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
 
 ## bench-suite: every shared dataset, same protocol, baselines side by side, 3 seeds (needs ../shared/data)
 bench-suite: setup
@@ -110,6 +110,10 @@ bench-tune: setup
 ## bench-grpo: SFT vs SFT+GRPO from simulated feedback on bitext_customer_support (needs ../shared/data)
 bench-grpo: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_grpo.py --out bench/results
+
+## bench-feedback-poisoning: one principal floods GRPO's feedback (50% of records): test macro-F1 clean vs attacked, with and without the per-principal cap (needs ../shared/data)
+bench-feedback-poisoning: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_feedback_poisoning.py --out bench/results
 
 # --- export and serving ---
 ## bench-serve: torch vs every serving engine (ORT fp32/int8 dynamic/int8 static, OpenVINO), the pick, and the HTTP server under load (needs ../shared/data)
