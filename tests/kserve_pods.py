@@ -19,12 +19,10 @@ import itertools
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-from model_server import ADMIN_TOKEN, free_port
+from model_server import ADMIN_TOKEN, free_port, wait_until_ready
 
 from labelmatch.platform.artifact_store import ArtifactStore
 
@@ -141,20 +139,12 @@ class LocalPods:
         name = args[args.index("--model-name") + 1]
         running = PodProcess(f"http://127.0.0.1:{port}", process, log)
         self.started.append(running)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"pod {number} exited with {process.returncode}: {log.read_text()[-3000:]}"
-                )
-            try:
-                if requests.get(f"{running.url}/v2/models/{name}/ready", timeout=2).status_code == 200:
-                    return running
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        running.stop()
-        raise RuntimeError(f"pod {number} not ready in 180 s: {log.read_text()[-3000:]}")
+        try:
+            wait_until_ready(process, f"{running.url}/v2/models/{name}/ready", log, f"pod {number}")
+        except TimeoutError:
+            running.stop()
+            raise RuntimeError(f"pod {number} not ready in 180 s: {log.read_text()[-3000:]}") from None
+        return running
 
 
 def server_config(args: list[str]):

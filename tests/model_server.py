@@ -21,6 +21,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(process: subprocess.Popen, ready_url: str, log_path: Path, what: str,
+                     timeout_s: float = 180) -> None:
+    """Poll ``ready_url`` until it answers 200.
+
+    Raises:
+        RuntimeError: The process exited first (with its log's tail).
+        TimeoutError: Not ready within ``timeout_s`` (the caller stops the process).
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text()[-3000:] if log_path.is_file() else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}: {tail}")
+        try:
+            if requests.get(ready_url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not ready in {timeout_s} s")
+
+
 class ModelServer:
     """One model server subprocess: ``start()`` waits until the model is ready.
 
@@ -52,18 +74,13 @@ class ModelServer:
     def wait_ready(self, timeout_s: float = 180) -> ModelServer:
         """Wait until ``/v2/models/labelmatch/ready`` answers 200 (fails with the log's tail)."""
         assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                if requests.get(f"{self.base}/v2/models/labelmatch/ready", timeout=2).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        self.kill()
-        raise RuntimeError(f"server not ready in {timeout_s} s: {self.log_tail()}")
+        try:
+            wait_until_ready(self.process, f"{self.base}/v2/models/labelmatch/ready", self.log_path,
+                             "server", timeout_s)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"server not ready in {timeout_s} s: {self.log_tail()}") from None
+        return self
 
     def start(self) -> ModelServer:
         """Launch and wait until ready."""
