@@ -14,10 +14,11 @@ from labelmatch.data.dataset import load_dataset, save_dataset
 from labelmatch.evaluation.gate import GateConfig, decide, evaluate_candidate
 
 
-def _metrics(macro: float, per_label: dict[str, float], support: int = 5) -> dict:
+def _metrics(macro: float, per_label: dict[str, float], support: int = 5, micro: float | None = None) -> dict:
     return {
         "documents": 40,
         "macro_f1": macro,
+        "micro_f1": macro if micro is None else micro,
         "per_label": {
             n: {"f1": f, "support": support, "precision": f, "recall": f} for n, f in per_label.items()
         },
@@ -46,6 +47,28 @@ def test_a_label_regression_blocks_even_a_better_model() -> None:
     assert decide(candidate, serving, GateConfig(max_label_regression=0.15)).deploy
 
 
+def test_a_slice_gain_that_costs_two_micro_points_is_refused_and_the_rule_named() -> None:
+    """GRPO's failure mode: feedback labels gain (macro-F1 up, no single label falls > 0.05), but the
+    loss spread thinly over the rest costs two micro-F1 points; the micro rule refuses it."""
+    rest = {f"rest{i}": 0.80 for i in range(20)}
+    serving = _metrics(0.70, {"fb1": 0.40, "fb2": 0.40, **rest}, micro=0.80)
+    candidate = _metrics(0.73, {"fb1": 0.75, "fb2": 0.75, **{n: 0.77 for n in rest}}, micro=0.78)
+    decision = decide(candidate, serving, GateConfig())
+    assert not decision.deploy and decision.decided_by == ["max_micro_regression"]
+    assert "micro-F1 0.7800 vs serving 0.8000: -0.0200 falls by more than" in decision.reasons[2]
+    assert decide(candidate, serving, GateConfig(max_micro_regression=0.025)).deploy
+    small = _metrics(0.73, {"fb1": 0.75, "fb2": 0.75, **{n: 0.77 for n in rest}}, micro=0.7905)
+    assert decide(small, serving, GateConfig()).deploy  # within the default 1 point
+
+
+def test_every_refusing_rule_is_named() -> None:
+    serving = _metrics(0.70, {"a": 0.9, "b": 0.5}, micro=0.8)
+    candidate = _metrics(0.69, {"a": 0.7, "b": 0.68}, micro=0.7)
+    decision = decide(candidate, serving, GateConfig())
+    assert decision.decided_by == ["min_improvement", "max_label_regression", "max_micro_regression"]
+    assert decide(_metrics(0.8, {"a": 0.9, "b": 0.7}), serving, GateConfig()).decided_by == []
+
+
 def test_labels_without_support_are_ignored() -> None:
     serving = _metrics(0.5, {"a": 0.5})
     serving["per_label"]["rare"] = {"f1": 1.0, "support": 0}
@@ -66,6 +89,8 @@ def test_config_is_validated() -> None:
         GateConfig(max_label_regression=-0.1)
     with pytest.raises(ConfigError, match="split"):
         GateConfig(split="dev")
+    with pytest.raises(ConfigError, match="max_micro_regression"):
+        GateConfig(max_micro_regression=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +114,11 @@ def test_real_models_gate_both_ways(trained_model: Path, dataset_artifact: Path,
     manifest = verify_artifact(tmp_path / "same", "Report")
     assert manifest["summary"] == {"stage": "evaluate", "deploy": False}
     decision = json.loads((tmp_path / "same" / "decision.json").read_text())
-    assert decision["config"]["min_improvement"] == 0.02
+    assert decision["config"]["min_improvement"] == 0.02 and decision["config"]["max_micro_regression"] == 0.01
+    assert decision["decided_by"] == ["min_improvement"]
     report = (tmp_path / "same" / "report.md").read_text()
     assert "Decision: **do not deploy**" in report and "per_label_f1.png" in report
+    assert "Refused by: `min_improvement`" in report
 
 
 def test_bad_input_artifacts_are_named(trained_model: Path, dataset_artifact: Path, tmp_path: Path) -> None:

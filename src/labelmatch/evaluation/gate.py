@@ -6,7 +6,12 @@ serving now **on the same test split** with each model's own thresholds; deploy 
 * the candidate's macro-F1 beats the serving model's by at least ``min_improvement``
   (default 0.02, i.e. two points), and
 * no label's F1 drops by more than ``max_label_regression`` (default 0.05); labels without a
-  positive test document are skipped (their F1 says nothing).
+  positive test document are skipped (their F1 says nothing), and
+* micro-F1 does not fall by more than ``max_micro_regression`` (default 0.01, one point): a gain
+  on a few labels (e.g. where GRPO's feedback arrived) cannot buy a loss spread thinly over many
+  others, which neither macro-F1 nor the per-label rule would see.
+
+The decision names the rules that refused the candidate (``decided_by``).
 
 With no serving model the candidate is deployed (there is nothing to protect). The decision,
 every reason behind it and both models' metrics are written to the report.
@@ -34,11 +39,13 @@ class GateConfig:
     Attributes:
         min_improvement: Macro-F1 the candidate must gain over the serving model (absolute).
         max_label_regression: Largest allowed per-label F1 drop (absolute).
+        max_micro_regression: Largest allowed micro-F1 drop against the serving model (absolute).
         split: The dataset split both models are evaluated on.
     """
 
     min_improvement: float = 0.02
     max_label_regression: float = 0.05
+    max_micro_regression: float = 0.01
     split: str = "test"
 
     def __post_init__(self) -> None:
@@ -47,6 +54,10 @@ class GateConfig:
         if not 0.0 <= self.max_label_regression <= 1.0:
             raise ConfigError(
                 f"GateConfig.max_label_regression must be in [0, 1], got {self.max_label_regression}"
+            )
+        if not 0.0 <= self.max_micro_regression <= 1.0:
+            raise ConfigError(
+                f"GateConfig.max_micro_regression must be in [0, 1], got {self.max_micro_regression}"
             )
         if self.split not in ("train", "val", "test", "all"):
             raise ConfigError(f"GateConfig.split must be train, val, test or all, got {self.split!r}")
@@ -62,6 +73,10 @@ class GateDecision:
         candidate_macro_f1: The candidate's macro-F1 on the split.
         serving_macro_f1: The serving model's, or ``None`` when nothing serves.
         label_deltas: ``{label: candidate F1 - serving F1}`` for labels with test support.
+        decided_by: The rules that refused the candidate (``min_improvement``,
+            ``max_label_regression``, ``max_micro_regression``); empty when it is deployed.
+        candidate_micro_f1: The candidate's micro-F1 on the split.
+        serving_micro_f1: The serving model's, or ``None`` when nothing serves.
     """
 
     deploy: bool
@@ -69,6 +84,9 @@ class GateDecision:
     candidate_macro_f1: float
     serving_macro_f1: float | None = None
     label_deltas: dict[str, float] = field(default_factory=dict)
+    decided_by: list[str] = field(default_factory=list)
+    candidate_micro_f1: float | None = None
+    serving_micro_f1: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``decision.json``)."""
@@ -83,9 +101,10 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any] | None, config: Ga
         serving: Metrics of the serving model on the same split, or ``None``.
         config: Gate thresholds.
     """
-    cand_f1 = float(candidate["macro_f1"])
+    cand_f1, cand_micro = float(candidate["macro_f1"]), float(candidate["micro_f1"])
     if serving is None:
-        return GateDecision(True, ["no model is serving: deploy the candidate"], cand_f1)
+        return GateDecision(True, ["no model is serving: deploy the candidate"], cand_f1,
+                            candidate_micro_f1=cand_micro)
     if serving["documents"] != candidate["documents"] or set(serving["per_label"]) - set(
         candidate["per_label"]
     ):
@@ -110,19 +129,34 @@ def decide(candidate: dict[str, Any], serving: dict[str, Any] | None, config: Ga
         reasons.append(f"label F1 regresses by more than {config.max_label_regression:.3f}: {worst}")
     else:
         reasons.append(f"no label's F1 drops by more than {config.max_label_regression:.3f}")
-    return GateDecision(ok_gain and not regressions, reasons, cand_f1, serv_f1, deltas)
+    serv_micro = float(serving["micro_f1"])
+    micro_change = cand_micro - serv_micro
+    ok_micro = micro_change >= -config.max_micro_regression - 1e-12
+    reasons.append(
+        f"micro-F1 {cand_micro:.4f} vs serving {serv_micro:.4f}: {micro_change:+.4f} "
+        f"{'within' if ok_micro else 'falls by more than'} the allowed drop of "
+        f"{config.max_micro_regression:.4f}"
+    )
+    refused = [rule for rule, ok in (("min_improvement", ok_gain), ("max_label_regression", not regressions),
+                                     ("max_micro_regression", ok_micro)) if not ok]
+    return GateDecision(not refused, reasons, cand_f1, serv_f1, deltas, refused, cand_micro, serv_micro)
 
 
 def _gate_markdown(decision: GateDecision, config: GateConfig, baseline: dict[str, Any] | None = None) -> str:
     verdict = "**deploy**" if decision.deploy else "**do not deploy**"
-    lines = ["## Deploy gate", "", f"Decision: {verdict}", ""] + [f"- {r}" for r in decision.reasons]
+    lines = ["## Deploy gate", "", f"Decision: {verdict}"]
+    if decision.decided_by:
+        lines.append(f"Refused by: {', '.join(f'`{rule}`' for rule in decision.decided_by)}")
+    lines += [""] + [f"- {r}" for r in decision.reasons]
     if baseline:
         digest = baseline["digest"][:12]
         lines += ["", f"Serving now: `{baseline['uri']}` ({baseline['source']}, digest {digest}…)."]
     lines += [
         "",
-        f"Rule: macro-F1 gain ≥ {config.min_improvement:+.3f} and no label F1 drop > "
-        f"{config.max_label_regression:.3f}, both models on the {config.split!r} split.",
+        f"Rule: macro-F1 gain ≥ {config.min_improvement:+.3f} (`min_improvement`), no label F1 drop > "
+        f"{config.max_label_regression:.3f} (`max_label_regression`) and no micro-F1 drop > "
+        f"{config.max_micro_regression:.3f} (`max_micro_regression`), both models on the "
+        f"{config.split!r} split.",
         "",
     ]
     if decision.label_deltas:
