@@ -14,6 +14,11 @@
   outvote the others). A batch's loss is divided by the run's mean weight, not the batch's own
   sum, so the cap holds step by step in expectation: a batch that happens to hold only a capped
   principal's records takes a correspondingly small step.
+* **Replay** (keeping what feedback did not ask to change): with ``replay_kl_weight`` or
+  ``replay_bce_weight`` > 0, each step also draws ``replay_batch_size`` of the SFT model's own
+  training documents (``train_grpo(replay_dataset=...)``) and adds ``replay_kl_weight·KL(π‖ref)``
+  on them (a trust region measured outside the feedback, where the feedback KL sees nothing)
+  and/or ``replay_bce_weight·BCE`` against their labels (rehearsal of the SFT data).
 * The encoder runs in eval mode (no dropout): the policy that sampled the actions and the one whose
   ratio is taken must be the same function, or the first ratio is not 1.
 
@@ -100,6 +105,13 @@ class GRPOConfig:
             (the default, as benchmarked) embeds the labels once per step with the sampling
             policy, without gradient, and reuses them in the inner iterations: 2–3× cheaper with
             many labels on a CPU.
+        replay_kl_weight: Weight of the Bernoulli KL to the reference on replayed SFT training
+            documents (0: off); needs ``train_grpo(replay_dataset=...)``.
+        replay_bce_weight: Weight of the BCE loss on replayed SFT training documents with their
+            labels (0: off); needs the same.
+        replay_batch_size: Replayed documents per step.
+        replay_max_documents: At most this many replay documents are kept (a seeded sample),
+            their reference logits computed once.
         max_principal_share: The largest share of the run's total feedback weight one principal
             may carry, in (0, 1]; 1.0: no cap. Records without a principal count per source as
             ``(unknown:<source>)``; with ``n`` principals the bound is ``max(share, 1/n)``
@@ -133,6 +145,10 @@ class GRPOConfig:
     lora_dropout: float = 0.0
     max_length: int | None = None
     label_gradients: bool = False
+    replay_kl_weight: float = 0.0
+    replay_bce_weight: float = 0.0
+    replay_batch_size: int = 16
+    replay_max_documents: int = 2000
     max_principal_share: float = 0.1
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
@@ -141,7 +157,8 @@ class GRPOConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("group_size", "batch_size", "epochs", "inner_iterations", "lora_rank"):
+        for name in ("group_size", "batch_size", "epochs", "inner_iterations", "lora_rank",
+                     "replay_batch_size", "replay_max_documents"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
@@ -156,9 +173,11 @@ class GRPOConfig:
             raise ConfigError(f"GRPOConfig.target_kl must be > 0 or None, got {self.target_kl}")
         if not 0.0 < self.clip_eps < 1.0:
             raise ConfigError(f"GRPOConfig.clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.lr <= 0 or min(self.beta, self.entropy_weight, self.cosine_weight, self.weight_decay) < 0:
+        if self.lr <= 0 or min(self.beta, self.entropy_weight, self.cosine_weight, self.weight_decay,
+                               self.replay_kl_weight, self.replay_bce_weight) < 0:
             raise ConfigError(
-                "GRPOConfig: lr must be > 0; beta, entropy_weight, cosine_weight, weight_decay >= 0"
+                "GRPOConfig: lr must be > 0; beta, entropy_weight, cosine_weight, weight_decay, "
+                "replay_kl_weight, replay_bce_weight >= 0"
             )
         if not 0.0 < self.max_principal_share <= 1.0:
             raise ConfigError(
@@ -166,6 +185,11 @@ class GRPOConfig:
             )
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ConfigError("GRPOConfig.checkpoint_every needs checkpoint_dir")
+
+    @property
+    def replays(self) -> bool:
+        """Whether a replay term is on (the run then needs replay documents)."""
+        return self.replay_kl_weight > 0 or self.replay_bce_weight > 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (recorded in ``labelmatch.json``)."""
@@ -256,6 +280,44 @@ def feedback_tensors(
     )
 
 
+@dataclass
+class ReplayTensors:
+    """Replayed SFT training documents: their texts and labels in the model's label order."""
+
+    texts: list[str]
+    targets: torch.Tensor
+
+
+def replay_tensors(dataset: Dataset, label_names: list[str], max_documents: int, seed: int) -> ReplayTensors:
+    """The documents GRPO replays (a seeded sample of at most ``max_documents``), labels as targets.
+
+    Args:
+        dataset: Labelled documents (the SFT model's training split); labels the model lacks are
+            ignored (their columns do not exist).
+        label_names: The model's labels, in order.
+        max_documents: Upper bound on the documents kept.
+        seed: Seed of the sample.
+
+    Raises:
+        ConfigError: when ``dataset`` holds no document.
+    """
+    import random
+
+    docs = list(dataset.documents)
+    if not docs:
+        raise ConfigError("GRPO replay: the replay dataset holds no document (GRPOConfig replay_* > 0 "
+                          "needs the SFT training split)")
+    if len(docs) > max_documents:
+        docs = random.Random(seed).sample(docs, max_documents)
+    index = {name: j for j, name in enumerate(label_names)}
+    targets = torch.zeros((len(docs), len(label_names)))
+    for i, doc in enumerate(docs):
+        for name in doc.labels:
+            if name in index:
+                targets[i, index[name]] = 1.0
+    return ReplayTensors([d.text for d in docs], targets)
+
+
 def _weighted_mean(values: torch.Tensor, weights: torch.Tensor, norm: float | None = None) -> torch.Tensor:
     """``Σ v·w / Σ w`` over the batch, or ``Σ v·w / (len · norm)`` with the run's mean weight ``norm``."""
     if norm is None:
@@ -291,7 +353,10 @@ class GRPOTrainer:
             (:func:`principal_weights`); ``weights`` are the capped weights the loss uses.
     """
 
-    def __init__(self, model_dir: str | Path, feedback: FeedbackTensors, config: GRPOConfig):
+    def __init__(
+        self, model_dir: str | Path, feedback: FeedbackTensors, config: GRPOConfig,
+        replay: ReplayTensors | None = None,
+    ):
         from labelmatch.training.sft import resolve_device, seed_everything
 
         self.config = config
@@ -318,7 +383,13 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = torch.Generator().manual_seed(config.seed + 1)
-        self.ref_logits = self._reference_logits()
+        self.ref_logits = self._reference_logits(feedback.texts)
+        if config.replays and replay is None:
+            raise ConfigError("GRPOConfig replay_kl_weight/replay_bce_weight > 0 needs replay documents "
+                              "(train_grpo(replay_dataset=the SFT training split))")
+        self.replay = replay if config.replays else None
+        self.replay_ref = self._reference_logits(self.replay.texts) if self.replay else None
+        self.replay_generator = torch.Generator().manual_seed(config.seed + 2)
         n = len(feedback.texts)
         self.total_steps = config.steps or config.epochs * math.ceil(n / config.batch_size)
         self.step = 0
@@ -327,11 +398,11 @@ class GRPOTrainer:
         self._order: list[int] = []
         self._label_emb: torch.Tensor | None = None
 
-    def _reference_logits(self, batch_size: int = 64) -> torch.Tensor:
-        """Logits of the frozen reference (the new adapter disabled) on every feedback document."""
+    def _reference_logits(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Logits of the frozen reference (the new adapter disabled) on ``texts``."""
         encoder = self.model.encoder
         with encoder.model.disable_adapter():
-            docs = encoder.embed(self.feedback.texts, batch_size)
+            docs = encoder.embed(texts, batch_size)
             label_emb = encoder.embed(self.label_texts, batch_size)
         return self.model.logits(docs, label_emb)[1].detach().cpu()
 
@@ -383,6 +454,11 @@ class GRPOTrainer:
         else:
             advantages = group_advantages(rewards, cfg.scale_std, cfg.adv_eps)
         stats: dict[str, float] = {}
+        replay_index = (
+            torch.randint(len(self.replay.texts), (cfg.replay_batch_size,),
+                          generator=self.replay_generator).tolist()
+            if self.replay else []
+        )
         for inner in range(cfg.inner_iterations):
             if inner:
                 cos, logits = self._forward(texts)
@@ -401,6 +477,15 @@ class GRPOTrainer:
                 + cfg.beta * _weighted_mean(kl, weights, norm)
                 - cfg.entropy_weight * _weighted_mean(entropy, weights, norm)
             )
+            replay_stats: dict[str, float] = {}
+            if self.replay is not None and self.replay_ref is not None:
+                _, replay_logits = self._forward([self.replay.texts[i] for i in replay_index])
+                replay_kl = bernoulli_kl(replay_logits, self.replay_ref[replay_index].to(self.device)).mean()
+                replay_bce = torch.nn.functional.binary_cross_entropy_with_logits(
+                    replay_logits, self.replay.targets[replay_index].to(self.device), reduction="sum"
+                ) / len(replay_index)
+                loss = loss + cfg.replay_kl_weight * replay_kl + cfg.replay_bce_weight * replay_bce
+                replay_stats = {"replay_kl": replay_kl.item(), "replay_bce": replay_bce.item()}
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(
@@ -412,6 +497,7 @@ class GRPOTrainer:
                 "kl": _weighted_mean(kl, weights).item(),
                 "entropy": entropy.mean().item(),
                 "clip_fraction": clipped.float().mean().item(),
+                **replay_stats,
             }
         self.step += 1
         record = {"step": self.step, "reward": rewards.mean().item(), **stats}
@@ -525,6 +611,7 @@ def train_grpo(
     config: GRPOConfig,
     val_dataset: Dataset | None = None,
     test_texts: Collection[str] = (),
+    replay_dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Optimise a new LoRA on the SFT model from a feedback export; write the SFT+GRPO Model artifact.
 
@@ -537,6 +624,8 @@ def train_grpo(
             on; without it the SFT thresholds are kept.
         test_texts: The evaluation's test documents: feedback on any of them is not trained on
             (counted in ``feedback_excluded_test_overlap``).
+        replay_dataset: The SFT model's training documents, replayed when ``config.replays``
+            (see :class:`GRPOConfig` ``replay_*``); ignored otherwise.
 
     Returns:
         Summary: ``steps``, ``reward_curve``, ``kl_curve``, ``final_kl``, ``history``, ``seconds``,
@@ -551,7 +640,11 @@ def train_grpo(
     feedback = feedback_tensors(feedback_dir, list(labels), test_texts)
     if feedback.excluded_test_overlap:
         log.warning("%d feedback records are test documents: not trained on", feedback.excluded_test_overlap)
-    trainer = GRPOTrainer(model_dir, feedback, config)
+    replay = (
+        replay_tensors(replay_dataset, list(labels), config.replay_max_documents, config.seed)
+        if config.replays and replay_dataset is not None else None
+    )
+    trainer = GRPOTrainer(model_dir, feedback, config, replay)
     if config.checkpoint_dir:
         trainer.load_checkpoint(config.checkpoint_dir)
     trainer.fit()
