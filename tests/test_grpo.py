@@ -217,7 +217,8 @@ def test_a_flood_by_one_principal_is_capped_in_the_trainer(trained_model, flood_
     assert torch.equal(uncapped.weights, feedback.weights)
 
 
-def test_the_cli_takes_the_cap_and_reports_it(trained_model, flood_export, tmp_path):
+def test_the_cli_takes_the_cap_and_reports_it(trained_model, flood_export, tmp_path, sample_dir):
+    """The cap and the replay options reach the run (recorded in the model's labelmatch.json)."""
     from typer.testing import CliRunner
 
     from labelmatch.cli import app, register_commands
@@ -226,12 +227,16 @@ def test_the_cli_takes_the_cap_and_reports_it(trained_model, flood_export, tmp_p
     result = CliRunner().invoke(app, [
         "grpo", "--model", str(trained_model), "--feedback", str(flood_export), "--out", str(tmp_path / "m"),
         "--steps", "1", "--max-principal-share", "0.25", "--no-progress",
+        "--replay-data", str(sample_dir), "--replay-kl-weight", "0.5", "--replay-bce-weight", "0.25",
     ])
     assert result.exit_code == 0, result.output
     assert ("principals: 7, cap 0.25 of the weight: 1 capped, largest share 0.500 → 0.250, 25.0% of the "
             "weight moved") in result.output
     info = json.loads((tmp_path / "m" / "labelmatch.json").read_text())
     assert info["grpo"]["config"]["max_principal_share"] == 0.25
+    config = info["grpo"]["config"]
+    assert config["replay_kl_weight"] == 0.5 and config["replay_bce_weight"] == 0.25
+    assert "replay_kl" in info["history"][-1] and "replay_bce" in info["history"][-1]
     assert info["grpo"]["principals"]["top"][0] == {
         "principal": "mallory", "records": 12, "share_before": 0.5, "share_after": pytest.approx(0.25),
         "capped": True}

@@ -38,6 +38,24 @@ def grpo(
         typer.Option(help="Largest share of the run's feedback weight one principal may carry (0, 1]; "
                      "1 disables the cap (default 0.1)."),
     ] = None,
+    replay_kl_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the KL to the SFT model on replayed SFT training documents (needs "
+                     "--replay-data; 0: off)."),
+    ] = None,
+    replay_bce_weight: Annotated[
+        float | None,
+        typer.Option(help="Weight of the BCE on replayed SFT training documents with their labels (needs "
+                     "--replay-data; 0: off)."),
+    ] = None,
+    replay_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--replay-data",
+            help="The SFT training data (docs.jsonl dir; its train split, or every document when it has "
+                 "no split) replayed so GRPO keeps what feedback does not cover.",
+        ),
+    ] = None,
     val_data: Annotated[
         Path | None,
         typer.Option(
@@ -56,12 +74,19 @@ def grpo(
     if not isinstance(values, dict):
         raise ConfigError(f"{config}: expected a JSON object of GRPOConfig fields")
     flags = {"steps": steps, "epochs": epochs, "group_size": group_size, "beta": beta, "lr": lr}
-    flags.update(credit=credit, target_kl=target_kl, max_principal_share=max_principal_share)
+    flags.update(credit=credit, target_kl=target_kl, max_principal_share=max_principal_share,
+                 replay_kl_weight=replay_kl_weight, replay_bce_weight=replay_bce_weight)
     values.update({k: v for k, v in flags.items() if v is not None})
     values["seed"], values["progress"] = seed, not no_progress
     labels_path = model / "labels.json"
     val_dataset = load_dataset(val_data, labels_path) if val_data else None
-    summary = train_grpo(model, feedback, out, GRPOConfig.from_dict(values), val_dataset=val_dataset)
+    replay_dataset = None
+    if replay_data:
+        replay_dataset = load_dataset(replay_data, labels_path)
+        if replay_dataset.split("train").documents:
+            replay_dataset = replay_dataset.split("train")
+    summary = train_grpo(model, feedback, out, GRPOConfig.from_dict(values), val_dataset=val_dataset,
+                         replay_dataset=replay_dataset)
     reward, cap = summary["reward_curve"], summary["principals"]
     typer.echo(
         f"model written to {out}: {summary['steps']} steps, mean reward {reward[0]:.3f} → {reward[-1]:.3f}, "
