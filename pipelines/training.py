@@ -173,6 +173,10 @@ def improve_and_release(
         max_principal_share=grpo_max_principal_share,
         seed=seed,
     )
+    # feedback_uri names a FeedbackExport that `labelmatch feedback export --out` replaces in place, and
+    # the importer (reimport=False) hands every run that names the URI the same artifact, so KFP's
+    # cache key would not change with the feedback: never serve a cached GRPO model.
+    improved.set_caching_options(False)
     gpus = Gpus(grpo_gpus, gpu_type, gpu_node_selector, gpu_tolerations)
     configure_step(improved, "grpo", Cluster(s3_secret, pipeline_config), grpo_cpu, grpo_memory,
                    timeout_s=TUNE_TIMEOUT_S, gpus=gpus)
