@@ -28,6 +28,26 @@ commit 4a3592cb; files under ``backend/src/apiserver/``):
   SubjectAccessReview per namespace, else 403. Here ``KfpState.tokens`` maps a token to the
   namespaces its user may use (the SubjectAccessReview's answer).
 
+Pipeline tags, the default version and runs (same tag and files):
+
+* ``server/pipeline_server.go`` ``UpdatePipeline`` (``PATCH /apis/v2beta1/pipelines/{pipeline_id}``,
+  new in 2.17.0, ``backend/api/v2beta1/pipeline.proto``): authorised with the verb ``update`` like
+  any change of the pipeline (``canAccessPipeline``); a non-empty ``display_name`` renames it;
+  ``tags`` absent leaves the tags alone, present **replaces** them (``storage/pipeline_store.go``
+  ``updateEntityFields``: upsert the given keys, delete the others), ``"tags": {}`` clears them
+  (``main.go`` ``clearTagsMiddleware``); ``model/pipeline_tags.go`` ``ValidateTags``: at most 20,
+  keys non-empty, without ``.``, keys and values at most 63 characters, else 400.
+* There is no v2beta1 default version: a run that references a pipeline without a version id runs
+  the newest version (``resource/resource_manager.go`` ``fetchPipelineVersionFromPipelineSpec``,
+  ``storage/pipeline_store.go`` ``GetLatestPipelineVersion``: ``ORDER BY CreatedAtInSec DESC``);
+  versions here are created one second apart.
+* ``backend/api/v2beta1/run.proto``: a Run's ``pipeline_source`` is a oneof, a
+  ``pipeline_version_reference`` **or** an inline ``pipeline_spec`` (both: 400, as protojson
+  refuses a oneof set twice). With a reference the run executes the version's stored spec
+  (``fetchTemplateFromPipelineSpec``); the run has no caching field, so what the v2 driver reads
+  per task is ``cachingOptions.enableCache`` of that spec (``backend/src/v2/driver/container.go``):
+  :func:`run_caching` answers it for a stored run.
+
 Errors are the grpc-gateway JSON body (``code``, ``message``) with the HTTP status of the gRPC
 code (InvalidArgument 400, Unauthenticated 401, PermissionDenied 403, NotFound 404).
 """
@@ -39,6 +59,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -48,6 +69,8 @@ import yaml
 API = "/apis/v2beta1"
 #: The namespace KFP itself runs in (``POD_NAMESPACE``): where shared pipelines are authorised.
 KFP_NAMESPACE = "kubeflow"
+#: Creation times of versions count seconds from here.
+EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 class Refused(Exception):
@@ -86,6 +109,7 @@ class KfpState:
     runs: dict[str, dict] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    clock: Iterator[int] = field(default_factory=lambda: itertools.count(1))  # seconds after EPOCH
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self.ids):04d}"
@@ -119,6 +143,50 @@ class KfpState:
 
     def run_namespace(self, run: dict) -> str:
         return self.experiments[run["experiment_id"]].get("namespace", "")
+
+
+#: ``model/pipeline_tags.go``: MaxTagsPerEntity, MaxTagKeyLength, MaxTagValueLength.
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 20, 63, 63
+
+
+def _validate_tags(tags: dict[str, str]) -> None:
+    """``ValidateTags``: :class:`Refused` 400 for a tag set the server refuses."""
+    if len(tags) > MAX_TAGS:
+        raise Refused(400, f"number of tags ({len(tags)}) exceeds maximum of {MAX_TAGS} per entity")
+    for key, value in tags.items():
+        if not key:
+            raise Refused(400, "tag key cannot be empty")
+        if "." in key:
+            raise Refused(400, f"tag key {key!r} must not contain '.' character")
+        if len(key) > MAX_TAG_KEY:
+            raise Refused(400, f"tag key {key!r} exceeds maximum length of {MAX_TAG_KEY} characters")
+        if len(value) > MAX_TAG_VALUE:
+            raise Refused(400, f"tag value {value!r} for key {key!r} exceeds maximum length of "
+                               f"{MAX_TAG_VALUE} characters")
+
+
+def _pipeline_json(pipeline: dict) -> dict:
+    """A pipeline as the server answers: protojson leaves an empty tag map out."""
+    return {k: v for k, v in pipeline.items() if not (k == "tags" and not v)}
+
+
+def run_caching(state: "KfpState", run_id: str) -> dict[str, bool]:
+    """``{"<dag>/<task>": enableCache}`` of every task of a stored run, as the v2 driver reads it
+    (``opts.Task.GetCachingOptions().GetEnableCache()``: absent is false): from the run's inline
+    spec, else from the spec of the version it references."""
+    run = state.runs[run_id]
+    if "pipeline_spec" in run:
+        spec = run["pipeline_spec"]
+    else:
+        ref = run["pipeline_version_reference"]
+        [version] = [v for v in state.versions[ref["pipeline_id"]]
+                     if v["pipeline_version_id"] == ref["pipeline_version_id"]]
+        spec = version["pipeline_spec"]
+    spec = spec.get("pipeline_spec", spec) if "root" not in spec else spec
+    dags = {"root": spec["root"]["dag"]}
+    dags.update({name: c["dag"] for name, c in spec.get("components", {}).items() if "dag" in c})
+    return {f"{dag}/{task}": bool((body.get("cachingOptions") or {}).get("enableCache", False))
+            for dag, body_dag in dags.items() for task, body in body_dag.get("tasks", {}).items()}
 
 
 def _filter_name(query: dict[str, str]) -> str | None:
@@ -183,6 +251,13 @@ class _Handler(BaseHTTPRequestHandler):
         except Refused as exc:
             self._error(exc.status, exc.message)
 
+    def do_PATCH(self) -> None:
+        request, _ = self._read()
+        try:
+            self._patch(request)
+        except Refused as exc:
+            self._error(exc.status, exc.message)
+
     def do_DELETE(self) -> None:
         request, _ = self._read()
         try:
@@ -211,11 +286,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == f"{API}/pipelines":
             name, namespace = _filter_name(query), s.namespace(query.get("namespace"))
             s.authorize(request, namespace)
-            found = [p for p in s.pipelines.values()
+            found = [_pipeline_json(p) for p in s.pipelines.values()
                      if p["namespace"] == namespace and (name is None or p["display_name"] == name)]
             return self._send(200, {"pipelines": found, "total_size": len(found)} if found else {})
         if len(parts) == 5 and path.startswith(f"{API}/pipelines/"):
-            return self._send(200, self._pipeline(parts[4], request))
+            return self._send(200, _pipeline_json(self._pipeline(parts[4], request)))
         if len(parts) == 7 and path.startswith(f"{API}/pipelines/") and parts[5] == "versions":
             self._pipeline(parts[4], request)
             found = [v for v in s.versions[parts[4]] if v["pipeline_version_id"] == parts[6]]
@@ -294,17 +369,29 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, experiment)
         if path == f"{API}/runs":
             body = request.body
-            ref = body.get("pipeline_version_reference") or {}
-            versions = {v["pipeline_version_id"]: v for v in s.versions.get(ref.get("pipeline_id"), [])}
-            if ref.get("pipeline_version_id") not in versions:
-                return self._error(404, f"pipeline version {ref} not found")
+            if "pipeline_version_reference" in body and "pipeline_spec" in body:
+                return self._error(400, "oneof v2beta1.Run.pipeline_source is already set")
+            if "pipeline_spec" in body:
+                stored = body["pipeline_spec"]
+            else:
+                ref = body.get("pipeline_version_reference") or {}
+                versions = s.versions.get(ref.get("pipeline_id"), [])
+                if not ref.get("pipeline_version_id") and versions:
+                    # GetLatestPipelineVersion: the newest creation time; the run is filed under it.
+                    latest = max(versions, key=lambda v: v["created_at"])
+                    body["pipeline_version_reference"] = {**ref, "pipeline_version_id":
+                                                          latest["pipeline_version_id"]}
+                    ref = body["pipeline_version_reference"]
+                by_id = {v["pipeline_version_id"]: v for v in versions}
+                if ref.get("pipeline_version_id") not in by_id:
+                    return self._error(404, f"pipeline version {ref} not found")
+                stored = by_id[ref["pipeline_version_id"]]["pipeline_spec"]
             if body.get("experiment_id") not in s.experiments:
                 return self._error(404, f"experiment {body.get('experiment_id')} not found")
             namespace = s.experiments[body["experiment_id"]]["namespace"]
             if s.multi_user and not namespace:
                 return self._error(400, "A run cannot have an empty namespace in multi-user mode")
             s.authorize(request, namespace, write=True)
-            stored = versions[ref["pipeline_version_id"]]["pipeline_spec"]
             declared = stored.get("pipeline_spec", stored)["root"]["inputDefinitions"]["parameters"]
             unknown = set((body.get("runtime_config") or {}).get("parameters", {})) - set(declared)
             if unknown:
@@ -318,6 +405,21 @@ class _Handler(BaseHTTPRequestHandler):
             s.runs[run["run_id"]] = run
             return self._send(200, run)
         return self._error(404, f"no route POST {path}")
+
+    def _patch(self, request: Request) -> None:
+        parts = request.path.split("/")
+        if len(parts) == 5 and request.path.startswith(f"{API}/pipelines/"):
+            pipeline = self._pipeline(parts[4], request, write=True)  # canAccessPipeline, verb update
+            body = request.body or {}
+            tags = body.get("tags")
+            if tags is not None:
+                _validate_tags(tags)
+            if body.get("display_name"):
+                pipeline["display_name"] = body["display_name"]
+            if tags is not None:
+                pipeline["tags"] = dict(tags)  # replaces the set; {} clears it
+            return self._send(200, _pipeline_json(pipeline))
+        return self._error(404, f"no route PATCH {request.path}")
 
     def _delete(self, request: Request) -> None:
         parts = request.path.split("/")
@@ -343,7 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
             "pipeline_version_id": self.state.new_id("version"),
             "display_name": name,
             "name": name,
-            "created_at": "2025-01-01T00:00:00Z",
+            # One second apart, so that the newest version is well defined (CreatedAtInSec).
+            "created_at": (EPOCH + timedelta(seconds=next(self.state.clock))).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "pipeline_spec": spec,
         }
         self.state.versions[pipeline_id].append(version)

@@ -205,27 +205,82 @@ def pipeline_versions(
                 typer.echo(f"{name}\t{item.version}\t{item.version_id}\t{item.created_at}")
 
 
+@pipeline_app.command("default")
+def pipeline_default(
+    host: HostOpt,
+    version: Annotated[
+        str | None, typer.Option(help="Version to pin as the default; omitted: show the pinned one.")
+    ] = None,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="Unpin: runs without --version take the latest version again.")
+    ] = False,
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option("--pipeline", help="Pipeline name(s) (repeatable); default: labelmatch-training."),
+    ] = None,
+    token: TokenOpt = None,
+    token_file: TokenFileOpt = None,
+    kfp_namespace: NamespaceOpt = None,
+) -> None:
+    """Pin the version `pipeline run` takes without --version (a tag on the KFP pipeline, KFP >= 2.17)."""
+    from labelmatch.platform.kfp import LATEST, TRAINING_PIPELINE
+
+    if version and clear:
+        raise ConfigError("pass --version V to pin or --clear to unpin, not both")
+    with _remote_errors(f"default version on {host}"):
+        registry = _registry(host, token, token_file, kfp_namespace)
+        for name in pipeline or [TRAINING_PIPELINE]:
+            if version or clear:
+                registry.pin_default_version(name, version)
+            target, how = registry.resolve_version(name)
+            if how == LATEST:
+                typer.echo(f"{name}: no default pinned; runs without --version take the latest, "
+                           f"{target.version}")
+            else:
+                typer.echo(f"{name}: default version {target.version} (pinned)")
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     host: HostOpt,
-    version: Annotated[str, typer.Option(help="Pipeline version to run.")],
+    version: Annotated[
+        str | None,
+        typer.Option(help="Pipeline version to run; default: the pinned default (labelmatch pipeline "
+                     "default), else the latest version, as KFP itself picks."),
+    ] = None,
     pipeline: Annotated[str, typer.Option(help="Pipeline name.")] = "labelmatch-training",
     param: Annotated[
         list[str] | None, typer.Option("--param", help="Pipeline parameter key=value (repeatable).")
     ] = None,
     run_name: Annotated[str | None, typer.Option(help="Run display name.")] = None,
     experiment: Annotated[str, typer.Option(help="Experiment to file the run under.")] = "labelmatch",
+    cache: Annotated[
+        bool,
+        typer.Option("--cache/--no-cache", help="--no-cache: no step reuses KFP's cached results (a fresh "
+                     "run). --cache: each step as compiled; steps with a mutable input never cache."),
+    ] = True,
+    no_cache_step: Annotated[
+        list[str] | None,
+        typer.Option("--no-cache-step", help="A step (task name, e.g. tune-sft, export-onnx) that must not "
+                     "reuse a cached result in this run (repeatable)."),
+    ] = None,
     service_account: ServiceAccountOpt = None,
     token: TokenOpt = None,
     token_file: TokenFileOpt = None,
     kfp_namespace: NamespaceOpt = None,
 ) -> None:
     """Create a run of one version of a pipeline (in --namespace on a multi-user KFP)."""
+    from labelmatch.platform.kfp_cache import CachePolicy
+
+    policy = CachePolicy.from_options(cache, no_cache_step)
     with _remote_errors(f"run on {host}"):
-        run = _registry(host, token, token_file, kfp_namespace).create_run(
-            pipeline, version, _parse_params(param), run_name, experiment, service_account
-        )
-    typer.echo(f"run {run.run_id} created: {run.name}")
+        registry = _registry(host, token, token_file, kfp_namespace)
+        registry.check_run_namespace()
+        target, how = registry.resolve_version(pipeline, version)
+        run = registry.create_run(pipeline, target.version, _parse_params(param), run_name, experiment,
+                                  service_account, cache=policy)
+    typer.echo(f"run {run.run_id} created: {run.name} ({pipeline} {run.version}, {how}; "
+               f"cache {policy.describe()})")
 
 
 @store_app.command("push")
@@ -355,6 +410,7 @@ def releases(
     from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog
 
+    typer.echo("time\trelease\tpipeline_version\tmodel_uri\tmodel_digest\trun_id")
     for record in ReleaseLog(ArtifactStore.from_env(), root).list(service):
         typer.echo(
             f"{record.time}\t{record.release_id}\t{record.pipeline_version}\t{record.model_uri}\t"

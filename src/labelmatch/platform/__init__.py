@@ -9,6 +9,7 @@ _EXPORTS = {
     "ArtifactStore": "artifact_store",
     "S3Config": "artifact_store",
     "S3Uri": "artifact_store",
+    "CachePolicy": "kfp_cache",
     "PipelineRegistry": "kfp",
     "PipelineVersion": "kfp",
     "RunInfo": "kfp",

@@ -28,12 +28,30 @@ pipelines into it (``shared_pipelines=True``: shared ones, readable by every pro
 pipeline by name in the namespace first, then among the shared ones. The token is either given
 (``token``) or read by the KFP SDK's own ``ServiceAccountTokenVolumeCredentials`` from a file
 before every request (``token_file``; a projected token rotates).
+
+**The default version.** KFP v2beta1 has no default version of a pipeline: a run that references
+a pipeline without a version id runs its *latest* version (``resource/resource_manager.go``
+``fetchPipelineVersionFromPipelineSpec`` -> ``storage/pipeline_store.go``
+``GetLatestPipelineVersion``: the newest ``CreatedAtInSec`` that is ready). The v1beta1 endpoint
+``POST /apis/v1beta1/pipelines/{pipeline_id}/default_version/{version_id}`` still exists in 2.17.0
+(``server/pipeline_server.go`` ``UpdatePipelineDefaultVersionV1``) but only writes the deprecated
+column ``DefaultVersionId``, which nothing reads (even v1's ``GetPipeline`` reports the latest
+version as ``default_version``), and with the Kubernetes pipeline store it answers 400
+(``storage/pipeline_store_kubernetes.go``). So labelmatch pins the default **on the pipeline
+itself**, as the tag :data:`DEFAULT_VERSION_TAG` set through ``PATCH /apis/v2beta1/pipelines/
+{pipeline_id}`` (``UpdatePipeline``, KFP >= 2.17.0; ``backend/api/v2beta1/pipeline.proto``),
+where every API client reads it, and :meth:`PipelineRegistry.resolve_version` runs that
+version when none is given; KFP itself does not read the tag. ``UpdatePipeline`` replaces the
+whole tag set (``storage/pipeline_store.go`` ``updateEntityFields``), so the pin is merged into
+the pipeline's other tags. Runs with a cache policy other than the compiled one:
+:mod:`labelmatch.platform.kfp_cache`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +59,7 @@ from typing import Any
 import yaml
 
 from labelmatch.core.errors import ConfigError, LabelmatchError
+from labelmatch.platform.kfp_cache import CachePolicy, apply_cache_policy
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +69,15 @@ DEPLOY_PIPELINE = "labelmatch-deploy"
 DEFAULT_EXPERIMENT = "labelmatch"
 #: Where ``make compile`` writes the IR.
 COMPILED_DIR = Path("pipelines/compiled")
+#: The tag of a KFP pipeline that names its pinned default version (KFP keeps tags from 2.17.0).
+DEFAULT_VERSION_TAG = "labelmatch-default-version"
+#: The longest tag value KFP accepts (``model/pipeline_tags.go`` ``MaxTagValueLength``).
+MAX_TAG_VALUE = 63
+#: How :meth:`PipelineRegistry.resolve_version` chose a version.
+GIVEN, PINNED, LATEST = "given", "pinned default", "latest: no default pinned"
+#: The description of a run created with its version's spec inline (a cache policy other than the
+#: compiled one): KFP keeps no version reference for such a run, so it names the version here.
+_INLINE_RUN = re.compile(r"^labelmatch: (?P<pipeline>\S+) (?P<version>\S+) \(version id (?P<id>[^)]*)\)")
 
 
 @dataclass(frozen=True)
@@ -269,27 +297,128 @@ class PipelineRegistry:
             self._multi_user = bool(self.client.get_kfp_healthz().multi_user)
         return self._multi_user
 
-    def _find_pipeline(self, name: str, namespace: str | None) -> str | None:
-        """The id of the pipeline named ``name`` in ``namespace`` (None: the shared ones)."""
+    def _find_pipeline_object(self, name: str, namespace: str | None) -> Any:
+        """The pipeline named ``name`` in ``namespace`` (None: the shared ones) as the server lists
+        it (``V2beta1Pipeline``: id, tags, ...), or None."""
         predicate = {"operation": "EQUALS", "key": "display_name", "stringValue": name}
         query = json.dumps({"predicates": [predicate]})
         found = self.client.list_pipelines(filter=query, namespace=namespace).pipelines or []
         if len(found) > 1:
             raise ConfigError(f"{len(found)} pipelines are named {name!r} on the server; "
                               "names must be unique")
-        return found[0].pipeline_id if found else None
+        return found[0] if found else None
+
+    def _find_pipeline(self, name: str, namespace: str | None) -> str | None:
+        """The id of the pipeline named ``name`` in ``namespace`` (None: the shared ones)."""
+        found = self._find_pipeline_object(name, namespace)
+        return found.pipeline_id if found else None
 
     def _upload_namespace(self) -> str | None:
         return None if self.shared_pipelines else self.namespace
 
-    def pipeline_id(self, name: str) -> str | None:
-        """The server id of the pipeline named ``name``: in the namespace, else a shared one; or None."""
+    def _pipeline_object(self, name: str) -> Any:
+        """The pipeline named ``name``: in the namespace, else a shared one; or None."""
         places = [self.namespace, None] if self.namespace else [None]
         for namespace in places:
-            found = self._find_pipeline(name, namespace)
-            if found:
+            found = self._find_pipeline_object(name, namespace)
+            if found is not None:
                 return found
         return None
+
+    def pipeline_id(self, name: str) -> str | None:
+        """The server id of the pipeline named ``name``: in the namespace, else a shared one; or None."""
+        found = self._pipeline_object(name)
+        return found.pipeline_id if found is not None else None
+
+    def _require_pipeline(self, name: str) -> Any:
+        found = self._pipeline_object(name)
+        if found is None:
+            where = f"in namespace {self.namespace!r} or shared" if self.namespace else "shared"
+            raise ConfigError(f"pipeline {name!r} is not on the KFP server at {self.host} ({where}); "
+                              "upload it first (labelmatch pipeline upload)")
+        return found
+
+    def default_version(self, name: str) -> str | None:
+        """The version of pipeline ``name`` pinned as its default (the tag :data:`DEFAULT_VERSION_TAG`),
+        or None (none pinned, or no such pipeline)."""
+        found = self._pipeline_object(name)
+        return ((found.tags or {}).get(DEFAULT_VERSION_TAG) or None) if found is not None else None
+
+    def pin_default_version(self, name: str, version: str | None) -> PipelineVersion | None:
+        """Pin ``version`` as the default of pipeline ``name``, or unpin (``version`` None).
+
+        Sends ``PATCH /apis/v2beta1/pipelines/{pipeline_id}`` (KFP 2.17.0 ``UpdatePipeline``,
+        ``backend/src/apiserver/server/pipeline_server.go``) with the pipeline's tags, the pin
+        among them (see the module docstring: KFP v2beta1 has no default version of its own). On a
+        multi-user KFP it needs ``update`` on pipelines in the pipeline's namespace (a shared
+        pipeline: KFP's own namespace).
+
+        Returns:
+            The pinned version (None after unpinning).
+
+        Raises:
+            ConfigError: No such pipeline, or no such version of it (the versions are listed).
+            LabelmatchError: The server has no ``UpdatePipeline`` (KFP before 2.17.0) or did not
+                keep the tag.
+        """
+        from kfp_server_api.exceptions import ApiException
+        from kfp_server_api.models import InlineObject
+
+        pipeline = self._require_pipeline(name)
+        tags = dict(pipeline.tags or {})
+        target = None
+        if version is None:
+            if DEFAULT_VERSION_TAG not in tags:
+                return None
+            del tags[DEFAULT_VERSION_TAG]
+        else:
+            target = pick_version(self._versions(pipeline.pipeline_id, name), name, version, "on the server")
+            if len(version) > MAX_TAG_VALUE:
+                raise ConfigError(f"version {version!r}: longer than the {MAX_TAG_VALUE} characters a KFP "
+                                  "tag value may have")
+            tags[DEFAULT_VERSION_TAG] = version
+        try:
+            updated = self.client.pipelines.pipeline_service_update_pipeline(
+                pipeline.pipeline_id, InlineObject(tags=tags))
+        except ApiException as exc:
+            if exc.status in (405, 501):
+                raise LabelmatchError(
+                    f"KFP at {self.host} answered {exc.status} to PATCH /apis/v2beta1/pipelines/"
+                    f"{pipeline.pipeline_id}: pinning a default version needs KFP 2.17.0 or later "
+                    "(UpdatePipeline with tags)") from None
+            raise
+        kept = (updated.tags or {}).get(DEFAULT_VERSION_TAG)
+        if kept != version:
+            raise LabelmatchError(f"KFP at {self.host} did not keep the tag {DEFAULT_VERSION_TAG}={version} "
+                                  f"on pipeline {name!r} (it holds {kept!r}): tags need KFP 2.17.0 or later")
+        return target
+
+    def resolve_version(self, name: str, version: str | None = None) -> tuple[PipelineVersion, str]:
+        """The version of pipeline ``name`` a run takes, and how it was chosen.
+
+        ``version`` when given (:data:`GIVEN`); else the pinned default (:data:`PINNED`); else the
+        newest version, which is what KFP runs for a reference without a version id
+        (:data:`LATEST`; ``GetLatestPipelineVersion``: newest creation time).
+
+        Raises:
+            ConfigError: No such pipeline or version, or the pinned version is no longer on the server.
+        """
+        pipeline = self._require_pipeline(name)
+        versions = self._versions(pipeline.pipeline_id, name)
+        if version:
+            return pick_version(versions, name, version, "on the server"), GIVEN
+        pinned = (pipeline.tags or {}).get(DEFAULT_VERSION_TAG)
+        if pinned:
+            try:
+                return pick_version(versions, name, pinned, "on the server"), PINNED
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}; it is the pinned default: pin another (labelmatch pipeline "
+                                  "default --version V) or pass --version") from None
+        if not versions:
+            raise ConfigError(f"pipeline {name!r} has no version on the server")
+        # Stable on equal times (KFP keeps seconds): the later one listed wins.
+        latest = max(enumerate(versions), key=lambda item: (item[1].created_at, item[0]))[1]
+        return latest, LATEST
 
     def _versions(self, pipeline_id: str, name: str) -> list[PipelineVersion]:
         found, token = [], ""
@@ -354,44 +483,77 @@ class PipelineRegistry:
                 self.client.delete_pipeline_version(pipeline_id, item.version_id)
         return pick_version(self._versions(pipeline_id, name), name, version, "on the server")
 
+    def check_run_namespace(self) -> None:
+        """:class:`ConfigError` when the server is multi-user and no namespace is set: a run could
+        not be filed anywhere (the server would answer 400)."""
+        if self.namespace is None and self.multi_user:
+            raise ConfigError(f"KFP at {self.host} is multi-user: a run needs the profile namespace to "
+                              "run in (--namespace or LABELMATCH_KFP_NAMESPACE)")
+
     def create_run(
         self,
         name: str,
-        version: str,
+        version: str | None,
         params: dict[str, str] | None = None,
         run_name: str | None = None,
         experiment: str = DEFAULT_EXPERIMENT,
         service_account: str | None = None,
+        cache: CachePolicy | None = None,
     ) -> RunInfo:
         """Create a run of version ``version`` of pipeline ``name``.
 
+        A run with the compiled caching references the version (``pipeline_version_reference``);
+        a run with another :class:`~labelmatch.platform.kfp_cache.CachePolicy` carries the
+        version's stored spec inline, its tasks' ``cachingOptions`` rewritten, because KFP runs a
+        referenced version's spec unchanged and its Run has no caching field of its own
+        (:mod:`labelmatch.platform.kfp_cache`). KFP then links the run to no version; its
+        description names the version, and :meth:`find_run` reads it back.
+
         Args:
             name: Pipeline name.
-            version: Version name.
+            version: Version name; None: :meth:`resolve_version` (the pinned default, else the latest).
             params: Parameters as strings, converted to the declared types; unknown names are refused.
             run_name: Display name of the run (default ``<name> <version>``).
             experiment: Experiment to file the run under (created when missing).
             service_account: Kubernetes service account of the run's pods.
+            cache: Which steps may reuse KFP's cached results; None: as compiled.
 
         Raises:
-            ConfigError: No such version, a parameter it does not take, or a multi-user server
-                and no namespace.
+            ConfigError: No such version, a parameter it does not take, a step the policy names
+                that the pipeline lacks, or a multi-user server and no namespace.
         """
-        if self.namespace is None and self.multi_user:
-            raise ConfigError(f"KFP at {self.host} is multi-user: a run needs the profile namespace to "
-                              "run in (--namespace or LABELMATCH_KFP_NAMESPACE)")
-        target = self.find_version(name, version)
+        self.check_run_namespace()
+        target = self.find_version(name, version) if version else self.resolve_version(name)[0]
+        version = target.version
         typed = target.typed_parameters(params)
+        policy = cache or CachePolicy()
+        spec = None
+        if not policy.as_compiled:
+            stored = self.client.get_pipeline_version(target.pipeline_id, target.version_id).pipeline_spec
+            spec = apply_cache_policy(stored or {}, policy)
         experiment_id = self.client.create_experiment(experiment, namespace=self.namespace).experiment_id
         run_name = run_name or f"{name} {version}"
-        run = self.client.run_pipeline(
-            experiment_id=experiment_id,
-            job_name=run_name,
-            params=typed,
-            pipeline_id=target.pipeline_id,
-            version_id=target.version_id,
-            service_account=service_account,
-        )
+        if spec is None:
+            run = self.client.run_pipeline(
+                experiment_id=experiment_id,
+                job_name=run_name,
+                params=typed,
+                pipeline_id=target.pipeline_id,
+                version_id=target.version_id,
+                service_account=service_account,
+            )
+        else:
+            from kfp_server_api.models import V2beta1Run, V2beta1RuntimeConfig
+
+            run = self.client.runs.run_service_create_run(run=V2beta1Run(
+                experiment_id=experiment_id,
+                display_name=run_name,
+                description=f"labelmatch: {name} {version} (version id {target.version_id}); "
+                            f"cache {policy.describe()}",
+                pipeline_spec=spec,
+                runtime_config=V2beta1RuntimeConfig(parameters=typed),
+                service_account=service_account,
+            ))
         if not run.run_id:
             raise LabelmatchError(f"KFP accepted run {run_name!r} but returned no run id")
         return RunInfo(run_id=run.run_id, name=run_name, pipeline=name, version=version, parameters=typed,
@@ -416,6 +578,9 @@ class PipelineRegistry:
         parameters = dict((run.runtime_config.parameters if run.runtime_config else None) or {})
         reference = run.pipeline_version_reference
         pipeline = version = ""
+        inline = _INLINE_RUN.match(run.description or "")
+        if (reference is None or not reference.pipeline_id) and inline:
+            pipeline, version = inline["pipeline"], inline["version"]  # its spec inline: create_run
         try:
             if reference is not None and reference.pipeline_id:
                 pipeline = self.client.get_pipeline(reference.pipeline_id).display_name or ""
