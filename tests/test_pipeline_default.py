@@ -139,3 +139,25 @@ def test_shared_pipeline_pin_is_authorised_against_kfps_namespace(kfp, tmp_path)
     assert result.exit_code == 0, result.output
     alice = PipelineRegistry(url, token="alice", namespace="team-a")
     assert alice.resolve_version(DEPLOY)[1] == PINNED  # every profile reads the shared pin
+
+
+def test_releases_name_the_pipeline_version_of_each_release(tmp_path, monkeypatch):
+    """`labelmatch releases` labels its columns; pipeline_version says which version deployed each."""
+    from s3_server import moto_s3_server, s3_env
+
+    from labelmatch.platform.artifact_store import ArtifactStore
+    from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
+
+    with moto_s3_server() as url:
+        for name, value in s3_env(url).items():
+            monkeypatch.setenv(name, value)
+        log = ReleaseLog(ArtifactStore.from_env(), "s3://labelmatch")
+        for version in ("0.1.0", "0.2.0"):
+            log.append(ReleaseRecord.new(service="tax", namespace="ml", model_uri=f"s3://labelmatch/m/{version}",
+                                         model_digest="ab" * 32, pipeline_version=version,
+                                         run_id=f"run-{version}"))
+        result = _cli("releases", "--service", "tax", "--root", "s3://labelmatch")
+    assert result.exit_code == 0, result.output
+    header, *rows = [line.split("\t") for line in result.output.splitlines()]
+    assert header[:3] == ["time", "release", "pipeline_version"]
+    assert [dict(zip(header, row, strict=True))["pipeline_version"] for row in rows] == ["0.1.0", "0.2.0"]
