@@ -19,12 +19,25 @@ API request (a "tick"), so a test sets how long things take in requests, determi
     ``PredictorReady`` from the Deployment's ``Available``/``Progressing``/``ReplicaFailure``
     conditions (True while ``Available`` is True, i.e. **during** a rolling update too), and
     ``status.observedGeneration`` **copied from the Deployment's status**.
+  - RawDeployment canaries (``spec.canary``, v0.20.0, ``components/predictor.go``
+    ``reconcileCanaryDeployments``): a Deployment ``<name>-<canary>-predictor`` per entry (the
+    stable predictor with the canary's fields over it, ``minReplicas`` or ceil(stable ×
+    trafficPercent / 100) replicas), ``status.canaryStatuses`` and ``CanaryPredictorReady``; every
+    predictor Deployment the spec does not name is deleted (promotion by ``predictor.name`` keeps the
+    canary's Deployment as the stable; removing the entry deletes the canary). Pods carry
+    ``app: isvc.<deployment>`` (``deployment_reconciler.go``, ``GetRawServiceLabel``).
   - Serverless (``Knative``): each template change makes the Knative Service create a revision
-    ``<name>-predictor-0000N``; ``PropagateStatus`` is ported: ``latestCreatedRevision``,
-    ``latestReadyRevision``, ``latestRolledoutRevision`` (the ready revision once it has 100 % of
-    the traffic), ``PredictorReady`` / ``PredictorConfigurationReady`` from the Knative Service's
-    ``Ready`` / ``ConfigurationsReady``, ``status.observedGeneration`` copied from the Knative
-    Service's.
+    ``<name>-predictor-0000N``; the Knative Service's traffic is KServe's
+    (``reconcilers/knative/ksvc_reconciler.go``, v0.20.0 as v0.15.0): ``canaryTrafficPercent`` %
+    to the latest revision and the rest to ``latestRolledoutRevision`` (tag ``prev``) when both
+    are set, else 100 % to the latest; Knative's route resolves ``latestRevision`` to the latest
+    *ready* revision and moves once every revision it names is ready; an unrouted revision scales
+    to zero. ``PropagateStatus`` is ported: ``latestCreatedRevision``, ``latestReadyRevision``,
+    ``latestRolledoutRevision`` / ``previousRolledoutRevision`` (from the traffic, as written, with
+    its "rolled back over the same revision" case), ``traffic``, ``PredictorReady`` /
+    ``PredictorConfigurationReady`` / ``PredictorRouteReady`` from the Knative Service's ``Ready``
+    / ``ConfigurationsReady`` / ``RoutesReady``, ``status.observedGeneration`` copied from the
+    Knative Service's.
   - ``Ready`` is the living condition set of ``PredictorReady`` and ``IngressReady``; the ingress
     reconciler marks ``IngressReady`` once the predictor has been ready.
   - ``modelStatus.transitionStatus``: ``InProgress`` while the new pods start, ``UpToDate`` when
@@ -40,7 +53,9 @@ API request (a "tick"), so a test sets how long things take in requests, determi
 
 **Pods** are not run unless a ``pod_runner`` is given: then each new pod is a real process
 (the test's runner starts the container's own command on 127.0.0.1) and ``status.address.url``
-points at the ready one, as KServe's Service would.
+points at the ready one, as KServe's Service would; the pod list gives such a pod ``podIP``
+127.0.0.1 and its real port as the ``kserve-container`` port, and a Knative revision's pods the
+``serving.knative.dev/revision`` label.
 """
 
 from __future__ import annotations
@@ -49,6 +64,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +79,11 @@ PODS_PREFIX = "/api/v1/namespaces/"
 SERVICE_PREFIX = "/svc/"
 RAW_MODES = ("RawDeployment", "Standard")
 MODE_ANNOTATION = "serving.kserve.io/deploymentMode"
+
+
+def _component(isvc: dict) -> dict:
+    """``status.components.predictor`` as the controller last wrote it."""
+    return ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -99,11 +120,11 @@ class Predictor:
     pods: list[Pod] = field(default_factory=list)
     deadline: int = 0
     ever_ready: bool = False
+    canaries: dict[str, Predictor] = field(default_factory=dict)  # RawDeployment spec.canary, by Deployment
     # Knative
     revisions: list[dict] = field(default_factory=list)
     ksvc_generation: int = 0
-    rolled_out: str = ""
-    previous_rolled_out: str = ""
+    traffic: list[dict] = field(default_factory=list)  # the Knative route's resolved targets
 
 
 @dataclass
@@ -135,15 +156,6 @@ class KubeState:
         """The predictor Deployment of InferenceService ``name``."""
         return self.predictors[(namespace, name)].deployment
 
-    def stop_pods(self) -> None:
-        """Stop every pod process (end of a test)."""
-        with self.lock:
-            for predictor in self.predictors.values():
-                for pod in predictor.pods:
-                    if pod.handle is not None:
-                        pod.handle.stop()
-                predictor.pods.clear()
-
     # -- controllers --------------------------------------------------------------------------
     def tick(self) -> None:
         """One step of every controller."""
@@ -153,6 +165,8 @@ class KubeState:
                 if predictor.mode == "raw":
                     self._kserve_raw(isvc, predictor)
                     self._deployment_controller(predictor)
+                    for canary in predictor.canaries.values():
+                        self._deployment_controller(canary)
                     self._propagate_raw(isvc, predictor)
                 else:
                     self._kserve_knative(isvc, predictor)
@@ -177,8 +191,11 @@ class KubeState:
         pod.ready = True
 
     @staticmethod
-    def _template(isvc: dict) -> dict:
-        predictor = isvc["spec"]["predictor"]
+    def _template(isvc: dict, predictor: dict | None = None, deployment: str = "") -> dict:
+        """The pod template of a predictor (``predictor``: a canary's, merged over the stable's);
+        RawDeployment pods carry ``app: isvc.<deployment>`` (``deployment_reconciler.go``,
+        ``GetRawServiceLabel``)."""
+        predictor = predictor or isvc["spec"]["predictor"]
         spec = {
             key: copy.deepcopy(predictor[key])
             for key in ("containers", "volumes", "serviceAccountName")
@@ -189,31 +206,73 @@ class KubeState:
             **isvc["metadata"].get("labels", {}),
             "serving.kserve.io/inferenceservice": name,
             "component": "predictor",
+            **({"app": f"isvc.{deployment}"} if deployment else {}),
         }
         return {"metadata": {"labels": labels}, "spec": spec}
 
+    @staticmethod
+    def _new_deployment(name: str, namespace: str, template: dict, replicas: int) -> dict:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace, "generation": 1,
+                         "labels": template["metadata"]["labels"]},
+            "spec": {"replicas": replicas, "template": template},
+            "status": {},
+        }
+
+    def _stop(self, pods: list[Pod]) -> None:
+        for pod in pods:
+            if pod.handle is not None:
+                pod.handle.stop()
+                pod.handle = None
+
     def _kserve_raw(self, isvc: dict, predictor: Predictor) -> None:
+        """KServe's raw reconciler for the stable predictor and, from v0.20.0, ``spec.canary``
+        (``components/predictor.go`` ``reconcileCanaryDeployments``): each canary is a Deployment
+        ``<isvc>-<name>-predictor`` of the stable predictor with the canary's fields over it
+        (``buildCanaryPredictor``: mergo with override), ``minReplicas`` or ceil(stable minReplicas ×
+        trafficPercent / 100) replicas; ``status.canaryStatuses`` (ready: ``availableReplicas > 0``)
+        and ``CanaryPredictorReady``; every predictor Deployment not named by the spec is deleted
+        (so promotion, ``predictor.name`` set to a canary's name with its entry removed, keeps that
+        canary's Deployment and pods as the stable, and removing an entry deletes the canary)."""
         if predictor.lag > 0:
             predictor.lag -= 1
             return
-        template = self._template(isvc)
         name, namespace = isvc["metadata"]["name"], isvc["metadata"]["namespace"]
+        stable = isvc["spec"]["predictor"]
+        stable_name = f"{name}-{stable['name']}-predictor" if stable.get("name") else f"{name}-predictor"
+        template = self._template(isvc, deployment=stable_name)
+        if predictor.deployment is not None and predictor.deployment["metadata"]["name"] != stable_name:
+            self._stop(predictor.pods)  # the old stable Deployment is an orphan now
+            adopted = predictor.canaries.pop(stable_name, None)
+            predictor.deployment, predictor.pods = ((adopted.deployment, adopted.pods) if adopted
+                                                    else (None, []))
         if predictor.deployment is None:
-            predictor.deployment = {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {
-                    "name": f"{name}-predictor",
-                    "namespace": namespace,
-                    "generation": 1,
-                    "labels": template["metadata"]["labels"],
-                },
-                "spec": {"replicas": isvc["spec"]["predictor"].get("minReplicas", 1), "template": template},
-                "status": {},
-            }
+            predictor.deployment = self._new_deployment(stable_name, namespace, template,
+                                                        stable.get("minReplicas", 1))
         elif predictor.deployment["spec"]["template"] != template:
             predictor.deployment["spec"]["template"] = template
             predictor.deployment["metadata"]["generation"] += 1
+        expected = set()
+        for canary in isvc["spec"].get("canary") or []:
+            spec = canary["predictor"]
+            deployment = f"{name}-{spec['name']}-predictor"
+            expected.add(deployment)
+            override = {k: v for k, v in spec.items() if v not in (None, [], {}, "")}
+            merged = {**copy.deepcopy(stable), **override}
+            replicas = spec.get("minReplicas") or math.ceil(
+                stable.get("minReplicas", 1) * canary["trafficPercent"] / 100)
+            canary_template = self._template(isvc, merged, deployment)
+            current = predictor.canaries.get(deployment)
+            if current is None:
+                current = predictor.canaries[deployment] = Predictor("raw", 0)
+                current.deployment = self._new_deployment(deployment, namespace, canary_template, replicas)
+            elif current.deployment["spec"]["template"] != canary_template:
+                current.deployment["spec"]["template"] = canary_template
+                current.deployment["metadata"]["generation"] += 1
+        for deployment in [d for d in predictor.canaries if d not in expected]:
+            self._stop(predictor.canaries.pop(deployment).pods)
 
     def _deployment_controller(self, predictor: Predictor) -> None:
         deployment = predictor.deployment
@@ -284,9 +343,15 @@ class KubeState:
         return f"http://{name}.{namespace}.svc.cluster.local"
 
     def endpoint(self, namespace: str, name: str) -> str | None:
-        """The URL of a ready pod behind the Service (``None`` when there is none)."""
+        """The URL of a ready pod behind the Service (``None`` when there is none); for Knative, of
+        the revision with the largest share of the route (weighted routing is the test's splitter's)."""
         with self.lock:
             predictor = self.predictors.get((namespace, name))
+            if predictor is not None and predictor.traffic:
+                top = max(predictor.traffic, key=lambda target: target["percent"])["revisionName"]
+                url = self.revision_url(namespace, name, top)
+                if url is not None:
+                    return url
             ready = [p for p in predictor.pods if p.ready and p.handle is not None] if predictor else []
             return ready[-1].handle.url if ready else None
 
@@ -372,9 +437,36 @@ class KubeState:
         status["modelStatus"] = self._model_status(
             [p for p in predictor.pods if p.template == deployment["spec"]["template"]]
         )
+        # reconcileCanaryDeployments' status (components/predictor.go, v0.20.0), written by the
+        # reconcile that made the Deployments (not while the controller has not seen the change)
+        if predictor.lag > 0:
+            return self._finish(isvc, predictor, conditions, status)
+        canaries = isvc["spec"].get("canary") or []
+        name = isvc["metadata"]["name"]
+        statuses = []
+        for canary in canaries:
+            current = predictor.canaries.get(f"{name}-{canary['predictor']['name']}-predictor")
+            available = (current.deployment["status"].get("availableReplicas", 0)
+                         if current and current.deployment else 0)
+            statuses.append({"name": canary["predictor"]["name"], "ready": available > 0,
+                             "trafficPercent": canary["trafficPercent"]})
+        if statuses:
+            status["canaryStatuses"] = statuses
+            ready = all(item["ready"] for item in statuses)
+            self._set(conditions, "CanaryPredictorReady", "True" if ready else "False",
+                      "AllCanariesReady" if ready else "CanariesNotReady")
+        else:
+            status.pop("canaryStatuses", None)
+            conditions.pop("CanaryPredictorReady", None)
         self._finish(isvc, predictor, conditions, status)
 
     def _kserve_knative(self, isvc: dict, predictor: Predictor) -> None:
+        """KServe's Knative reconciler (``reconcilers/knative/ksvc_reconciler.go``, v0.20.0, as in
+        v0.15.0) and Knative Serving behind it: a changed template makes a revision; the Knative
+        Service's traffic is ``canaryTrafficPercent`` % to the latest revision and the rest to the
+        InferenceService's ``latestRolledoutRevision`` (tag ``prev``) when both are set, else 100 %
+        to the latest; Knative's route resolves ``latestRevision`` to the latest *ready* revision.
+        A revision that no route target references scales to zero (its pod stops)."""
         if predictor.lag > 0:
             predictor.lag -= 1
             return
@@ -386,22 +478,38 @@ class KubeState:
             predictor.revisions.append(
                 {"name": name, "template": template, "pod": self._start_pod(template, namespace)}
             )
-            predictor.pods.append(predictor.revisions[-1]["pod"])
             return
         latest = predictor.revisions[-1]
         self._advance_pod(latest["pod"], namespace)
+        canary = isvc["spec"]["predictor"].get("canaryTrafficPercent")
+        rolled_out = _component(isvc).get("latestRolledoutRevision", "")
+        if canary is not None and rolled_out:
+            targets = [{"latestRevision": True, "percent": canary}]
+            if canary < 100:
+                targets.append({"revisionName": rolled_out, "latestRevision": False, "percent": 100 - canary,
+                                "tag": "prev"})
+        else:
+            targets = [{"latestRevision": True, "percent": 100}]
         ready = [r for r in predictor.revisions if r["pod"].ready]
-        if ready and predictor.rolled_out != ready[-1]["name"]:
-            # The route sends 100 % to the latest ready revision; the old revision scales to zero.
-            for revision in predictor.revisions:
-                if revision is not ready[-1] and revision["pod"].handle is not None:
-                    revision["pod"].handle.stop()
-                    revision["pod"].handle = None
-            predictor.pods = [ready[-1]["pod"]] + ([latest["pod"]] if latest is not ready[-1] else [])
-            predictor.previous_rolled_out, predictor.rolled_out = predictor.rolled_out, ready[-1]["name"]
+        if not ready:
+            return
+        resolved = [{**t, "revisionName": ready[-1]["name"] if t["latestRevision"] else t["revisionName"]}
+                    for t in targets]
+        by_name = {r["name"]: r for r in predictor.revisions}
+        if all(by_name.get(t["revisionName"], {}).get("pod") and by_name[t["revisionName"]]["pod"].ready
+               for t in resolved):
+            predictor.traffic = resolved  # the route moves once every target it names is ready
+        routed = {t["revisionName"] for t in predictor.traffic if t["percent"] > 0}
+        for revision in predictor.revisions:
+            keep = revision["name"] in routed or revision is latest
+            if not keep and revision["pod"].handle is not None:
+                revision["pod"].handle.stop()
+                revision["pod"].handle = None
+        predictor.pods = [r["pod"] for r in predictor.revisions
+                          if r["name"] in routed or (r is latest and not r["pod"].crashed)]
 
     def _propagate_knative(self, isvc: dict, predictor: Predictor) -> None:
-        """``PropagateStatus`` (inference_service_status.go) from the Knative Service's status."""
+        """``PropagateStatus`` (inference_service_status.go, v0.20.0) from the Knative Service's status."""
         status = copy.deepcopy(isvc.get("status") or {})
         status["deploymentMode"] = "Serverless"
         conditions = {c["type"]: c for c in status.get("conditions", [])}
@@ -410,17 +518,32 @@ class KubeState:
             return self._finish(isvc, predictor, conditions, status)
         latest = predictor.revisions[-1]
         ready = [r for r in predictor.revisions if r["pod"].ready]
+        latest_ready = ready[-1]["name"] if ready else ""
         components = status.setdefault("components", {}).setdefault("predictor", {})
         components["latestCreatedRevision"] = latest["name"]
-        if ready:
-            components["latestReadyRevision"] = ready[-1]["name"]
-        if predictor.rolled_out:
-            components["latestRolledoutRevision"] = predictor.rolled_out
-            components["traffic"] = [
-                {"revisionName": predictor.rolled_out, "percent": 100, "latestRevision": True}
-            ]
-            if predictor.previous_rolled_out:
-                components["previousRolledoutRevision"] = predictor.previous_rolled_out
+        revision_traffic: dict[str, int] = {}
+        for target in predictor.traffic:
+            revision_traffic[target["revisionName"]] = revision_traffic.get(target["revisionName"], 0) + \
+                target["percent"]
+        for target in predictor.traffic:
+            if target["revisionName"] == latest_ready and target.get("latestRevision"):
+                if components.get("latestRolledoutRevision") != latest_ready:
+                    if target["percent"] == 100:  # track the last revision that is fully rolled out
+                        if components.get("latestRolledoutRevision"):
+                            components["previousRolledoutRevision"] = components["latestRolledoutRevision"]
+                        components["latestRolledoutRevision"] = latest_ready
+                # rolled out at 100 % and then rolled back over the same revision
+                elif latest_ready == latest["name"] and target["percent"] < 100 and \
+                        revision_traffic.get(target["revisionName"]) == 100 and \
+                        components.get("previousRolledoutRevision"):
+                    components["latestRolledoutRevision"] = components["previousRolledoutRevision"]
+        if latest_ready:
+            components["latestReadyRevision"] = latest_ready
+        if predictor.traffic:
+            components["traffic"] = copy.deepcopy(predictor.traffic)
+        routed = {t["revisionName"] for t in predictor.traffic}
+        route_ready = bool(predictor.traffic) and all(
+            r["pod"].ready for r in predictor.revisions if r["name"] in routed)
         if latest["pod"].crashed:
             configuration = (
                 "False",
@@ -428,28 +551,43 @@ class KubeState:
                 f'Revision "{latest["name"]}" failed with message: Container failed with: exit status 1.',
             )
             service = configuration
-        elif latest["pod"].ready and predictor.rolled_out == latest["name"]:
-            configuration = service = ("True", "", "")
         else:
-            configuration = service = (
-                "Unknown",
-                "RevisionMissing",
-                f'Configuration "{isvc["metadata"]["name"]}-predictor" is waiting for a '
-                "Revision to become ready.",
-            )
+            waiting = ("Unknown", "RevisionMissing",
+                       f'Configuration "{isvc["metadata"]["name"]}-predictor" is waiting for a Revision to '
+                       "become ready.")
+            configuration = ("True", "", "") if latest["pod"].ready else waiting
+            # The Knative Service is Ready when its configuration and its route are.
+            service = ("True", "", "") if latest["pod"].ready and route_ready else waiting
         self._set(conditions, "PredictorConfigurationReady", *configuration)
-        self._set(conditions, "PredictorRouteReady", "True" if predictor.rolled_out else "Unknown")
+        self._set(conditions, "PredictorRouteReady", "True" if route_ready else "Unknown")
         self._set(conditions, "PredictorReady", *service)
         status["observedGeneration"] = predictor.ksvc_generation
         status["modelStatus"] = self._model_status([latest["pod"]])
         self._finish(isvc, predictor, conditions, status)
 
+    def revision_url(self, namespace: str, name: str, revision: str) -> str | None:
+        """The URL of the ready pod of a Knative revision (``None`` when it has none)."""
+        with self.lock:
+            predictor = self.predictors.get((namespace, name))
+            for item in predictor.revisions if predictor else []:
+                if item["name"] == revision and item["pod"].ready and item["pod"].handle is not None:
+                    return item["pod"].handle.url
+        return None
+
     def pods(self, namespace: str, selector: dict[str, str]) -> list[dict]:
-        """The pods a label selector matches, as the API returns them."""
+        """The pods a label selector matches, as the API returns them. A Knative revision's pod
+        carries ``serving.knative.dev/revision``; a pod with a process behind it has
+        ``status.podIP`` 127.0.0.1 and its ``kserve-container`` port is the one the process
+        listens on (a kubelet's pod IP and container port, as seen from this machine)."""
         items = []
         for (ns, name), predictor in self.predictors.items():
-            for index, pod in enumerate(predictor.pods):
-                labels = pod.template["metadata"]["labels"]
+            revisions = {id(r["pod"]): r["name"] for r in predictor.revisions}
+            owners = [predictor, *predictor.canaries.values()]
+            pods = [pod for owner in owners for pod in owner.pods]
+            for index, pod in enumerate(pods):
+                labels = dict(pod.template["metadata"]["labels"])
+                if id(pod) in revisions:
+                    labels["serving.knative.dev/revision"] = revisions[id(pod)]
                 if ns != namespace or any(labels.get(k) != v for k, v in selector.items()):
                     continue
                 statuses = [
@@ -462,14 +600,32 @@ class KubeState:
                     }
                     for c in pod.template["spec"]["containers"]
                 ]
+                spec = copy.deepcopy(pod.template["spec"])
+                status: dict[str, Any] = {"containerStatuses": statuses}
+                if pod.handle is not None:
+                    status["podIP"] = "127.0.0.1"
+                    port = int(urlparse(pod.handle.url).port or 80)
+                    for container in spec["containers"]:
+                        if container["name"] == "kserve-container":
+                            container["ports"] = [{"name": "http1", "containerPort": port, "protocol": "TCP"}]
                 items.append(
                     {
                         "metadata": {"name": f"{name}-predictor-{index}", "namespace": ns, "labels": labels},
-                        "spec": pod.template["spec"],
-                        "status": {"containerStatuses": statuses},
+                        "spec": spec,
+                        "status": status,
                     }
                 )
         return items
+
+    def stop_pods(self) -> None:
+        """Stop every pod process (end of a test)."""
+        with self.lock:
+            for predictor in self.predictors.values():
+                for owner in (predictor, *predictor.canaries.values()):
+                    self._stop(owner.pods)
+                    owner.pods.clear()
+                for revision in predictor.revisions:
+                    self._stop([revision["pod"]])
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -528,6 +684,9 @@ class _Handler(BaseHTTPRequestHandler):
         response = requests.request(self.command, f"{target}/{rest}", data=data, headers=headers, timeout=120)
         self.send_response(response.status_code)
         self.send_header("Content-Type", response.headers.get("Content-Type", "application/json"))
+        for name in ("server-timing", "x-model-version", "retry-after", "www-authenticate"):
+            if name in response.headers:  # a Service passes every header on
+                self.send_header(name, response.headers[name])
         self.send_header("Content-Length", str(len(response.content)))
         self.end_headers()
         self.wfile.write(response.content)
@@ -549,9 +708,10 @@ class _Handler(BaseHTTPRequestHandler):
                 namespace, kind, name = path.path[len(DEPLOY_PREFIX) :].split("/")
                 assert kind == "deployments", self.path
                 for (ns, _), predictor in state.predictors.items():
-                    deployment = predictor.deployment
-                    if ns == namespace and deployment and deployment["metadata"]["name"] == name:
-                        return self._send(200, deployment)
+                    for owner in (predictor, *predictor.canaries.values()):
+                        deployment = owner.deployment
+                        if ns == namespace and deployment and deployment["metadata"]["name"] == name:
+                            return self._send(200, deployment)
                 return self._status(404, "NotFound", f'deployments.apps "{name}" not found')
             if path.path.startswith(PODS_PREFIX) and path.path.endswith("/pods"):
                 namespace = path.path[len(PODS_PREFIX) :].split("/")[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGES = ["core", "data", "model", "training", "tuning", "feedback", "evaluation", "export", "serving",
-            "runtime", "platform", "stages", "state", "batch"]
+            "runtime", "platform", "stages", "state", "batch", "delivery"]
 
 
 @pytest.mark.parametrize("name", PACKAGES)

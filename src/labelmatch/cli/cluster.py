@@ -377,11 +377,35 @@ def deploy(
         help="Ask the model server (the InferenceService's cluster address) what it serves before recording "
              "the release; off outside the cluster network (the record then has no engine or label-set "
              "version).")] = True,
+    strategy: Annotated[str, typer.Option(
+        help="replace: all the traffic once rolled out (the default); canary: a share of the traffic, "
+             "watched on its live signals, then promoted or rolled back (--rules); shadow: a copy of the "
+             "live traffic for --shadow-window, answers logged and compared, never returned.")] = "replace",
+    rules: Annotated[str | None, typer.Option(
+        help="The canary's rules: a JSON/YAML file, an s3:// URI of one, or a JSON object "
+             "(docs/cluster.md, the canary walkthrough); default: the defaults.")] = None,
+    state_url: Annotated[str | None, typer.Option(
+        "--state-url", envvar="LABELMATCH_STATE_URL",
+        help="The serving state's SQLAlchemy URL: the canary's drift and feedback rules and its metric, the "
+             "shadow's target and log.")] = None,
+    shadow_window: Annotated[float, typer.Option(
+        help="Seconds the shadow gets a copy of the live traffic.")] = 600.0,
 ) -> None:
-    """Create or patch the KServe InferenceService, wait for its rollout, append a release record."""
+    """Create or patch the KServe InferenceService, wait for its rollout, append a release record.
+
+    With ``--strategy canary`` the new model first takes a share of the traffic and is promoted or
+    rolled back on its own live signals; with ``--strategy shadow`` it only gets a copy of the
+    traffic and a comparison report is written.
+    """
     from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.images import image as image_name
     from labelmatch.platform.kserve import DeployConfig, deploy_model
+
+    if strategy not in ("replace", "canary", "shadow"):
+        raise ConfigError(f"--strategy must be replace, canary or shadow, got {strategy!r}")
+    if rules and strategy != "canary":
+        raise ConfigError("--rules is for --strategy canary")
+    store = ArtifactStore.from_env()
 
     config = DeployConfig(
         service=service,
@@ -392,9 +416,26 @@ def deploy(
         crd_path=str(crd) if crd else None,
         verify_served=verify_served,
     )
-    record = deploy_model(
-        config, model_uri, ArtifactStore.from_env(), root, pipeline_version, run_id, expected_digest
-    )
+    if strategy == "canary":
+        from labelmatch.delivery.kserve import deploy_canary
+        from labelmatch.delivery.rules import load_rules
+
+        canary_rules = load_rules(rules, store)  # a bad rules file stops here, before any change
+        record, decision = deploy_canary(config, model_uri, store, root, canary_rules, pipeline_version,
+                                         run_id, expected_digest, state_url=state_url)
+        typer.echo(f"{namespace}/{service}: canary of {model_uri} {decision.decision.replace('_', ' ')} "
+                   f"({decision.reason}); release {record.release_id}")
+        return
+    if strategy == "shadow":
+        from labelmatch.delivery.kserve import deploy_shadow
+        from labelmatch.delivery.shadow import render_markdown
+
+        record, report = deploy_shadow(config, model_uri, store, root, shadow_window, state_url or "",
+                                       pipeline_version, run_id, expected_digest)
+        typer.echo(render_markdown(report))
+        typer.echo(f"release {record.release_id} (shadow; the report is in its release record)")
+        return
+    record = deploy_model(config, model_uri, store, root, pipeline_version, run_id, expected_digest)
     typer.echo(
         f"{namespace}/{service} Ready with {model_uri} (digest {record.model_digest[:16]}); "
         f"release {record.release_id}"
@@ -406,15 +447,17 @@ def releases(
     service: Annotated[str, typer.Option(help="InferenceService name.")],
     root: RootOpt = "s3://labelmatch",
 ) -> None:
-    """List a service's release records, oldest first."""
+    """List a service's release records, oldest first (``served`` no: a rolled-back canary, a shadow)."""
     from labelmatch.platform.artifact_store import ArtifactStore
     from labelmatch.platform.releases import ReleaseLog
 
-    typer.echo("time\trelease\tpipeline_version\tmodel_uri\tmodel_digest\trun_id")
+    typer.echo("time\trelease\tpipeline_version\tmodel_uri\tmodel_digest\trun_id\tstrategy\tserved")
     for record in ReleaseLog(ArtifactStore.from_env(), root).list(service):
+        decision = (record.delivery or {}).get("decision", "")
+        strategy = f"{record.strategy} ({decision})" if decision else record.strategy
         typer.echo(
             f"{record.time}\t{record.release_id}\t{record.pipeline_version}\t{record.model_uri}\t"
-            f"{record.model_digest[:16]}\t{record.run_id}"
+            f"{record.model_digest[:16]}\t{record.run_id}\t{strategy}\t{'yes' if record.serving else 'no'}"
         )
 
 

@@ -214,3 +214,27 @@ def retrain(
         serving_model_uri=serving_model_uri,
         version=pipeline_version, extra=_parse_params(param), service=service, root=root, run_name=run_name,
     ))
+
+
+@app.command("shadow-report")
+def shadow_report_command(
+    model_version: Annotated[str, typer.Option(
+        "--model-version", help="The serving model's version (GET /v2/models/<name>/labels).")],
+    state_url: Annotated[str, typer.Option("--state-url", envvar="LABELMATCH_STATE_URL",
+                                           help="SQLAlchemy URL of the serving state (its shadow log).")],
+    since: Annotated[str, typer.Option(help=_SINCE_HELP)] = "24h",
+    until: Annotated[str | None, typer.Option(help="Window end (same forms; default: now).")] = None,
+    out: Annotated[Path, typer.Option(help="Report directory (shadow_report.json, .md).")] = Path(
+        "runs/shadow"),
+) -> None:
+    """The shadow comparison report of a window: label-set agreement, score shift and latency."""
+    import time
+
+    from labelmatch.delivery.shadow import render_markdown, shadow_report, write_shadow_report
+    from labelmatch.monitoring.run import parse_time
+
+    start = parse_time(since)
+    end = parse_time(until) if until else time.time()
+    report = shadow_report(state_url, model_version, start, end)
+    write_shadow_report(report, out)
+    typer.echo(render_markdown(report))

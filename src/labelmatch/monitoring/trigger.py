@@ -95,7 +95,8 @@ def producing_run(releases: ReleaseLog, service: str, registry: RetrainRunner,
                   pipeline: str = TRAINING_PIPELINE) -> tuple[RunInfo | None, list[str]]:
     """The ``pipeline`` run that produced the model ``service`` serves now, from its release records.
 
-    The latest release names the served model (its digest). Walking back through the releases of
+    The latest release that took the traffic names the served model (its digest; a rolled-back
+    canary or a shadow is passed over). Walking back through the releases of
     that digest, the newest whose run is a ``pipeline`` run is the one (a rollback's release names
     a deploy-pipeline run, which re-deployed an earlier training run's model).
 
@@ -109,7 +110,9 @@ def producing_run(releases: ReleaseLog, service: str, registry: RetrainRunner,
     if not records:
         return None, [f"service {service!r} has no release record under {releases.root}/releases/: "
                       "the retraining run starts from the pipeline's defaults"]
-    served, notes = records[-1], []
+    # A rolled-back canary or a shadow never took the traffic: the release before it still serves.
+    serving = [record for record in records if record.serving]
+    served, notes = (serving or records)[-1], []
     for record in reversed(records):
         if record.model_digest != served.model_digest or not record.run_id:
             continue

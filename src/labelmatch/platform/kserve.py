@@ -252,6 +252,13 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
         )
     _point(target, model_uri, model_digest, release["release-id"])
     patch_predictor: dict[str, Any] = {"containers": containers}
+    spec_patch: dict[str, Any] = {"predictor": patch_predictor}
+    # A replace (or a rollback) takes all the traffic: a canary left behind (Serverless
+    # canaryTrafficPercent, say 0 after a rolled-back canary, or RawDeployment spec.canary) goes.
+    if "canaryTrafficPercent" in predictor:
+        patch_predictor["canaryTrafficPercent"] = None
+    if existing.get("spec", {}).get("canary"):
+        spec_patch["canary"] = None
     if restore is None:
         if image:
             target["image"] = image
@@ -276,7 +283,7 @@ def point_at_model(existing: dict, model_uri: str, model_digest: str, release: d
     return {
         "metadata": {"annotations": {ANNOTATION_PREFIX + key: value for key, value in release.items()}},
         # A JSON merge patch replaces lists whole: send every container, changed in place.
-        "spec": {"predictor": patch_predictor},
+        "spec": spec_patch,
     }
 
 
@@ -332,7 +339,8 @@ def kube_custom_objects(host: str | None = None) -> Any:
     return client.CustomObjectsApi(api_client(host))
 
 
-def _api_error(what: str, exc: Exception) -> LabelmatchError:
+def api_error(what: str, exc: Exception) -> LabelmatchError:
+    """A Kubernetes API failure as one line naming what was attempted."""
     status = getattr(exc, "status", "?")
     reason = getattr(exc, "reason", "") or type(exc).__name__
     return LabelmatchError(f"{what}: Kubernetes API answered {status} {reason}")
@@ -360,7 +368,7 @@ def apply_inference_service(
         existing = api.get_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, config.service)
     except ApiException as exc:
         if exc.status != 404:
-            raise _api_error(f"{where}: get", exc) from None
+            raise api_error(f"{where}: get", exc) from None
         existing = None
     if existing is None:
         body = inference_service(config, model_uri, model_digest, release)
@@ -371,7 +379,7 @@ def apply_inference_service(
         try:
             return None, api.create_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, body)
         except ApiException as exc:
-            raise _api_error(f"{where}: create", exc) from None
+            raise api_error(f"{where}: create", exc) from None
     patch = point_at_model(existing, model_uri, model_digest, release, image=config.image, restore=restore)
     if config.crd_path:
         result = merged(existing, patch)
@@ -381,7 +389,7 @@ def apply_inference_service(
             GROUP, VERSION, config.namespace, PLURAL, config.service, patch
         )
     except ApiException as exc:
-        raise _api_error(f"{where}: patch", exc) from None
+        raise api_error(f"{where}: patch", exc) from None
 
 
 def wait_rolled_out(api: Any, config: DeployConfig, release_id: str, previous_revision: str = "") -> dict:
@@ -411,7 +419,7 @@ def wait_rolled_out(api: Any, config: DeployConfig, release_id: str, previous_re
             obj = api.get_namespaced_custom_object(GROUP, VERSION, config.namespace, PLURAL, config.service)
             state = rollout_state(obj, api.api_client, release_id, previous_revision)
         except ApiException as exc:
-            raise _api_error(f"{where}: get", exc) from None
+            raise api_error(f"{where}: get", exc) from None
         except RolloutFailed as exc:
             raise LabelmatchError(f"{where}: release {release_id} failed to roll out: {exc}") from None
         if state.done:
@@ -523,6 +531,7 @@ def deploy_model(
     expected_digest: str | None = None,
     api: Any = None,
     restore: ReleaseRecord | None = None,
+    record: bool = True,
 ) -> ReleaseRecord:
     """Serve the model artifact at ``model_uri`` and append its release record.
 
@@ -536,6 +545,8 @@ def deploy_model(
         expected_digest: Refuse the model unless its artifact digest is this one (rollbacks).
         api: A ``CustomObjectsApi``; default :func:`kube_custom_objects`.
         restore: The release a rollback brings back whole (its model must be ``model_uri``).
+        record: Append the release record (``False``: only return it; a shadow records its own
+            after its window).
 
     Returns:
         The release record written.
@@ -552,7 +563,7 @@ def deploy_model(
         raise ArtifactError(f"{model_uri}: digest {digest[:12]}… is not release {restore.release_id}'s "
                             f"{restore.model_digest[:12]}…; refusing to restore it")
     if config.memory == "auto":
-        config = dataclasses.replace(config, memory=_artifact_serving_memory(store, model_uri))
+        config = dataclasses.replace(config, memory=artifact_serving_memory(store, model_uri))
     release_id = uuid.uuid4().hex[:12]
     annotations = {"release-id": release_id, "pipeline-version": pipeline_version, "run-id": run_id}
     api = api or kube_custom_objects()
@@ -565,7 +576,7 @@ def deploy_model(
         served = served_state(ready, config, release_id)
         check_served(served, digest, restore)
     container = next(c for c in applied["spec"]["predictor"]["containers"] if c.get("name") == CONTAINER)
-    record = ReleaseRecord.new(
+    release = ReleaseRecord.new(
         release_id=release_id,
         service=config.service,
         namespace=config.namespace,
@@ -574,18 +585,19 @@ def deploy_model(
         pipeline_version=pipeline_version,
         run_id=run_id,
         image=container.get("image", ""),
-        image_id=_image_id(api, config, release_id),
+        image_id=release_image_id(api, config, release_id),
         engine=served.get("engine", ""),
         label_set_version=served.get("label_set_version"),
         thresholds=served.get("thresholds") or {},
         predictor=predictor_settings(applied),
     )
-    uri = ReleaseLog(store, release_root).append(record)
-    log.info("release %s recorded at %s", record.release_id, uri)
-    return record
+    if record:
+        uri = ReleaseLog(store, release_root).append(release)
+        log.info("release %s recorded at %s", release.release_id, uri)
+    return release
 
 
-def _image_id(api: Any, config: DeployConfig, release_id: str) -> str:
+def release_image_id(api: Any, config: DeployConfig, release_id: str) -> str:
     """The image digest the release's predictor pods run ("" when the pods cannot be listed)."""
     from kubernetes.client.exceptions import ApiException
 
@@ -602,7 +614,7 @@ def _image_id(api: Any, config: DeployConfig, release_id: str) -> str:
     return ids[0] if ids else ""
 
 
-def _artifact_serving_memory(store: ArtifactStore, model_uri: str) -> str:
+def artifact_serving_memory(store: ArtifactStore, model_uri: str) -> str:
     """:func:`serving_memory` of the artifact at ``model_uri`` (its two JSON files only)."""
     try:
         _, files = store.read_members(model_uri, ["parity.json", "labelmatch.json"], "OnnxModel")

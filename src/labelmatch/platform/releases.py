@@ -23,7 +23,10 @@ from labelmatch.platform.artifact_store import ArtifactStore, S3Uri
 
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: Record fields that are not strings, and what they may hold.
-_FIELD_TYPES: dict[str, Any] = {"label_set_version": (int, type(None)), "thresholds": dict, "predictor": dict}
+_FIELD_TYPES: dict[str, Any] = {"label_set_version": (int, type(None)), "thresholds": dict, "predictor": dict,
+                                "delivery": dict}
+#: How a release reached its traffic (``labelmatch deploy --strategy``).
+STRATEGIES = ("replace", "canary", "shadow")
 _TYPE_NAMES: dict[Any, str] = {str: "a string", dict: "an object", (int, type(None)): "an integer or null"}
 
 
@@ -50,6 +53,13 @@ class ReleaseRecord:
         thresholds: The thresholds it reported (``{"default": t, "labels": {...}}``).
         predictor: The predictor settings that matter (:func:`labelmatch.platform.kserve.predictor_settings`:
             ``args``, ``resources``, ``minReplicas``, ``maxReplicas``).
+        strategy: How it reached its traffic: ``replace`` (all at once; records older than this
+            field), ``canary`` (a share first, then promoted or rolled back on live signals) or
+            ``shadow`` (a copy of live traffic only; it never served an answer).
+        delivery: For ``canary`` and ``shadow``: the decision and its evidence
+            (:class:`labelmatch.delivery.canary.CanaryDecision` as JSON: ``decision`` ``promoted`` or
+            ``rolled_back``, the rules, each rule's verdict and the signals it read, the window,
+            the traffic share); ``{}`` for ``replace``.
     """
 
     release_id: str
@@ -67,6 +77,16 @@ class ReleaseRecord:
     label_set_version: int | None = None
     thresholds: dict[str, Any] = field(default_factory=dict)
     predictor: dict[str, Any] = field(default_factory=dict)
+    strategy: str = "replace"
+    delivery: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def serving(self) -> bool:
+        """Whether this release took over the service's traffic: ``False`` for a canary that was
+        rolled back and for a shadow, which never answered a request."""
+        if self.strategy == "shadow":
+            return False
+        return not (self.strategy == "canary" and self.delivery.get("decision") != "promoted")
 
     @classmethod
     def new(cls, **values: Any) -> ReleaseRecord:
@@ -99,6 +119,9 @@ class ReleaseRecord:
                 raise DataError(source, f"expected {_TYPE_NAMES[wanted]}, got {type(value).__name__}",
                                 field=spec.name)
             values[spec.name] = value
+        if values["strategy"] not in STRATEGIES:
+            raise DataError(source, f"expected one of {', '.join(STRATEGIES)}, got {values['strategy']!r}",
+                            field="strategy")
         return cls(**values)
 
     @property
@@ -153,10 +176,17 @@ class ReleaseLog:
             records.append(ReleaseRecord.from_dict(parsed, str(uri)))
         return sorted(records, key=lambda record: (record.time, record.release_id))
 
+    def latest_serving(self, service: str) -> ReleaseRecord | None:
+        """The newest release that took over the service's traffic (a rolled-back canary or a
+        shadow is passed over: the release before it still serves); ``None`` when there is none."""
+        serving = [record for record in self.list(service) if record.serving]
+        return serving[-1] if serving else None
+
     def find(self, service: str, ref: str) -> ReleaseRecord:
         """The release ``ref`` names: a release id, a record's object name, or a pipeline version.
 
-        A pipeline version selects the latest release deployed by that version.
+        A pipeline version selects the latest release deployed by that version that served (a
+        rolled-back canary or a shadow is no release to go back to).
 
         Raises:
             ConfigError: Nothing matches, listing what exists.
@@ -165,7 +195,7 @@ class ReleaseLog:
         for record in records:
             if ref in (record.release_id, record.key_name, record.key_name.removesuffix(".json")):
                 return record
-        by_version = [record for record in records if record.pipeline_version == ref]
+        by_version = [record for record in records if record.pipeline_version == ref and record.serving]
         if by_version:
             return by_version[-1]
         known = ", ".join(f"{r.release_id} ({r.pipeline_version}, {r.time})" for r in records[-10:]) or "none"

@@ -101,6 +101,34 @@ class ServeMetrics:
         self.monitor_report_timestamp = Gauge(
             "labelmatch_monitor_report_timestamp_seconds", "Unix time of the newest monitor report.",
             registry=registry)
+        # Shadow traffic (labelmatch.serving.shadow) and progressive delivery (labelmatch.delivery).
+        self.shadow_documents = Counter(
+            "labelmatch_shadow_documents_total",
+            "Documents mirrored to the shadow, by result: agree (same label set), disagree, error "
+            "(no answer).",
+            ["result"], registry=registry)
+        self.shadow_dropped = Counter(
+            "labelmatch_shadow_dropped_total", "Requests not mirrored because the mirror's queue was full.",
+            registry=registry)
+        self.shadow_seconds = Histogram(
+            "labelmatch_shadow_seconds", "Round trip of a mirrored request to the shadow.",
+            buckets=LATENCY_BUCKETS, registry=registry)
+        self.canary_decision = Gauge(
+            "labelmatch_canary_decision",
+            "1 for the decision of the service's newest canary (promoted or rolled_back), 0 for the other.",
+            ["decision"], registry=registry)
+        self.canary_rule_failed = Gauge(
+            "labelmatch_canary_rule_failed",
+            "1 when the rule failed in the service's newest canary decision.",
+            ["rule"], registry=registry)
+        self.canary_decision_timestamp = Gauge(
+            "labelmatch_canary_decision_timestamp_seconds",
+            "Unix time of the service's newest canary decision.",
+            registry=registry)
+        self.shadow_agreement = Gauge(
+            "labelmatch_shadow_report_agreement",
+            "Label-set agreement of the service's newest shadow report (serving vs shadow).",
+            registry=registry)
 
     def count_labels(self, predicted: Iterable[list[str]], served: set[str]) -> None:
         """Count predicted labels; request-time labels are pooled under one name."""
@@ -123,6 +151,23 @@ class ServeMetrics:
             self.low_confidence_share.set(share)
         self.monitor_window_documents.set((report.get("window") or {}).get("documents", 0))
         self.monitor_report_timestamp.set(report.get("created_at", 0))
+
+
+    def show_delivery_event(self, event: dict[str, Any]) -> None:
+        """Set the canary (or shadow) gauges from a decision stored by the deploy
+        (:meth:`labelmatch.state.serving_state.ServingState.save_delivery_event`)."""
+        if event.get("strategy") == "shadow":
+            agreement = (event.get("report") or {}).get("agreement")
+            if agreement is not None:
+                self.shadow_agreement.set(agreement)
+            return
+        decision = event.get("decision")
+        for name in ("promoted", "rolled_back"):
+            self.canary_decision.labels(name).set(1 if decision == name else 0)
+        for result in event.get("results") or []:
+            failed = 1 if result.get("passed") is False else 0
+            self.canary_rule_failed.labels(result.get("rule", "?")).set(failed)
+        self.canary_decision_timestamp.set(event.get("created_at", 0))
 
 
 def endpoint_of(path: str) -> str:

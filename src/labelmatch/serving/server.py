@@ -69,6 +69,7 @@ from labelmatch.serving.auth import AuthConfig, AuthRefused, RateLimiter, auth_f
 from labelmatch.serving.load_probe import PROBE, probe_engine_at_load
 from labelmatch.serving.metrics import RequestGuard, RequestLimits, ServeMetrics
 from labelmatch.serving.request_schema import FeedbackBody, LabelsBody, parse
+from labelmatch.serving.shadow import ShadowMirror
 from labelmatch.state.replica import ReplicaState, StateConfig
 from labelmatch.state.serving_state import LabelSet, StateUnavailable
 
@@ -112,6 +113,11 @@ class ServeConfig:
         label_set_version: Serve this stored label set (0: the model's own labels) instead of the
             newest one (a rollback restores its release's); ``None``: the newest.
         release_id: The release this server belongs to (set by deploy; reported, never checked).
+        shadow_url: Mirror every prediction request to this shadow ``:predict`` URL
+            (:mod:`labelmatch.serving.shadow`); ``None``: mirror where the serving state's shadow
+            target for this model version says, if anywhere.
+        shadow_queue: Requests that may wait for the mirror (more are not mirrored, counted).
+        shadow_timeout_s: How long one mirrored request may take.
     """
 
     model_dir: Path
@@ -131,6 +137,9 @@ class ServeConfig:
     expected_digest: str | None = None
     label_set_version: int | None = None
     release_id: str = ""
+    shadow_url: str | None = None
+    shadow_queue: int = 1000
+    shadow_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.admin_token and not self.auth.admin_token:
@@ -182,6 +191,8 @@ class LabelmatchModel(kserve.Model):
         self._rate = RateLimiter(*config.feedback_rate)
         #: The loaded artifact's digest ("" before :meth:`load`).
         self.model_digest = ""
+        #: Mirrors served requests to a shadow candidate (:mod:`labelmatch.serving.shadow`).
+        self.mirror: ShadowMirror | None = None
 
     @property
     def label_set_version(self) -> int:
@@ -212,18 +223,28 @@ class LabelmatchModel(kserve.Model):
         self._apply_config_files()
         from labelmatch.data.pii import redact_text
 
+        self.mirror = ShadowMirror(
+            lambda: self.model_version, self._log_shadow, self.config.shadow_url, self.config.shadow_queue,
+            self.config.shadow_timeout_s,
+            on_result=lambda result: self.metrics.shadow_documents.labels(result).inc(),
+            on_dropped=self.metrics.shadow_dropped.inc, on_seconds=self.metrics.shadow_seconds.observe)
         self.state = ReplicaState(self.config.state_config(), self.classifier.model_version,
                                   self._serve_label_set, lambda text: redact_text(text)[0],
                                   on_written=self.metrics.state_seconds.observe,
                                   on_dropped=self.metrics.state_errors.inc,
                                   on_monitor=self.metrics.show_monitor_report,
-                                  on_logged=self.metrics.logged_predictions.inc)
+                                  on_logged=self.metrics.logged_predictions.inc,
+                                  on_shadow=None if self.config.shadow_url else self.mirror.set_target,
+                                  service=self.config.name, on_delivery=self.metrics.show_delivery_event)
         if self.config.label_set_version is None:
             self.state.sync_labels()  # the newest label set stored for this model version, if any
         else:
             self.state.pin_labels(self.config.label_set_version)
         self.state.sync_monitor_report()  # and the newest drift report's gauges
+        self.state.sync_shadow()  # a shadow target set for this model version
+        self.state.sync_delivery()  # and the service's newest canary decision
         self.state.start()
+        self.mirror.start()
         self.metrics.state_waiting.set_function(lambda: self.state.waiting if self.state else 0)
         from labelmatch.feedback.feedback_store import FeedbackStore
 
@@ -231,6 +252,11 @@ class LabelmatchModel(kserve.Model):
         self.metrics.label_set_version.set(self.label_set_version)
         self.ready = True
         return True
+
+    def _log_shadow(self, rows: Any) -> None:
+        """Write mirrored documents to the shared state's shadow log."""
+        if self.state is not None:
+            self.state.store.log_shadow(rows)
 
     def _serve_label_set(self, label_set: LabelSet) -> None:
         """Serve a stored label set (from this replica's PUT or another's, via the sync)."""
@@ -400,6 +426,8 @@ class LabelmatchModel(kserve.Model):
             if doc_id is not None:
                 prediction["doc_id"] = doc_id
         state_seconds = self._record(ids, request.texts, predictions, label_set_version)
+        if self.mirror is not None:
+            self.mirror.offer(request.texts, predictions, elapsed * 1000, request.labels, request.replace)
         return {"request": request, "predictions": predictions, "label_names": names,
                 "model_version": classifier.model_version, "label_set_version": label_set_version,
                 "inference_ms": elapsed * 1000, "state_ms": state_seconds * 1000}
@@ -417,6 +445,8 @@ class LabelmatchModel(kserve.Model):
     def stop(self) -> None:
         """Write the queued prediction records and stop the state threads (KServe's unload)."""
         super().stop()
+        if self.mirror is not None:
+            self.mirror.stop()
         if self.state is not None:
             self.state.stop()
 
@@ -720,13 +750,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feedback_rate_per_minute", type=float, default=120.0,
                         help="Feedback writes per principal and minute (0: unlimited); 429 above.")
     parser.add_argument("--feedback_burst", type=int, default=60, help="Feedback burst per principal.")
+    parser.add_argument("--shadow_url", default=os.environ.get("LABELMATCH_SHADOW_URL") or None,
+                        help="Mirror every prediction request to this shadow's v1 :predict URL and log "
+                             "both answers in the serving state (default: where the state's shadow target "
+                             "for this model version points, set by `labelmatch deploy --strategy shadow`).")
+    parser.add_argument("--shadow_queue", type=int, default=1000,
+                        help="Requests that may wait for the mirror; more are not mirrored (counted).")
+    parser.add_argument("--shadow_timeout_s", type=float, default=10.0,
+                        help="How long one mirrored request may take.")
     parser.set_defaults(model_name="labelmatch", enable_grpc=False, configure_logging=True)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """:class:`ServeConfig` from parsed flags (and ``LABELMATCH_ADMIN_TOKEN``)."""
-    for flag in ("max_docs", "max_chars", "max_body_bytes", "batch_size", "inference_threads"):
+    for flag in ("max_docs", "max_chars", "max_body_bytes", "batch_size", "inference_threads",
+                 "shadow_queue"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.workers != 1:
@@ -749,6 +788,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         expected_digest=os.environ.get("LABELMATCH_MODEL_DIGEST") or None,
         label_set_version=args.label_set_version,
         release_id=os.environ.get("LABELMATCH_RELEASE_ID", ""),
+        shadow_url=args.shadow_url, shadow_queue=args.shadow_queue, shadow_timeout_s=args.shadow_timeout_s,
     )
 
 

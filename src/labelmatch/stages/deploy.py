@@ -11,6 +11,15 @@ Two targets, one entry point (:func:`run_deploy_step`):
   and append a release record (:func:`labelmatch.platform.kserve.deploy_model`). ``model_uri`` is where
   the artifact lives in the store (``s3://``; a KFP ``minio://`` URI is the same object).
 
+How the new model reaches its traffic is ``strategy`` (``kserve`` only for the last two):
+
+* ``replace`` (the default, as before): it takes all the traffic once rolled out;
+* ``canary``: it takes a share, is watched on its own live signals and promoted or rolled back
+  (:func:`labelmatch.delivery.kserve.deploy_canary`; ``canary.json`` in the output);
+* ``shadow``: it gets a copy of the live traffic for a window and never answers a user; the
+  comparison report is written (:func:`labelmatch.delivery.kserve.deploy_shadow`;
+  ``shadow_report.{json,md}`` in the output).
+
 Either way the output is a Report artifact with ``release.json`` (what was deployed, where,
 its digest, pipeline version and run) and, locally, ``predictions.json`` and ``server.log``.
 """
@@ -40,6 +49,10 @@ from labelmatch.platform.artifact_store import as_s3_uri, is_s3_uri
 
 #: The variable naming the labelmatch store root (``s3://bucket[/prefix]``), default release root.
 STORE_ROOT_VAR = "LABELMATCH_STORE_ROOT"
+#: The variable naming the serving state's SQLAlchemy URL (the serving chart's Secret holds it).
+STATE_URL_VAR = "LABELMATCH_STATE_URL"
+#: How a deploy reaches its traffic.
+STRATEGIES = ("replace", "canary", "shadow")
 
 #: Documents the local deploy classifies (new texts, not from the sample set).
 SMOKE_TEXTS = [
@@ -68,6 +81,13 @@ class DeployStepConfig:
         timeout_s: Longest wait for the server (or the InferenceService) to become ready.
         restore_release: A release id whose whole served state comes back with the model (a
             rollback: image, engine, label-set version, predictor settings); ``kserve`` only.
+        strategy: ``replace`` (all the traffic at once), ``canary`` or ``shadow`` (``kserve`` only;
+            see the module docstring).
+        canary_rules: The canary's rules (:class:`labelmatch.delivery.rules.CanaryRules`): a file,
+            an ``s3://`` URI of one, or a JSON object inline; empty: the defaults.
+        shadow_window_s: How long a shadow gets a copy of the live traffic.
+        state_url: The serving state's SQLAlchemy URL (canary drift and feedback rules, the
+            decision's metric; the shadow's target and log); empty: ``$LABELMATCH_STATE_URL``.
     """
 
     target: str = "local"
@@ -80,10 +100,25 @@ class DeployStepConfig:
     texts: list[str] = field(default_factory=lambda: list(SMOKE_TEXTS))
     timeout_s: float = 300.0
     restore_release: str = ""
+    strategy: str = "replace"
+    canary_rules: str = ""
+    shadow_window_s: float = 600.0
+    state_url: str = ""
 
     def __post_init__(self) -> None:
         if self.target not in ("local", "kserve"):
             raise ConfigError(f"DeployStepConfig.target must be 'local' or 'kserve', got {self.target!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy != "replace" and self.target != "kserve":
+            raise ConfigError(f"strategy {self.strategy} needs the kserve target: a local deploy serves "
+                              "nothing afterwards to compare with")
+        if self.strategy != "replace" and self.restore_release:
+            raise ConfigError("a rollback (restore_release) takes all the traffic back at once: use strategy "
+                              "replace")
+        if not self.shadow_window_s > 0:
+            raise ConfigError(f"shadow_window_s must be > 0, got {self.shadow_window_s}")
+        self.state_url = self.state_url or os.environ.get(STATE_URL_VAR, "")
         self.release_root = self.release_root or os.environ.get(STORE_ROOT_VAR, "")
         if self.release_root and not self.release_root.startswith("s3://"):
             raise ConfigError(f"release_root {self.release_root!r}: expected s3://bucket/prefix")
@@ -232,27 +267,61 @@ def run_deploy_step(
             if not model_uri:
                 raise ConfigError("the kserve target needs the model's store URI (model_uri)")
             store = ArtifactStore.from_env()
-            restore = (ReleaseLog(store, config.release_root).find(config.service, config.restore_release)
-                       if config.restore_release else None)
-            record = deploy_model(
-                DeployConfig(config.service, config.namespace, timeout_s=config.timeout_s),
-                as_s3_uri(model_uri),
-                store,
-                config.release_root,
-                config.pipeline_version,
-                config.run_id,
-                digest,
-                restore=restore,
-            )
+            deploy_config = DeployConfig(config.service, config.namespace, timeout_s=config.timeout_s)
+            if config.strategy == "canary":
+                record = _deploy_canary(config, deploy_config, as_s3_uri(model_uri), store, digest, model_dir,
+                                        tmp)
+            elif config.strategy == "shadow":
+                record = _deploy_shadow(config, deploy_config, as_s3_uri(model_uri), store, digest, tmp)
+            else:
+                restore = (ReleaseLog(store, config.release_root).find(config.service, config.restore_release)
+                           if config.restore_release else None)
+                record = deploy_model(
+                    deploy_config,
+                    as_s3_uri(model_uri),
+                    store,
+                    config.release_root,
+                    config.pipeline_version,
+                    config.run_id,
+                    digest,
+                    restore=restore,
+                )
             release.update(asdict(record))
         write_json(tmp / "release.json", release)
         write_manifest(
             tmp,
             "Report",
             lineage={"model": digest, "run_id": config.run_id},
-            extra={"stage": "deploy", "target": config.target},
+            extra={"stage": "deploy", "target": config.target, "strategy": config.strategy},
         )
     return release
+
+
+def _deploy_canary(config: DeployStepConfig, deploy_config: Any, model_uri: str, store: Any, digest: str,
+                   model_dir: str | Path, out: Path) -> Any:
+    """The canary deploy; its decision and evidence also go to ``canary.json``."""
+    from labelmatch.delivery.kserve import deploy_canary
+    from labelmatch.delivery.rules import load_rules
+
+    rules = load_rules(config.canary_rules, store)
+    record, decision = deploy_canary(deploy_config, model_uri, store, config.release_root, rules,
+                                     config.pipeline_version, config.run_id, digest,
+                                     state_url=config.state_url or None, model_dir=model_dir)
+    write_json(out / "canary.json", decision.to_json())
+    return record
+
+
+def _deploy_shadow(config: DeployStepConfig, deploy_config: Any, model_uri: str, store: Any, digest: str,
+                   out: Path) -> Any:
+    """The shadow deploy; its comparison report goes to ``shadow_report.{json,md}``."""
+    from labelmatch.delivery.kserve import deploy_shadow
+    from labelmatch.delivery.shadow import write_shadow_report
+
+    record, report = deploy_shadow(deploy_config, model_uri, store, config.release_root,
+                                   config.shadow_window_s, config.state_url, config.pipeline_version,
+                                   config.run_id, digest)
+    write_shadow_report(report, out)
+    return record
 
 
 def _record_local_release(config: DeployStepConfig, model_uri: str, digest: str) -> Any:

@@ -10,6 +10,7 @@ _EXPORTS = {
     "LabelSet": "serving_state",
     "PredictionRecord": "serving_state",
     "StateUnavailable": "serving_state",
+    "ShadowRow": "serving_state",
     "migrate": "migrations",
     "ReplicaState": "replica",
     "StateConfig": "replica",

@@ -104,6 +104,11 @@ class ReplicaState:
         on_dropped: Called with the number of prediction records that could not be written.
         on_monitor: Called with each newer monitor report of the served model version (gauges).
         on_logged: Called with the number of predictions written to the prediction log.
+        on_shadow: Called with the URL this model version's traffic is mirrored to (``None``: no
+            more) whenever it changes (:mod:`labelmatch.serving.shadow`).
+        service: The served name (``--model_name``: the InferenceService): canary and shadow
+            decisions of that service go to ``on_delivery``.
+        on_delivery: Called with each newer canary or shadow decision of ``service`` (gauges).
     """
 
     def __init__(self, config: StateConfig, model_version: str, apply: Callable[[LabelSet], None],
@@ -111,7 +116,9 @@ class ReplicaState:
                  on_written: Callable[[float], None] | None = None,
                  on_dropped: Callable[[int], None] | None = None,
                  on_monitor: Callable[[dict[str, Any]], None] | None = None,
-                 on_logged: Callable[[int], None] | None = None):
+                 on_logged: Callable[[int], None] | None = None,
+                 on_shadow: Callable[[str | None], None] | None = None, service: str = "",
+                 on_delivery: Callable[[dict[str, Any]], None] | None = None):
         self.config = config
         self.model_version = model_version
         self.store = ServingState(config.url, config.prediction_ttl_s)
@@ -134,6 +141,11 @@ class ReplicaState:
         self._on_monitor = on_monitor or (lambda report: None)
         self._on_logged = on_logged or (lambda count: None)
         self._monitor_report_id = 0
+        self._on_shadow = on_shadow
+        self.shadow_url: str | None = None
+        self.service = service
+        self._on_delivery = on_delivery
+        self._delivery_event_id = 0
         self._sample = random.Random()
         self._writer: threading.Thread | None = None
         #: Records a failed write held back, oldest first (bounded by ``record_queue``).
@@ -182,6 +194,28 @@ class ReplicaState:
             return False
         self._monitor_report_id, report = found
         self._on_monitor(report)
+        return True
+
+    def sync_shadow(self) -> bool:
+        """Hand a changed mirror target of the served model version to ``on_shadow``; True if changed."""
+        if self._on_shadow is None:
+            return False
+        url = self.store.shadow_target(self.model_version)
+        if url == self.shadow_url:
+            return False
+        self.shadow_url = url
+        self._on_shadow(url)
+        return True
+
+    def sync_delivery(self) -> bool:
+        """Hand a newer canary or shadow decision of the service to ``on_delivery``; True if one."""
+        if self._on_delivery is None or not self.service:
+            return False
+        found = self.store.latest_delivery_event(self.service, self._delivery_event_id)
+        if found is None:
+            return False
+        self._delivery_event_id, event = found
+        self._on_delivery(event)
         return True
 
     def save_labels(self, labels: dict[str, str], thresholds: dict[str, Any]) -> LabelSet:
@@ -311,11 +345,14 @@ class ReplicaState:
 
     # -- background sync -------------------------------------------------------------------------
     def check(self) -> None:
-        """One round of the background work: health (a write), label sync, purge when due."""
+        """One round of the background work: health (a write), label sync, monitor report, shadow
+        target, delivery decision, purge when due."""
         try:
             self.store.check_writable()
             self.sync_labels()
             self.sync_monitor_report()
+            self.sync_shadow()
+            self.sync_delivery()
             if time.monotonic() - self._last_purge >= self.config.purge_every_s:
                 purged = self.store.purge_expired()
                 trimmed = self.store.trim_log(self.config.log_max_rows, self.config.log_retention_s)

@@ -14,6 +14,13 @@ One SQLAlchemy URL names it: a SQLite file for one replica and the demo, Postgre
   ``log_retention_s``.
 * ``monitor_reports``: one row per ``labelmatch monitor`` run (its signals, whether drift
   fired); every replica exports the newest report of its model version as Prometheus gauges.
+* ``shadow_targets``: where the replicas of a model version mirror their prediction traffic to
+  (a shadow candidate, :mod:`labelmatch.serving.shadow`), and until when; every replica polls it
+  with the label sets.
+* ``shadow_log``: one row per mirrored document: both answers' labels, the score shift and both
+  latencies (:mod:`labelmatch.delivery.shadow` reports on it).
+* ``delivery_events``: one row per canary or shadow decision of a service (its evidence); every
+  replica of that service exports the newest as ``labelmatch_canary_decision``.
 
 Feedback itself goes to the feedback store (:mod:`labelmatch.feedback.feedback_store`), by default in the
 same database. The schema is versioned (:mod:`labelmatch.state.migrations`).
@@ -94,8 +101,78 @@ def _create_v2(conn: Any) -> None:
     metadata.create_all(conn)
 
 
+def _create_v3(conn: Any) -> None:
+    """Progressive delivery: shadow targets, the shadow log, canary and shadow decisions."""
+    from sqlalchemy import Column, Float, Index, Integer, MetaData, String, Table, Text
+
+    metadata = MetaData()
+    Table(
+        "shadow_targets", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("model_version", String(200), nullable=False, index=True),
+        Column("url", Text, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("until", Float, nullable=False),
+    )
+    shadow = Table(
+        "shadow_log", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", Float, nullable=False),
+        Column("request_id", String(64), nullable=False),
+        Column("model_version", String(200), nullable=False),
+        Column("shadow_version", String(200), nullable=False),
+        Column("labels", Text, nullable=False),
+        Column("shadow_labels", Text),
+        Column("score_shift", Float),
+        Column("serving_ms", Float, nullable=False),
+        Column("shadow_ms", Float),
+        Column("error", Text),
+    )
+    Index("ix_shadow_log_model_time", shadow.c.model_version, shadow.c.created_at)
+    Table(
+        "delivery_events", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("created_at", Float, nullable=False),
+        Column("service", String(200), nullable=False, index=True),
+        Column("release_id", String(64), nullable=False),
+        Column("strategy", String(20), nullable=False),
+        Column("decision", String(20), nullable=False),
+        Column("event", Text, nullable=False),
+    )
+    metadata.create_all(conn)
+
+
 #: Ordered schema migrations of the serving state.
-MIGRATIONS = [_create_v1, _create_v2]
+MIGRATIONS = [_create_v1, _create_v2, _create_v3]
+
+
+@dataclass(frozen=True)
+class ShadowRow:
+    """One mirrored document: what the serving model answered, and what the shadow did.
+
+    Attributes:
+        request_id: The mirrored request (several documents share it).
+        model_version: The serving model's version.
+        shadow_version: The shadow's model version ("" when it did not answer).
+        labels: The serving model's labels.
+        shadow_labels: The shadow's (``None`` when it did not answer).
+        score_shift: Mean absolute difference of the two answers' scores over their common labels.
+        serving_ms: The serving model's inference time for the request (its Server-Timing).
+        shadow_ms: The shadow's (its Server-Timing ``inference``; ``None`` when it did not answer).
+        error: Why the shadow did not answer (``None`` when it did).
+        created_at: Unix time.
+    """
+
+    request_id: str
+    model_version: str
+    shadow_version: str
+    labels: list[str]
+    shadow_labels: list[str] | None
+    score_shift: float | None
+    serving_ms: float
+    shadow_ms: float | None
+    error: str | None = None
+    created_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -326,13 +403,15 @@ class ServingState:
                                  float(r[7])) for r in reversed(rows)]
 
     def trim_log(self, max_rows: int, retention_s: float) -> int:
-        """Delete logged predictions older than ``retention_s`` and beyond the newest ``max_rows``;
-        returns how many."""
+        """Delete logged predictions (and shadow-log rows) older than ``retention_s``, and logged
+        predictions beyond the newest ``max_rows``; returns how many."""
         from sqlalchemy import text
 
         with self._errors("trim the prediction log"), self.engine.begin() as conn:
             deleted = conn.execute(text("DELETE FROM prediction_log WHERE created_at < :cut"),
                                    {"cut": time.time() - retention_s}).rowcount or 0
+            deleted += conn.execute(text("DELETE FROM shadow_log WHERE created_at < :cut"),
+                                    {"cut": time.time() - retention_s}).rowcount or 0
             cutoff = conn.execute(text("SELECT created_at FROM prediction_log ORDER BY created_at DESC "
                                        "LIMIT 1 OFFSET :n"), {"n": max_rows}).scalar()
             if cutoff is not None:
@@ -362,6 +441,98 @@ class ServingState:
                 text("SELECT id, report FROM monitor_reports WHERE model_version = :m AND id > :after "
                      "ORDER BY id DESC LIMIT 1"), {"m": model_version, "after": after_id}).first()
         return None if row is None else (int(row[0]), json.loads(row[1]))
+
+    # -- progressive delivery: shadow targets, the shadow log, decisions ----------------------------
+    def set_shadow_target(self, model_version: str, url: str, until: float) -> None:
+        """Every replica of ``model_version`` mirrors its prediction requests to ``url`` (a shadow's
+        ``:predict`` URL) until ``until`` (Unix time), from its next state poll on."""
+        from sqlalchemy import text
+
+        with self._errors("store the shadow target"), self.engine.begin() as conn:
+            conn.execute(text("INSERT INTO shadow_targets (model_version, url, created_at, until) "
+                              "VALUES (:m, :u, :c, :t)"),
+                         {"m": model_version, "u": url, "c": time.time(), "t": float(until)})
+
+    def clear_shadow_target(self, model_version: str) -> None:
+        """Stop mirroring the traffic of ``model_version`` (from the replicas' next poll on)."""
+        from sqlalchemy import text
+
+        with self._errors("clear the shadow target"), self.engine.begin() as conn:
+            conn.execute(text("UPDATE shadow_targets SET until = :now WHERE model_version = :m "
+                              "AND until > :now"),
+                         {"m": model_version, "now": time.time()})
+
+    def shadow_target(self, model_version: str) -> str | None:
+        """The URL the replicas of ``model_version`` mirror to now (``None``: none)."""
+        from sqlalchemy import text
+
+        with self._errors("read the shadow target"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT url FROM shadow_targets WHERE model_version = :m AND until > :now "
+                     "ORDER BY id DESC LIMIT 1"), {"m": model_version, "now": time.time()}).first()
+        return None if row is None else str(row[0])
+
+    def log_shadow(self, rows: Sequence[ShadowRow]) -> None:
+        """Append mirrored documents to the shadow log (one transaction)."""
+        from sqlalchemy import text
+
+        if not rows:
+            return
+        now = time.time()
+        with self._errors("log shadow answers"), self.engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO shadow_log (created_at, request_id, model_version, shadow_version, labels, "
+                     "shadow_labels, score_shift, serving_ms, shadow_ms, error) VALUES (:c, :r, :m, :sv, :l, "
+                     ":sl, :ss, :ms, :sms, :e)"),
+                [{"c": row.created_at or now, "r": row.request_id, "m": row.model_version,
+                  "sv": row.shadow_version, "l": json.dumps(row.labels, ensure_ascii=False),
+                  "sl": (None if row.shadow_labels is None
+                         else json.dumps(row.shadow_labels, ensure_ascii=False)),
+                  "ss": row.score_shift, "ms": row.serving_ms, "sms": row.shadow_ms, "e": row.error}
+                 for row in rows])
+
+    def shadow_rows(self, model_version: str, since: float = 0.0,
+                    until: float | None = None) -> list[ShadowRow]:
+        """Mirrored documents of the serving ``model_version`` in ``[since, until)``, oldest first."""
+        from sqlalchemy import text
+
+        with self._errors("read the shadow log"), self.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT request_id, model_version, shadow_version, labels, shadow_labels, score_shift, "
+                     "serving_ms, shadow_ms, error, created_at FROM shadow_log WHERE model_version = :m "
+                     "AND created_at >= :since AND created_at < :until ORDER BY created_at, id"),
+                {"m": model_version, "since": since, "until": until if until is not None else float("inf")},
+            ).all()
+        return [ShadowRow(r[0], r[1], r[2], json.loads(r[3]), None if r[4] is None else json.loads(r[4]),
+                          r[5], float(r[6]), r[7], r[8], float(r[9])) for r in rows]
+
+    def save_delivery_event(self, service: str, release_id: str, strategy: str, decision: str,
+                            event: dict[str, Any]) -> int:
+        """Store a canary or shadow decision of ``service``; every replica of it exports the newest."""
+        from sqlalchemy import text
+
+        with self._errors("store the delivery decision"), self.engine.begin() as conn:
+            return int(conn.execute(
+                text("INSERT INTO delivery_events (created_at, service, release_id, strategy, decision, "
+                     "event) VALUES (:c, :s, :r, :st, :d, :e) RETURNING id"),
+                {"c": time.time(), "s": service, "r": release_id, "st": strategy, "d": decision,
+                 "e": json.dumps(event)}).scalar_one())
+
+    def latest_delivery_event(self, service: str, after_id: int = 0) -> tuple[int, dict[str, Any]] | None:
+        """``(id, event)`` of the newest decision of ``service`` newer than ``after_id`` (the event
+        carries ``created_at``, ``release_id``, ``strategy``, ``decision``)."""
+        from sqlalchemy import text
+
+        with self._errors("read the delivery decision"), self.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT id, created_at, release_id, strategy, decision, event FROM delivery_events "
+                     "WHERE service = :s AND id > :after ORDER BY id DESC LIMIT 1"),
+                {"s": service, "after": after_id}).first()
+        if row is None:
+            return None
+        event = json.loads(row[5])
+        event.update(created_at=float(row[1]), release_id=row[2], strategy=row[3], decision=row[4])
+        return int(row[0]), event
 
     def purge_expired(self) -> int:
         """Delete expired prediction records; returns how many."""

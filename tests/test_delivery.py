@@ -1,0 +1,419 @@
+"""Progressive delivery, the parts that need no model: the rules file, the signals read from
+``/metrics``, each rule's verdict, the release record's new fields, the InferenceService changes for
+a canary in both KServe modes (validated against KServe's v0.20.0 CRD) and their status transitions
+in the Kubernetes double (``tests/k8s_fake.py``, written from KServe's controller source).
+
+The decision on live signals, with real model servers, is ``tests/test_canary.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from k8s_fake import kube_fake_server
+from prometheus_client import CollectorRegistry, generate_latest
+from test_deploy import CRD, NS
+
+from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.delivery.canary import CanaryTarget, feedback_rules, traffic_rules, watch_canary
+from labelmatch.delivery.kserve import (
+    KServeTraffic,
+    canary_mode,
+    canary_name,
+    knative_canary_patch,
+    promote_patch,
+    raw_canary_patch,
+    rollback_patch,
+)
+from labelmatch.delivery.rules import CanaryRules, load_rules
+from labelmatch.delivery.shadow import build_shadow_report, render_markdown
+from labelmatch.delivery.signals import PodCounts, TrafficStats, parse_metrics, quantile, window_stats
+from labelmatch.platform.k8s_schema import validate_against_crd
+from labelmatch.platform.kserve import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    DeployConfig,
+    inference_service,
+    kube_custom_objects,
+    merged,
+)
+from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
+from labelmatch.serving.metrics import ServeMetrics
+from labelmatch.state.serving_state import ShadowRow
+
+# -- the rules file ------------------------------------------------------------------------------
+
+
+def test_rules_file_errors_name_file_line_and_field(tmp_path):
+    good = tmp_path / "canary.yaml"
+    good.write_text("traffic_percent: 20\nwindow_s: 300\nmax_error_rate: 0.005\n"
+                    "drift_signals: [low_confidence]\n")
+    rules = CanaryRules.from_file(good)
+    assert (rules.traffic_percent, rules.window_s, rules.max_error_rate, rules.drift_signals) == (
+        20, 300.0, 0.005, ["low_confidence"])
+    assert rules.longest_window_s == 900.0
+    cases = {
+        "traffic_percent: 20\nmax_error_rate: '1%'\n":
+            r"canary.yaml:2: field 'max_error_rate': expected a number or null, got a string '1%'",
+        "window_s: 60\ntraffic_percnt: 5\n": r"canary.yaml:2: field 'traffic_percnt': unknown setting",
+        "traffic_percent: 100\n":
+            r"canary.yaml:1: field 'traffic_percent': traffic_percent must be within 1..99",
+        "drift_signals: [feedback]\n": r"canary.yaml:1: field 'drift_signals': unknown drift signal",
+        "on_insufficient: wait\n":
+            r"canary.yaml:1: field 'on_insufficient': expected one of 'rollback', 'promote'",
+        "kserve_version: latest\n": r"canary.yaml:1: field 'kserve_version': kserve_version 'latest'",
+        "min_requests: true\n":
+            r"canary.yaml:1: field 'min_requests': expected an integer, got a boolean true",
+    }
+    for text, message in cases.items():
+        good.write_text(text)
+        with pytest.raises(DataError, match=message):
+            CanaryRules.from_file(good)
+    assert load_rules("").traffic_percent == 10
+    assert load_rules('{"traffic_percent": 30}').traffic_percent == 30
+    with pytest.raises(DataError, match=r"canary rules:1: field 'window_s': expected a number"):
+        load_rules('{"window_s": "10m"}')
+    with pytest.raises(DataError, match=r"nope.json: file not found"):
+        load_rules(str(tmp_path / "nope.json"))
+
+
+def test_the_deploy_step_takes_a_strategy(monkeypatch):
+    from labelmatch.stages.deploy import DeployStepConfig
+
+    monkeypatch.setenv("LABELMATCH_STATE_URL", "sqlite:////tmp/state.db")
+    assert DeployStepConfig().strategy == "replace"
+    canary = DeployStepConfig(target="kserve", release_root="s3://b", strategy="canary")
+    assert canary.state_url == "sqlite:////tmp/state.db"
+    with pytest.raises(ConfigError, match="strategy must be one of replace, canary, shadow"):
+        DeployStepConfig(strategy="blue-green")
+    with pytest.raises(ConfigError, match="strategy shadow needs the kserve target"):
+        DeployStepConfig(strategy="shadow")
+    with pytest.raises(ConfigError, match=r"a rollback .* takes all the traffic back at once"):
+        DeployStepConfig(target="kserve", release_root="s3://b", strategy="canary", restore_release="r1")
+
+
+# -- signals from /metrics -----------------------------------------------------------------------
+
+
+def _exposition(latencies: list[float], errors: int, status: str = "500") -> str:
+    """What a model server's /metrics says after serving ``latencies`` (the real metric objects)."""
+    registry = CollectorRegistry()
+    metrics = ServeMetrics(registry)
+    for seconds in latencies:
+        metrics.request_seconds.labels("v1_predict").observe(seconds)
+    metrics.request_seconds.labels("feedback").observe(9.0)  # not prediction traffic
+    for _ in range(errors):
+        metrics.errors.labels("v1_predict", status).inc()
+    metrics.errors.labels("feedback", "503").inc()
+    return generate_latest(registry).decode()
+
+
+def test_window_traffic_from_two_scrapes_of_every_pod():
+    before = {"pod-a": parse_metrics(_exposition([0.004] * 10, 0))}
+    after = {"pod-a": parse_metrics(_exposition([0.004] * 10 + [0.02] * 89 + [0.4], 2)),
+             "pod-b": parse_metrics(_exposition([0.03] * 10, 0))}  # started during the window
+    stats = window_stats(before, after, {"pod-c": "ConnectionError"})
+    assert (stats.pods, stats.requests, stats.errors) == (2, 100, 2)
+    assert stats.error_rate == pytest.approx(0.02)
+    # 99 of 100 at or below 0.05 s: the p99 is read inside the (0.025, 0.05] bucket, as Prometheus would
+    assert 0.025 < stats.latency(0.99) <= 0.05
+    assert stats.latency(0.5) <= 0.025
+    assert stats.to_json()["unreachable"] == {"pod-c": "ConnectionError"}
+    restarted = parse_metrics(_exposition([0.01] * 3, 0))
+    assert restarted.minus(parse_metrics(_exposition([0.01] * 50, 0))).requests == 3  # counters went down
+    assert quantile({}, 0.99) is None
+    assert quantile({0.1: 0.0, float("inf"): 5.0}, 0.99) == 0.1  # beyond the last bucket: its bound
+    assert parse_metrics(_exposition([0.01], 1, status="429")).errors == 0  # a refusal is no failure
+
+
+def _stats(requests: int, errors: int = 0, seconds: float = 0.01) -> TrafficStats:
+    counts = PodCounts(requests, errors, {0.005: 0.0, 0.01: float(requests), float("inf"): float(requests)})
+    if seconds > 0.01:
+        counts.buckets = {0.01: 0.0, 0.25: 0.0, 0.5: float(requests), float("inf"): float(requests)}
+    return window_stats({}, {"pod": counts})
+
+
+def test_traffic_rules_decide_only_with_enough_requests():
+    rules = CanaryRules(min_requests=50, max_error_rate=0.02, max_p99_latency_s=0.2,
+                        max_p99_latency_ratio=2.0, latency_slack_s=0.01)
+    verdict = {r.rule: r.passed for r in traffic_rules(rules, _stats(100), _stats(400))}
+    assert verdict == {"max_error_rate": True, "max_p99_latency_s": True, "max_p99_latency_ratio": True}
+    slow = _stats(100, errors=5, seconds=0.5)
+    verdict = {r.rule: r.passed for r in traffic_rules(rules, slow, _stats(400))}
+    assert verdict == {"max_error_rate": False, "max_p99_latency_s": False, "max_p99_latency_ratio": False}
+    short = traffic_rules(rules, _stats(10, errors=10), _stats(400))
+    assert all(r.passed is None and r.detail["skipped"] == "too few canary requests" for r in short)
+
+
+def test_feedback_rules_need_feedback_on_both_sides(tmp_path):
+    from labelmatch.feedback.feedback_store import FeedbackRecord, FeedbackStore
+
+    url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    store = FeedbackStore(url)
+    for version, scores in (("good", [5, 4, 5, 4, 5] * 4), ("bad", [1, 2, 1, 1, 2] * 4)):
+        for score in scores:
+            store.add(FeedbackRecord(text="t", model_version=version, predicted_labels=["vat"], score=score))
+    rules = CanaryRules(min_feedback=10, max_feedback_drop=0.5, min_mean_feedback=3.0)
+    results, evidence = feedback_rules(rules, CanaryTarget("bad", "good", state_url=url), 0, 2e9)
+    verdict = {r.rule: r for r in results}
+    assert verdict["min_mean_feedback"].passed is False and verdict["max_feedback_drop"].passed is False
+    assert verdict["max_feedback_drop"].detail["p_value"] < 0.05
+    assert evidence == {"canary": {"n": 20, "mean": 1.4}, "stable": {"n": 20, "mean": 4.6}}
+    results, _ = feedback_rules(rules, CanaryTarget("good", "bad", state_url=url), 0, 2e9)
+    assert all(r.passed for r in results)
+    results, _ = feedback_rules(rules, CanaryTarget("good", "good", state_url=url), 0, 2e9)
+    assert all(r.passed is None and "same model version" in r.detail["skipped"] for r in results)
+
+
+class _Routes:
+    """A TrafficControl over fixed pod URLs that cannot be reached."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def canary_pods(self) -> list[str]:
+        return ["http://127.0.0.1:9"]
+
+    def stable_pods(self) -> list[str]:
+        return []
+
+    def promote(self) -> None:
+        self.calls.append("promote")
+
+    def rollback(self) -> None:
+        self.calls.append("rollback")
+
+
+def test_a_canary_that_cannot_be_scraped_is_rolled_back_at_the_first_look():
+    routes = _Routes()
+    decision = watch_canary(CanaryRules(window_s=60, check_every_s=1), routes, CanaryTarget("c", "s"),
+                            sleep=lambda seconds: None)
+    assert decision.decision == "rolled_back" and routes.calls == ["rollback"]
+    assert decision.reason.startswith("canary pod(s) not answering")
+    assert decision.failed == ["canary_reachable"]
+    assert decision.to_json()["strategy"] == "canary"
+
+
+# -- release records -----------------------------------------------------------------------------
+
+
+class _Store:
+    """The little of ArtifactStore a ReleaseLog uses, in memory."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def exists(self, uri) -> bool:
+        return str(uri) in self.objects
+
+    def put_bytes(self, uri, data: bytes, content_type: str = "") -> None:
+        self.objects[str(uri)] = data
+
+    def get_bytes(self, uri) -> bytes | None:
+        return self.objects.get(str(uri))
+
+    def list_keys(self, folder) -> list[str]:
+        prefix = str(folder).rstrip("/") + "/"
+        return [key.split("/", 3)[3] for key in self.objects if key.startswith(prefix)]
+
+
+def test_release_records_carry_the_decision_and_older_records_still_read():
+    old = {"release_id": "r0", "service": "tax", "namespace": "ml", "model_uri": "s3://b/m0",
+           "model_digest": "d0", "pipeline_version": "0.1.0", "run_id": "",
+           "time": "2026-01-01T00:00:00.000000Z"}
+    record = ReleaseRecord.from_dict(old, "old.json")
+    assert (record.strategy, record.delivery, record.serving) == ("replace", {}, True)
+    with pytest.raises(DataError, match=r"old.json: field 'strategy': expected one of replace, canary"):
+        ReleaseRecord.from_dict({**old, "strategy": "blue-green"}, "old.json")
+    with pytest.raises(DataError, match=r"old.json: field 'delivery': expected an object"):
+        ReleaseRecord.from_dict({**old, "delivery": "promoted"}, "old.json")
+    log = ReleaseLog(_Store(), "s3://b")
+    log.append(record)
+    base = {k: v for k, v in old.items() if k not in ("release_id", "time")}
+    promoted = ReleaseRecord.new(**{**base, "model_uri": "s3://b/m1"}, strategy="canary",
+                                 delivery={"decision": "promoted"})
+    log.append(promoted)
+    rolled_back = ReleaseRecord.new(**{**base, "model_uri": "s3://b/m2"}, strategy="canary",
+                                    delivery={"decision": "rolled_back", "results": []})
+    log.append(rolled_back)
+    log.append(ReleaseRecord.new(**{**base, "model_uri": "s3://b/m3"}, strategy="shadow",
+                                 delivery={"report": {}}))
+    assert [r.serving for r in log.list("tax")] == [True, True, False, False]
+    assert log.latest_serving("tax") == promoted
+    assert log.find("tax", "0.1.0") == promoted  # a pipeline version names its release that served
+    assert log.find("tax", rolled_back.release_id) == rolled_back  # by id, every record
+    assert json.loads(log.store.get_bytes(f"s3://b/releases/tax/{rolled_back.key_name}"))["delivery"][
+        "decision"] == "rolled_back"
+
+
+# -- the InferenceService changes, against KServe's CRD ------------------------------------------
+
+
+def _serving(mode: str, **status) -> dict:
+    body = inference_service(DeployConfig("tax", NS, image="reg/serve:0.1.0"), "s3://b/m1", "d" * 64,
+                             {"release-id": "r1"})
+    body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = mode
+    body["status"] = {"deploymentMode": mode, **status}
+    return body
+
+
+def _valid(obj: dict) -> None:
+    validate_against_crd({key: obj[key] for key in ("apiVersion", "kind", "metadata", "spec")}, CRD)
+
+
+def test_canary_changes_are_valid_against_the_crd_in_each_mode():
+    rules = CanaryRules(traffic_percent=20)
+    release = {"release-id": "abcdef123456", "pipeline-version": "0.1.0", "run-id": ""}
+    knative = _serving("Serverless",
+                       components={"predictor": {"latestRolledoutRevision": "tax-predictor-00001"}})
+    assert canary_mode(knative, rules) == "knative"
+    patch = knative_canary_patch(knative, "s3://b/m2", "e" * 64, release, "reg/serve:0.2.0", 20)
+    started = merged(knative, patch)
+    _valid(started)
+    assert started["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    env = {e["name"]: e.get("value") for e in started["spec"]["predictor"]["containers"][0]["env"]}
+    assert (env["STORAGE_URI"], env["LABELMATCH_RELEASE_ID"]) == ("s3://b/m2", "abcdef123456")
+    _valid(merged(started, promote_patch("knative", started)))
+    promoted = merged(started, promote_patch("knative", started))
+    assert "canaryTrafficPercent" not in promoted["spec"]["predictor"]
+    back = merged(started, rollback_patch("knative", knative["spec"]["predictor"]["containers"]))
+    _valid(back)
+    assert back["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    assert back["spec"]["predictor"]["containers"] == knative["spec"]["predictor"]["containers"]
+
+    raw = _serving("RawDeployment")
+    with pytest.raises(ConfigError, match=r"ml/tax runs in RawDeployment mode, and KServe 0.20 cannot give a "
+                                          r"canary a share of its traffic there .* kserve#5912"):
+        canary_mode(raw, rules)
+    assert canary_mode(raw, CanaryRules(kserve_version="v0.21.0")) == "raw"
+    name = canary_name(release["release-id"])
+    started = merged(raw, raw_canary_patch(raw, "s3://b/m2", "e" * 64, release, "reg/serve:0.2.0", 20, name))
+    _valid(started)
+    [canary] = started["spec"]["canary"]
+    assert (canary["trafficPercent"], canary["predictor"]["name"], canary["predictor"]["minReplicas"]) == (
+        20, "canary-abcdef12", 1)
+    assert started["spec"]["predictor"] == raw["spec"]["predictor"]  # the stable is untouched
+    promoted = merged(started, promote_patch("raw", started))
+    _valid(promoted)
+    assert promoted["spec"]["predictor"]["name"] == name and "canary" not in promoted["spec"]
+    assert "canary" not in merged(started, rollback_patch("raw"))["spec"]
+    bad = copy.deepcopy(started)
+    bad["spec"]["canary"][0]["trafficPercent"] = 120
+    with pytest.raises(ConfigError, match=r"trafficPercent"):
+        _valid(bad)
+    no_revision = _serving("Serverless")
+    with pytest.raises(ConfigError, match=r"no rolled-out revision yet"):
+        canary_mode(no_revision, rules)
+
+
+# -- status transitions in the double ------------------------------------------------------------
+
+
+def _tick_until(state, check, ticks: int = 30) -> None:
+    for _ in range(ticks):
+        state.tick()
+        if check():
+            return
+    raise AssertionError("the double never reached the state")
+
+
+def test_serverless_canary_transitions_follow_kserve_and_knative():
+    """canaryTrafficPercent splits the route between the new revision and the last rolled-out one
+    (ksvc_reconciler.go); removing it rolls the new one out (PropagateStatus); 0 gives the previous
+    one everything back at once."""
+    config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=5, poll_s=0.01)
+    with kube_fake_server(default_mode="Serverless") as (url, state):
+        api = kube_custom_objects(url)
+        body = _serving("Serverless")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+
+        def component() -> dict:
+            status = state.objects[(NS, "tax")].get("status") or {}
+            return (status.get("components") or {}).get("predictor", {})
+
+        _tick_until(state, lambda: component().get("latestRolledoutRevision") == "tax-predictor-00001")
+        for number, decide in ((2, "promote"), (3, "rollback")):
+            existing = state.objects[(NS, "tax")]
+            stable = component()["latestRolledoutRevision"]
+            release = {"release-id": f"r{number}"}
+            patch = knative_canary_patch(existing, f"s3://b/m{number}", "e" * 64, release, None, 25)
+            containers = existing["spec"]["predictor"]["containers"]
+            traffic = KServeTraffic(api, config, "knative", stable, "", containers)
+            traffic._patch(patch)
+            traffic.wait_canary(f"r{number}", 25, component()["latestCreatedRevision"])
+            assert traffic.canary != stable
+            shares = {t["revisionName"]: (t["percent"], t.get("tag")) for t in component()["traffic"]}
+            assert shares == {traffic.canary: (25, None), stable: (75, "prev")}
+            assert component()["latestRolledoutRevision"] == stable  # a canary is not rolled out
+            getattr(traffic, decide)()
+            if decide == "promote":
+                assert component()["latestRolledoutRevision"] == traffic.canary
+                assert component()["previousRolledoutRevision"] == stable
+            else:
+                rebuilt = component()["latestRolledoutRevision"]
+                assert rebuilt not in (stable, traffic.canary)  # the stable's containers, a new revision
+                assert {t["revisionName"]: t["percent"] for t in component()["traffic"]} == {rebuilt: 100}
+                final = state.objects[(NS, "tax")]["spec"]["predictor"]
+                assert "canaryTrafficPercent" not in final
+                assert final["containers"] == existing["spec"]["predictor"]["containers"]
+
+
+def test_raw_canary_transitions_follow_kserve_v0_20():
+    """spec.canary makes its own Deployment with canaryStatuses and CanaryPredictorReady
+    (reconcileCanaryDeployments); promotion keeps that Deployment as the stable; removing the entry
+    deletes it."""
+    config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=5, poll_s=0.01)
+    with kube_fake_server() as (url, state):
+        api = kube_custom_objects(url)
+        body = _serving("RawDeployment")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+        ready = lambda: any(c["type"] == "Ready" and c["status"] == "True"  # noqa: E731
+                            for c in state.objects[(NS, "tax")].get("status", {}).get("conditions", []))
+        _tick_until(state, ready)
+        for number, decide in ((2, "rollback"), (3, "promote")):
+            existing = state.objects[(NS, "tax")]
+            release = {"release-id": f"r{number}xxxxxxxx"}
+            name = canary_name(release["release-id"])
+            traffic = KServeTraffic(api, config, "raw", state.deployment(NS, "tax")["metadata"]["name"], name)
+            traffic._patch(raw_canary_patch(existing, f"s3://b/m{number}", "e" * 64, release, None, 20, name))
+            isvc = traffic.wait_canary(release["release-id"], 20, "")
+            assert isvc["status"]["canaryStatuses"] == [{"name": name, "ready": True, "trafficPercent": 20}]
+            conditions = {c["type"]: c["status"] for c in isvc["status"]["conditions"]}
+            assert conditions["CanaryPredictorReady"] == "True"
+            canary = state.predictors[(NS, "tax")].canaries[f"tax-{name}-predictor"]
+            labels = canary.deployment["spec"]["template"]["metadata"]["labels"]
+            assert labels["app"] == f"isvc.tax-{name}-predictor"
+            getattr(traffic, decide)()
+            if decide == "rollback":
+                assert not state.predictors[(NS, "tax")].canaries
+                assert state.deployment(NS, "tax")["metadata"]["name"] == "tax-predictor"
+            else:
+                assert state.deployment(NS, "tax")["metadata"]["name"] == f"tax-{name}-predictor"
+                assert not state.predictors[(NS, "tax")].canaries
+
+
+# -- the shadow report ---------------------------------------------------------------------------
+
+
+def test_shadow_report_lists_agreement_score_shift_and_latency():
+    rows = [ShadowRow("q1", "v1", "v2", ["vat"], ["vat"], 0.01, 4.0, 6.0),
+            ShadowRow("q2", "v1", "v2", ["vat", "payroll"], ["vat"], 0.2, 5.0, 7.0),
+            ShadowRow("q2", "v1", "v2", [], ["customs"], 0.3, 5.0, 7.0),
+            ShadowRow("q3", "v1", "", ["vat"], None, None, 3.0, None, "ReadTimeout")]
+    report = build_shadow_report(rows, "v1", 0.0, 60.0)
+    assert (report.documents, report.requests, report.answered) == (4, 3, 3)
+    assert report.agreement == pytest.approx(1 / 3)
+    assert report.jaccard == pytest.approx((1 + 0.5 + 0) / 3)
+    assert report.score_shift["max"] == 0.3 and report.score_shift["mean"] == pytest.approx(0.17)
+    assert report.latency_ms["serving"] == {"p50": 4.0, "p99": 5.0}
+    assert report.latency_ms["shadow"] == {"p50": 6.0, "p99": 7.0}
+    assert report.errors == {"ReadTimeout": 1}
+    assert report.labels_added == [{"label": "customs", "documents": 1}]
+    assert report.labels_dropped == [{"label": "payroll", "documents": 1}]
+    text = render_markdown(report)
+    assert "| label-set agreement | 0.333 |" in text and "shadow latency p50 / p99" in text
