@@ -16,7 +16,7 @@ from k8s_fake import kube_fake_server
 from prometheus_client import CollectorRegistry, generate_latest
 from test_deploy import CRD, NS
 
-from labelmatch.core.errors import ConfigError, DataError
+from labelmatch.core.errors import ConfigError, DataError, LabelmatchError
 from labelmatch.delivery.canary import CanaryTarget, feedback_rules, traffic_rules, watch_canary
 from labelmatch.delivery.kserve import (
     KServeTraffic,
@@ -417,3 +417,82 @@ def test_shadow_report_lists_agreement_score_shift_and_latency():
     assert report.labels_dropped == [{"label": "payroll", "documents": 1}]
     text = render_markdown(report)
     assert "| label-set agreement | 0.333 |" in text and "shadow latency p50 / p99" in text
+
+
+class _StubPod:
+    """A pod process that only says what it serves (enough for the deploy's questions)."""
+
+    def __init__(self, container: dict, namespace: str, volumes: list | None = None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        answer = json.dumps({"model_version": env["STORAGE_URI"].rsplit("/", 1)[-1],
+                             "release_id": env.get("LABELMATCH_RELEASE_ID", ""),
+                             "model_digest": env.get("LABELMATCH_MODEL_DIGEST", "")}).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
+    """The candidate's pods crash: the deploy fails, but first gives the stable all the traffic back."""
+    from labelmatch.delivery.kserve import deploy_canary
+
+    class Store:
+        def verify_remote(self, uri, kind=None) -> str:
+            return "e" * 64
+
+    config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=1.5, poll_s=0.01, crd_path=str(CRD))
+    with kube_fake_server(default_mode="Serverless", pod_runner=_StubPod) as (url, state):
+        api = kube_custom_objects(url)
+        body = _serving("Serverless")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+        _tick_until(state, lambda: bool(state.objects[(NS, "tax")].get("status", {}).get("components", {})
+                                        .get("predictor", {}).get("latestRolledoutRevision")))
+        state.crash = True
+        with pytest.raises(LabelmatchError, match=r"revision tax-predictor-00002 failed: .*; the canary was "
+                                                  r"rolled back, no release recorded"):
+            deploy_canary(config, "s3://b/m2", Store(), "s3://b", CanaryRules(), api=api)
+        predictor = state.objects[(NS, "tax")]["status"]["components"]["predictor"]
+        assert {t["revisionName"]: t["percent"] for t in predictor["traffic"]} == {"tax-predictor-00001": 100}
+        assert state.objects[(NS, "tax")]["spec"]["predictor"]["containers"] == body["spec"]["predictor"][
+            "containers"]
+
+
+def test_deploy_command_refuses_a_bad_strategy_or_rules_file_in_one_line(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from labelmatch.cli import main
+
+    rules = tmp_path / "canary.yaml"
+    rules.write_text("traffic_percent: 10\nwindow_s: ten minutes\n")
+    base = ["labelmatch", "deploy", "--model-uri", "s3://labelmatch/models/onnx/m", "--service", "tax"]
+    for extra, message in (
+        (["--strategy", "blue-green"],
+         "error: --strategy must be replace, canary or shadow, got 'blue-green'"),
+        (["--rules", str(rules)], "error: --rules is for --strategy canary"),
+        (["--strategy", "canary", "--rules", str(rules)],
+         f"error: {rules}:2: field 'window_s': expected a number, got a string 'ten minutes'"),
+    ):
+        monkeypatch.setattr(sys, "argv", base + extra)
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip() == message

@@ -405,6 +405,11 @@ def deploy(
         raise ConfigError(f"--strategy must be replace, canary or shadow, got {strategy!r}")
     if rules and strategy != "canary":
         raise ConfigError("--rules is for --strategy canary")
+    canary_rules = None
+    if strategy == "canary" and not (rules or "").startswith("s3://"):
+        from labelmatch.delivery.rules import load_rules
+
+        canary_rules = load_rules(rules)  # a bad rules file stops here, before anything is read or changed
     store = ArtifactStore.from_env()
 
     config = DeployConfig(
@@ -420,7 +425,7 @@ def deploy(
         from labelmatch.delivery.kserve import deploy_canary
         from labelmatch.delivery.rules import load_rules
 
-        canary_rules = load_rules(rules, store)  # a bad rules file stops here, before any change
+        canary_rules = canary_rules or load_rules(rules, store)  # an s3:// rules file, before any change
         record, decision = deploy_canary(config, model_uri, store, root, canary_rules, pipeline_version,
                                          run_id, expected_digest, state_url=state_url)
         typer.echo(f"{namespace}/{service}: canary of {model_uri} {decision.decision.replace('_', ' ')} "

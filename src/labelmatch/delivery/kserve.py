@@ -504,20 +504,29 @@ def deploy_canary(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     log.info("%s: canary of %s at %d%% (release %s, %s mode)", where, model_uri, rules.traffic_percent,
              release_id, mode)
     traffic._patch(patch)
-    traffic.wait_canary(release_id, rules.traffic_percent, _predictor_status(existing).get(
-        "latestCreatedRevision", ""))
-    canary_pods = traffic.canary_pods()
-    if not canary_pods:
-        raise LabelmatchError(f"{where}: the canary is ready but none of its pods is")
-    served = _served(canary_pods[0], config.service)
-    if served.get("release_id") != release_id or served.get("model_digest") != digest:
-        raise LabelmatchError(f"{where}: the canary pod serves release {served.get('release_id')!r} "
-                              f"(digest {str(served.get('model_digest'))[:12]}…), not {release_id}; no "
-                              "release recorded")
-    target = CanaryTarget(canary_version=served.get("model_version", ""),
-                          stable_version=stable_served.get("model_version", ""),
-                          profile=_profile(store, model_uri, model_dir), state_url=state_url)
-    decision = watch_canary(rules, traffic, target)
+    try:
+        traffic.wait_canary(release_id, rules.traffic_percent, _predictor_status(existing).get(
+            "latestCreatedRevision", ""))
+        canary_pods = traffic.canary_pods()
+        if not canary_pods:
+            raise LabelmatchError(f"{where}: the canary is ready but none of its pods is")
+        served = _served(canary_pods[0], config.service)
+        if served.get("release_id") != release_id or served.get("model_digest") != digest:
+            raise LabelmatchError(f"{where}: the canary pod serves release {served.get('release_id')!r} "
+                                  f"(digest {str(served.get('model_digest'))[:12]}…), not {release_id}")
+        target = CanaryTarget(canary_version=served.get("model_version", ""),
+                              stable_version=stable_served.get("model_version", ""),
+                              profile=_profile(store, model_uri, model_dir), state_url=state_url)
+        decision = watch_canary(rules, traffic, target)
+    except Exception as exc:  # the canary never got its decision: the stable takes everything back
+        log.error("%s: the canary failed before its decision (%s); rolling it back", where, exc)
+        try:
+            traffic.rollback()
+        except LabelmatchError as again:
+            log.error("%s: rolling the canary back failed too: %s", where, again)
+        if isinstance(exc, LabelmatchError):
+            raise LabelmatchError(f"{exc}; the canary was rolled back, no release recorded") from None
+        raise
     container = next(c for c in candidate["containers"] if c.get("name") == CONTAINER)
     record = ReleaseRecord.new(
         release_id=release_id, service=config.service, namespace=config.namespace, model_uri=model_uri,
@@ -563,6 +572,11 @@ def deploy_shadow(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     existing = _get_isvc(api, config)
     if existing is None or not served_url(existing):
         raise ConfigError(f"{where} does not serve yet: a shadow needs live traffic to copy")
+    state = ServingState(state_url)  # unreachable: refused here, before anything changes
+    try:
+        state.check_writable()
+    finally:
+        state.close()
     shadow_service = f"{config.service}-shadow"
     shadow_config = dataclasses.replace(config, service=shadow_service, min_replicas=1, max_replicas=1)
     shadow = deploy_model(shadow_config, model_uri, store, release_root, pipeline_version, run_id,
@@ -580,6 +594,7 @@ def deploy_shadow(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     state = ServingState(state_url)
     try:
         start = time.time()
+        # The target expires by itself at the window's end, should this process die before.
         state.set_shadow_target(serving_version, url, start + window_s)
         log.info("%s: mirroring to %s for %g s", where, url, window_s)
         sleep(window_s)
