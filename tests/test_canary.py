@@ -6,7 +6,8 @@ are real model servers on 127.0.0.1 started from the InferenceService's own cont
 (``tests/kserve_pods.py``), sharing one serving state. A splitter (``tests/traffic_splitter.py``)
 plays the gateway: every prediction request goes to a revision drawn by the traffic split KServe
 reports at that moment. Users send documents of the sample set the models never trained on and
-rate each answer (1–5, by its overlap with the document's true labels) through the feedback API.
+rate each answer through the feedback API: 5, one point off per label it got wrong (missed or
+extra), at least 1.
 
 * a candidate trained on shuffled labels is rolled back on its live signals, and the stable takes
   all the traffic back;
@@ -56,12 +57,16 @@ SERVICE = "tax"
 USERS = {f"user-{i}": f"test-user-token-{i}-0123456789" for i in range(8)}
 SECRETS = {"labelmatch-serving-auth": {"tokens.yaml": "tokens:\n" + "".join(
     f"  - {{name: {name}, token: {token}, permissions: [feedback]}}\n" for name, token in USERS.items())}}
-#: Rules scaled to a test: half the traffic, an 8 s window. The latency rules allow for a shared
-#: 2-core machine; drift and feedback are the monitor's tests on the real logged predictions.
-RULES = CanaryRules(traffic_percent=50, window_s=8, check_every_s=1, min_requests=15, max_window_s=40,
+#: Rules scaled to a test: half the traffic, a 10 s window. The latency rules allow for a shared
+#: 2-core machine; drift and feedback are the monitor's tests on the real logged predictions. On
+#: these users' ratings of unseen sample documents (measured offline, 200 documents) the good model
+#: scores 3.0 ± 1.1 and the one trained on shuffled labels 1.6 ± 1.0. A window brings 40–70 ratings
+#: a side (one run: shuffled 1.43 vs stable 2.93, the good copy 2.93 vs 3.08), so a drop above 0.7
+#: at p < 0.01 lies over 3 standard errors from either case.
+RULES = CanaryRules(traffic_percent=50, window_s=10, check_every_s=1, min_requests=15, max_window_s=40,
                     max_error_rate=0.05, max_p99_latency_ratio=4.0, latency_slack_s=0.5,
                     drift_signals=["low_confidence", "max_score"], drift_alpha=0.001, min_documents=15,
-                    permutations=99, min_feedback=8, max_feedback_drop=0.5, feedback_alpha=0.05)
+                    permutations=99, min_feedback=15, max_feedback_drop=0.7, feedback_alpha=0.01)
 
 
 def _copy_as_new_version(source: Path, target: Path, version: str) -> Path:
@@ -80,13 +85,13 @@ def _shuffled_label_model(root: Path) -> Path:
     from labelmatch.export.onnx import ExportConfig, export_onnx
     from labelmatch.training.sft import train_sft
 
-    dataset = make_tiny_dataset(n_docs=64)
+    dataset = make_tiny_dataset()
     labels = [document.labels for document in dataset.documents]
     random.Random(0).shuffle(labels)
     documents = [dataclasses.replace(document, labels=shuffled_labels)
                  for document, shuffled_labels in zip(dataset.documents, labels, strict=True)]
     shuffled = Dataset(documents, dataset.labels)
-    train_sft(shuffled, tiny_config(epochs=1, max_length=32), root / "sft")
+    train_sft(shuffled, tiny_config(epochs=1, max_length=48), root / "sft")
     export_onnx(root / "sft", root / "onnx", ExportConfig(agreement_gate=0.0, engines=("ort-fp32",),
                                                           engine="ort-fp32", fp32_fallback="off"), shuffled)
     return root / "onnx"
@@ -145,7 +150,7 @@ def _component(state) -> dict:
 
 class Users:
     """People using the service through the gateway: they classify documents the models never
-    trained on and rate each answer 1–5 by its overlap with the document's true labels."""
+    trained on and rate each answer 5, one point off per label it got wrong, at least 1."""
 
     def __init__(self, gateway: str):
         self.gateway = gateway
@@ -187,10 +192,9 @@ class Users:
                 time.sleep(0.05)
                 continue
             [prediction] = answer.json()["predictions"]
-            predicted = set(prediction["labels"])
-            overlap = len(predicted & truth) / len(predicted | truth) if predicted | truth else 1.0
+            wrong = len(set(prediction["labels"]) ^ truth)
             self.answers += 1
-            self.ratings.put((time.monotonic(), prediction["id"], 1 + round(4 * overlap)))
+            self.ratings.put((time.monotonic(), prediction["id"], max(1, 5 - wrong)))
 
     def _rate(self, worker: int) -> None:
         names = list(USERS)[worker::2]
