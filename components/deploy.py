@@ -17,6 +17,9 @@ def deploy(
     expected_digest: str = "",
     run_id: str = "",
     restore_release: str = "",
+    strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
 ) -> str:
     """Deploy the model and record the release.
 
@@ -41,6 +44,15 @@ def deploy(
         run_id: The pipeline run (recorded in the release).
         restore_release: A release id whose whole served state (image, engine, label-set version,
             predictor settings) comes back with the model (a rollback; ``kserve`` only).
+        strategy: How the model reaches its traffic (``kserve`` only for the last two): ``replace``
+            (all at once, the default), ``canary`` (a share, watched on its live signals, then
+            promoted or rolled back; ``canary.json`` in ``release``) or ``shadow`` (a copy of the
+            live traffic for ``shadow_window_s``, answers logged, never returned;
+            ``shadow_report.{json,md}``). Both read the serving state at ``$LABELMATCH_STATE_URL``
+            (from the serving chart's state Secret).
+        canary_rules: The canary's rules: an ``s3://`` URI of a JSON/YAML rules file, or a JSON
+            object inline; empty: the defaults (docs/cluster.md, the canary walkthrough).
+        shadow_window_s: Seconds the shadow gets a copy of the live traffic.
 
     Returns:
         The deployed model's artifact digest.
@@ -55,7 +67,12 @@ def deploy(
         expected_digest=expected_digest,
         run_id=run_id,
         restore_release=restore_release,
+        strategy=strategy,
+        canary_rules=canary_rules,
+        shadow_window_s=shadow_window_s,
     )
     record = run_deploy_step(onnx_model.path, release.path, config, model_uri=onnx_model.uri)
-    release.metadata.update({"kind": "Report", "target": target, "model_digest": record["model_digest"]})
+    release.metadata.update({"kind": "Report", "target": target, "model_digest": record["model_digest"],
+                             "strategy": strategy,
+                             "decision": (record.get("delivery") or {}).get("decision", "")})
     return record["model_digest"]

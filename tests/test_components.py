@@ -178,6 +178,7 @@ def _library_defaults() -> dict[str, dict]:
     from labelmatch.evaluation.gate import GateConfig
     from labelmatch.export.onnx import ExportConfig
     from labelmatch.feedback.grpo import GRPOConfig
+    from labelmatch.stages.deploy import DeployStepConfig
     from labelmatch.tuning.pbt import TuneConfig
 
     tune = TuneConfig()
@@ -201,6 +202,8 @@ def _library_defaults() -> dict[str, dict]:
         "export_onnx": {k: getattr(ExportConfig(), k) for k in
                         ("agreement_gate", "per_channel", "optimize", "keep_fp32", "max_parity_docs",
                          "fp32_fallback")},
+        "deploy": {k: getattr(DeployStepConfig(), k) for k in
+                   ("strategy", "canary_rules", "shadow_window_s")},
     }
 
 
