@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -107,13 +107,19 @@ bench-tune: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_tune.py --out bench/results
 
 # --- grpo ---
-## bench-grpo: SFT vs SFT+GRPO from simulated feedback on bitext_customer_support (needs ../shared/data)
+## bench-grpo: GRPO without forgetting (plain, KL replay, BCE replay, both; Bitext + CLINC150, 3 seeds, the default chosen on dev), then one SFT vs SFT+GRPO run with its curves (needs ../shared/data)
 bench-grpo: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_grpo_forgetting.py --out bench/results
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_grpo.py --out bench/results
 
 ## bench-feedback-poisoning: one principal floods GRPO's feedback (50% of records): test macro-F1 clean vs attacked, with and without the per-principal cap (needs ../shared/data)
 bench-feedback-poisoning: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_feedback_poisoning.py --out bench/results
+
+## bench-feedback-poisoning-select: choose the cap and the attack on dev only (other seeds; the test split is not scored)
+bench-feedback-poisoning-select: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_feedback_poisoning.py --out bench/results --name feedback_poisoning_select \
+	  --parts dev --seeds 10,11,12,13 --attacker-shares 0.5 --attacks scores,targeted --caps 0.1,0.25
 
 # --- export and serving ---
 ## bench-serve: torch vs every serving engine (ORT fp32/int8 dynamic/int8 static, OpenVINO), the pick, and the HTTP server under load (needs ../shared/data)

@@ -11,19 +11,23 @@ model of ``make bench-grpo``: weak on ORDER/REFUND, cached under ``--work``):
 2. **The attacker**: one more principal holding each of ``--attacker-shares`` of all records
    (50 % and 90 %; texts are replayed when the flood outgrows them, each a new prediction id), on
    unseen training documents of the feedback categories (``--attack-categories focus``: where the
-   honest feedback is and the model is unsure, so where GRPO can be steered; ``all``: every
-   category), one attack per ``--attacks`` entry (:data:`ATTACKS`): ``scores`` (5 when the served
+   honest feedback is and the model is unsure, so where GRPO can be steered; ``rest``: the other
+   categories, where no honest feedback opposes the flood; ``all``: every category), one attack
+   per ``--attacks`` entry (:data:`ATTACKS`): ``scores`` (5 when the served
    labels are wrong, 1 when they are right; the default) and ``targeted`` (the same scores plus a
    consistent wrong correction).
    Every record goes through the real :class:`~labelmatch.feedback.feedback_store.FeedbackStore`
    (upsert by prediction id and principal, as the server stores it) and its export.
 3. **GRPO runs per seed**, same SFT model, same steps, same threshold data (the SFT validation
    split + the honest corrections; never the attacker's): clean (honest only) and each attack
-   (honest + attacker), each without defences (``max_principal_share=1``) and with them
-   (``--max-principal-share``, default the library's).
+   (honest + attacker), each without defences (``max_principal_share=1``) and with each cap of
+   ``--caps`` (default the library's ``max_principal_share``).
 4. **Test macro-F1** (labels present in the test split) of every run; dev (unused training
    documents) beside it. The goal: with defences the attacker moves test macro-F1 by < 1 point
    against the clean run; without them the damage shows.
+
+Settings (the cap, the attack) are chosen with ``--parts dev`` (the test split is never scored:
+``make bench-feedback-poisoning-select``, other seeds); the recorded run scores test once.
 
 Writes ``feedback_poisoning.json``, ``feedback_poisoning.md`` and ``feedback_poisoning.png``
 under ``--out``.
@@ -64,17 +68,23 @@ ATTACKER = "mallory"
 ATTACKS = ("scores", "targeted")
 
 
-#: One GRPO run of a seed: ``(name, (attack, attacker share) or None, defended)``.
-Condition = tuple[str, tuple[str, float] | None, bool]
+#: One GRPO run of a seed: ``(name, (attack, attacker share) or None, cap)``; cap 1.0 = no defence.
+Condition = tuple[str, tuple[str, float] | None, float]
 
 
-def conditions(attacks: list[str], shares: list[float]) -> list[Condition]:
-    """Every run of a seed: clean, then each attack at each attacker share, each without and with the cap."""
-    runs: list[Condition] = [("clean", None, False), ("clean_defended", None, True)]
+def cap_suffix(cap: float) -> str:
+    """``_cap10`` for a cap of 0.10 (a condition name's suffix)."""
+    return f"_cap{round(100 * cap)}"
+
+
+def conditions(attacks: list[str], shares: list[float], caps: list[float]) -> list[Condition]:
+    """Every run of a seed: clean, then each attack at each share; each without and with every cap."""
+    runs: list[Condition] = [("clean", None, 1.0)] + [(f"clean{cap_suffix(c)}", None, c) for c in caps]
     for attack in attacks:
         for share in shares:
             name = f"{attack}_{round(100 * share)}"
-            runs += [(name, (attack, share), False), (f"{name}_defended", (attack, share), True)]
+            runs.append((name, (attack, share), 1.0))
+            runs += [(f"{name}{cap_suffix(c)}", (attack, share), c) for c in caps]
     return runs
 
 
@@ -102,17 +112,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attacker-shares", default="0.5,0.9",
                         help="The attacker's share of all records, one flood per value.")
     parser.add_argument("--attacks", default="scores", help=f"Comma-separated, of {ATTACKS}.")
-    parser.add_argument("--attack-categories", default="focus",
+    parser.add_argument("--attack-categories", default="focus", choices=("focus", "rest", "all"),
                         help="Where the attacker's documents come from: 'focus' (where the honest feedback "
-                        "is, the model's weak spot) or 'all' (every category).")
+                        "is, the model's weak spot), 'rest' (the other categories: no honest feedback "
+                        "opposes it) or 'all' (every category).")
     # GRPO and evaluation.
-    parser.add_argument("--seeds", default="0,1,2,3", help="Feedback draws and GRPO seeds.")
+    parser.add_argument("--seeds", default="4,5,6,7", help="Feedback draws and GRPO seeds.")
     parser.add_argument("--grpo-steps", type=int, default=60, help="Steps of every run (bench-grpo's).")
     parser.add_argument("--lr", type=float, default=GRPOConfig.lr, help="GRPO learning rate.")
     parser.add_argument("--beta", type=float, default=GRPOConfig.beta, help="GRPO KL weight.")
     parser.add_argument("--target-kl", type=float, default=GRPOConfig.target_kl, help="KL budget (0: none).")
-    parser.add_argument("--max-principal-share", type=float, default=GRPOConfig.max_principal_share,
-                        help="The defended runs' cap (default: the library's).")
+    parser.add_argument("--caps", default=str(GRPOConfig.max_principal_share),
+                        help="Comma-separated max_principal_share values of the defended runs (default: the "
+                             "library's).")
+    parser.add_argument("--parts", default="test,dev",
+                        help="What is scored: 'dev' alone for choosing settings (the test split untouched), "
+                             "'test,dev' for the recorded run.")
+    parser.add_argument("--name", default="feedback_poisoning", help="Stem of the result files.")
     parser.add_argument("--retune", choices=("val", "none"), default="val",
                         help="val: re-tune each run's thresholds on the SFT validation split + the honest "
                         "corrections (what the pipeline's grpo step does with its dataset); none: keep "
@@ -207,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     unused = [d for d in train if d.id not in used]
     dev = random.Random(args.seed + 1).sample(unused, args.dev_docs)
     pool = [d for d in unused if d.id not in {x.id for x in dev}]
+    scored = set(args.parts.split(","))
+    if not scored <= {"test", "dev"} or "dev" not in scored:
+        print(f"error: --parts {args.parts!r}: 'dev' or 'test,dev'", file=sys.stderr)
+        return 2
     parts = {"test": test, "test_feedback_distribution": [d for d in test if d.labels[0] in focus],
              "test_rest": [d for d in test if d.labels[0] not in focus], "dev": dev}
+    parts = {k: v for k, v in parts.items() if k.split("_")[0] in scored}
 
     sft_set = assign_splits(Dataset(sft_docs, labels), val_fraction=0.2, test_fraction=0.0, seed=args.seed)
     train_config = TrainConfig(max_length=args.max_length, epochs=args.sft_epochs, batch_size=16,
@@ -221,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {part: part_metrics(sft, docs, labels) for part, docs in parts.items()}
 
     attacks, shares = args.attacks.split(","), [float(x) for x in args.attacker_shares.split(",")]
-    plan = conditions(attacks, shares)
+    caps = [float(x) for x in args.caps.split(",")]
+    plan = conditions(attacks, shares, caps)
     n_attack = {share: round(args.honest_docs * share / (1 - share)) for share in shares}
     label_sets = sorted({tuple(d.labels) for d in train})
     shuffled = random.Random(args.seed).sample(label_sets, len(label_sets))
@@ -233,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         honest = honest_records(sft, honest_docs, labels, args, draw)
         taken = {d.id for d in honest_docs}
         attack_pool = [d for d in pool if d.id not in taken
-                       and (args.attack_categories == "all" or d.labels[0] in focus)]
+                       and (args.attack_categories == "all"
+                            or (d.labels[0] in focus) == (args.attack_categories == "focus"))]
         attack_records = {}
         for share in shares:
             # A flood larger than the pool replays texts: each request is a new served prediction id.
@@ -250,12 +273,14 @@ def main(argv: list[str] | None = None) -> int:
         for (attack, share), records in attack_records.items():
             where = args.work / f"s{seed}" / f"feedback-{attack}-{round(100 * share)}"
             exports[(attack, share)] = export(honest + records, labels, where)
-        for name, attack, defended in plan:
+        for name, attack, cap in plan:
             tick = time.perf_counter()
             config = GRPOConfig(steps=args.grpo_steps, lr=args.lr, beta=args.beta,
                                 target_kl=args.target_kl or None, max_length=args.max_length, seed=seed,
                                 progress=True,
-                                max_principal_share=args.max_principal_share if defended else 1.0)
+                                max_principal_share=cap,
+                                # The cap alone is measured: no rehearsal of the SFT data to mask the flood.
+                                replay_kl_weight=0.0, replay_bce_weight=0.0)
             out = args.work / f"s{seed}" / f"model-{name}"
             summary = train_grpo(sft_dir, exports[attack], out, config,
                                  val_dataset=val if args.retune == "val" else None)
@@ -264,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             principals = summary["principals"]
             run = {
                 "seed": seed, "condition": name, "attack": attack[0] if attack else None,
-                "attacker_records_share": attack[1] if attack else 0.0, "defended": defended,
+                "attacker_records_share": attack[1] if attack else 0.0, "defended": cap < 1.0,
                 "max_principal_share": config.max_principal_share, "metrics": metrics,
                 "principals": principals,
                 "attacker_share": {
@@ -276,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                 "stopped_early": summary["stopped_early"], "seconds": round(time.perf_counter() - tick, 1),
             }
             runs.append(run)
-            print(f"[{len(runs)}/{len(seeds) * len(plan)}] seed {seed} {name}: test macro-F1 "
-                  f"{metrics['test']['macro_f1']:.4f}, dev {metrics['dev']['macro_f1']:.4f}, "
-                  f"attacker weight {run['attacker_share']['weight_after']:.3f}, {run['seconds']:.0f} s, "
+            print(f"[{len(runs)}/{len(seeds) * len(plan)}] seed {seed} {name}: "
+                  + "".join(f"{part} macro-F1 {metrics[part]['macro_f1']:.4f}, " for part in ("test", "dev")
+                            if part in metrics)
+                  + f"attacker weight {run['attacker_share']['weight_after']:.3f}, {run['seconds']:.0f} s, "
                   f"elapsed {time.perf_counter() - started:.0f} s", flush=True)
         score_histogram = {
             "honest": {str(s): sum(r.score == s for r in honest) for s in range(1, 6)},
@@ -290,12 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         "honest_principals": args.honest_principals,
         "score_histogram_last_seed": score_histogram, "sft_documents": len(sft_docs),
         "test_documents": len(test), "labels": len(labels)})
+    report["command"] = " ".join(["python bench/bench_feedback_poisoning.py",
+                                  *(argv if argv is not None else sys.argv[1:])])
     report["timings"] = {"total_seconds": round(time.perf_counter() - started, 1),
                          "grpo_seconds": [r["seconds"] for r in runs]}
     args.out.mkdir(parents=True, exist_ok=True)
-    report["image"] = plot(report, args.out / "feedback_poisoning.png")
-    (args.out / "feedback_poisoning.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "feedback_poisoning.md").write_text(markdown(report))
+    report["image"] = plot(report, args.out / f"{args.name}.png")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0
 
@@ -315,31 +343,39 @@ def summarise(
     def f1(name: str, seed: int, part: str) -> float:
         return by[(name, seed)]["metrics"][part]["macro_f1"]
 
-    table = {
-        name: {part: mean_spread([f1(name, s, part) for s in seeds])
-               for part in ("test", "test_feedback_distribution", "test_rest", "dev")}
-        for name, _, _ in plan
-    }
-    pairs = [("clean_defended", "clean")]
-    for name, attack, defended in plan:
+    scored = [p for p in ("test", "test_feedback_distribution", "test_rest", "dev") if p in baseline]
+    table = {name: {part: mean_spread([f1(name, s, part) for s in seeds]) for part in scored}
+             for name, _, _ in plan}
+    caps = sorted({cap for _, _, cap in plan if cap < 1.0})
+    pairs = [(f"clean{cap_suffix(cap)}", "clean") for cap in caps]
+    for name, attack, cap in plan:
         if attack:
-            pairs += [(name, "clean")] + ([(name, "clean_defended")] if defended else [])
+            pairs += [(name, "clean")] + ([(name, f"clean{cap_suffix(cap)}")] if cap < 1.0 else [])
     effects = {
         f"{name}_vs_{reference}": {
             part: mean_spread([100 * (f1(name, s, part) - f1(reference, s, part)) for s in seeds])
-            for part in ("test", "dev")
+            for part in ("test", "dev") if part in scored
         }
         for name, reference in pairs
     }
+    # The goal is judged on test when it was scored, else (choosing settings) on dev.
+    judged = "test" if "test" in scored else "dev"
     goals = {}
-    for name in (name for name, attack, defended in plan if attack and not defended):
-        undefended = effects[f"{name}_vs_clean"]["test"]["mean"]
-        defended = effects[f"{name}_defended_vs_clean_defended"]["test"]["mean"]
-        versus_clean = effects[f"{name}_defended_vs_clean"]["test"]["mean"]
-        goals[name] = {"undefended_points": undefended, "defended_points": defended,
-                         "defended_vs_undefended_clean_points": versus_clean,
-                         "defended_within_1_point": max(abs(defended), abs(versus_clean)) < 1.0,
-                         "undefended_damage_1_point": undefended <= -1.0}
+    for name in (name for name, attack, cap in plan if attack and cap == 1.0):
+        undefended = effects[f"{name}_vs_clean"][judged]["mean"]
+        for cap in caps:
+            defended = effects[f"{name}{cap_suffix(cap)}_vs_clean{cap_suffix(cap)}"][judged]["mean"]
+            goals[f"{name}{cap_suffix(cap)}"] = {
+                "part": judged, "cap": cap,
+                "attacker_effect_defended_points": defended,
+                "attacker_effect_undefended_points": undefended,
+                "cap_cost_points": effects[f"clean{cap_suffix(cap)}_vs_clean"][judged]["mean"],
+                "defended_vs_clean_without_cap_points":
+                    effects[f"{name}{cap_suffix(cap)}_vs_clean"][judged]["mean"],
+                "defended_within_1_point": abs(defended) < 1.0,
+                "damage_shown": undefended < min(defended, 0.0),
+                "undefended_damage_1_point": undefended <= -1.0,
+            }
     return {
         "machine": machine(),
         "dataset": args.data.name,
@@ -348,9 +384,11 @@ def summarise(
         "sft": {part: m["macro_f1"] for part, m in baseline.items()},
         "conditions": table,
         "effects_points": effects,
-        "goal": "with defences, the attacker moves test macro-F1 by < 1 point (attacked, defended vs "
-                "clean, defended: the attacker's effect; and vs clean without the cap: with the cap's own "
-                "cost); without defences a loss of >= 1 point vs clean (means over seeds, paired)",
+        "goal": "with defences, the attacker moves test macro-F1 by < 1 point: attacked vs clean, both "
+                "with the same cap (the attacker's effect on the defended system); without defences the "
+                "damage shows (attacked vs clean, both uncapped: a larger loss than the defended one). "
+                "Reported beside it: the cap's own cost on honest feedback (clean capped vs clean) and "
+                "attacked-capped vs clean-uncapped (means over seeds, paired)",
         "goals": goals,
         "runs": runs,
     }
@@ -361,26 +399,27 @@ def plot(report: dict[str, Any], path: Path) -> str:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [5, 2]})
     names = list(report["conditions"])
+    part = "test" if "test" in report["sft"] else "dev"
     for x, name in enumerate(names):
-        stat = report["conditions"][name]["test"]
-        colour = "#ddcc77" if name.endswith("defended") else "#cc6677"
+        stat = report["conditions"][name][part]
+        colour = "#ddcc77" if "_cap" in name else "#cc6677"
         colour = "#44aa99" if name.startswith("clean") else colour
         left.bar(x, stat["mean"], yerr=stat["spread"], color=colour, capsize=4)
         left.scatter([x] * len(stat["values"]), stat["values"], color="#332288", s=12, zorder=3)
-    left.axhline(report["sft"]["test"], color="grey", ls="--", label="SFT (no GRPO)")
+    left.axhline(report["sft"][part], color="grey", ls="--", label="SFT (no GRPO)")
     ticks = [n.replace("attack_", "").replace("_", "\n") for n in names]
     left.set_xticks(range(len(names)), ticks, fontsize=8)
-    low = min(min(report["conditions"][n]["test"]["values"]) for n in names)
-    left.set_ylim(min(low, report["sft"]["test"]) - 0.03, None)
-    left.set_ylabel("test macro-F1")
+    low = min(min(report["conditions"][n][part]["values"]) for n in names)
+    left.set_ylim(min(low, report["sft"][part]) - 0.03, None)
+    left.set_ylabel(f"{part} macro-F1")
     left.set_title("GRPO on clean vs flooded feedback (red: no defence, yellow: capped)")
     left.legend(loc="lower left")
     records = sorted({r["attacker_records_share"] for r in report["runs"] if r["attack"]})
-    capped = [next(r["attacker_share"]["weight_after"] for r in report["runs"]
-                   if r["attacker_records_share"] == share and r["defended"]) for share in records]
+    capped = [min(r["attacker_share"]["weight_after"] for r in report["runs"]
+                  if r["attacker_records_share"] == share and r["defended"]) for share in records]
     x = np.arange(len(records))
     right.bar(x - 0.2, records, width=0.4, color="#cc6677", label="records = weight, no cap")
-    right.bar(x + 0.2, capped, width=0.4, color="#ddcc77", label="weight, capped")
+    right.bar(x + 0.2, capped, width=0.4, color="#ddcc77", label="weight, capped (tightest cap)")
     right.set_xticks(x, [f"{share:.0%} flood" for share in records])
     right.set_ylim(0, 1)
     right.legend(fontsize=8)
@@ -395,7 +434,9 @@ def markdown(report: dict[str, Any]) -> str:
     """The Markdown summary."""
     s, c, e = report["setup"], report["conditions"], report["effects_points"]
     sft = report["sft"]
-    parts = ("test", "test_feedback_distribution", "test_rest", "dev")
+    parts = [p for p in ("test", "test_feedback_distribution", "test_rest", "dev") if p in sft]
+    headers = {"test": "test macro-F1", "test_feedback_distribution": "test: feedback categories",
+               "test_rest": "test: rest", "dev": "dev macro-F1"}
     lines = [
         "# Feedback poisoning — GRPO with and without the per-principal cap",
         "",
@@ -407,39 +448,42 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['corrected_share']:.0%} corrected. Attacker `{ATTACKER}`: "
         + ", ".join(f"{n} records ({float(k):.0%} of all)" for k, n in report["attacker"].items())
         + " on unseen training documents of "
-        + ("every category" if s["attack_categories"] == "all" else s["focus"]) + " (texts replayed when "
+        + {"all": "every category", "rest": f"the categories other than {s['focus']}"}.get(
+            s["attack_categories"], s["focus"]) + " (texts replayed when "
         "the flood outgrows them, each a new served prediction); attack "
         "`scores`: 5 for wrong served labels, 1 for right ones; attack `targeted`: the same plus a "
         "consistent wrong correction on every record (each intent relabelled as one fixed other intent "
         "and its category). Score histograms (last seed): "
         f"{report['score_histogram_last_seed']}.",
         f"GRPO: lr {s['lr']}, β {s['beta']}, KL budget {s['target_kl'] or None} (library defaults unless "
-        f"changed), {s['grpo_steps']} steps per run, seeds {s['seeds']} (feedback draws and "
-        f"GRPO); defended runs cap each principal at `max_principal_share={s['max_principal_share']}`, the "
+        f"changed; replay of the SFT data off, so the cap alone is measured), "
+        f"{s['grpo_steps']} steps per run, seeds {s['seeds']} (feedback draws and "
+        f"GRPO); `capNN` runs cap each principal at `max_principal_share=0.NN` (caps {s['caps']}), the "
         "others run with 1.0 (no cap); "
         + ("thresholds re-tuned on the SFT validation split + the honest corrections in every run."
            if s["retune"] == "val" else "SFT thresholds kept.")
-        + f" Test: {report['test_documents']} test-split documents (all categories); "
-        f"dev: {s['dev_docs']} unused training documents. Macro-F1 over the labels present; mean ± half "
+        + (f" Test: {report['test_documents']} test-split documents (all categories); " if "test" in sft
+           else " **Settings run: the test split is not scored.** ")
+        + f"dev: {s['dev_docs']} unused training documents. Macro-F1 over the labels present; mean ± half "
         "the range over seeds.",
         "",
-        "| condition | test macro-F1 | test: feedback categories | test: rest | dev macro-F1 |",
-        "|---|---|---|---|---|",
+        "| condition | " + " | ".join(headers[p] for p in parts) + " |",
+        "|---" * (len(parts) + 1) + "|",
         "| SFT (no GRPO) | " + " | ".join(f"{sft[p]:.4f}" for p in parts) + " |",
     ]
     for name in c:
         cells = " | ".join(f"{c[name][p]['mean']:.4f} ± {c[name][p]['spread']:.4f}" for p in parts)
         lines.append(f"| {name.replace('_', ' ')} | {cells} |")
+    scored = [p for p in ("test", "dev") if p in sft]
     lines += ["", "Effect in macro-F1 points, paired by seed:", "",
-              "| comparison | test | test, per seed | dev | dev, per seed |", "|---|---|---|---|---|"]
+              "| comparison | " + " | ".join(f"{p} | {p}, per seed" for p in scored) + " |",
+              "|---" * (2 * len(scored) + 1) + "|"]
     for key, value in e.items():
-        test, dev = value["test"], value["dev"]
-        per_test, per_dev = (" ".join(f"{v:+.2f}" for v in x["values"]) for x in (test, dev))
-        lines.append(f"| {key.replace('_vs_', ' vs ').replace('_', ' ')} | {test['mean']:+.2f} ± "
-                     f"{test['spread']:.2f} | {per_test} | {dev['mean']:+.2f} ± {dev['spread']:.2f} | "
-                     f"{per_dev} |")
+        cells = " | ".join(f"{value[p]['mean']:+.2f} ± {value[p]['spread']:.2f} | "
+                           + " ".join(f"{v:+.2f}" for v in value[p]["values"]) for p in scored)
+        lines.append(f"| {key.replace('_vs_', ' vs ').replace('_', ' ')} | {cells} |")
     defended = [r for r in report["runs"] if r["attack"] and r["defended"]]
-    clean = [r for r in report["runs"] if r["condition"] == "clean_defended"]
+    clean = [r for r in report["runs"] if r["condition"].startswith("clean_cap")]
     if defended:
         first = [r for r in defended if r["seed"] == defended[0]["seed"]]
         lines += [
@@ -449,20 +493,25 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['principals']['capped_principals']} capped, the attacker's weight "
                 f"{r['attacker_share']['weight_before']:.3f} → {r['attacker_share']['weight_after']:.3f}, "
                 f"{100 * r['principals']['weight_moved']:.1f}% of the run's weight moved" for r in first)
-            + ". Honest feedback alone (clean, defended): " + ", ".join(
-                f"seed {r['seed']}: {q['capped_principals']} of {q['principals']} users capped, largest "
-                f"share {q['largest_share_before']:.3f} → {q['largest_share_after']:.3f}, "
+            + ". Honest feedback alone: " + ", ".join(
+                f"{r['condition']} seed {r['seed']}: {q['capped_principals']} of {q['principals']} users "
+                f"capped, largest share {q['largest_share_before']:.3f} → {q['largest_share_after']:.3f}, "
                 f"{100 * q['weight_moved']:.1f}% moved" for r in clean for q in [r["principals"]]) + ".",
         ]
-    lines += ["", "Goal (test, paired means over seeds): with defences the attacker moves macro-F1 by < 1 "
-              "point (vs clean with the same cap, and vs clean without it); without them a loss of ≥ 1 "
-              "point:", ""]
-    for attack, goal in report["goals"].items():
-        lines.append(f"* `{attack}`: defended {goal['defended_points']:+.2f} (vs clean without the cap "
-                     f"{goal['defended_vs_undefended_clean_points']:+.2f}): within 1 point "
-                     f"**{'yes' if goal['defended_within_1_point'] else 'NO'}**; undefended "
-                     f"{goal['undefended_points']:+.2f}: damage of ≥ 1 point "
-                     f"**{'shown' if goal['undefended_damage_1_point'] else 'NOT shown'}**")
+    judged = next(iter(report["goals"].values()), {}).get("part", "test")
+    lines += ["", f"Goal ({judged}, paired means over seeds): with defences the attacker moves macro-F1 by "
+              "< 1 point (attacked vs clean, both with the same cap); without them the damage shows "
+              "(the uncapped loss is larger). Beside it: the cap's own cost on honest feedback and "
+              "attacked-capped vs clean-uncapped:", ""]
+    for name, goal in report["goals"].items():
+        lines.append(
+            f"* `{name}`: the attacker's effect with the cap {goal['attacker_effect_defended_points']:+.2f} "
+            f"(< 1 point: **{'yes' if goal['defended_within_1_point'] else 'NO'}**), without "
+            f"{goal['attacker_effect_undefended_points']:+.2f} (damage shown: "
+            f"**{'yes' if goal['damage_shown'] else 'NO'}**, ≥ 1 point: "
+            f"{'yes' if goal['undefended_damage_1_point'] else 'no'}); the cap's own cost "
+            f"{goal['cap_cost_points']:+.2f}; capped attack vs clean without the cap "
+            f"{goal['defended_vs_clean_without_cap_points']:+.2f}")
     lines += [
         "",
         "Runs: " + "; ".join(
@@ -472,7 +521,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores (shared), {s['threads']} "
         f"torch thread; total {report['timings']['total_seconds']:.0f} s. Command: "
-        "`make bench-feedback-poisoning`.",
+        f"`{report['command']}`.",
         "",
         f"![macro-F1 by condition]({report['image']})",
         "",

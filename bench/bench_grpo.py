@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=True,
     )
-    summary = train_grpo(sft_dir, run_dir / "feedback", run_dir / "grpo", config, val_dataset=val_set)
+    summary = train_grpo(sft_dir, run_dir / "feedback", run_dir / "grpo", config, val_dataset=val_set,
+                         replay_dataset=sft_set.split("train"))
     timings["grpo_seconds"] = time.perf_counter() - tick
     grpo = Classifier.load(run_dir / "grpo")
     # Ablation: the SFT model with thresholds re-tuned on the same data, to separate what GRPO's

@@ -342,7 +342,8 @@ def main() -> None:
     if not (feedback / "manifest.json").is_file():
         feedback = export_sample_feedback(work / "feedback")
     stage("grpo", ["grpo", "--model", str(work / "sft"), "--feedback", str(feedback), "--out",
-                   str(work / "grpo"), "--steps", "1", "--no-progress"], work / "grpo")
+                   str(work / "grpo"), "--steps", "1", "--no-progress", "--replay-data", str(data)],
+          work / "grpo")
     stage("evaluate", ["evaluate", "--model", str(work / "grpo"), "--data", str(data), "--split", "test",
                        "--out", str(work / "eval")], work / "eval")
     stage("export", ["export", "--model", str(work / "grpo"), "--out", str(work / "onnx"),

@@ -16,6 +16,7 @@ def evaluate(
     serving_model_uri: str = "",
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
+    max_micro_regression: float = 0.01,
     split: str = "test",
     service: str = "",
     release_root: str = "",
@@ -24,8 +25,8 @@ def evaluate(
 
     Calls :func:`labelmatch.evaluation.gate.evaluate_candidate`: both models are scored, as the server runs
     them, on the same split with their own thresholds; deploy when macro-F1 gains at least
-    ``min_improvement`` and no label's F1 drops by more than ``max_label_regression`` (always,
-    when nothing serves).
+    ``min_improvement``, no label's F1 drops by more than ``max_label_regression`` and micro-F1
+    does not fall by more than ``max_micro_regression`` (always, when nothing serves).
 
     Args:
         model: Input candidate: the OnnxModel artifact from ``export_onnx`` (int8 with its fp32
@@ -40,6 +41,7 @@ def evaluate(
             of ``service`` from the release log, and nothing serves when there is none.
         min_improvement: Macro-F1 the candidate must gain (0.02 = two points).
         max_label_regression: Largest allowed per-label F1 drop.
+        max_micro_regression: Largest allowed micro-F1 drop (0.01 = one point).
         split: Dataset split to evaluate on.
         service: The service whose latest release is the baseline (with ``release_root``).
         release_root: ``s3://`` root of the release records; empty: ``$LABELMATCH_STORE_ROOT``.
@@ -53,7 +55,8 @@ def evaluate(
     from labelmatch.evaluation.report import write_report_page
 
     config = GateConfig(
-        min_improvement=min_improvement, max_label_regression=max_label_regression, split=split
+        min_improvement=min_improvement, max_label_regression=max_label_regression,
+        max_micro_regression=max_micro_regression, split=split,
     )
     result = evaluate_candidate(model.path, dataset.path, report.path, serving_model_uri or None, config,
                                 service=service, release_root=release_root)
@@ -75,5 +78,6 @@ def evaluate(
         "deploy" if result["decision"]["deploy"] else "do not deploy",
         "—",
         "; ".join(result["decision"]["reasons"]),
+        *(["— refused by:", ", ".join(refused)] if (refused := result["decision"]["decided_by"]) else []),
     )
     return bool(result["decision"]["deploy"])

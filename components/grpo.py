@@ -19,7 +19,9 @@ def grpo(
     batch_size: int = 16,
     beta: float = 0.1,
     lr: float = 1e-3,
-    max_principal_share: float = 0.1,
+    max_principal_share: float = 0.25,
+    replay_kl_weight: float = 1.0,
+    replay_bce_weight: float = 0.5,
     seed: int = 0,
 ) -> float:
     """Train a new LoRA on the SFT model from user feedback (GRPO with a KL penalty).
@@ -33,7 +35,8 @@ def grpo(
         feedback: Input FeedbackExport artifact (``labelmatch feedback export``):
             ``feedback.jsonl`` (+ ``labels.json``) and ``manifest.json``; verified.
         dataset: Input Dataset artifact (from ``data_prep``): its ``val`` split re-tunes thresholds;
-            feedback on its ``test`` documents is not trained on (the gate scores them).
+            feedback on its ``test`` documents is not trained on (the gate scores them); its
+            ``train`` split is what the replay terms replay.
         model: Output Model artifact: merged ``encoder/`` (SFT + GRPO), recomputed label
             embeddings and thresholds, ``labelmatch.json`` with the reference and feedback digests.
         metrics: Output KFP metrics: ``final_kl``, ``final_reward``, ``steps``, ``feedback_records``,
@@ -49,6 +52,8 @@ def grpo(
         lr: Learning rate of the new LoRA.
         max_principal_share: Largest share of the run's feedback weight one principal may carry
             (records without a principal count per source); 1.0 disables the cap.
+        replay_kl_weight: Weight of the KL to the SFT model on replayed training documents (0: off).
+        replay_bce_weight: Weight of the BCE on replayed training documents with their labels (0: off).
         seed: Random seed.
 
     Returns:
@@ -68,12 +73,14 @@ def grpo(
         beta=beta,
         lr=lr,
         max_principal_share=max_principal_share,
+        replay_kl_weight=replay_kl_weight,
+        replay_bce_weight=replay_bce_weight,
         seed=seed,
         progress=False,
     )
     summary = train_grpo(
         sft_model.path, feedback.path, model.path, config, val_dataset=data.split("val"),
-        test_texts=[d.text for d in data.split("test").documents],
+        test_texts=[d.text for d in data.split("test").documents], replay_dataset=data.split("train"),
     )
     metrics.log_metric("final_kl", summary["final_kl"])
     metrics.log_metric("final_reward", summary["reward_curve"][-1] if summary["reward_curve"] else 0.0)

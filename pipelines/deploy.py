@@ -6,13 +6,15 @@
 (:data:`labelmatch.platform.kserve.DEPLOY_PARAMETERS`); every other parameter has a default.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components import deploy
 from pipelines.platform import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_S3_SECRET,
+    DEFAULT_STATE_SECRET,
     NETWORK_RETRIES,
+    STATE_URL_KEY,
     Cluster,
     configure_step,
 )
@@ -29,6 +31,10 @@ def deploy_pipeline(
     target: str = "kserve",
     release_root: str = "",
     restore_release: str = "",
+    strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
+    state_secret: str = DEFAULT_STATE_SECRET,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
     deploy_cpu: str = "1",
@@ -46,6 +52,12 @@ def deploy_pipeline(
             ``LABELMATCH_STORE_ROOT`` from the pipeline ConfigMap).
         restore_release: The release a rollback restores whole (its image, engine, label-set
             version and predictor settings, not only its model); empty: a plain deploy.
+        strategy: ``replace`` (all traffic at once, the default), ``canary`` or ``shadow``
+            (``kserve`` only; docs/cluster.md, the canary walkthrough).
+        canary_rules: The canary's rules file (``s3://`` URI) or a JSON object; empty: the defaults.
+        shadow_window_s: Seconds a shadow gets a copy of the live traffic.
+        state_secret: Secret holding the serving state's URL under key ``url`` (canary and
+            shadow; optional).
         s3_secret: Secret holding the S3 credentials.
         pipeline_config: ConfigMap holding the S3 endpoint, region and store root.
         deploy_cpu: CPU of the deploy step (request = limit).
@@ -62,7 +74,12 @@ def deploy_pipeline(
         release_root=release_root,
         expected_digest=model_digest,
         restore_release=restore_release,
+        strategy=strategy,
+        canary_rules=canary_rules,
+        shadow_window_s=shadow_window_s,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # a side effect: always run
     configure_step(deployed, "deploy", Cluster(s3_secret, pipeline_config), deploy_cpu, deploy_memory,
                    retries=NETWORK_RETRIES)
+    kubernetes.use_secret_as_env(deployed, state_secret, {STATE_URL_KEY: "LABELMATCH_STATE_URL"},
+                                 optional=True)

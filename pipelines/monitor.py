@@ -18,15 +18,14 @@ from components import monitor_drift
 from pipelines.platform import (
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_S3_SECRET,
+    DEFAULT_STATE_SECRET,
     NETWORK_RETRIES,
+    STATE_URL_KEY,
     Cluster,
     configure_step,
 )
 
 MONITOR_PIPELINE = "labelmatch-monitor"
-#: The serving chart's state Secret and its key (``state.existingSecret`` / ``state.urlKey``).
-DEFAULT_STATE_SECRET = "labelmatch-state"
-STATE_URL_KEY = "url"
 #: ``activeDeadlineSeconds`` of the step: a window is read and tested in minutes.
 MONITOR_TIMEOUT_S = 3600
 

@@ -48,6 +48,9 @@ NETWORK_BACKOFF = "30s"
 #: Defaults of the cluster-wide pipeline parameters.
 DEFAULT_S3_SECRET = "labelmatch-s3-credentials"
 DEFAULT_PIPELINE_CONFIG = "labelmatch-pipeline-config"
+#: The serving chart's state Secret and its key (``state.existingSecret`` / ``state.urlKey``).
+DEFAULT_STATE_SECRET = "labelmatch-state"
+STATE_URL_KEY = "url"
 DEFAULT_GPU_TYPE = "nvidia.com/gpu"
 #: The production GPU pool: NVIDIA A10 nodes (GPU feature discovery's product label) tainted
 #: ``nvidia.com/gpu:NoSchedule``.

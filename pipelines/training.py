@@ -21,7 +21,7 @@ and one ConfigMap, CPU/memory per step, GPUs for GRPO, retries where a step talk
 changing; every later step is keyed on the artifacts it receives, so a new Dataset re-runs them.
 """
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input, Model
 
 from components import data_prep, deploy, evaluate, export_onnx, grpo, tune_sft
@@ -32,7 +32,9 @@ from pipelines.platform import (
     DEFAULT_GPU_TYPE,
     DEFAULT_PIPELINE_CONFIG,
     DEFAULT_S3_SECRET,
+    DEFAULT_STATE_SECRET,
     NETWORK_RETRIES,
+    STATE_URL_KEY,
     Cluster,
     Gpus,
     configure_step,
@@ -52,6 +54,10 @@ def ship(
     service: str = "labelmatch",
     namespace: str = "default",
     release_root: str = "",
+    deploy_strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
+    state_secret: str = DEFAULT_STATE_SECRET,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
     deploy_cpu: str = "1",
@@ -64,10 +70,16 @@ def ship(
         service=service,
         namespace=namespace,
         release_root=release_root,
+        strategy=deploy_strategy,
+        canary_rules=canary_rules,
+        shadow_window_s=shadow_window_s,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     ).set_caching_options(False)  # a side effect: always run
     configure_step(deployed, "deploy", Cluster(s3_secret, pipeline_config), deploy_cpu, deploy_memory,
                    retries=NETWORK_RETRIES)
+    # canary/shadow read and write the serving state; a replace deploy needs none (optional).
+    kubernetes.use_secret_as_env(deployed, state_secret, {STATE_URL_KEY: "LABELMATCH_STATE_URL"},
+                                 optional=True)
 
 
 @dsl.pipeline(
@@ -79,11 +91,16 @@ def release(
     serving_model_uri: str = "",
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
+    max_micro_regression: float = 0.01,
     export_agreement_gate: float = 0.98,
     deploy_target: str = "kserve",
     service: str = "labelmatch",
     namespace: str = "default",
     release_root: str = "",
+    deploy_strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
+    state_secret: str = DEFAULT_STATE_SECRET,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
     evaluate_cpu: str = "2",
@@ -103,6 +120,7 @@ def release(
         serving_model_uri=serving_model_uri,
         min_improvement=min_improvement,
         max_label_regression=max_label_regression,
+        max_micro_regression=max_micro_regression,
         service=service,
         release_root=release_root,
     )
@@ -116,6 +134,10 @@ def release(
             service=service,
             namespace=namespace,
             release_root=release_root,
+            deploy_strategy=deploy_strategy,
+            canary_rules=canary_rules,
+            shadow_window_s=shadow_window_s,
+            state_secret=state_secret,
             s3_secret=s3_secret,
             pipeline_config=pipeline_config,
             deploy_cpu=deploy_cpu,
@@ -132,7 +154,9 @@ def improve_and_release(
     feedback_uri: str,
     grpo_epochs: int = 3,
     grpo_steps: int = 0,
-    grpo_max_principal_share: float = 0.1,
+    grpo_max_principal_share: float = 0.25,
+    grpo_replay_kl_weight: float = 1.0,
+    grpo_replay_bce_weight: float = 0.5,
     seed: int = 0,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
@@ -145,11 +169,16 @@ def improve_and_release(
     serving_model_uri: str = "",
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
+    max_micro_regression: float = 0.01,
     export_agreement_gate: float = 0.98,
     deploy_target: str = "kserve",
     service: str = "labelmatch",
     namespace: str = "default",
     release_root: str = "",
+    deploy_strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
+    state_secret: str = DEFAULT_STATE_SECRET,
     evaluate_cpu: str = "2",
     evaluate_memory: str = "8Gi",
     export_cpu: str = "4",
@@ -171,6 +200,8 @@ def improve_and_release(
         epochs=grpo_epochs,
         steps=grpo_steps,
         max_principal_share=grpo_max_principal_share,
+        replay_kl_weight=grpo_replay_kl_weight,
+        replay_bce_weight=grpo_replay_bce_weight,
         seed=seed,
     )
     # feedback_uri names a FeedbackExport that `labelmatch feedback export --out` replaces in place, and
@@ -186,11 +217,16 @@ def improve_and_release(
         serving_model_uri=serving_model_uri,
         min_improvement=min_improvement,
         max_label_regression=max_label_regression,
+        max_micro_regression=max_micro_regression,
         export_agreement_gate=export_agreement_gate,
         deploy_target=deploy_target,
         service=service,
         namespace=namespace,
         release_root=release_root,
+        deploy_strategy=deploy_strategy,
+        canary_rules=canary_rules,
+        shadow_window_s=shadow_window_s,
+        state_secret=state_secret,
         s3_secret=s3_secret,
         pipeline_config=pipeline_config,
         evaluate_cpu=evaluate_cpu,
@@ -232,15 +268,22 @@ def training_pipeline(
     feedback_uri: str = "",
     grpo_epochs: int = 3,
     grpo_steps: int = 0,
-    grpo_max_principal_share: float = 0.1,
+    grpo_max_principal_share: float = 0.25,
+    grpo_replay_kl_weight: float = 1.0,
+    grpo_replay_bce_weight: float = 0.5,
     serving_model_uri: str = "",
     min_improvement: float = 0.02,
     max_label_regression: float = 0.05,
+    max_micro_regression: float = 0.01,
     export_agreement_gate: float = 0.98,
     deploy_target: str = "kserve",
     service: str = "labelmatch",
     namespace: str = "default",
     release_root: str = "",
+    deploy_strategy: str = "replace",
+    canary_rules: str = "",
+    shadow_window_s: float = 600.0,
+    state_secret: str = DEFAULT_STATE_SECRET,
     seed: int = 0,
     s3_secret: str = DEFAULT_S3_SECRET,
     pipeline_config: str = DEFAULT_PIPELINE_CONFIG,
@@ -297,10 +340,13 @@ def training_pipeline(
         grpo_steps: Exact GRPO steps (0: from ``grpo_epochs``).
         grpo_max_principal_share: Largest share of a GRPO run's feedback weight one principal may
             carry (1.0: no cap); against one principal flooding the feedback.
+        grpo_replay_kl_weight: GRPO's KL to the SFT model on replayed training documents (0: off).
+        grpo_replay_bce_weight: GRPO's BCE on replayed training documents with their labels (0: off).
         serving_model_uri: The artifact serving now (gate baseline, scored as served); empty: the
             latest release of ``service`` in the release log, or none.
         min_improvement: Macro-F1 gain the candidate needs over the serving model.
         max_label_regression: Largest allowed per-label F1 drop.
+        max_micro_regression: Largest allowed micro-F1 drop against the serving model (0.01: one point).
         export_agreement_gate: Least share of validation documents whose served ONNX label set
             (int8, or int8 with its fp32 fallback near decision boundaries) must equal torch's for
             the export to pass.
@@ -310,6 +356,13 @@ def training_pipeline(
         namespace: Its namespace.
         release_root: ``s3://bucket/prefix`` of the release records (empty:
             ``LABELMATCH_STORE_ROOT`` from the pipeline ConfigMap).
+        deploy_strategy: ``replace`` (all traffic at once; the default until a platform team opts
+            in), ``canary`` (a share, watched on its live signals, promoted or rolled back) or
+            ``shadow`` (a copy of live traffic, answers logged); docs/cluster.md.
+        canary_rules: The canary's rules file (``s3://`` URI) or a JSON object; empty: the defaults.
+        shadow_window_s: Seconds a shadow gets a copy of the live traffic.
+        state_secret: Secret holding the serving state's SQLAlchemy URL under key ``url`` (the
+            serving chart's; canary and shadow deploys read and write it; optional).
         seed: Seed of split, tuning and GRPO.
         s3_secret: Secret holding ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (every step,
             and the RayJob's pods).
@@ -375,11 +428,16 @@ def training_pipeline(
         "serving_model_uri": serving_model_uri,
         "min_improvement": min_improvement,
         "max_label_regression": max_label_regression,
+        "max_micro_regression": max_micro_regression,
         "export_agreement_gate": export_agreement_gate,
         "deploy_target": deploy_target,
         "service": service,
         "namespace": namespace,
         "release_root": release_root,
+        "deploy_strategy": deploy_strategy,
+        "canary_rules": canary_rules,
+        "shadow_window_s": shadow_window_s,
+        "state_secret": state_secret,
         "s3_secret": s3_secret,
         "pipeline_config": pipeline_config,
         "evaluate_cpu": evaluate_cpu,
@@ -396,6 +454,8 @@ def training_pipeline(
             grpo_epochs=grpo_epochs,
             grpo_steps=grpo_steps,
             grpo_max_principal_share=grpo_max_principal_share,
+            grpo_replay_kl_weight=grpo_replay_kl_weight,
+            grpo_replay_bce_weight=grpo_replay_bce_weight,
             seed=seed,
             gpu_type=gpu_type,
             gpu_node_selector=gpu_node_selector,

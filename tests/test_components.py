@@ -193,11 +193,13 @@ def _library_defaults() -> dict[str, dict]:
         },
         "grpo": {
             **{k: getattr(grpo, k) for k in
-               ("epochs", "group_size", "batch_size", "beta", "lr", "max_principal_share", "seed")},
+               ("epochs", "group_size", "batch_size", "beta", "lr", "max_principal_share",
+                "replay_kl_weight", "replay_bce_weight", "seed")},
             "steps": 0,  # 0 = GRPOConfig.steps None (from epochs)
         },
         "evaluate": {
-            k: getattr(GateConfig(), k) for k in ("min_improvement", "max_label_regression", "split")
+            k: getattr(GateConfig(), k)
+            for k in ("min_improvement", "max_label_regression", "max_micro_regression", "split")
         },
         "export_onnx": {k: getattr(ExportConfig(), k) for k in
                         ("agreement_gate", "per_channel", "optimize", "keep_fp32", "max_parity_docs",
@@ -227,12 +229,21 @@ def test_pipeline_defaults_pass_the_component_defaults_through() -> None:
              "batch_size": "tune_sft", "max_length": "tune_sft", "base_model": "tune_sft",
              "grpo_epochs": ("grpo", "epochs"), "grpo_steps": ("grpo", "steps"),
              "grpo_max_principal_share": ("grpo", "max_principal_share"),
+             "grpo_replay_kl_weight": ("grpo", "replay_kl_weight"),
+             "grpo_replay_bce_weight": ("grpo", "replay_bce_weight"),
              "min_improvement": "evaluate", "max_label_regression": "evaluate",
+             "max_micro_regression": "evaluate",
+             "deploy_strategy": ("deploy", "strategy"), "canary_rules": "deploy", "shadow_window_s": "deploy",
              "export_agreement_gate": ("export_onnx", "agreement_gate"), "redact_pii": "data_prep"}
     for param, target in feeds.items():
         component, name = target if isinstance(target, tuple) else (target, param)
         component_default = getattr(components, component).component_spec.inputs[name].default
         assert pipeline[param].default == component_default, param
+    # Progressive delivery is opt-in: the pipelines deploy by replacing until a platform team says so.
+    from pipelines.deploy import deploy_pipeline
+
+    assert pipeline["deploy_strategy"].default == "replace"
+    assert deploy_pipeline.component_spec.inputs["strategy"].default == "replace"
 
 
 # -- the step image's components run without torch ------------------------------------------------

@@ -23,7 +23,8 @@ from labelmatch.model.classifier import Classifier
 
 
 def small_config(**changes) -> GRPOConfig:
-    values = dict(steps=2, batch_size=4, group_size=4, max_length=32, progress=False, seed=0)
+    values = dict(steps=2, batch_size=4, group_size=4, max_length=32, progress=False, seed=0,
+                  replay_kl_weight=0.0, replay_bce_weight=0.0)
     values.update(changes)
     return GRPOConfig(**values)
 
@@ -152,8 +153,10 @@ def test_replay_keeps_the_policy_near_sft_on_replayed_documents(trained_model, e
     replay = replay_tensors(make_tiny_dataset().split("train"), labels, max_documents=24, seed=0)
     assert len(replay.texts) == 24 and replay.targets.shape == (24, len(labels))
     assert (replay.targets.sum(1) >= 1).all()
-    with pytest.raises(ConfigError, match="needs replay documents"):
+    with pytest.raises(ConfigError, match="no replay documents were given: pass the SFT training data"):
         GRPOTrainer(trained_model, feedback, small_config(replay_kl_weight=1.0))
+    with pytest.raises(ConfigError, match=r"replay_kl_weight 1, replay_bce_weight 0\.5; the defaults"):
+        train_grpo(trained_model, export_dir, Path("unused"), GRPOConfig(progress=False))
     moved = {}
     for weight in (0.0, 20.0):
         config = small_config(steps=4, lr=5e-3, target_kl=None, replay_kl_weight=weight, replay_batch_size=8)

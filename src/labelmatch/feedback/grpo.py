@@ -106,7 +106,9 @@ class GRPOConfig:
             policy, without gradient, and reuses them in the inner iterations: 2–3× cheaper with
             many labels on a CPU.
         replay_kl_weight: Weight of the Bernoulli KL to the reference on replayed SFT training
-            documents (0: off); needs ``train_grpo(replay_dataset=...)``.
+            documents (0: off); needs ``train_grpo(replay_dataset=...)``. The defaults of both
+            replay weights (1.0 and 0.5) were chosen on dev by ``make bench-grpo``
+            (``bench/results/grpo_forgetting.md``) among plain GRPO, KL replay, BCE replay and both.
         replay_bce_weight: Weight of the BCE loss on replayed SFT training documents with their
             labels (0: off); needs the same.
         replay_batch_size: Replayed documents per step.
@@ -145,11 +147,11 @@ class GRPOConfig:
     lora_dropout: float = 0.0
     max_length: int | None = None
     label_gradients: bool = False
-    replay_kl_weight: float = 0.0
-    replay_bce_weight: float = 0.0
+    replay_kl_weight: float = 1.0
+    replay_bce_weight: float = 0.5
     replay_batch_size: int = 16
     replay_max_documents: int = 2000
-    max_principal_share: float = 0.1
+    max_principal_share: float = 0.25
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
     seed: int = 0
@@ -280,6 +282,14 @@ def feedback_tensors(
     )
 
 
+def missing_replay_message(config: GRPOConfig) -> str:
+    """The one-line refusal when replay is on but no replay documents were given."""
+    return (f"GRPO replay is on (replay_kl_weight {config.replay_kl_weight:g}, replay_bce_weight "
+            f"{config.replay_bce_weight:g}; the defaults) but no replay documents were given: pass the SFT "
+            "training data (CLI --replay-data DIR, train_grpo(replay_dataset=...); the KFP step replays the "
+            "Dataset's train split) or set both replay weights to 0")
+
+
 @dataclass
 class ReplayTensors:
     """Replayed SFT training documents: their texts and labels in the model's label order."""
@@ -359,6 +369,8 @@ class GRPOTrainer:
     ):
         from labelmatch.training.sft import resolve_device, seed_everything
 
+        if config.replays and replay is None:
+            raise ConfigError(missing_replay_message(config))
         self.config = config
         self.feedback = feedback
         self.principal_weights = principal_weights(feedback, config.max_principal_share)
@@ -384,9 +396,6 @@ class GRPOTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = torch.Generator().manual_seed(config.seed + 1)
         self.ref_logits = self._reference_logits(feedback.texts)
-        if config.replays and replay is None:
-            raise ConfigError("GRPOConfig replay_kl_weight/replay_bce_weight > 0 needs replay documents "
-                              "(train_grpo(replay_dataset=the SFT training split))")
         self.replay = replay if config.replays else None
         self.replay_ref = self._reference_logits(self.replay.texts) if self.replay else None
         self.replay_generator = torch.Generator().manual_seed(config.seed + 2)
@@ -636,6 +645,8 @@ def train_grpo(
     started = time.perf_counter()
     model_dir, feedback_dir = Path(model_dir), Path(feedback_dir)
     verify_artifact(model_dir, "Model")
+    if config.replays and replay_dataset is None:
+        raise ConfigError(missing_replay_message(config))
     labels = json.loads((model_dir / "labels.json").read_text())
     feedback = feedback_tensors(feedback_dir, list(labels), test_texts)
     if feedback.excluded_test_overlap:
