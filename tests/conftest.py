@@ -180,3 +180,23 @@ def postgres_url(postgres_server):
     import postgres_server as pg
 
     return pg.fresh_database(postgres_server)
+
+
+def run_cli(*args: object):
+    """Invoke the ``labelmatch`` CLI in-process (typer's ``CliRunner``); returns its ``Result``."""
+    from typer.testing import CliRunner
+
+    from labelmatch.cli import app, register_commands
+
+    register_commands()
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture
+def kfp(monkeypatch, tmp_path):
+    """The KFP API stub (``tests/kfp_stub.py``) on 127.0.0.1: ``(url, state)``; HOME is a temp dir."""
+    from kfp_stub import kfp_stub_server
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the machine
+    with kfp_stub_server() as (url, state):
+        yield url, state

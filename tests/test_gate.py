@@ -114,7 +114,8 @@ def test_real_models_gate_both_ways(trained_model: Path, dataset_artifact: Path,
     manifest = verify_artifact(tmp_path / "same", "Report")
     assert manifest["summary"] == {"stage": "evaluate", "deploy": False}
     decision = json.loads((tmp_path / "same" / "decision.json").read_text())
-    assert decision["config"]["min_improvement"] == 0.02 and decision["config"]["max_micro_regression"] == 0.01
+    assert decision["config"]["min_improvement"] == 0.02
+    assert decision["config"]["max_micro_regression"] == 0.01
     assert decision["decided_by"] == ["min_improvement"]
     report = (tmp_path / "same" / "report.md").read_text()
     assert "Decision: **do not deploy**" in report and "per_label_f1.png" in report

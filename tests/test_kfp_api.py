@@ -5,18 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kfp_stub import API, kfp_stub_server, shipped_ir
+from conftest import run_cli as _cli
+from kfp_stub import API, shipped_ir
 
 from labelmatch.core.errors import ConfigError
 from labelmatch.platform.kfp import PipelineRegistry, compiled_packages, convert_parameter, read_package
 from labelmatch.platform.kserve import DEPLOY_PARAMETERS
-
-
-@pytest.fixture
-def kfp(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the machine
-    with kfp_stub_server() as (url, state):
-        yield url, state
 
 
 def test_first_upload_names_the_version_and_later_uploads_add_versions(kfp, tmp_path):
@@ -110,15 +104,6 @@ def test_compiled_packages_and_bad_package(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: 1\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: field 'pipelineInfo.name' missing"):
         read_package(tmp_path / "bad.yaml")
-
-
-def _cli(*args: str):
-    from typer.testing import CliRunner
-
-    from labelmatch.cli import app, register_commands
-
-    register_commands()
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def _authorizations(state) -> set[str | None]:

@@ -13,10 +13,10 @@ import pytest
 import requests
 import yaml
 from conftest import make_tiny_dataset
+from conftest import run_cli as _cli
 from kfp_stub import kfp_stub_server, shipped_ir
 from model_server import ModelServer
 from s3_server import moto_s3_server, s3_env
-from typer.testing import CliRunner
 
 from labelmatch import __version__
 from labelmatch.core.artifacts import verify_artifact
@@ -47,13 +47,6 @@ OFF_TOPIC = [
     )
 ]
 RULES = {"min_documents": 20, "permutations": 200}
-
-
-def _cli(*args: str):
-    from labelmatch.cli import app, register_commands
-
-    register_commands()
-    return CliRunner().invoke(app, list(args))
 
 
 def test_mmd_holds_its_false_alarm_rate_and_detects_a_shift():

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kfp_stub import kfp_stub_server, run_caching, shipped_ir
+from conftest import run_cli as _cli
+from kfp_stub import run_caching, shipped_ir
 
 from labelmatch import __version__
 from labelmatch.core.errors import ConfigError
@@ -59,22 +60,6 @@ def test_policy_rewrites_every_dag_and_refuses_unknown_steps() -> None:
                                           r"labelmatch-training \(steps: .*data-prep.*tune-sft"):
         apply_cache_policy(spec, CachePolicy.from_options(True, ["tune"]))
     assert CachePolicy.from_options(True, ["grpo", "grpo"]).describe() == "off for grpo"
-
-
-@pytest.fixture
-def kfp(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the machine
-    with kfp_stub_server() as (url, state):
-        yield url, state
-
-
-def _cli(*args: str):
-    from typer.testing import CliRunner
-
-    from labelmatch.cli import app, register_commands
-
-    register_commands()
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def test_cache_flags_land_in_the_run_as_the_backend_reads_them(kfp, tmp_path) -> None:

@@ -5,28 +5,13 @@ version for a reference without a version id)."""
 from __future__ import annotations
 
 import pytest
-from kfp_stub import API, kfp_stub_server, shipped_ir
+from conftest import run_cli as _cli
+from kfp_stub import API, shipped_ir
 
 from labelmatch.core.errors import ConfigError
 from labelmatch.platform.kfp import DEFAULT_VERSION_TAG, GIVEN, LATEST, PINNED, PipelineRegistry
 
 DEPLOY = "labelmatch-deploy"
-
-
-@pytest.fixture
-def kfp(monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.config/kfp/context.json of the machine
-    with kfp_stub_server() as (url, state):
-        yield url, state
-
-
-def _cli(*args: str):
-    from typer.testing import CliRunner
-
-    from labelmatch.cli import app, register_commands
-
-    register_commands()
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def _upload(registry: PipelineRegistry, tmp_path, *versions: str) -> dict[str, str]:

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from labelmatch.delivery.rules import CanaryRules
@@ -143,14 +142,7 @@ def _scores_in_window(url: str, version: str, start: float, end: float) -> list[
     """User scores given to ``version``'s predictions in ``[start, end)``."""
     from labelmatch.feedback.feedback_store import FeedbackStore
 
-    scores = []
-    for record in FeedbackStore(url).records(version):
-        if not record.time:
-            continue
-        at = datetime.fromisoformat(record.time.replace("Z", "+00:00")).timestamp()
-        if start <= at < end:
-            scores.append(record.score)
-    return scores
+    return FeedbackStore(url).scores_between(version, start, end)
 
 
 def traffic_rules(rules: CanaryRules, canary: TrafficStats, stable: TrafficStats) -> list[RuleResult]:

@@ -483,6 +483,25 @@ class FeedbackStore:
         return report
 
     # -- reading --------------------------------------------------------------------------
+    def scores_between(self, model_version: str, start: float, end: float) -> list[int]:
+        """Scores given to ``model_version``'s predictions at ``start <= time < end``.
+
+        Args:
+            model_version: The model version rated.
+            start: Window start, POSIX seconds (inclusive).
+            end: Window end, POSIX seconds (exclusive).
+
+        Returns:
+            The scores, oldest first; records without a time are left out.
+        """
+        scores = []
+        for record in self.records(model_version):
+            if record.time:
+                at = datetime.fromisoformat(record.time.replace("Z", "+00:00")).timestamp()
+                if start <= at < end:
+                    scores.append(record.score)
+        return scores
+
     def records(self, model_version: str | None = None) -> list[FeedbackRecord]:
         """All records (optionally of one model version), oldest first."""
         from sqlalchemy import text

@@ -76,17 +76,9 @@ def _feedback_scores(url: str, model_version: str, since: float, until: float) -
     """User scores of ``model_version`` in ``[since, until)`` and in the window of equal length before."""
     from labelmatch.feedback.feedback_store import FeedbackStore
 
-    span = until - since
-    current, previous = [], []
-    for record in FeedbackStore(url).records(model_version):
-        if not record.time:
-            continue
-        at = datetime.fromisoformat(record.time.replace("Z", "+00:00")).timestamp()
-        if since <= at < until:
-            current.append(record.score)
-        elif since - span <= at < since:
-            previous.append(record.score)
-    return current, previous
+    store, span = FeedbackStore(url), until - since
+    previous = store.scores_between(model_version, since - span, since)
+    return store.scores_between(model_version, since, until), previous
 
 
 def run_monitor(run: MonitorRun) -> tuple[MonitorReport, dict[str, Any]]:
