@@ -57,7 +57,7 @@ bench-transfer: setup
 bench-production-shape: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_production_shape.py --out bench/results
 
-## bench-quality: dual encoder vs zero-shot vs TF-IDF+LR on Reuters-21578 (needs ../shared/data)
+## bench-quality: recipe history on Reuters-21578 (recipes compared on test: not a headline; the headline is bench-suite) (needs ../shared/data)
 bench-quality: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_quality.py --out bench/results
 
