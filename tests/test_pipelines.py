@@ -150,6 +150,9 @@ def test_every_step_of_the_shipped_ir_carries_its_kubernetes_settings(path: Path
         assert {m["envVar"] for m in secrets.pop("s3_secret")["keyToEnv"]} == set(S3_SECRET_KEYS)
         if path.name.startswith("labelmatch-monitor"):  # and the serving state's URL
             assert {m["envVar"] for m in secrets.pop("state_secret")["keyToEnv"]} == {"LABELMATCH_STATE_URL"}
+        elif "deploy" in name:  # canary and shadow read the serving state; a replace deploy needs none
+            state = secrets.pop("state_secret")
+            assert {m["envVar"] for m in state["keyToEnv"]} == {"LABELMATCH_STATE_URL"} and state["optional"]
         assert not secrets
         [config] = pod["configMapAsEnv"]
         assert _channel(config["configMapNameParameter"]) == "pipeline_config"
