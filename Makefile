@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,10 @@ recipe-probe: setup
 ## bench-transfer: zero-shot transfer to labels never trained on, untrained vs trained (needs ../shared/data)
 bench-transfer: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_transfer.py --out bench/results
+
+## bench-peers: labelmatch vs SetFit (same bundled MiniLM, SetFit's defaults, steps capped where they pass 2 h on 2 cores) at 8/16/64 per label and the full split, 3 seeds, with new labels (needs ../shared/data and pip install -e '.[bench]'; resumes from runs/bench-peers)
+bench-peers: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_peers.py --out bench/results
 
 ## bench-production-shape: a bge-m3-shaped encoder (random weights) through every stage: wall, peak RSS, sizes
 bench-production-shape: setup

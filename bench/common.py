@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from queue import Empty as queue_empty
 from typing import Any
 
 
@@ -30,12 +31,24 @@ def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple
 
 
 def measure(name: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run ``fn(*args, **kwargs)`` in its own process, so its wall time and peak RSS are its own."""
+    """Run ``fn(*args, **kwargs)`` in its own process, so its wall time and peak RSS are its own.
+
+    Raises:
+        RuntimeError: the process exited without a result (an exception in ``fn``, killed for memory).
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs))
     proc.start()
-    _, result = queue.get()
+    while True:  # a process that dies (killed for memory, an exception) sends nothing: do not wait forever
+        try:
+            _, result = queue.get(timeout=5)
+            break
+        except queue_empty:
+            if not proc.is_alive() and queue.empty():
+                proc.join()
+                raise RuntimeError(f"{name}: its process exited with status {proc.exitcode}, "
+                                   "no result") from None
     proc.join()
     print(f"{name}: {json.dumps(result)}", flush=True)
     return result
