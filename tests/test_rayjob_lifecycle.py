@@ -83,23 +83,28 @@ def run_step(step, api):
 
 # -- SIGTERM ----------------------------------------------------------------------------------------
 SIGTERM_STEP = textwrap.dedent("""
-    import sys
+    import signal, sys
     from labelmatch.platform import kube
     from labelmatch.stages.tune import TuneStepConfig, run_tune_step
     from labelmatch.tuning.pbt import TuneConfig
 
-    step = TuneStepConfig.from_parameters(backend="rayjob", run_id="run-sigterm", storage_uri="s3://lm/tune",
+    step = TuneStepConfig.from_parameters(backend="rayjob", run_id="run-signal", storage_uri="s3://lm/tune",
                                           rayjob_image="img:1", deadline_s=86400)
     step.poll_s = 0.05
-    run_tune_step("s3://lm/ds", "/nonexistent/model", "/nonexistent/report", TuneConfig(), step,
-                  kube.api_client(host=sys.argv[1]))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        run_tune_step("s3://lm/ds", "/nonexistent/model", "/nonexistent/report", TuneConfig(), step,
+                      kube.api_client(host=sys.argv[1]))
+    except KeyboardInterrupt:
+        restored = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+        print(f"KeyboardInterrupt, handlers restored: {restored}", flush=True)
+        sys.exit(130)
 """)
 
 
-def test_sigterm_during_a_tune_deletes_the_rayjob_and_the_process_exits_by_it():
-    """The tune step as the pipeline runs it, in a process of its own: SIGTERM (a KFP Terminate,
-    the kubelet at the pod's deadline) arrives while it follows a Running RayJob; the RayJob is
-    deleted, then the process ends by the signal (status -15), as it would have without us."""
+def _signal_the_step(sig: int) -> tuple[KubeRayState, subprocess.Popen, str]:
+    """Run the tune step in a process of its own against the KubeRay double; once it follows its
+    Running RayJob, send it ``sig``; return the double's state, the process and its output."""
     with serve(KubeRayState(scripted=[running("x")])) as (url, state):
         env = {**os.environ, **POD_ENV, "LABELMATCH_S3_ENDPOINT": "http://127.0.0.1:9",
                "PYTHONPATH": str(REPO / "src")}
@@ -110,10 +115,18 @@ def test_sigterm_during_a_tune_deletes_the_rayjob_and_the_process_exits_by_it():
             while not any(m == "GET" for m, _, _ in state.requests) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert state.jobs, "the step created its RayJob and follows it"
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(sig)
             output, _ = process.communicate(timeout=15)
         finally:
             process.kill()
+    return state, process, output
+
+
+def test_sigterm_during_a_tune_deletes_the_rayjob_and_the_process_exits_by_it():
+    """The tune step as the pipeline runs it, in a process of its own: SIGTERM (a KFP Terminate,
+    the kubelet at the pod's deadline) arrives while it follows a Running RayJob; the RayJob is
+    deleted, then the process ends by the signal (status -15), as it would have without us."""
+    state, process, output = _signal_the_step(signal.SIGTERM)
     [created] = state.created
     key = (created["metadata"]["namespace"], created["metadata"]["name"])
     assert state.deleted == [key] and not state.jobs, output
@@ -126,24 +139,14 @@ def test_sigterm_during_a_tune_deletes_the_rayjob_and_the_process_exits_by_it():
 
 
 def test_sigint_deletes_the_rayjob_then_raises_keyboard_interrupt_and_restores_the_handlers():
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with kuberay_double(KubeRayState(scripted=[running("x")])) as (api, state):
-        def interrupt_once_handled() -> None:
-            # Only once run_rayjob's handler is in place: a SIGINT that reached pytest's own
-            # handler would end the whole test session (seen once in the full suite under load).
-            deadline = time.monotonic() + 30
-            while signal.getsignal(signal.SIGINT) is before[1] and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if signal.getsignal(signal.SIGINT) is not before[1]:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        timer = threading.Thread(target=interrupt_once_handled)
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            run_rayjob(build_rayjob(spec(), ENTRYPOINT), api, on_status=None, wait=FAST)
-        timer.join()
-    assert state.deleted == [("ml", "lm-tune-abc")]
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    """Ctrl-C on a step run by hand: the RayJob is deleted, KeyboardInterrupt reaches the caller
+    and the handlers are as before. In a process of its own: a SIGINT sent to the test session
+    itself, with every native thread earlier tests left in it, once ended the whole session."""
+    state, process, output = _signal_the_step(signal.SIGINT)
+    [created] = state.created
+    assert state.deleted == [(created["metadata"]["namespace"], created["metadata"]["name"])], output
+    assert process.returncode == 130, output
+    assert "KeyboardInterrupt, handlers restored: True" in output
 
 
 # -- ownerReference --------------------------------------------------------------------------------
