@@ -155,7 +155,7 @@ def test_replay_keeps_the_policy_near_sft_on_replayed_documents(trained_model, e
     assert (replay.targets.sum(1) >= 1).all()
     with pytest.raises(ConfigError, match="no replay documents were given: pass the SFT training data"):
         GRPOTrainer(trained_model, feedback, small_config(replay_kl_weight=1.0))
-    with pytest.raises(ConfigError, match=r"replay_kl_weight 1, replay_bce_weight 0\.5; the defaults"):
+    with pytest.raises(ConfigError, match=r"replay_kl_weight 1, replay_bce_weight 0\.5; on by default"):
         train_grpo(trained_model, export_dir, Path("unused"), GRPOConfig(progress=False))
     moved = {}
     for weight in (0.0, 20.0):

@@ -285,7 +285,7 @@ def feedback_tensors(
 def missing_replay_message(config: GRPOConfig) -> str:
     """The one-line refusal when replay is on but no replay documents were given."""
     return (f"GRPO replay is on (replay_kl_weight {config.replay_kl_weight:g}, replay_bce_weight "
-            f"{config.replay_bce_weight:g}; the defaults) but no replay documents were given: pass the SFT "
+            f"{config.replay_bce_weight:g}; on by default) but no replay documents were given: pass the SFT "
             "training data (CLI --replay-data DIR, train_grpo(replay_dataset=...); the KFP step replays the "
             "Dataset's train split) or set both replay weights to 0")
 
@@ -546,6 +546,7 @@ class GRPOTrainer:
             "order": self._order,
             "generator": self.generator.get_state(),
             "sampler": self.sampler.get_state(),
+            "replay_generator": self.replay_generator.get_state(),
             "config": self.config.to_dict(),
         }
         tmp = directory / (CHECKPOINT_FILE + ".tmp")
@@ -566,6 +567,8 @@ class GRPOTrainer:
         self.step, self.history, self._order = state["step"], state["history"], state["order"]
         self.generator.set_state(state["generator"])
         self.sampler.set_state(state["sampler"])
+        if "replay_generator" in state:  # checkpoints written before replay existed have none
+            self.replay_generator.set_state(state["replay_generator"])
         return True
 
     # -- output ---------------------------------------------------------------------------
