@@ -91,6 +91,9 @@ SIGTERM_STEP = textwrap.dedent("""
     step = TuneStepConfig.from_parameters(backend="rayjob", run_id="run-signal", storage_uri="s3://lm/tune",
                                           rayjob_image="img:1", deadline_s=86400)
     step.poll_s = 0.05
+    # Ctrl-C as in a terminal: a shell starts background jobs with SIGINT ignored, and Python then
+    # keeps it ignored (the step would end with "stopped by SIGINT" instead of KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     try:
         run_tune_step("s3://lm/ds", "/nonexistent/model", "/nonexistent/report", TuneConfig(), step,
