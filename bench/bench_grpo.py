@@ -183,9 +183,16 @@ def cached_sft(sft_set: Dataset, config: TrainConfig, cache: Path) -> tuple[Path
 
 def part_metrics(classifier: Classifier, docs: list[Document], labels: dict[str, str]) -> dict[str, float]:
     """Macro-F1 over the labels present in ``docs`` and micro-F1 over all labels."""
+    names, probs = classifier.scores([d.text for d in docs], labels, replace=True)
+    return scored_metrics(classifier, names, probs, docs, labels)
+
+
+def scored_metrics(
+    classifier: Classifier, names: list[str], probs: np.ndarray, docs: list[Document], labels: dict[str, str]
+) -> dict[str, float]:
+    """:func:`part_metrics` from scores already computed (``classifier.scores`` of ``docs``)."""
     from sklearn.metrics import f1_score
 
-    names, probs = classifier.scores([d.text for d in docs], labels, replace=True)
     predicted = binarize(probs, classifier.thresholds.for_labels(names))
     truth = Dataset(docs, labels).label_matrix()
     present = np.flatnonzero(truth.sum(0) > 0)

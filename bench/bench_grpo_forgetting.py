@@ -34,7 +34,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_grpo import cached_sft, category_subset, part_metrics, pick_sft, sft_cache_key, simulate_feedback
+from bench_grpo import cached_sft, category_subset, pick_sft, scored_metrics, sft_cache_key, simulate_feedback
 from common import machine, mean_spread
 
 from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset
@@ -92,14 +92,25 @@ def kl_to(reference: np.ndarray, probs: np.ndarray) -> float:
     return float(np.mean(np.sum(p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q)), axis=1)))
 
 
-def score(model: Classifier, sft_probs: dict[str, np.ndarray], parts: dict[str, list[Document]],
-          labels: dict[str, str]) -> dict[str, Any]:
-    """Every part's metrics and, on the rest, the KL of the model's probabilities to SFT's."""
-    out: dict[str, Any] = {part: part_metrics(model, docs, labels) for part, docs in parts.items()}
-    for part in ("test_rest", "dev_rest"):
-        _, probs = model.scores([d.text for d in parts[part]], labels, replace=True)
-        out[part]["kl_to_sft"] = kl_to(sft_probs[part], probs)
-    return out
+#: The parts whose probabilities are compared with the SFT model's.
+REST_PARTS = ("test_rest", "dev_rest")
+
+
+def score(model: Classifier, parts: dict[str, list[Document]], labels: dict[str, str],
+          sft_probs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every part's metrics and, on the rest, the KL of the model's probabilities to SFT's
+    (``sft_probs``; ``None``: the model is SFT). Returns the metrics and the model's rest probabilities."""
+    out: dict[str, Any] = {}
+    rest_probs: dict[str, np.ndarray] = {}
+    for part, docs in parts.items():
+        names, probs = model.scores([d.text for d in docs], labels, replace=True)
+        out[part] = scored_metrics(model, names, probs, docs, labels)
+        if part in REST_PARTS:
+            rest_probs[part] = probs
+    reference = rest_probs if sft_probs is None else sft_probs
+    for part in REST_PARTS:
+        out[part]["kl_to_sft"] = kl_to(reference[part], rest_probs[part])
+    return out, rest_probs
 
 
 def run_seed(args: argparse.Namespace, name: str, seed: int, methods: list[str]) -> dict[str, Any]:
@@ -136,8 +147,6 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, methods: list[str])
     print(f"{name} s{seed}: SFT {'reused' if reused else 'trained'} in {time.perf_counter() - tick:.0f} s",
           flush=True)
     sft = Classifier.load(sft_dir)
-    sft_probs = {part: sft.scores([d.text for d in parts[part]], labels, replace=True)[1]
-                 for part in ("test_rest", "dev_rest")}
     sim = argparse.Namespace(score_noise=args.score_noise, corrected_share=args.corrected_share)
     records = simulate_feedback(sft, feedback_docs, labels, sim, rng)
     (work / "feedback.db").unlink(missing_ok=True)
@@ -150,10 +159,11 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, methods: list[str])
         Document(f"fb-{r.id}", r.text, list(r.corrected_labels)) for r in records if r.corrected_labels
     ], labels)
     replay = sft_set.split("train")
-    results: dict[str, Any] = {"sft": score(sft, sft_probs, parts, labels)}
+    results: dict[str, Any] = {}
+    results["sft"], sft_probs = score(sft, parts, labels)
     retuned = Classifier.load(sft_dir)
     retuned.thresholds, _ = retune_thresholds(retuned, val)
-    results["sft_retuned"] = score(retuned, sft_probs, parts, labels)
+    results["sft_retuned"] = score(retuned, parts, labels, sft_probs)[0]
     runs = {}
     for method in methods:
         tick = time.perf_counter()
@@ -161,7 +171,7 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, methods: list[str])
                             **METHODS[method])
         summary = train_grpo(sft_dir, work / "feedback", work / method, config, val_dataset=val,
                              replay_dataset=replay)
-        results[method] = score(Classifier.load(work / method), sft_probs, parts, labels)
+        results[method] = score(Classifier.load(work / method), parts, labels, sft_probs)[0]
         runs[method] = {"steps": summary["steps"], "final_kl": summary["final_kl"],
                         "stopped_early": summary["stopped_early"],
                         "seconds": round(time.perf_counter() - tick, 1)}

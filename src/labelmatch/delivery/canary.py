@@ -142,7 +142,8 @@ def _scores_in_window(url: str, version: str, start: float, end: float) -> list[
     """User scores given to ``version``'s predictions in ``[start, end)``."""
     from labelmatch.feedback.feedback_store import FeedbackStore
 
-    return FeedbackStore(url).scores_between(version, start, end)
+    [scores] = FeedbackStore(url).scores_between(version, (start, end))
+    return scores
 
 
 def traffic_rules(rules: CanaryRules, canary: TrafficStats, stable: TrafficStats) -> list[RuleResult]:

@@ -483,23 +483,23 @@ class FeedbackStore:
         return report
 
     # -- reading --------------------------------------------------------------------------
-    def scores_between(self, model_version: str, start: float, end: float) -> list[int]:
-        """Scores given to ``model_version``'s predictions at ``start <= time < end``.
+    def scores_between(self, model_version: str, *windows: tuple[float, float]) -> list[list[int]]:
+        """Scores given to ``model_version``'s predictions in each window ``[start, end)``, one read.
 
         Args:
             model_version: The model version rated.
-            start: Window start, POSIX seconds (inclusive).
-            end: Window end, POSIX seconds (exclusive).
+            *windows: ``(start, end)`` pairs, POSIX seconds (start inclusive, end exclusive).
 
         Returns:
-            The scores, oldest first; records without a time are left out.
+            One list of scores per window, oldest first; records without a time are left out.
         """
-        scores = []
+        scores: list[list[int]] = [[] for _ in windows]
         for record in self.records(model_version):
             if record.time:
                 at = datetime.fromisoformat(record.time.replace("Z", "+00:00")).timestamp()
-                if start <= at < end:
-                    scores.append(record.score)
+                for window, (start, end) in zip(scores, windows, strict=True):
+                    if start <= at < end:
+                        window.append(record.score)
         return scores
 
     def records(self, model_version: str | None = None) -> list[FeedbackRecord]:

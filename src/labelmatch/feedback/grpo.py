@@ -648,8 +648,6 @@ def train_grpo(
     started = time.perf_counter()
     model_dir, feedback_dir = Path(model_dir), Path(feedback_dir)
     verify_artifact(model_dir, "Model")
-    if config.replays and replay_dataset is None:
-        raise ConfigError(missing_replay_message(config))
     labels = json.loads((model_dir / "labels.json").read_text())
     feedback = feedback_tensors(feedback_dir, list(labels), test_texts)
     if feedback.excluded_test_overlap:

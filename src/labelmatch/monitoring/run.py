@@ -76,9 +76,11 @@ def _feedback_scores(url: str, model_version: str, since: float, until: float) -
     """User scores of ``model_version`` in ``[since, until)`` and in the window of equal length before."""
     from labelmatch.feedback.feedback_store import FeedbackStore
 
-    store, span = FeedbackStore(url), until - since
-    previous = store.scores_between(model_version, since - span, since)
-    return store.scores_between(model_version, since, until), previous
+    span = until - since
+    current, previous = FeedbackStore(url).scores_between(
+        model_version, (since, until), (since - span, since)
+    )
+    return current, previous
 
 
 def run_monitor(run: MonitorRun) -> tuple[MonitorReport, dict[str, Any]]:
