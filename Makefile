@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers datasets bench-general-adapter train-general-adapter bench-schedule-probe
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,27 @@ bench-transfer: setup
 ## bench-peers: labelmatch vs SetFit (same bundled MiniLM, SetFit's defaults, steps capped where they pass 2 h on 2 cores) at 8/16/64 per label and the full split, 3 seeds, with new labels (needs ../shared/data and pip install -e '.[bench]'; resumes from runs/bench-peers)
 bench-peers: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_peers.py --out bench/results
+
+## datasets: convert HWU64 and SNIPS (public GitHub, pinned commits; bench/datasets/SOURCES.md) into runs/datasets; set HWU64_REPO / SNIPS_REPO to existing clones to skip cloning
+HWU64_REPO ?= runs/sources/NLU-Evaluation-Data
+SNIPS_REPO ?= runs/sources/nlu-benchmark
+datasets: setup
+	test -d $(HWU64_REPO) || git clone -q https://github.com/xliuhw/NLU-Evaluation-Data $(HWU64_REPO)
+	test -d $(SNIPS_REPO) || git clone -q https://github.com/sonos/nlu-benchmark $(SNIPS_REPO)
+	$(PY) bench/datasets/convert.py hwu64 --repo $(HWU64_REPO) --out runs/datasets
+	$(PY) bench/datasets/convert.py snips --repo $(SNIPS_REPO) --out runs/datasets
+
+## bench-general-adapter: the general zero-shot adapter, leave one dataset out, vs the base encoder (needs ../shared/data and `make datasets`)
+bench-general-adapter: datasets
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_general_adapter.py --out bench/results
+
+## train-general-adapter: train the adapter that ships (every mixture dataset) into src/labelmatch/model/general_adapter/, after its leave-one-out table
+train-general-adapter: datasets
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_general_adapter.py --out bench/results --final
+
+## bench-schedule-probe: few labelled documents: min_steps and the starting adapter, chosen on validation (needs bench-general-adapter's held-out adapters)
+bench-schedule-probe: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_schedule_probe.py --out bench/results
 
 ## bench-production-shape: a bge-m3-shaped encoder (random weights) through every stage: wall, peak RSS, sizes
 bench-production-shape: setup

@@ -14,7 +14,10 @@ For each dataset, training size and seed, one **cell**:
   categories are dropped), scored by accuracy (top-1) and macro-F1; Reuters-21578 is multi-label,
   scored by micro- and macro-F1.
 * **labelmatch**: ``train_sft`` with bench-suite's settings (the library defaults, at most
-  ``--epochs`` epochs kept by validation macro-F1, patience 1; its thresholds tuned on validation).
+  ``--epochs`` validations kept by validation macro-F1, patience 1; its thresholds tuned on
+  validation), starting from the general zero-shot adapter trained *without* the cell's dataset
+  (``--base-adapter held-out``, from ``make bench-general-adapter``; the shipped adapter saw these
+  datasets' training splits) or from a fresh adapter (``none``).
   Single-label: its top-1 label; multi-label: its thresholded decisions.
 * **SetFit** (``setfit``; ``pip install -e '.[bench]'``): its documented defaults
   (``TrainingArguments()``: batch 16, one epoch over the pairs that ``sampling_strategy=
@@ -100,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Share of labels held out of training and added afterwards (0: no column).")
     parser.add_argument("--speed-docs", type=int, default=256,
                         help="Test documents timed for predict docs/s.")
+    parser.add_argument("--base-adapter", default="held-out", choices=("held-out", "none"),
+                        help="labelmatch's starting adapter: the general adapter trained without the "
+                             "dataset (bench-general-adapter's), or a fresh one.")
+    parser.add_argument("--adapters", type=Path, default=Path("runs/general-adapter"),
+                        help="bench_general_adapter.py's --work.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every run.")
     parser.add_argument("--note", default="", help="A sentence for the report (what shared the machine).")
     parser.add_argument("--combine-only", action="store_true",
@@ -255,6 +263,17 @@ def describe(dataset: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- labelmatch runs
 
 
+def peers_config(name: str, args: argparse.Namespace, seed: int) -> Any:
+    """bench-suite's ``TrainConfig``, starting from ``--base-adapter`` (``held-out``: the general
+    adapter trained without this dataset, as a user's data is new to the adapter that ships)."""
+    start = args.base_adapter
+    if start == "held-out":
+        from bench_schedule_probe import held_out_adapter
+
+        start = held_out_adapter(argparse.Namespace(adapters=args.adapters), name)
+    return dual_encoder_config(name, args, seed, base_adapter=start)
+
+
 def run_labelmatch(name: str, size: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Train labelmatch on one cell (own process) and score the test split once."""
     from labelmatch.evaluation.evaluate import evaluate, score_split
@@ -265,7 +284,7 @@ def run_labelmatch(name: str, size: str, seed: int, args: argparse.Namespace) ->
     dataset = carve(name, size, seed, args.val_per_label)
     out = model_dir(args, name, size, seed, "labelmatch")
     started = time.perf_counter()
-    trainer = train_sft(dataset, dual_encoder_config(name, args, seed), out)
+    trainer = train_sft(dataset, peers_config(name, args, seed), out)
     train_s = time.perf_counter() - started
     clf = Classifier.load(out)
     if is_single_label(dataset):
@@ -295,14 +314,14 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     seen = without_labels(dataset, held)
     out = model_dir(args, name, size, seed, NEW_LABELS)
     started = time.perf_counter()
-    train_sft(seen, dual_encoder_config(name, args, seed), out)
+    train_sft(seen, peers_config(name, args, seed), out)
     train_s = time.perf_counter() - started
     test = dataset.split("test").documents
     docs = [Document(d.id, d.text, [x for x in d.labels if x in held]) for d in test]
     evalset = _eval_set("new_labels", [d for d in docs if d.labels], dataset.labels)
     metric = "top1_accuracy" if is_single_label(dataset) else "macro_f1"
     trained = Classifier.load(out)
-    untrained = Classifier.zero_shot(seen.labels, max_length=trained.encoder.max_length)
+    untrained = Classifier.zero_shot(seen.labels, max_length=trained.encoder.max_length, base_adapter="none")
     return {"new_labels": held, "metric": metric, "test_docs": len(evalset.texts),
             "train_s": round(train_s, 1),
             "trained": score(trained, trained.thresholds.default, evalset)[metric],

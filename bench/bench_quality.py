@@ -124,7 +124,8 @@ def run_zero_shot(args) -> dict[str, Any]:
     from labelmatch.model.classifier import Classifier
 
     dataset, _ = load_subsets(args.train_docs, args.seed)
-    clf = Classifier.zero_shot(dataset.labels, max_length=args.inference_max_length or args.max_length)
+    clf = Classifier.zero_shot(dataset.labels, max_length=args.inference_max_length or args.max_length,
+                               base_adapter="none")
     _, val = clf.scores([d.text for d in dataset.split("val").documents])
     _, test = clf.scores([d.text for d in dataset.split("test").documents])
     return scores_metrics(dataset, val, test)

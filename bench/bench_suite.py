@@ -150,7 +150,9 @@ def run_zero_shot(name: str, args: argparse.Namespace, seed: int) -> dict[str, A
     from labelmatch.model.classifier import Classifier
 
     dataset = split_dataset(name, args.train_docs, args.val_docs, seed)
-    clf = Classifier.zero_shot(dataset.labels, max_length=INFERENCE_LENGTH.get(name, args.max_length))
+    # The plain encoder: the general adapter saw these datasets' training splits (bench-general-adapter).
+    clf = Classifier.zero_shot(dataset.labels, max_length=INFERENCE_LENGTH.get(name, args.max_length),
+                               base_adapter="none")
     _, val = clf.scores([d.text for d in dataset.split("val").documents])
     _, test = clf.scores([d.text for d in dataset.split("test").documents])
     return _metrics(dataset, val, test)
@@ -161,8 +163,10 @@ def dual_encoder_config(name: str, args: argparse.Namespace, seed: int, **overri
     epoch budget and lengths, patience 1; ``overrides`` change fields (recipe probes)."""
     from labelmatch.training.config import TrainConfig
 
+    # A fresh adapter: the general one saw training documents of three of these datasets (its
+    # start is measured leave-one-dataset-out by bench-general-adapter and bench-peers).
     settings = {"epochs": args.epochs, "max_length": args.max_length, "patience": 1, "seed": seed,
-                "progress": False, "inference_max_length": INFERENCE_LENGTH.get(name)}
+                "progress": False, "inference_max_length": INFERENCE_LENGTH.get(name), "base_adapter": "none"}
     return TrainConfig(**{**settings, **overrides})
 
 

@@ -76,7 +76,7 @@ def test_chunking_max_pools_over_windows(classifier):
 def test_cli_train_evaluate_predict(tmp_path, sample_dir):
     model, report = tmp_path / "m", tmp_path / "r"
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"max_length": 48, "epochs": 1, "batch_size": 32}))
+    config.write_text(json.dumps({"max_length": 48, "epochs": 1, "batch_size": 32, "min_steps": 0}))
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -61,6 +61,11 @@ def train(
         typer.Option(help="Comma-separated module names to adapt (default per architecture: query,value; "
                           "query,key,value,dense adapts every linear layer of a BERT-like encoder)."),
     ] = None,
+    base_adapter: Annotated[
+        str | None,
+        typer.Option(help="LoRA adapter training starts from: auto (the general zero-shot adapter that "
+                          "ships, for the bundled encoder), general, none, or a directory."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (training and split).")] = 0,
     val_fraction: Annotated[
         float, typer.Option(help="Validation share when the data has no val split.")
@@ -86,6 +91,7 @@ def train(
         "max_length": max_length,
         "inference_max_length": inference_max_length,
         "lora_rank": lora_rank,
+        "base_adapter": base_adapter,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if lora_targets is not None:
@@ -148,6 +154,11 @@ def predict(
     base_model: Annotated[
         str, typer.Option(help="Base encoder for zero-shot prediction (no --model).")
     ] = "bundled:minilm",
+    base_adapter: Annotated[
+        str,
+        typer.Option(help="Zero-shot (no --model): auto (the general zero-shot adapter that ships, for the "
+                          "bundled encoder), general, none (the plain encoder), or an adapter directory."),
+    ] = "auto",
     similarities: Annotated[
         bool, typer.Option("--similarities", help="Also print cosine similarities.")
     ] = False,
@@ -165,7 +176,8 @@ def predict(
     if model is None:
         if extra is None:
             raise ConfigError("zero-shot prediction needs --labels (there is no model to take labels from)")
-        clf, extra, replace_labels = Classifier.zero_shot(extra, base_model), None, False
+        clf = Classifier.zero_shot(extra, base_model, base_adapter=base_adapter)
+        extra, replace_labels = None, False
     else:
         clf = Classifier.load(model)
     predictions = clf.predict([t for _, t in docs], labels=extra, replace=replace_labels)

@@ -84,17 +84,30 @@ class Classifier(LabelMatcher):
         scale: float = 20.0,
         boundary: float = 0.3,
         max_length: int = 256,
+        base_adapter: str | None = "auto",
     ) -> Classifier:
-        """An untrained classifier: the base encoder as is, ``bias = -scale * boundary``.
+        """A classifier for ``labels`` without training on them.
 
-        ``boundary`` is the cosine at which a label's probability is 0.5.
+        With a base adapter (:mod:`labelmatch.model.general_adapter`; ``auto``: the general
+        adapter that ships, for the bundled encoder) it is merged into the encoder, and its logit
+        scale, bias and threshold are used. Without one (``none``, or another base encoder): the
+        base encoder as is, ``bias = -scale * boundary``, threshold 0.5; ``boundary`` is the cosine
+        at which a label's probability is 0.5.
         """
+        from labelmatch.model.general_adapter import merged_encoder, resolve_base_adapter
+
         model, tokenizer = load_base(base_model)
+        adapter = resolve_base_adapter(base_adapter, base_model)
+        bias, threshold = -scale * boundary, 0.5
+        if adapter is not None:
+            model = merged_encoder(model, adapter)
+            scale, bias, threshold = adapter.scale, adapter.bias, adapter.threshold
         pooling = base_pooling(base_model)
         encoder = TextEncoder(model, tokenizer, max_length, pooling)
-        info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": -scale * boundary,
-                "pooling": pooling.mode, "normalize": pooling.normalize}
-        return cls(encoder, labels, None, scale, -scale * boundary, Thresholds(0.5), None, info)
+        info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": bias,
+                "pooling": pooling.mode, "normalize": pooling.normalize,
+                "base_adapter": adapter.describe() if adapter else None}
+        return cls(encoder, labels, None, scale, bias, Thresholds(threshold), None, info)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, dim)`` float32 unit vectors of ``texts`` (torch, no gradients)."""

@@ -9,6 +9,8 @@ from typing import Any, Literal
 from labelmatch.core.errors import ConfigError
 from labelmatch.model.encoder import DEFAULT_BASE_MODEL
 
+#: ``TrainConfig.min_steps`` by default (chosen on validation: docs/training.md, "Few labelled documents").
+MIN_STEPS = 200
 #: Steps between refreshes of the label-embedding cache that picks hard negatives (``sampled``)
 #: when ``label_refresh_steps`` is 0.
 SAMPLED_REFRESH_STEPS = 50
@@ -27,7 +29,12 @@ class TrainConfig:
             the model reads at prediction time saves most of the training cost: on Reuters, a
             model trained at 96 tokens scored +0.013 micro / +0.021 macro-F1 on validation when it
             read 192 tokens instead of 96 (see ``bench/results/quality.md``).
-        epochs: Maximum number of passes over the training split.
+        epochs: Maximum number of passes over the training split (more when ``min_steps`` asks).
+        min_steps: The fewest optimisation steps a training plans, whatever the data size: with
+            few documents (8 to 16 per label) ``epochs`` passes are only a few dozen steps, so the
+            run is lengthened to ``min_steps`` (more passes over the same documents), still
+            validated ``epochs`` times with early stopping. 0 plans ``epochs`` passes exactly.
+            Chosen on validation (docs/training.md, "Few labelled documents").
         batch_size: Documents per optimisation step.
         group_by_length: Draw each step's documents among documents of similar token length
             (:mod:`labelmatch.training.batches`), so dynamic padding pads less; every document is
@@ -88,6 +95,11 @@ class TrainConfig:
         grad_clip: Gradient norm clip.
         seed: Seed for Python, NumPy and torch.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        base_adapter: The LoRA adapter training starts from
+            (:mod:`labelmatch.model.general_adapter`): ``auto`` (the general zero-shot adapter
+            that ships, where it applies: the bundled encoder and the default LoRA shape),
+            ``general`` (the same, an error where it cannot apply), ``none`` (a fresh adapter),
+            or the path of another adapter or Model artifact.
         save_merged: Also write the merged encoder (``encoder/``) next to the adapter.
         progress: Show progress bars.
     """
@@ -96,6 +108,7 @@ class TrainConfig:
     max_length: int = 128
     inference_max_length: int | None = None
     epochs: int = 3
+    min_steps: int = MIN_STEPS
     batch_size: int = 16
     group_by_length: bool = True
     length_group_batches: int = 50
@@ -130,6 +143,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
+    base_adapter: str = "auto"
     save_merged: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -180,6 +194,8 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.label_strategy must be 'auto', 'all' or 'sampled', got {self.label_strategy!r}"
             )
+        if self.min_steps < 0:
+            raise ConfigError(f"TrainConfig.min_steps must be >= 0, got {self.min_steps}")
         if self.sampled_above < 1 or self.hard_negatives < 0 or self.random_negatives < 0:
             raise ConfigError("TrainConfig.sampled_above must be >= 1, hard/random_negatives >= 0")
         if self.steps_per_iteration is not None and self.steps_per_iteration <= 0:

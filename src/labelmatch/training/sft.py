@@ -52,6 +52,7 @@ from labelmatch.model.encoder import (
     set_encoder_dropout,
     weights_digest,
 )
+from labelmatch.model.general_adapter import resolve_base_adapter, start_from
 from labelmatch.model.io import save_model
 from labelmatch.model.losses import LossWeights, label_match_loss, positive_weights
 from labelmatch.model.matching import Thresholds
@@ -84,6 +85,20 @@ def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, schedule: st
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def planned_steps(train_docs: int, config: TrainConfig) -> tuple[int, int]:
+    """``(total steps, steps per iteration)`` of a training on ``train_docs`` documents.
+
+    ``epochs`` passes, or ``min_steps`` where those are fewer (few documents); a lengthened run
+    keeps ``epochs`` iterations (validations), each ``total / epochs`` steps, unless
+    ``steps_per_iteration`` is set.
+    """
+    per_epoch = math.ceil(train_docs / config.batch_size)
+    total = max(per_epoch * config.epochs, config.min_steps)
+    if config.steps_per_iteration:
+        return total, config.steps_per_iteration
+    return total, per_epoch if total == per_epoch * config.epochs else math.ceil(total / config.epochs)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,6 +188,12 @@ class SFTTrainer:
         peft_model = add_lora(
             base, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules
         )
+        self.base_adapter = resolve_base_adapter(config.base_adapter, config.base_model)
+        if self.base_adapter is not None and not start_from(peft_model, self.base_adapter,
+                                                            required=config.base_adapter != "auto"):
+            log.info("base_adapter auto: the general adapter's LoRA shape differs from this training's; "
+                     "starting from a fresh adapter")
+            self.base_adapter = None
         self.pooling = base_pooling(config.base_model)
         self.chunking = Chunking.for_model(
             config.long_documents, config.predict_max_length, config.chunk_stride
@@ -185,8 +206,8 @@ class SFTTrainer:
         self.pos_weight = positive_weights(self.targets, config.pos_weight_max)
         self.val_targets = self.val_set.label_matrix()
         self.steps_per_epoch = math.ceil(len(self.train_set.documents) / config.batch_size)
-        self.steps_per_iteration = config.steps_per_iteration or self.steps_per_epoch
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps, self.steps_per_iteration = planned_steps(
+            len(self.train_set.documents), config)
         self.optimizer = self._make_optimizer()
         self.step = 0
         self.iteration = 0
@@ -302,6 +323,12 @@ class SFTTrainer:
         self._label_cache[columns.to(self.device)] = live.detach()
         return live, columns
 
+    def _step_labels(self, batch: list[int], doc_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(label embeddings, their label columns)`` one step scores its batch against."""
+        if self.label_strategy == "sampled":
+            return self._sampled_labels(batch, doc_emb)
+        return self._label_matrix(batch), torch.arange(len(self.label_texts))
+
     def _apply_hyperparameters(self) -> None:
         factor = lr_multiplier(self.step, self.total_steps, self.config.warmup_ratio, self.config.schedule)
         for group in self.optimizer.param_groups:
@@ -318,10 +345,7 @@ class SFTTrainer:
         encoder = self.model.encoder
         doc_emb = encoder(encoder.tokenize([self.train_set.documents[i].text for i in batch]))
         rows = torch.tensor(batch)
-        if self.label_strategy == "sampled":
-            label_emb, columns = self._sampled_labels(batch, doc_emb)
-        else:
-            label_emb, columns = self._label_matrix(batch), torch.arange(len(self.label_texts))
+        label_emb, columns = self._step_labels(batch, doc_emb)
         cos, logits = self.model.logits(doc_emb, label_emb)
         weights = LossWeights(
             self.config.hard_weight,
@@ -582,6 +606,7 @@ class SFTTrainer:
             "bias": self.model.bias.item(),
             "embedding_dim": int(label_emb.shape[1]),
             "config": self.config.to_dict(),
+            "base_adapter": self.base_adapter.describe() if self.base_adapter else None,
             "metrics": {
                 "val_macro_f1_global_threshold": max(self.best_f1, 0.0),
                 "val_macro_f1_tuned_thresholds": val_f1,

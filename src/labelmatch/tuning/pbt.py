@@ -185,15 +185,17 @@ class _InitialValue:
 def trial_base_config(train_config: TrainConfig, dataset: Dataset, iterations: int) -> dict[str, Any]:
     """The ``TrainConfig`` every trial starts from, sized so ``iterations`` fit the schedule.
 
-    Epochs are set so that the learning-rate schedule spans exactly the tuning budget, and early
-    stopping is off: a stalled trial is PBT's to replace, not to stop.
+    Epochs are set so that the learning-rate schedule spans exactly the tuning budget (no
+    ``min_steps`` lengthening it), and early stopping is off: a stalled trial is PBT's to replace,
+    not to stop.
     """
     train_docs = len(dataset.split("train").documents)
     steps_per_epoch = math.ceil(train_docs / train_config.batch_size)
     per_iteration = train_config.steps_per_iteration or steps_per_epoch
     epochs = math.ceil(iterations * per_iteration / steps_per_epoch)
     return train_config.replace(
-        steps_per_iteration=per_iteration, epochs=epochs, patience=iterations + 1, progress=False
+        steps_per_iteration=per_iteration, epochs=epochs, patience=iterations + 1, progress=False,
+        min_steps=0,
     ).to_dict()
 
 
