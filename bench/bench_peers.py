@@ -770,7 +770,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings a cell's result depends on (recorded with it)."""
     return {k: getattr(args, k) for k in ("val_per_label", "epochs", "max_length", "setfit_max_steps",
-                                          "setfit_num_iterations", "new_label_share", "threads")}
+                                          "setfit_num_iterations", "new_label_share", "threads",
+                                          "base_adapter")}
 
 
 def report_of(args: argparse.Namespace, started: float) -> dict[str, Any]:
