@@ -341,6 +341,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, seed: int) -> dic
             "seed": seed,
             "progress": False,
             "base_adapter": "none",
+            "min_steps": 0,  # its recorded schedule: --epochs passes exactly
             **json.loads(args.config),
         }
     )
