@@ -176,6 +176,21 @@ def mixture_dir(args: argparse.Namespace, parts: list[str]) -> Path:
     return args.work / f"{args.tag or 'default'}-{'+'.join(sorted(parts))}"
 
 
+def short_name(name: str) -> str:
+    """A dataset's name in the mixture (``bitext`` for ``bitext_customer_support``)."""
+    return {shared: short for short, shared in SHARED.items()}.get(name, name)
+
+
+def held_out_adapter(work: Path, name: str) -> str:
+    """The default recipe's adapter trained on every mixture dataset but ``name`` (on all of them
+    for a dataset outside the mixture, such as Reuters); ``work`` is this bench's ``--work``."""
+    parts = [p for p in TRAINABLE if p != short_name(name)]
+    path = mixture_dir(argparse.Namespace(work=work, tag=""), parts)
+    if not (path / "manifest.json").is_file():
+        raise FileNotFoundError(f"{path}: run bench/bench_general_adapter.py first")
+    return str(path)
+
+
 def held_out_cell(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train without ``name`` (if it is in the mixture) and score both models on it."""
     parts = [p for p in args.train.split(",") if p and p != name]

@@ -268,9 +268,9 @@ def peers_config(name: str, args: argparse.Namespace, seed: int) -> Any:
     adapter trained without this dataset, as a user's data is new to the adapter that ships)."""
     start = args.base_adapter
     if start == "held-out":
-        from bench_schedule_probe import held_out_adapter
+        from bench_general_adapter import held_out_adapter
 
-        start = held_out_adapter(argparse.Namespace(adapters=args.adapters), name)
+        start = held_out_adapter(args.adapters, name)
     return dual_encoder_config(name, args, seed, base_adapter=start)
 
 

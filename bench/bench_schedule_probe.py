@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_general_adapter import held_out_adapter, short_name
 from bench_peers import carve
 from bench_suite import dual_encoder_config
 from common import machine, mean_spread, measure
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = {"clinc150": "clinc150", "bitext_customer_support": "bitext"}
-MIXTURE = ("bitext", "clinc150", "cuad", "hwu64", "snips")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,19 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def held_out_adapter(args: argparse.Namespace, name: str) -> str:
-    """The general adapter trained on every mixture dataset but ``name`` (all of them for a
-    dataset outside the mixture, such as Reuters)."""
-    parts = sorted(p for p in MIXTURE if p != SHORT.get(name, name))
-    path = args.adapters / f"default-{'+'.join(parts)}"
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"{path}: run bench/bench_general_adapter.py first")
-    return str(path)
+def planned(name: str, result: dict[str, Any], args: argparse.Namespace) -> int:
+    """Steps the cell's config plans on its training documents without ``min_steps``."""
+    from labelmatch.training.sft import planned_steps
 
-
-def planned(result: dict[str, Any], args: argparse.Namespace) -> int:
-    """Steps ``--epochs`` plan on a cell's training documents (batches of 16)."""
-    return -(-result["train_docs"] // 16) * args.epochs
+    return planned_steps(result["train_docs"], dual_encoder_config(name, args, 0, min_steps=0))[0]
 
 
 def run(name: str, size: str, seed: int, min_steps: int, start: str,
@@ -69,7 +60,7 @@ def run(name: str, size: str, seed: int, min_steps: int, start: str,
     from labelmatch.training.sft import SFTTrainer
 
     dataset = carve(name, size, seed, args.val_per_label)
-    base = "none" if start == "none" else held_out_adapter(args, name)
+    base = "none" if start == "none" else held_out_adapter(args.adapters, name)
     config = dual_encoder_config(name, args, seed, min_steps=min_steps, base_adapter=base)
     started = time.perf_counter()
     trainer = SFTTrainer(dataset, config)
@@ -116,7 +107,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for (name, size, start), rows in sorted(groups.items()):
         ax.plot([r["min_steps"] for r in rows], [r["val_macro_f1"]["mean"] for r in rows], marker="o",
-                linestyle="-" if start == "none" else "--", label=f"{SHORT[name]} {size}/label, {start}")
+                linestyle="-" if start == "none" else "--", label=f"{short_name(name)} {size}/label, {start}")
     ax.set_xlabel("min_steps")
     ax.set_ylabel("validation macro-F1")
     ax.legend(fontsize=7)
@@ -139,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         cell = args.work / f"{name}-{size}-{start}-m{min_steps}-s{seed}.json"
                         same = args.work / f"{name}-{size}-{start}-m0-s{seed}.json"
                         if min_steps and not cell.is_file() and same.is_file() and \
-                                planned(json.loads(same.read_text()), args) >= min_steps:
+                                planned(name, json.loads(same.read_text()), args) >= min_steps:
                             cell.write_text(same.read_text())  # epochs plan more steps: the same run
                         if not cell.is_file():
                             result = measure(cell.stem, run, name, size, seed, min_steps, start, args)

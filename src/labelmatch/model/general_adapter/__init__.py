@@ -68,13 +68,22 @@ def bundled_available() -> bool:
     return (BUNDLED_DIR / WEIGHTS).is_file() and (BUNDLED_DIR / INFO).is_file()
 
 
+def _model_logits(model_dir: Path) -> tuple[dict[str, Any], float, float, float]:
+    """A Model artifact's ``labelmatch.json``, logit scale, bias and global threshold."""
+    from labelmatch.model.io import read_model_info
+    from labelmatch.model.matching import Thresholds
+
+    info = read_model_info(model_dir)
+    thresholds_file = model_dir / "thresholds.json"
+    threshold = (Thresholds.from_json(json.loads(thresholds_file.read_text()), thresholds_file).default
+                 if thresholds_file.is_file() else 0.5)
+    return info, float(info["scale"]), float(info["bias"]), float(threshold)
+
+
 def _read(path: Path, name: str) -> BaseAdapter:
     if (path / "adapter" / PEFT_CONFIG).is_file():  # a Model artifact
-        info = json.loads((path / "labelmatch.json").read_text())
-        thresholds_file = path / "thresholds.json"
-        thresholds = json.loads(thresholds_file.read_text()) if thresholds_file.is_file() else {}
+        _, scale, bias, threshold = _model_logits(path)
         path = path / "adapter"
-        scale, bias, threshold = info["scale"], info["bias"], thresholds.get("default", 0.5)
     elif (path / PEFT_CONFIG).is_file():
         info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
         scale, bias, threshold = info.get("scale", 20.0), info.get("bias", -6.0), info.get("threshold", 0.5)
@@ -186,13 +195,12 @@ def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str 
     weights = load_file(str(model_dir / "adapter" / WEIGHTS))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(out / WEIGHTS))
     shutil.copyfile(model_dir / "adapter" / PEFT_CONFIG, out / PEFT_CONFIG)
-    info = json.loads((model_dir / "labelmatch.json").read_text())
-    thresholds = json.loads((model_dir / "thresholds.json").read_text())
+    info, scale, bias, threshold = _model_logits(model_dir)
     record = {
         "base_model": info.get("base_model", BUNDLED_BASE),
-        "scale": info["scale"],
-        "bias": info["bias"],
-        "threshold": thresholds["default"],
+        "scale": scale,
+        "bias": bias,
+        "threshold": threshold,
         "trained_on": info.get("mixture"),
         "train_config": info.get("config"),
         "leave_one_dataset_out": evaluation,
