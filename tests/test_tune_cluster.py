@@ -15,7 +15,8 @@ finishes the run with ``tune_sft(..., resume=True)`` and writes the best Model a
 
 What it asserts, from the records the trials write into every checkpoint (``node_id`` from
 ``ray.get_runtime_context()``, the driver's ``job_id``, the checkpoint a trial restored from), read
-back from S3 (once right after the kill, once at the end):
+back from S3 (at each poll while the first driver runs, right after the kill, at the end) and from
+the report's rows (each trial reports its node with its metrics):
 
 * the 4 trials ran their first iteration on the 4 distinct worker nodes, and no iteration ever ran
   on the head (checkpoint records and the report's ``pbt_history.json`` rows);
@@ -171,19 +172,25 @@ def _trials_checkpointed_in_saved_state(filesystem: Any) -> int:
     return sum(1 for trial in analysis.trials if trial.checkpoint is not None)
 
 
-def _kill_when_every_trial_is_checkpointed(driver: subprocess.Popen, log: Path) -> float:
-    """SIGKILL the driver once its saved experiment state holds a checkpoint of every trial;
-    returns the seconds waited."""
+def _kill_when_every_trial_is_checkpointed(driver: subprocess.Popen, log: Path) -> tuple[float, list[dict]]:
+    """SIGKILL the driver once its saved experiment state holds a checkpoint of every trial.
+
+    Returns:
+        The seconds waited, and every record seen in S3 while waiting (each poll's, deduplicated):
+        a checkpoint directory can be written again later under the same name.
+    """
     filesystem, started = _s3(), time.monotonic()
+    seen: dict[tuple, dict] = {}
     while time.monotonic() - started < KILL_DEADLINE_S:
         if driver.poll() is not None:
             pytest.fail(f"the driver ended ({driver.returncode}) before it was killed:\n"
                         f"{log.read_text()[-4000:]}")
-        written = sum(1 for _ in _records(filesystem))
-        if written >= WORKERS and _trials_checkpointed_in_saved_state(filesystem) == WORKERS:
+        written = _records(filesystem)
+        seen.update({(r["checkpoint"], r["iteration"], r["job_id"]): r for r in written})
+        if len(written) >= WORKERS and _trials_checkpointed_in_saved_state(filesystem) == WORKERS:
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
-            return time.monotonic() - started
+            return time.monotonic() - started, list(seen.values())
         time.sleep(2)
     driver.kill()
     pytest.fail(f"no experiment state with every trial checkpointed in {KILL_DEADLINE_S} s:\n"
@@ -225,12 +232,12 @@ def cluster_run():
                     stdout=out, stderr=subprocess.STDOUT, cwd=root,
                 )
             try:
-                killed_after = _kill_when_every_trial_is_checkpointed(driver, log)
+                killed_after, seen_before_kill = _kill_when_every_trial_is_checkpointed(driver, log)
             finally:
                 if driver.poll() is None:
                     driver.kill()
                     driver.wait()
-            killed = {"returncode": driver.returncode, "after_s": killed_after,
+            killed = {"returncode": driver.returncode, "after_s": killed_after, "seen": seen_before_kill,
                       "records": _records(_s3()), "model_written": (root / "killed-model").exists()}
             config.resume = True
             summary = tune_sft(data, root / "model", root / "report", config)
@@ -264,26 +271,37 @@ def test_the_cluster_has_the_production_shape(cluster_run):
 
 def test_four_trials_ran_on_four_distinct_worker_nodes(cluster_run):
     workers = cluster_run["workers"]
-    # Iteration 1's node per trial: the first driver's record where it was read before the resume
-    # (a resumed trial may write its next checkpoint over one the killed driver wrote), else the
-    # final one (a record the kill caught before it reached S3 is written again on resume).
-    first: dict[str, str] = {}
-    for record in _all_records(cluster_run):
-        if record["iteration"] == 1:
-            first.setdefault(record["trial_id"], record["node_id"])
-    assert len(first) == WORKERS
-    assert set(first.values()) == workers, "one trial per 1-GPU worker"
     history = json.loads((cluster_run["root"] / "report" / "pbt_history.json").read_text())
-    rows = [row for trial in history["trials"].values() for row in trial["timeline"]]
+    rows = [{**row, "trial_id": trial_id} for trial_id, trial in history["trials"].items()
+            for row in trial["timeline"]]
+    # Iteration 1's node per trial, from every record of it that was ever read (while the first
+    # driver ran, right after its kill, at the end: a resumed trial may write a later iteration
+    # under an earlier checkpoint's name) and from the report's rows (each trial reports its node).
+    first: dict[str, set[str]] = {}
+    for record in _all_records(cluster_run) + rows:
+        if record["iteration"] == 1:
+            first.setdefault(record["trial_id"], set()).add(record["node_id"])
+    assert len(first) == WORKERS, _summary(cluster_run)
+    assert all(len(nodes) == 1 for nodes in first.values()), first
+    assert {node for nodes in first.values() for node in nodes} == workers, "one trial per 1-GPU worker"
     assert len(history["trials"]) == WORKERS
     assert all(row.get("node_id") for row in rows), "the report says where each iteration ran"
     used = {r["node_id"] for r in _all_records(cluster_run)} | {row["node_id"] for row in rows}
     assert used <= workers, "no iteration ran on the head"
 
 
+def _summary(cluster_run) -> str:
+    """Every record read, one line each, for a failure's message."""
+    reads = {"seen": cluster_run["killed"]["seen"], "killed": cluster_run["killed"]["records"],
+             "final": cluster_run["records"]}
+    return "\n".join(f"{when}: {r['trial_id']} iteration {r['iteration']} job {r['job_id']} "
+                     f"{r['checkpoint'].rsplit('/', 2)[-2:]} from {r['restored_from'] or '-'}"
+                     for when, records in reads.items() for r in records)
+
+
 def _all_records(cluster_run) -> list[dict]:
-    """The records read right after the kill and at the end (a checkpoint may have been rewritten)."""
-    return cluster_run["killed"]["records"] + cluster_run["records"]
+    """The records read while the first driver ran, right after its kill and at the end."""
+    return cluster_run["killed"]["seen"] + cluster_run["killed"]["records"] + cluster_run["records"]
 
 
 def test_an_exploit_restored_from_s3_a_checkpoint_written_on_another_node(cluster_run):
