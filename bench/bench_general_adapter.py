@@ -158,7 +158,8 @@ def train_mixture(parts: list[str], args: argparse.Namespace, out: Path) -> dict
 
 
 def score_held_out(name: str, model: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Scores of the base encoder (``model`` None) or a trained adapter on a held-out dataset."""
+    """Scores of the base encoder (``model`` None) or a trained adapter on a held-out dataset, with
+    its ``labels`` and ``docs`` per set counted."""
     from labelmatch.model.classifier import Classifier
 
     part, dev, test = carve(name, args)
@@ -168,7 +169,8 @@ def score_held_out(name: str, model: Path | None, args: argparse.Namespace) -> d
     else:
         clf = Classifier.load(model)
     threshold = clf.thresholds.default
-    return {"threshold": threshold, **{s.name: score(clf, threshold, s) for s in sets}}
+    return {"threshold": threshold, "labels": len(part.labels), "docs": {s.name: len(s.texts) for s in sets},
+            **{s.name: score(clf, threshold, s) for s in sets}}
 
 
 def mixture_dir(args: argparse.Namespace, parts: list[str]) -> Path:
@@ -306,9 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(held)}] held out: {name}", flush=True)
         cell = measure(f"without-{name}", held_out_cell, name, args)
         cell["base"] = measure(f"base-{name}", score_held_out, name, None, args)
-        part, dev, test = carve(name, args)
-        cell["labels"] = len(part.labels)
-        cell["docs"] = {f"dev_{name}": len(dev), name: len(test)}
+        for scored in (cell["base"], cell["adapter"]):
+            cell["labels"], cell["docs"] = scored.pop("labels"), scored.pop("docs")
         cells.append(cell)
         key = name if name in cell["base"] else f"dev_{name}"
         print(f"    macro-F1 base {cell['base'][key]['macro_f1']:.3f} "

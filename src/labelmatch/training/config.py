@@ -212,6 +212,10 @@ class TrainConfig:
         """Tokens per text at validation and prediction (``inference_max_length`` or ``max_length``)."""
         return self.inference_max_length or self.max_length
 
+    def steps_per_epoch(self, train_docs: int) -> int:
+        """Optimisation steps in one pass over ``train_docs`` training documents (last batch short)."""
+        return -(-train_docs // self.batch_size)
+
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-able dict (recorded in ``labelmatch.json``)."""
         return dataclasses.asdict(self)

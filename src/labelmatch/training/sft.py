@@ -94,7 +94,7 @@ def planned_steps(train_docs: int, config: TrainConfig) -> tuple[int, int]:
     keeps ``epochs`` iterations (validations), each ``total / epochs`` steps, unless
     ``steps_per_iteration`` is set.
     """
-    per_epoch = math.ceil(train_docs / config.batch_size)
+    per_epoch = config.steps_per_epoch(train_docs)
     total = max(per_epoch * config.epochs, config.min_steps)
     if config.steps_per_iteration:
         return total, config.steps_per_iteration
@@ -205,7 +205,7 @@ class SFTTrainer:
         self.soft, self.soft_mask = torch.from_numpy(soft), torch.from_numpy(mask)
         self.pos_weight = positive_weights(self.targets, config.pos_weight_max)
         self.val_targets = self.val_set.label_matrix()
-        self.steps_per_epoch = math.ceil(len(self.train_set.documents) / config.batch_size)
+        self.steps_per_epoch = config.steps_per_epoch(len(self.train_set.documents))
         self.total_steps, self.steps_per_iteration = planned_steps(
             len(self.train_set.documents), config)
         self.optimizer = self._make_optimizer()

@@ -190,7 +190,7 @@ def trial_base_config(train_config: TrainConfig, dataset: Dataset, iterations: i
     not to stop.
     """
     train_docs = len(dataset.split("train").documents)
-    steps_per_epoch = math.ceil(train_docs / train_config.batch_size)
+    steps_per_epoch = train_config.steps_per_epoch(train_docs)
     per_iteration = train_config.steps_per_iteration or steps_per_epoch
     epochs = math.ceil(iterations * per_iteration / steps_per_epoch)
     return train_config.replace(
