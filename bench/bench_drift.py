@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import machine, start_model_server, wait_until_ready
+from common import cpu_text, machine, start_model_server, wait_until_ready
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bitext_customer_support"
 RATES = (0.0, 0.05, 0.10, 0.20)
@@ -164,7 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"server with every prediction logged. Streams drawn from the official test split's logged "
         f"predictions: {report['docs']['test_seen']} seen-category and {report['docs']['test_unseen']} "
         f"held-out-category documents. Default rules, each test at alpha {report['alpha']}. "
-        f"CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores).",
+        f"CPU: {cpu_text(report['machine'])}.",
         "",
         "Detection rate (share of windows where any rule fired; the 0% column is the false-alarm rate):",
         "",

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from bench_peers import sample_per_label, single_level
 from bench_transfer import EvalSet, _eval_set, score
-from common import machine, measure
+from common import cpu_text, machine, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"clinc150": "clinc150", "bitext": "bitext_customer_support", "cuad": "cuad_clauses",
@@ -228,8 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Recipe `{report['tag'] or 'default'}`: TrainConfig {report['config']}; {report['train_per_label']} "
         f"training / {report['val_per_label']} validation documents per label from each mixture dataset, "
         f"{report['labels_per_step']} labels per step; "
-        f"seed {report['seed']}. CPU: {report['machine'].get('cpu', '?')} "
-        f"({report['machine'].get('cores', '?')} cores). Wall time {report['wall_s']:.0f} s.",
+        f"seed {report['seed']}. CPU: {cpu_text(report['machine'])}. Wall time {report['wall_s']:.0f} s.",
         "",
         "Each row: an adapter trained on the other datasets, scored on this dataset's labels, all new "
         "to it, against the base encoder. *As shipped*: no labelled document of the held-out dataset "

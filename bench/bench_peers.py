@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 from bench_suite import DATA, _metrics, dual_encoder_config
 from bench_transfer import _eval_set, _hierarchy, _leaf_docs, score, val_threshold
-from common import machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure
 
 DATASETS = ("clinc150", "bitext_customer_support", "reuters21578_modapte")
 SIZES = ("8", "16", "64", "full")
@@ -702,7 +702,7 @@ def markdown(report: dict[str, Any]) -> str:
         "thresholds, SetFit's multi-label threshold); the official test split scored once per seed. "
         "CLINC150 and Bitext: the intent as the single label, accuracy (top-1) and macro-F1; Reuters: "
         "micro- and macro-F1. Mean ± half-range over seeds. "
-        f"CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores), "
+        f"CPU: {cpu_text(report['machine'])}, "
         f"{s['threads']} thread(s) a run.",
         "",
         f"SetFit: its documented defaults (`TrainingArguments()`, num_iterations "

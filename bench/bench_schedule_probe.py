@@ -24,7 +24,7 @@ from typing import Any
 from bench_general_adapter import held_out_adapter, short_name
 from bench_peers import carve
 from bench_suite import dual_encoder_config
-from common import machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"bench-peers' cells (validation {report['val_per_label']} documents per label, at most "
         f"{report['epochs']} validations, patience 1); seeds {report['seeds']}. CPU: "
-        f"{report['machine'].get('cpu', '?')} ({report['machine'].get('cores', '?')} cores). "
+        f"{cpu_text(report['machine'])}. "
         "No test split read.",
         "",
         "| dataset | per label | start | min_steps | steps run | val macro-F1 before training | "

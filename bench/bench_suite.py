@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = ("reuters21578_modapte", "cuad_clauses", "clinc150", "bitext_customer_support")
@@ -275,7 +275,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"official train split), {report['val_docs']} validation documents carved from it, the official "
         f"test split whole; settings (C of the baselines, the dual encoder's epochs by early stopping, "
         f"every threshold) chosen on validation only; test scored once per seed. "
-        f"CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores). Mean ± half-range.",
+        f"CPU: {cpu_text(report['machine'])}. Mean ± half-range.",
         "",
         "| dataset | labels | seeds | method | micro-F1 | macro-F1 | wall s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|",

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import machine, mean_spread
+from common import cpu_text, machine, mean_spread
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SCENARIOS = ("clinc_heldout", "clinc_to_bitext", "bitext_to_clinc_finance")
@@ -431,7 +431,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Recipe: `{report['tag'] or 'default'}` — TrainConfig {json.dumps(report['train_config'])}; "
         f"{report['train_per_label']} training / {report['val_per_label']} validation documents per label; "
-        f"seeds {report['seeds']}. CPU: {report['machine']['cpu']} ({report['machine']['cores']} cores). "
+        f"seeds {report['seeds']}. CPU: {cpu_text(report['machine'])}. "
         f"Wall time {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB"
         + (
             " (models trained by an earlier run with these settings were reused from `--work`; "

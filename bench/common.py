@@ -21,6 +21,11 @@ def machine() -> dict[str, Any]:
     return cpu_summary()
 
 
+def cpu_text(info: dict[str, Any]) -> str:
+    """A report's CPU as its Markdown states it: ``"<model> (<N> cores)"`` from :func:`machine`'s dict."""
+    return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores)"
+
+
 def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
