@@ -75,6 +75,8 @@ FEW = {"8", "16", "64"}
 #: the head and the scoring. The defaults would take 2,808 steps on Bitext at 8 per label (not
 #: capped) but 89,400 on CLINC150 and 5,948 on Reuters at 8 per label, millions on the full splits.
 SETFIT_MAX_STEPS = "clinc150=20000,bitext_customer_support=20000,reuters21578_modapte=1200"
+#: labelmatch's schedule in the cells recorded before cells stored it (the library's defaults then).
+UNRECORDED_SCHEDULE = "epochs 3, min_steps 200 (before cells recorded their schedule)"
 #: Labels with fewer official training documents are never held out as new labels.
 MIN_NEW_LABEL_DOCS = 20
 
@@ -284,7 +286,8 @@ def run_labelmatch(name: str, size: str, seed: int, args: argparse.Namespace) ->
     dataset = carve(name, size, seed, args.val_per_label)
     out = model_dir(args, name, size, seed, "labelmatch")
     started = time.perf_counter()
-    trainer = train_sft(dataset, peers_config(name, args, seed), out)
+    config = peers_config(name, args, seed)
+    trainer = train_sft(dataset, config, out)
     train_s = time.perf_counter() - started
     clf = Classifier.load(out)
     if is_single_label(dataset):
@@ -294,7 +297,15 @@ def run_labelmatch(name: str, size: str, seed: int, args: argparse.Namespace) ->
         metrics = {"micro_f1": scored["micro_f1"], "macro_f1": scored["macro_f1"]}
     best = max(trainer.history, key=lambda row: row["val_macro_f1"])
     return {**describe(dataset), **metrics, "train_s": round(train_s, 1), "steps": trainer.step,
+            "planned_steps": trainer.total_steps, "schedule": schedule_of(config),
             "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"]}
+
+
+def schedule_of(config: Any) -> str:
+    """labelmatch's schedule settings of a cell, as one phrase (recorded with the cell)."""
+    ceiling = config.max_lengthened_epochs
+    return (f"epochs {config.epochs}, min_steps {config.min_steps}"
+            + (f" (at most {ceiling:g} passes)" if ceiling is not None and config.min_steps else ""))
 
 
 def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -314,7 +325,8 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     seen = without_labels(dataset, held)
     out = model_dir(args, name, size, seed, NEW_LABELS)
     started = time.perf_counter()
-    train_sft(seen, peers_config(name, args, seed), out)
+    config = peers_config(name, args, seed)
+    train_sft(seen, config, out)
     train_s = time.perf_counter() - started
     test = dataset.split("test").documents
     docs = [Document(d.id, d.text, [x for x in d.labels if x in held]) for d in test]
@@ -323,7 +335,7 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     trained = Classifier.load(out)
     untrained = Classifier.zero_shot(seen.labels, max_length=trained.encoder.max_length, base_adapter="none")
     return {"new_labels": held, "metric": metric, "test_docs": len(evalset.texts),
-            "train_s": round(train_s, 1),
+            "train_s": round(train_s, 1), "schedule": schedule_of(config),
             "trained": score(trained, trained.thresholds.default, evalset)[metric],
             "untrained": score(untrained, val_threshold(untrained, seen), evalset)[metric]}
 
@@ -604,6 +616,10 @@ def summarise(work: Path) -> dict[str, dict[str, Any]]:
                                 "goal": goal(size, methods, metrics)}
         if "setfit" in by_method:
             cell["setfit_capped"] = any(r["capped"] for r in by_method["setfit"])
+        schedules = {r.get("schedule", UNRECORDED_SCHEDULE) for m in ("labelmatch", NEW_LABELS)
+                     for r in by_method.get(m, [])}
+        if schedules:
+            cell["labelmatch_schedules"] = sorted(schedules)
         if NEW_LABELS in by_method:
             runs = by_method[NEW_LABELS]
             cell["new_labels"] = {"metric": runs[0]["metric"], "labels": len(runs[0]["new_labels"]),
@@ -637,15 +653,29 @@ def goal_text(result: dict[str, Any] | None) -> str:
 
 
 def steps_text(cell: dict[str, Any]) -> str:
-    """SetFit's steps run against its defaults' steps, marked where capped."""
-    setfit = cell["methods"].get("setfit")
+    """labelmatch's steps run, then SetFit's against its defaults' steps, marked where capped."""
+    lm, setfit = cell["methods"].get("labelmatch"), cell["methods"].get("setfit")
+    ours = f"{lm['steps']['mean']:,.0f}" if lm and "steps" in lm else "—"
     if not setfit:
-        return "—"
+        return f"{ours} / —"
     run, default = setfit["steps"]["mean"], setfit["default_steps"]["mean"]
     if not cell.get("setfit_capped"):
-        return f"{run:,.0f}"
+        return f"{ours} / {run:,.0f}"
     hours = setfit["default_hours_estimate"]["mean"]
-    return f"{run:,.0f} of {default:,.0f} (**capped**; the defaults ≈ {hours:,.1f} h)"
+    return f"{ours} / {run:,.0f} of {default:,.0f} (**capped**; the defaults ≈ {hours:,.1f} h)"
+
+
+def schedule_lines(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """One line naming labelmatch's schedule settings and the cells that ran each."""
+    where: dict[str, list[str]] = {}
+    for name, sizes in cells.items():
+        for size, cell in sizes.items():
+            for schedule in cell.get("labelmatch_schedules", []):
+                where.setdefault(schedule, []).append(f"{name} {size}")
+    if not where:
+        return []
+    return ["labelmatch's schedule (its defaults; steps run in the steps column): " + "; ".join(
+        f"{schedule} in {', '.join(names)}" for schedule, names in sorted(where.items())) + "."]
 
 
 def new_labels_text(cell: dict[str, Any]) -> str:
@@ -712,13 +742,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| dataset | per label | train docs | seeds | labelmatch acc./micro-F1 | SetFit acc./micro-F1 | "
         "labelmatch macro-F1 | SetFit macro-F1 | train s (labelmatch / SetFit) | "
-        "peak RSS MB (labelmatch / SetFit) | SetFit steps | new labels: labelmatch | new labels: SetFit | "
-        "goal |",
+        "peak RSS MB (labelmatch / SetFit) | steps (labelmatch / SetFit) | new labels: labelmatch | "
+        "new labels: SetFit | goal |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [table_row(name, size, cell) for name, sizes in report["cells"].items()
               for size, cell in sizes.items()]
     lines += ["", *goal_summary(report["cells"])]
+    lines += ["", *schedule] if (schedule := schedule_lines(report["cells"])) else []
     lines += ["", "New labels: labels held out of training, added afterwards by their descriptions and "
               "scored among all labels on their test documents (top-1 accuracy; Reuters: macro-F1 over "
               "the new labels at the trained model's global threshold), beside the untrained encoder. "
@@ -726,9 +757,10 @@ def markdown(report: dict[str, Any]) -> str:
               "added later.", "",
               "Predict speed of what each ships (first size and seed of the run, "
               f"{s['speed_docs']} test documents, one call):", "", *speed_lines(report["speed"])]
-    if len(report["recorded_settings"]) > 1:
-        lines += ["", "**The cells were recorded under different settings** (`recorded_settings` in "
-                  "peers.json): " + "; ".join(f"`{json.dumps(r)}`" for r in report["recorded_settings"])]
+    if len({r["method"] for r in report["recorded_settings"]}) < len(report["recorded_settings"]):
+        lines += ["", "**Cells of one method were recorded under different settings** "
+                  "(`recorded_settings` in peers.json): "
+                  + "; ".join(f"`{json.dumps(r)}`" for r in report["recorded_settings"])]
     if s.get("note"):
         lines += ["", s["note"]]
     lines += ["", "![peers](peers.png)", ""]
@@ -774,10 +806,24 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                                           "base_adapter")}
 
 
+#: Settings only SetFit's cells depend on; every other setting is labelmatch's, or both methods'.
+SETFIT_ONLY = {"setfit_max_steps", "setfit_num_iterations"}
+#: Settings SetFit's cells do not depend on (labelmatch's schedule, start and new-labels share).
+LABELMATCH_ONLY = {"base_adapter", "epochs", "max_length", "new_label_share"}
+
+
+def bearing_settings(cell: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings that a cell's method depends on (the other method's left out)."""
+    ignored = LABELMATCH_ONLY if cell["method"] == "setfit" else SETFIT_ONLY
+    return {k: v for k, v in (cell.get("settings") or {}).items() if k not in ignored}
+
+
 def report_of(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    """The combined report of every cell recorded under ``--work``."""
-    recorded = {json.dumps(json.loads(path.read_text()).get("settings"), sort_keys=True)
-                for path in (args.work / "cells").glob("*.json")}
+    """The combined report of every cell recorded under ``--work`` (``recorded_settings``: each
+    distinct set of settings the cells' methods depend on, per method)."""
+    recorded = {json.dumps({"method": "setfit" if cell["method"] == "setfit" else "labelmatch",
+                            **bearing_settings(cell)}, sort_keys=True)
+                for cell in (json.loads(path.read_text()) for path in (args.work / "cells").glob("*.json"))}
     return {"machine": machine(), "settings": {**settings(args), "speed_docs": args.speed_docs,
                                                "note": args.note},
             "recorded_settings": [json.loads(s) for s in sorted(recorded)], "cells": summarise(args.work),

@@ -61,7 +61,10 @@ def run(name: str, size: str, seed: int, min_steps: int, start: str,
 
     dataset = carve(name, size, seed, args.val_per_label)
     base = "none" if start == "none" else held_out_adapter(args.adapters, name)
-    config = dual_encoder_config(name, args, seed, min_steps=min_steps, base_adapter=base)
+    # min_steps as given, whatever the passes it makes (no max_lengthened_epochs ceiling): the
+    # probe measures the number of steps itself; the ceiling is read off its rows.
+    config = dual_encoder_config(name, args, seed, min_steps=min_steps, max_lengthened_epochs=None,
+                                 base_adapter=base)
     started = time.perf_counter()
     trainer = SFTTrainer(dataset, config)
     first = trainer.validation_scores()

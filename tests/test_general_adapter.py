@@ -143,6 +143,10 @@ def test_the_shipped_adapter_is_small_float16_and_the_default():
         (216, {"min_steps": 0}, (42, 14)),
         (4000, {"min_steps": 200}, (750, 250)),  # enough data: epochs decide
         (216, {"min_steps": 200, "steps_per_iteration": 10}, (200, 10)),
+        (216, {}, (210, 70)),  # the defaults: 400 steps, but at most 15 passes (210 steps) of 8 per label
+        (432, {}, (400, 134)),  # 16 per label: 400 steps are 14.8 passes
+        (216, {"min_steps": 400, "max_lengthened_epochs": None}, (400, 134)),
+        (1728, {}, (400, 134)),  # 64 per label: 3 epochs are 324 steps, lengthened to 400
     ],
 )
 def test_few_documents_train_at_least_min_steps(docs, changes, expected):

@@ -123,6 +123,8 @@ def test_schedule_shape():
 def test_bad_config_is_refused():
     with pytest.raises(ConfigError, match="warmup_ratio"):
         tiny_config(warmup_ratio=1.5)
+    with pytest.raises(ConfigError, match="max_lengthened_epochs"):
+        tiny_config(max_lengthened_epochs=0)
     with pytest.raises(ConfigError, match="unknown TrainConfig field"):
         type(tiny_config()).from_dict({"learning_rate": 1e-3})
 

@@ -10,7 +10,9 @@ from labelmatch.core.errors import ConfigError
 from labelmatch.model.encoder import DEFAULT_BASE_MODEL
 
 #: ``TrainConfig.min_steps`` by default (chosen on validation: docs/training.md, "Few labelled documents").
-MIN_STEPS = 200
+MIN_STEPS = 400
+#: ``TrainConfig.max_lengthened_epochs`` by default (chosen with ``MIN_STEPS``, on validation).
+MAX_LENGTHENED_EPOCHS = 15.0
 #: Steps between refreshes of the label-embedding cache that picks hard negatives (``sampled``)
 #: when ``label_refresh_steps`` is 0.
 SAMPLED_REFRESH_STEPS = 50
@@ -35,6 +37,11 @@ class TrainConfig:
             run is lengthened to ``min_steps`` (more passes over the same documents), still
             validated ``epochs`` times with early stopping. 0 plans ``epochs`` passes exactly.
             Chosen on validation (docs/training.md, "Few labelled documents").
+        max_lengthened_epochs: The most passes over the training documents that ``min_steps``
+            may lengthen a run to; ``None`` lengthens to ``min_steps`` whatever the passes. The
+            smallest sets reach this ceiling first (Bitext at 8 per label: 15 passes are 210 of
+            the 400 steps; at 16 per label 400 steps are 14.8 passes): on validation a tiny set did
+            not gain from more passes while a larger one still did (docs/training.md).
         batch_size: Documents per optimisation step.
         group_by_length: Draw each step's documents among documents of similar token length
             (:mod:`labelmatch.training.batches`), so dynamic padding pads less; every document is
@@ -109,6 +116,7 @@ class TrainConfig:
     inference_max_length: int | None = None
     epochs: int = 3
     min_steps: int = MIN_STEPS
+    max_lengthened_epochs: float | None = MAX_LENGTHENED_EPOCHS
     batch_size: int = 16
     group_by_length: bool = True
     length_group_batches: int = 50
@@ -196,6 +204,9 @@ class TrainConfig:
             )
         if self.min_steps < 0:
             raise ConfigError(f"TrainConfig.min_steps must be >= 0, got {self.min_steps}")
+        if self.max_lengthened_epochs is not None and self.max_lengthened_epochs <= 0:
+            raise ConfigError("TrainConfig.max_lengthened_epochs must be > 0 or None, "
+                              f"got {self.max_lengthened_epochs}")
         if self.sampled_above < 1 or self.hard_negatives < 0 or self.random_negatives < 0:
             raise ConfigError("TrainConfig.sampled_above must be >= 1, hard/random_negatives >= 0")
         if self.steps_per_iteration is not None and self.steps_per_iteration <= 0:

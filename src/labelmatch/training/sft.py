@@ -90,12 +90,15 @@ def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, schedule: st
 def planned_steps(train_docs: int, config: TrainConfig) -> tuple[int, int]:
     """``(total steps, steps per iteration)`` of a training on ``train_docs`` documents.
 
-    ``epochs`` passes, or ``min_steps`` where those are fewer (few documents); a lengthened run
-    keeps ``epochs`` iterations (validations), each ``total / epochs`` steps, unless
-    ``steps_per_iteration`` is set.
+    ``epochs`` passes, or ``min_steps`` where those are fewer (few documents), but no more than
+    ``max_lengthened_epochs`` passes from lengthening; a lengthened run keeps ``epochs``
+    iterations (validations), each ``total / epochs`` steps, unless ``steps_per_iteration`` is set.
     """
     per_epoch = config.steps_per_epoch(train_docs)
-    total = max(per_epoch * config.epochs, config.min_steps)
+    floor = config.min_steps
+    if config.max_lengthened_epochs is not None:
+        floor = min(floor, math.ceil(per_epoch * config.max_lengthened_epochs))
+    total = max(per_epoch * config.epochs, floor)
     if config.steps_per_iteration:
         return total, config.steps_per_iteration
     return total, per_epoch if total == per_epoch * config.epochs else math.ceil(total / config.epochs)
