@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=Path, default=ROOT / "runs/general-adapter",
                         help="bench_general_adapter.py's --work (its held-out adapters).")
     parser.add_argument("--datasets", default="bitext_customer_support,clinc150")
-    parser.add_argument("--sizes", default="8,16")
+    parser.add_argument("--sizes", default="8,16",
+                        help="Documents per label, for every dataset; 'dataset:size' for one dataset only.")
     parser.add_argument("--min-steps", default="0,200,400")
     parser.add_argument("--starts", default="none,held-out")
     parser.add_argument("--seeds", default="0")
@@ -119,13 +120,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def sizes_for(name: str, spec: str) -> list[str]:
+    """The sizes of ``--sizes`` that apply to ``name`` (plain ones, and those given as ``name:size``)."""
+    picked = []
+    for part in spec.split(","):
+        dataset, _, size = part.rpartition(":")
+        if dataset in ("", name):
+            picked.append(size)
+    return picked
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = []
     for name in args.datasets.split(","):
-        for size in args.sizes.split(","):
+        for size in sizes_for(name, args.sizes):
             for start in args.starts.split(","):
                 for min_steps in (int(m) for m in args.min_steps.split(",")):
                     runs = []
