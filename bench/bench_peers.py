@@ -813,17 +813,19 @@ LABELMATCH_ONLY = {"base_adapter", "epochs", "max_length", "new_label_share"}
 
 
 def bearing_settings(cell: dict[str, Any]) -> dict[str, Any]:
-    """The recorded settings that a cell's method depends on (the other method's left out)."""
-    ignored = LABELMATCH_ONLY if cell["method"] == "setfit" else SETFIT_ONLY
-    return {k: v for k, v in (cell.get("settings") or {}).items() if k not in ignored}
+    """The recorded settings that a cell's method depends on (the other method's left out), under
+    ``method``: ``setfit``, or ``labelmatch`` for its cells and its new-labels cells."""
+    setfit = cell["method"] == "setfit"
+    ignored = LABELMATCH_ONLY if setfit else SETFIT_ONLY
+    return {"method": "setfit" if setfit else "labelmatch",
+            **{k: v for k, v in (cell.get("settings") or {}).items() if k not in ignored}}
 
 
 def report_of(args: argparse.Namespace, started: float) -> dict[str, Any]:
     """The combined report of every cell recorded under ``--work`` (``recorded_settings``: each
     distinct set of settings the cells' methods depend on, per method)."""
-    recorded = {json.dumps({"method": "setfit" if cell["method"] == "setfit" else "labelmatch",
-                            **bearing_settings(cell)}, sort_keys=True)
-                for cell in (json.loads(path.read_text()) for path in (args.work / "cells").glob("*.json"))}
+    recorded = {json.dumps(bearing_settings(json.loads(path.read_text())), sort_keys=True)
+                for path in (args.work / "cells").glob("*.json")}
     return {"machine": machine(), "settings": {**settings(args), "speed_docs": args.speed_docs,
                                                "note": args.note},
             "recorded_settings": [json.loads(s) for s in sorted(recorded)], "cells": summarise(args.work),
