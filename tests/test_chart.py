@@ -611,11 +611,18 @@ def _admits(policy: dict, direction: str, other: dict, port: int, protocol: str 
     return False
 
 
+def policy_named(docs: list[dict], name: str) -> dict:
+    """The rendered NetworkPolicy called ``name``."""
+    matches = [doc for doc in docs if doc["kind"] == "NetworkPolicy" and doc["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one NetworkPolicy {name}, got {len(matches)}"
+    return matches[0]
+
+
 def test_network_policy_admits_only_the_gateway_and_reaches_only_dns_postgres_and_s3(
         rendered: dict[Path, list[dict]]) -> None:
     """The NetworkPolicy, evaluated as Kubernetes does (rules ORed, peers and ports matched),
     for a managed database and S3 by CIDR and for in-cluster ones by namespace and labels."""
-    policy = by_kind(rendered[SERVING / "ci" / "networkpolicy-values.yaml"], "NetworkPolicy")
+    policy = policy_named(rendered[SERVING / "ci" / "networkpolicy-values.yaml"], "rel-labelmatch-serving")
     isvc = by_kind(rendered[SERVING / "ci" / "networkpolicy-values.yaml"], "InferenceService")
     assert _selects(policy["spec"]["podSelector"], isvc["spec"]["predictor"]["labels"])
     gateway = {"namespace": "gateway-system", "labels": {"app": "envoy"}}
@@ -644,7 +651,7 @@ def test_network_policy_admits_only_the_gateway_and_reaches_only_dns_postgres_an
     assert not _admits(policy, "egress", {"ip": "1.1.1.1"}, 443)
     assert not _admits(policy, "egress", {"namespace": "kube-system", "labels": {}}, 443)  # no API server
 
-    header = by_kind(rendered[SERVING / "ci" / "auth-header-values.yaml"], "NetworkPolicy")
+    header = policy_named(rendered[SERVING / "ci" / "auth-header-values.yaml"], "rel-labelmatch-serving")
     ingress_gateway = {"namespace": "istio-system", "labels": {"istio": "ingressgateway"}}
     assert _admits(header, "ingress", ingress_gateway, 8080)
     assert not _admits(header, "ingress", {"namespace": "istio-system", "labels": {"app": "istiod"}}, 8080)
@@ -659,8 +666,56 @@ def test_network_policy_admits_only_the_gateway_and_reaches_only_dns_postgres_an
 def test_network_policy_with_knative_admits_the_activator(helm: str) -> None:
     docs = render(helm, SERVING, "-f", str(SERVING / "ci" / "networkpolicy-values.yaml"),
                   "--set", "deploymentMode=Serverless")
-    policy = by_kind(docs, "NetworkPolicy")
+    policy = policy_named(docs, "rel-labelmatch-serving")
     kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
     assert _admits(policy, "ingress", {"namespace": "knative-serving", "labels": {"app": "activator"}}, 8012)
     assert _admits(policy, "ingress", {"namespace": "gateway-system", "labels": {}}, 8012)
     assert not _admits(policy, "ingress", {"namespace": "default", "labels": {}}, 8012)
+
+
+def test_network_policy_lets_the_mirror_reach_the_shadow_and_only_it(
+        rendered: dict[Path, list[dict]], helm: str) -> None:
+    """A shadow deploy's InferenceService ``<service>-shadow`` (pods labelled by KServe with
+    ``serving.kserve.io/inferenceservice``, tests/k8s_fake.py) gets the serving pods' mirrored
+    requests through both policies, and nothing else reaches it."""
+    docs = rendered[SERVING / "ci" / "networkpolicy-values.yaml"]
+    serving = policy_named(docs, "rel-labelmatch-serving")
+    shadow = policy_named(docs, "rel-labelmatch-serving-shadow")
+    kubernetes_validate.validate(shadow, K8S_VERSION, strict=True)
+    isvc = by_kind(docs, "InferenceService")
+    kserve_label = "serving.kserve.io/inferenceservice"
+    predictor = {"namespace": "ml", "labels": {**isvc["spec"]["predictor"]["labels"],
+                                                kserve_label: isvc["metadata"]["name"]}}
+    shadow_labels = {kserve_label: "rel-labelmatch-serving-shadow", "component": "predictor",
+                     "app.kubernetes.io/name": "labelmatch"}
+    shadow_pod = {"namespace": "ml", "labels": shadow_labels}
+    assert _selects(shadow["spec"]["podSelector"], shadow_pod["labels"])
+    assert not _selects(shadow["spec"]["podSelector"], predictor["labels"])
+    assert not _selects(serving["spec"]["podSelector"], shadow_pod["labels"])  # one policy per pod
+
+    assert _admits(serving, "egress", shadow_pod, 8080) and _admits(shadow, "ingress", predictor, 8080)
+    assert not _admits(serving, "egress", shadow_pod, 22)
+    other_isvc = {"namespace": "ml", "labels": {kserve_label: "another-model"}}
+    assert not _admits(serving, "egress", other_isvc, 8080)
+    assert not _admits(serving, "egress", {**shadow_pod, "namespace": "default"}, 8080)
+
+    deploy_step = {"namespace": "kubeflow-ml", "labels": {"labelmatch.io/stage": "deploy"}}
+    assert _admits(shadow, "ingress", deploy_step, 8080)
+    for stranger in ({"namespace": "gateway-system", "labels": {}}, {"namespace": "ml", "labels": {}},
+                     {"namespace": "ml",
+                      "labels": {**predictor["labels"], "app.kubernetes.io/instance": "other"}},
+                     {"ip": "203.0.113.7"}):
+        assert not _admits(shadow, "ingress", stranger, 8080), stranger
+    # Out: what the serving pods reach (DNS, the database, S3), and not another shadow.
+    dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    assert _admits(shadow, "egress", dns, 53, "UDP")
+    assert _admits(shadow, "egress", {"ip": "10.20.0.7"}, 5432)
+    assert _admits(shadow, "egress", {"ip": "52.219.1.1"}, 443)
+    assert not _admits(shadow, "egress", shadow_pod, 8080)
+    assert not _admits(shadow, "egress", {"ip": "1.1.1.1"}, 443)
+
+    off = render(helm, SERVING, "-f", str(SERVING / "ci" / "networkpolicy-values.yaml"),
+                 "--set", "networkPolicy.shadow.enabled=false")
+    names = [doc["metadata"]["name"] for doc in off if doc["kind"] == "NetworkPolicy"]
+    assert names == ["rel-labelmatch-serving"]
+    assert not _admits(policy_named(off, "rel-labelmatch-serving"), "egress", shadow_pod, 8080)
