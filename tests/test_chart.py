@@ -458,7 +458,8 @@ def test_monitoring_values_render_drift_alerts_on_the_servers_gauges(rendered: d
     assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
     assert {"LabelmatchDriftDetected", "LabelmatchMonitorReportStale", "LabelmatchLowConfidenceHigh",
-            "LabelmatchDriftSignalFired", "LabelmatchPredictionRecordsDropped"} == set(alerts)
+            "LabelmatchDriftSignalFired", "LabelmatchPredictionRecordsDropped", "LabelmatchCanaryOverdue",
+            "LabelmatchCanaryRolledBack"} == set(alerts)
     assert alerts["LabelmatchDriftDetected"]["labels"]["severity"] == "critical"
     from prometheus_client import CollectorRegistry
 
@@ -471,6 +472,12 @@ def test_monitoring_values_render_drift_alerts_on_the_servers_gauges(rendered: d
         names = set(re.findall(r"labelmatch_[a-z_]+", text))
         assert names and names <= exported, (alert["alert"], names - exported)
         assert 'pod=~"rel-labelmatch-serving-predictor.*"' in text
+    canary_alerts = (("LabelmatchCanaryOverdue", "started"), ("LabelmatchCanaryRolledBack", "rolled_back"))
+    for alert, decision in canary_alerts:  # (the newest decision is ...) and (its time says so)
+        expr = promql_parser.parse(alerts[alert]["expr"])
+        assert str(expr.op) == "and" and f'decision="{decision}"' in str(expr.lhs), str(expr)
+        assert "decision=" not in str(expr.rhs) and str(expr.rhs).startswith("time()"), str(expr)
+    assert "< 21600" in alerts["LabelmatchCanaryRolledBack"]["expr"]
     args = by_kind(docs, "InferenceService")["spec"]["predictor"]["containers"][0]["args"]
     assert args[args.index("--log_sample_rate") + 1] == "1"
     broken = {**rule, "spec": {"groups": [{"name": "g", "rules": [{"alert": "A", "expr": 'max(x{a="b")'}]}]}}

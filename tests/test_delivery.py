@@ -42,7 +42,7 @@ from labelmatch.platform.kserve import (
 )
 from labelmatch.platform.releases import ReleaseLog, ReleaseRecord
 from labelmatch.serving.metrics import ServeMetrics
-from labelmatch.state.serving_state import ShadowRow
+from labelmatch.state.serving_state import ServingState, ShadowRow
 
 # -- the rules file ------------------------------------------------------------------------------
 
@@ -467,13 +467,135 @@ def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
         _tick_until(state, lambda: bool(state.objects[(NS, "tax")].get("status", {}).get("components", {})
                                         .get("predictor", {}).get("latestRolledoutRevision")))
         state.crash = True
+        state_url = f"sqlite:///{tmp_path / 'state.db'}"
         with pytest.raises(LabelmatchError, match=r"revision tax-predictor-00002 failed: .*; the canary was "
                                                   r"rolled back, no release recorded"):
-            deploy_canary(config, "s3://b/m2", Store(), "s3://b", CanaryRules(), api=api)
+            deploy_canary(config, "s3://b/m2", Store(), "s3://b", CanaryRules(), api=api, state_url=state_url)
+        serving_state = ServingState(state_url)
+        event = serving_state.latest_delivery_event("tax")[1]
+        serving_state.close()
+        # Every revision crashes here, the stable's rebuilt one too, so the rollback did not finish:
+        # the canary stays "started" and its deadline applies (the traffic is back all the same).
+        assert event["decision"] == "started"
         predictor = state.objects[(NS, "tax")]["status"]["components"]["predictor"]
         assert {t["revisionName"]: t["percent"] for t in predictor["traffic"]} == {"tax-predictor-00001": 100}
         assert state.objects[(NS, "tax")]["spec"]["predictor"]["containers"] == body["spec"]["predictor"][
             "containers"]
+
+
+class _Killed(BaseException):
+    """The deploy step's process dying (SIGKILL, eviction): no ``except Exception`` of it runs."""
+
+
+def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_is_rolled_back(
+        tmp_path, monkeypatch):
+    """The step is killed after its canary took 25 %: the serving state still says when it is
+    overdue and how to undo it. Before that deadline another canary is refused (the first step might
+    still be deciding) and nothing changes; after it the canary is rolled back, the decision stored
+    as ``rolled_back`` (``abandoned``), and the replicas' gauges say ``started`` then ``rolled_back``."""
+    from labelmatch.delivery.abandoned import settle_abandoned_canary
+    from labelmatch.delivery.kserve import deploy_canary
+
+    class Store:
+        def verify_remote(self, uri, kind=None) -> str:
+            return "e" * 64
+
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=1.5, poll_s=0.01, crd_path=str(CRD))
+    rules = CanaryRules(traffic_percent=25, window_s=60.0)
+    real_wait = KServeTraffic.wait_canary
+
+    def killed_once_rolled_out(self, *args):
+        real_wait(self, *args)
+        raise _Killed
+
+    def newest_event() -> dict:
+        state = ServingState(state_url)
+        try:
+            return state.latest_delivery_event("tax")[1]
+        finally:
+            state.close()
+
+    with kube_fake_server(default_mode="Serverless", pod_runner=_StubPod) as (url, kube):
+        api = kube_custom_objects(url)
+        body = _serving("Serverless")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+
+        def predictor() -> dict:
+            return kube.objects[(NS, "tax")].get("status", {}).get("components", {}).get("predictor", {})
+
+        def shares() -> dict:
+            return {t["revisionName"]: t["percent"] for t in predictor().get("traffic", [])}
+
+        _tick_until(kube, lambda: predictor().get("latestRolledoutRevision") == "tax-predictor-00001")
+        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        with pytest.raises(_Killed):
+            deploy_canary(config, "s3://b/m2", Store(), "s3://b", rules, api=api, state_url=state_url)
+        assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
+        started = newest_event()
+        assert started["decision"] == "started" and started["mode"] == "knative"
+        # The rollout wait, the longest window (3 x 60 s), a look, the decision's waits, the slack.
+        assert started["deadline"] - started["created_at"] == pytest.approx(1.5 + 180 + 15 + 3 + 120, abs=2)
+        registry = CollectorRegistry()
+        metrics = ServeMetrics(registry)
+        metrics.show_delivery_event(started)
+        assert registry.get_sample_value("labelmatch_canary_decision", {"decision": "started"}) == 1
+        deadline = registry.get_sample_value("labelmatch_canary_deadline_timestamp_seconds")
+        assert deadline == started["deadline"]
+
+        monkeypatch.setattr(KServeTraffic, "wait_canary", real_wait)
+        with pytest.raises(ConfigError, match=rf"tax: the canary of release {started['release_id']} is still "
+                                              r"being decided until 20\d\d-.*Z \(its deploy step may"):
+            deploy_canary(config, "s3://b/m3", Store(), "s3://b", rules, api=api, state_url=state_url)
+        assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
+        assert newest_event()["decision"] == "started"
+
+        assert settle_abandoned_canary(api, config, state_url, now=started["deadline"] + 1) == "rolled_back"
+        rebuilt = predictor()["latestRolledoutRevision"]
+        assert rebuilt not in ("tax-predictor-00001", "tax-predictor-00002") and shares() == {rebuilt: 100}
+        final = kube.objects[(NS, "tax")]["spec"]["predictor"]
+        assert "canaryTrafficPercent" not in final and final["containers"] == body["spec"]["predictor"][
+            "containers"]
+        decided = newest_event()
+        assert (decided["decision"], decided["reason"], decided["release_id"]) == (
+            "rolled_back", "abandoned", started["release_id"])
+        metrics.show_delivery_event(decided)
+        assert registry.get_sample_value("labelmatch_canary_decision", {"decision": "rolled_back"}) == 1
+        assert registry.get_sample_value("labelmatch_canary_decision", {"decision": "started"}) == 0
+        assert settle_abandoned_canary(api, config, state_url) is None  # settled once
+
+        # A retry of the same pipeline run (its earlier attempt died) rolls it back at once; another
+        # run waits for the deadline.
+        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        with pytest.raises(_Killed):
+            deploy_canary(config, "s3://b/m4", Store(), "s3://b", rules, api=api, state_url=state_url,
+                          run_id="run-4")
+        with pytest.raises(ConfigError, match="still being decided"):
+            settle_abandoned_canary(api, config, state_url, run_id="run-5")
+        assert settle_abandoned_canary(api, config, state_url, run_id="run-4") == "rolled_back"
+        assert newest_event()["reason"] == "abandoned" and len(shares()) == 1
+
+        # An error the step lives through: it rolls its canary back itself and stores the decision.
+        def fails_once_rolled_out(self, *args):
+            real_wait(self, *args)
+            raise LabelmatchError("the canary pod answers nonsense")
+
+        monkeypatch.setattr(KServeTraffic, "wait_canary", fails_once_rolled_out)
+        with pytest.raises(LabelmatchError, match="answers nonsense; the canary was rolled back"):
+            deploy_canary(config, "s3://b/m5", Store(), "s3://b", rules, api=api, state_url=state_url)
+        assert (newest_event()["decision"], newest_event()["reason"]) == (
+            "rolled_back", "failed before its decision: the canary pod answers nonsense")
+        assert len(shares()) == 1
+        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+
+        # A replace (an operator's rollback among them) is never refused: it clears the canary
+        # itself, and the undecided canary is recorded as superseded.
+        with pytest.raises(_Killed):
+            deploy_canary(config, "s3://b/m6", Store(), "s3://b", rules, api=api, state_url=state_url)
+        assert newest_event()["decision"] == "started"
+        assert settle_abandoned_canary(api, config, state_url, replace=True) == "superseded"
+        assert newest_event()["reason"] == "replaced while being decided"
 
 
 def test_deploy_command_refuses_a_bad_strategy_or_rules_file_in_one_line(tmp_path, monkeypatch, capsys):

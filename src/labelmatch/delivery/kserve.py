@@ -411,7 +411,8 @@ def _profile(store: ArtifactStore, model_uri: str, model_dir: str | Path | None)
         return ReferenceProfile.load(tmp)
 
 
-def _get_isvc(api: Any, config: DeployConfig) -> dict[str, Any] | None:
+def get_isvc(api: Any, config: DeployConfig) -> dict[str, Any] | None:
+    """The InferenceService ``config.service`` as the API server has it, ``None`` if there is none."""
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -473,9 +474,12 @@ def deploy_canary(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     if expected_digest and digest != expected_digest:
         raise ArtifactError(f"{model_uri}: artifact digest {digest[:12]}… is not the expected "
                             f"{expected_digest[:12]}…; refusing to deploy")
+    from labelmatch.delivery.abandoned import STARTED, canary_deadline, settle_abandoned_canary, started_event
+
     api = api or kube_custom_objects()
     where = f"InferenceService {config.namespace}/{config.service}"
-    existing = _get_isvc(api, config)
+    settle_abandoned_canary(api, config, state_url, run_id=run_id)
+    existing = get_isvc(api, config)
     if existing is None:
         raise ConfigError(f"{where} does not exist: a canary needs a model serving already; deploy the first "
                           "one with --strategy replace")
@@ -503,6 +507,11 @@ def deploy_canary(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     stable_served = _served(stable_pods[0], config.service)
     log.info("%s: canary of %s at %d%% (release %s, %s mode)", where, model_uri, rules.traffic_percent,
              release_id, mode)
+    # Should this step die before its decision, the next deploy (and an alert) know by when it is
+    # overdue and how to roll it back (labelmatch.delivery.abandoned).
+    save_decision(state_url, config.service, release_id, "canary", STARTED, started_event(
+        canary_deadline(config, rules, time.time()), mode, stable, traffic.canary, traffic.stable_containers,
+        rules.traffic_percent, run_id))
     traffic._patch(patch)
     try:
         traffic.wait_canary(release_id, rules.traffic_percent, _predictor_status(existing).get(
@@ -522,8 +531,14 @@ def deploy_canary(config: DeployConfig, model_uri: str, store: ArtifactStore, re
         log.error("%s: the canary failed before its decision (%s); rolling it back", where, exc)
         try:
             traffic.rollback()
-        except LabelmatchError as again:
+        except LabelmatchError as again:  # the started event stays: its deadline applies
             log.error("%s: rolling the canary back failed too: %s", where, again)
+        else:
+            try:
+                save_decision(state_url, config.service, release_id, "canary", "rolled_back",
+                              {"reason": f"failed before its decision: {exc}", "results": []})
+            except LabelmatchError as unsaved:  # the started event stays: its deadline applies
+                log.error("%s: the rollback could not be stored: %s", where, unsaved)
         if isinstance(exc, LabelmatchError):
             raise LabelmatchError(f"{exc}; the canary was rolled back, no release recorded") from None
         raise
@@ -568,8 +583,10 @@ def deploy_shadow(config: DeployConfig, model_uri: str, store: ArtifactStore, re
     if not state_url:
         raise ConfigError("the shadow strategy needs the serving state (--state-url / LABELMATCH_STATE_URL): "
                           "the serving replicas find the shadow target there and log both answers")
+    from labelmatch.delivery.abandoned import settle_abandoned_canary
+
     api = api or kube_custom_objects()
-    existing = _get_isvc(api, config)
+    existing = get_isvc(api, config)
     if existing is None or not served_url(existing):
         raise ConfigError(f"{where} does not serve yet: a shadow needs live traffic to copy")
     state = ServingState(state_url)  # unreachable: refused here, before anything changes
@@ -577,11 +594,13 @@ def deploy_shadow(config: DeployConfig, model_uri: str, store: ArtifactStore, re
         state.check_writable()
     finally:
         state.close()
+    if settle_abandoned_canary(api, config, state_url, run_id=run_id):
+        existing = get_isvc(api, config) or existing
     shadow_service = f"{config.service}-shadow"
     shadow_config = dataclasses.replace(config, service=shadow_service, min_replicas=1, max_replicas=1)
     shadow = deploy_model(shadow_config, model_uri, store, release_root, pipeline_version, run_id,
                           expected_digest, api=api, record=False)
-    shadow_isvc = _get_isvc(api, shadow_config)
+    shadow_isvc = get_isvc(api, shadow_config)
     url = f"{served_url(shadow_isvc or {})}/v1/models/{shadow_service}:predict"
     mode = deployment_mode(existing) or "raw"
     serving = (_predictor_status(existing).get("latestRolledoutRevision", "") if mode == "knative"
@@ -616,5 +635,5 @@ def deploy_shadow(config: DeployConfig, model_uri: str, store: ArtifactStore, re
 
 
 __all__ = ["RAW_CANARY_SINCE", "KServeTraffic", "canary_mode", "canary_name", "deploy_canary",
-           "deploy_shadow", "knative_canary_patch", "promote_patch", "raw_canary_patch", "refuse_raw",
-           "rollback_patch", "save_decision"]
+           "deploy_shadow", "get_isvc", "knative_canary_patch", "promote_patch", "raw_canary_patch",
+           "refuse_raw", "rollback_patch", "save_decision"]

@@ -18,6 +18,9 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: What ``labelmatch_canary_decision`` may say of a service's newest canary
+#: (:mod:`labelmatch.delivery.abandoned` adds ``started`` and ``superseded``).
+CANARY_DECISIONS = ("started", "promoted", "rolled_back", "superseded")
 #: Request-time labels are not counted by name: clients choose them, and an unbounded label
 #: value set would blow up the metric's cardinality.
 REQUEST_LABEL = "_request_label"
@@ -115,8 +118,13 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS, registry=registry)
         self.canary_decision = Gauge(
             "labelmatch_canary_decision",
-            "1 for the decision of the service's newest canary (promoted or rolled_back), 0 for the other.",
+            "1 for the decision of the service's newest canary (started: not decided yet; promoted, "
+            "rolled_back, superseded), 0 for the others.",
             ["decision"], registry=registry)
+        self.canary_deadline = Gauge(
+            "labelmatch_canary_deadline_timestamp_seconds",
+            "Unix time by which the service's newest started canary must be decided (its deploy step "
+            "stopped if not).", registry=registry)
         self.canary_rule_failed = Gauge(
             "labelmatch_canary_rule_failed",
             "1 when the rule failed in the service's newest canary decision.",
@@ -162,8 +170,11 @@ class ServeMetrics:
                 self.shadow_agreement.set(agreement)
             return
         decision = event.get("decision")
-        for name in ("promoted", "rolled_back"):
+        for name in CANARY_DECISIONS:
             self.canary_decision.labels(name).set(1 if decision == name else 0)
+        if decision == "started":
+            self.canary_rule_failed.clear()  # the previous canary's rules
+            self.canary_deadline.set(event.get("deadline", 0))
         for result in event.get("results") or []:
             failed = 1 if result.get("passed") is False else 0
             self.canary_rule_failed.labels(result.get("rule", "?")).set(failed)

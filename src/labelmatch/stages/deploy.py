@@ -286,6 +286,10 @@ def run_deploy_step(
                     digest,
                     restore=restore,
                 )
+                if config.state_url:  # a canary its step never decided is gone now: say so
+                    from labelmatch.delivery.abandoned import settle_abandoned_canary
+
+                    settle_abandoned_canary(None, deploy_config, config.state_url, replace=True)
             release.update(asdict(record))
         write_json(tmp / "release.json", release)
         write_manifest(
