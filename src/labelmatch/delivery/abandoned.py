@@ -119,7 +119,9 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
     reason = "abandoned" if now >= deadline or retried else "replaced while being decided"
     if replace or carried != release_id:
         decision = "superseded"
-        log.warning("%s: the canary of release %s (%s) is cleared by this deploy", where, release_id, reason)
+        why = "this replace cleared it" if replace else f"the InferenceService now carries release {carried}"
+        log.warning("%s: the undecided canary of release %s is recorded as superseded (%s)", where,
+                    release_id, why)
     else:
         decision = "rolled_back"
         log.warning("%s: the canary of release %s has no decision and nobody deciding it (%s); "
