@@ -92,7 +92,7 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
     """
     if not state_url:
         return None
-    from labelmatch.delivery.kserve import KServeTraffic, get_isvc, save_decision
+    from labelmatch.delivery.kserve import KServeTraffic, _predictor_status, get_isvc, save_decision
     from labelmatch.state.serving_state import ServingState
 
     state = ServingState(state_url)
@@ -130,8 +130,7 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
                     f"its deadline {_iso(deadline)} passed")
         mode, canary = event.get("mode", "raw"), event.get("canary", "")
         if mode == "knative" and not canary:  # its revision was named after the event was stored
-            predictor = ((isvc.get("status") or {}).get("components") or {}).get("predictor") or {}
-            canary = predictor.get("latestCreatedRevision", "")
+            canary = _predictor_status(isvc).get("latestCreatedRevision", "")
         stable, containers = event.get("stable", ""), event.get("stable_containers")
         KServeTraffic(api, config, mode, stable, canary, containers).rollback()
     save_decision(state_url, config.service, release_id, "canary", decision,
