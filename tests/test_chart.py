@@ -75,6 +75,12 @@ def by_kind(docs: list[dict], kind: str) -> dict:
     return matches[0]
 
 
+def serving_account(docs: list[dict]) -> dict:
+    """The ServiceAccount of the predictor (KServe's S3 Secret), not the canary reaper's."""
+    return by_kind([doc for doc in docs if doc["metadata"].get("labels", {}).get(
+        "app.kubernetes.io/component") != "canary-reaper"], "ServiceAccount")
+
+
 #: prometheus-operator's PrometheusRule (monitoring.coreos.com/v1), strict: the fields its API
 #: reference documents for a rule group and a rule.
 PROMETHEUS_RULE_SCHEMA = {
@@ -181,7 +187,7 @@ def test_serving_defaults_are_secure_and_listen_on_pod_ip(rendered: dict[Path, l
     assert state_url["valueFrom"]["secretKeyRef"] == {"name": "labelmatch-state", "key": "url"}
     # Default: credentials live in a Secret the user creates; the chart renders no key material.
     assert not [doc for doc in docs if doc["kind"] == "Secret"]
-    account = by_kind(docs, "ServiceAccount")
+    account = serving_account(docs)
     assert account["secrets"] == [{"name": "labelmatch-s3-credentials"}]
     assert account["automountServiceAccountToken"] is False
     assert predictor["serviceAccountName"] == account["metadata"]["name"]
@@ -216,7 +222,7 @@ def test_minio_values_create_annotated_secret_and_config(rendered: dict[Path, li
     assert annotations["serving.kserve.io/s3-usehttps"] == "0"
     assert annotations["serving.kserve.io/s3-verifyssl"] == "0"
     assert base64.b64decode(secret["data"]["AWS_SECRET_ACCESS_KEY"]).decode() == "ci-fake-secret-key"
-    assert by_kind(docs, "ServiceAccount")["secrets"] == [{"name": secret["metadata"]["name"]}]
+    assert serving_account(docs)["secrets"] == [{"name": secret["metadata"]["name"]}]
     config = by_kind(docs, "ConfigMap")
     labels = yaml.safe_load(config["data"]["labels.json"])
     assert set(labels) == {"vat", "payroll"}
@@ -296,7 +302,9 @@ def test_first_install_waits_for_a_model_and_says_how_to_deploy_it(helm: str) ->
     from labelmatch.platform.kserve import DeployConfig
 
     docs = render(helm, SERVING)
-    assert sorted(doc["kind"] for doc in docs) == ["ConfigMap", "ServiceAccount"]
+    # And the canary reaper (it settles the canaries of the InferenceService the deploy step creates).
+    assert sorted(doc["kind"] for doc in docs) == [
+        "ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount"]
     for doc in docs:
         validate(doc)
     manifests, notes = _install_notes(helm, "labelmatch-serving")
@@ -306,8 +314,7 @@ def test_first_install_waits_for_a_model_and_says_how_to_deploy_it(helm: str) ->
     assert "meta.helm.sh/release-name=labelmatch-serving meta.helm.sh/release-namespace=labelmatch" in notes
     assert '--set model.storageUri="$(labelmatch releases --service labelmatch-serving' in notes
     # The InferenceService the deploy step creates uses this release's ServiceAccount (the S3 Secret's).
-    [account] = [doc for doc in yaml.safe_load_all(manifests.split("MANIFEST:", 1)[1])
-                 if doc and doc["kind"] == "ServiceAccount"]
+    account = serving_account([doc for doc in yaml.safe_load_all(manifests.split("MANIFEST:", 1)[1]) if doc])
     assert account["metadata"]["name"] == DeployConfig("labelmatch-serving").service_account
     assert "WARNING" not in notes
     assert "WARNING: the deploy step's InferenceService uses" in _install_notes(helm, "other")[1]
@@ -724,5 +731,67 @@ def test_network_policy_lets_the_mirror_reach_the_shadow_and_only_it(
     off = render(helm, SERVING, "-f", str(SERVING / "ci" / "networkpolicy-values.yaml"),
                  "--set", "networkPolicy.shadow.enabled=false")
     names = [doc["metadata"]["name"] for doc in off if doc["kind"] == "NetworkPolicy"]
-    assert names == ["rel-labelmatch-serving"]
+    assert names == ["rel-labelmatch-serving", "rel-labelmatch-serving-canary-reaper"]
     assert not _admits(policy_named(off, "rel-labelmatch-serving"), "egress", shadow_pod, 8080)
+
+
+def test_canary_reaper_may_only_patch_its_own_service_and_runs_a_command_that_exists(
+        rendered: dict[Path, list[dict]], helm: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CronJob that rolls back an abandoned canary: its ServiceAccount may get and patch the
+    release's InferenceService and nothing else; its command is one the step image's CLI takes (run
+    here against an empty serving state); its NetworkPolicy lets it reach DNS, PostgreSQL and the API
+    server only. Without a shared serving state (nothing to read deadlines from) nothing renders."""
+    from conftest import run_cli
+
+    docs = rendered[SERVING / "ci" / "networkpolicy-values.yaml"]
+    isvc = by_kind(docs, "InferenceService")
+    name = "rel-labelmatch-serving-canary-reaper"
+    role, binding, cron = by_kind(docs, "Role"), by_kind(docs, "RoleBinding"), by_kind(docs, "CronJob")
+    assert role["metadata"]["name"] == binding["metadata"]["name"] == cron["metadata"]["name"] == name
+    assert role["rules"] == [{"apiGroups": ["serving.kserve.io"], "resources": ["inferenceservices"],
+                              "resourceNames": [isvc["metadata"]["name"]], "verbs": ["get", "patch"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": name, "namespace": "ml"}]
+    job = cron["spec"]["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["serviceAccountName"] == name and pod["automountServiceAccountToken"] is True
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    [container] = pod["containers"]
+    serve_image = isvc["spec"]["predictor"]["containers"][0]["image"]
+    assert container["image"] == serve_image.replace("labelmatch-serve:", "labelmatch-step:")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    args = container["args"]
+    assert args[:5] == ["settle-canary", "--service", isvc["metadata"]["name"], "--namespace", "ml"]
+    timeout = float(args[args.index("--timeout") + 1])
+    assert job["activeDeadlineSeconds"] >= 2 * timeout  # a Serverless rollback waits twice
+    [env] = container["env"]
+    assert env["name"] == "LABELMATCH_STATE_URL"
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "labelmatch-state", "key": "url"}
+    # The rendered command, run by the CLI this repository builds into the step image.
+    monkeypatch.setenv("LABELMATCH_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == f"ml/{isvc['metadata']['name']}: no undecided canary"
+
+    policy = policy_named(docs, name)
+    labels = pod.get("metadata", job["template"]["metadata"])["labels"]
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert not _selects(policy_named(docs, "rel-labelmatch-serving")["spec"]["podSelector"], labels)
+    assert not _admits(policy, "ingress", {"namespace": "ml", "labels": {}}, 8080)
+    dns = {"namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}}
+    assert _admits(policy, "egress", dns, 53, "UDP")
+    assert _admits(policy, "egress", {"ip": "10.20.0.7"}, 5432)
+    api_server = {"ip": "172.20.0.3"}
+    assert _admits(policy, "egress", api_server, 443) and _admits(policy, "egress", api_server, 6443)
+    assert not _admits(policy, "egress", {"ip": "172.21.0.3"}, 443)
+    assert not _admits(policy, "egress", {"ip": "172.20.0.3"}, 22)
+    assert not _admits(policy, "egress", {"ip": "52.219.1.1"}, 443)  # not S3: it reads no model
+    predictor = {"namespace": "ml", "labels": isvc["spec"]["predictor"]["labels"]}
+    assert not _admits(policy, "egress", predictor, 8080)
+
+    for off in (["--set", "canaryReaper.enabled=false"],
+                ["--set", "state.existingSecret=,autoscaling.minReplicas=1,autoscaling.maxReplicas=1"]):
+        values = SERVING / "ci" / "networkpolicy-values.yaml"
+        kinds = {doc["kind"] for doc in render(helm, SERVING, "-f", str(values), *off)}
+        assert not kinds & {"CronJob", "Role", "RoleBinding"}, off
+

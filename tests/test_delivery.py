@@ -598,6 +598,78 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
         assert newest_event()["reason"] == "replaced while being decided"
 
 
+def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_deadline(
+        tmp_path, monkeypatch):
+    """``labelmatch settle-canary`` (the serving chart's CronJob) on a RawDeployment canary whose step
+    died: within the deadline it changes nothing and says so; past it, the canary's Deployment goes
+    (KServe deletes a predictor Deployment the spec no longer names) and ``rolled_back`` is stored."""
+    import time as time_module
+
+    from conftest import run_cli
+    from k8s_fake import kubeconfig
+
+    from labelmatch.delivery.kserve import deploy_canary
+
+    class Store:
+        def verify_remote(self, uri, kind=None) -> str:
+            return "e" * 64
+
+    def killed_once_rolled_out(self, *args):
+        real_wait(self, *args)
+        raise _Killed
+
+    def newest_event() -> dict:
+        state = ServingState(state_url)
+        try:
+            return state.latest_delivery_event("tax")[1]
+        finally:
+            state.close()
+
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=5, poll_s=0.01, crd_path=str(CRD))
+    rules = CanaryRules(traffic_percent=25, window_s=60.0, kserve_version="v0.21.0")
+    real_wait = KServeTraffic.wait_canary
+    monkeypatch.delenv("LABELMATCH_STATE_URL", raising=False)
+    with kube_fake_server(pod_runner=_StubPod) as (url, kube):
+        api = kube_custom_objects(url)
+        body = _serving("RawDeployment")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+        _tick_until(kube, lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in
+                                      kube.objects[(NS, "tax")].get("status", {}).get("conditions", [])))
+        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        with pytest.raises(_Killed):
+            deploy_canary(config, "s3://b/m2", Store(), "s3://b", rules, api=api, state_url=state_url)
+        started = newest_event()
+        canary = f"tax-{started['canary']}-predictor"
+        assert started["mode"] == "raw" and kube.objects[(NS, "tax")]["spec"]["canary"]
+        assert set(kube.predictors[(NS, "tax")].canaries) == {canary}
+
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path / "kubeconfig", url, NS)))
+        command = ("settle-canary", "--service", "tax", "--namespace", NS, "--timeout", "5")
+        result = run_cli(*command, "--state-url", state_url)
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == f"{NS}/tax: its canary is still within its deadline"
+        assert kube.objects[(NS, "tax")]["spec"]["canary"] and newest_event()["decision"] == "started"
+
+        real_time, overdue = time_module.time, started["deadline"] - started["created_at"]
+        monkeypatch.setattr(time_module, "time", lambda: real_time() + overdue)
+        result = run_cli(*command, "--state-url", state_url)
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == f"{NS}/tax: the abandoned canary was rolled back"
+        assert "canary" not in kube.objects[(NS, "tax")]["spec"]
+        _tick_until(kube, lambda: not kube.predictors[(NS, "tax")].canaries)
+        assert kube.deployment(NS, "tax")["metadata"]["name"] == "tax-predictor"
+        decided = newest_event()
+        assert (decided["decision"], decided["reason"], decided["release_id"]) == (
+            "rolled_back", "abandoned", started["release_id"])
+        result = run_cli(*command, "--state-url", state_url)
+        assert result.output.strip() == f"{NS}/tax: no undecided canary"
+
+        result = run_cli(*command)
+        assert result.exit_code != 0 and "settle-canary needs --state-url" in str(result.exception)
+
+
 def test_deploy_command_refuses_a_bad_strategy_or_rules_file_in_one_line(tmp_path, monkeypatch, capsys):
     import sys
 

@@ -86,3 +86,18 @@ serving.kserve.io/s3-usehttps: {{ ternary "1" "0" .Values.s3.useHttps | quote }}
 serving.kserve.io/s3-verifyssl: {{ ternary "1" "0" .Values.s3.verifySsl | quote }}
 serving.kserve.io/s3-useanoncredential: {{ .Values.s3.useAnonymousCredential | toString | quote }}
 {{- end -}}
+
+{{/* The step image of the canary reaper: image.registry and the tag of the serving image. */}}
+{{- define "labelmatch-serving.reaperImage" -}}
+{{- $repo := printf "%s/%s" .Values.image.registry .Values.canaryReaper.image.repository | trimPrefix "/" -}}
+{{- if .Values.canaryReaper.image.digest -}}
+{{- printf "%s@%s" $repo .Values.canaryReaper.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of the canary reaper's CronJob, ServiceAccount, Role and RoleBinding. */}}
+{{- define "labelmatch-serving.reaperName" -}}
+{{- printf "%s-canary-reaper" (include "labelmatch-serving.fullname" .) -}}
+{{- end -}}

@@ -447,6 +447,35 @@ def deploy(
     )
 
 
+@app.command("settle-canary")
+def settle_canary(
+    service: Annotated[str, typer.Option(help="InferenceService name.")],
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "default",
+    state_url: Annotated[str | None, typer.Option(
+        "--state-url", envvar="LABELMATCH_STATE_URL",
+        help="The serving state's SQLAlchemy URL (where canary deploys store their started canaries).")] \
+        = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step of a rollback.")] = 600.0,
+) -> None:
+    """Roll back a canary whose deploy step died, once its deadline has passed (a CronJob's command).
+
+    A canary deploy stores when its own step must have decided the canary; past that, nobody is
+    watching it. A canary still within its deadline, or none, is left alone (exit status 0).
+    """
+    from labelmatch.delivery.abandoned import settle_abandoned_canary
+    from labelmatch.platform.kserve import DeployConfig
+
+    if not state_url:
+        raise ConfigError("settle-canary needs --state-url (or LABELMATCH_STATE_URL): the serving state "
+                          "holds the started canaries")
+    config = DeployConfig(service=service, namespace=namespace, image="", timeout_s=timeout)
+    done = settle_abandoned_canary(None, config, state_url, overdue_only=True)
+    what = {None: "no undecided canary", "started": "its canary is still within its deadline",
+            "rolled_back": "the abandoned canary was rolled back",
+            "superseded": "the undecided canary was superseded by a later release (recorded)"}[done]
+    typer.echo(f"{namespace}/{service}: {what}")
+
+
 @app.command()
 def releases(
     service: Annotated[str, typer.Option(help="InferenceService name.")],

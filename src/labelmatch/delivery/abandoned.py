@@ -13,9 +13,10 @@ InferenceService, the deploy stores a ``started`` delivery event in the serving 
 
 Every replica of the service exports the newest event (``labelmatch_canary_decision{decision=
 "started"}`` and ``labelmatch_canary_deadline_timestamp_seconds``), so the serving chart's
-PrometheusRule alerts once a canary outlives its deadline (``LabelmatchCanaryOverdue``). The next
-deploy of the service settles it (:func:`settle_abandoned_canary`): before the deadline another
-canary or shadow is refused (the first step may still be watching), unless it is a retry of the
+PrometheusRule alerts once a canary outlives its deadline (``LabelmatchCanaryOverdue``). The
+serving chart's CronJob (``labelmatch settle-canary``) rolls it back once its deadline has passed,
+and the next deploy of the service settles it too (:func:`settle_abandoned_canary`): before the
+deadline another canary or shadow is refused (the first step may still be watching), unless it is a retry of the
 same pipeline run (whose earlier attempt died); after it the abandoned canary is rolled back, if
 the InferenceService still carries its release, and a ``rolled_back`` event (``reason:
 abandoned``) takes the ``started`` one's place. A replace deploy is never refused (an operator's
@@ -69,7 +70,8 @@ def _iso(ts: float) -> str:
 
 
 def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | None, *, replace: bool = False,
-                            run_id: str = "", now: float | None = None) -> str | None:
+                            run_id: str = "", now: float | None = None,
+                            overdue_only: bool = False) -> str | None:
     """Settle a canary of ``config.service`` that was started and never decided.
 
     Args:
@@ -81,9 +83,13 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
         run_id: The KFP run deploying. A canary started by the same run was its own earlier attempt
             (the step is retried because that one died): it is rolled back at once.
         now: The time to judge the deadline by (default: now).
+        overdue_only: Settle only a canary past its deadline, and leave one before it alone
+            (return ``started``) instead of refusing: the scheduled reaper
+            (``labelmatch settle-canary``), which deploys nothing.
 
     Returns:
-        What was done: ``None`` (no undecided canary), ``rolled_back`` or ``superseded``.
+        What was done: ``None`` (no undecided canary), ``started`` (``overdue_only``: not yet
+        overdue, left alone), ``rolled_back`` or ``superseded``.
 
     Raises:
         ConfigError: A canary or shadow deploy while another canary's step may still be deciding it
@@ -108,6 +114,10 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
     where = f"InferenceService {config.namespace}/{config.service}"
     retried = bool(run_id) and event.get("run_id") == run_id
     if now < deadline and not (replace or retried):
+        if overdue_only:
+            log.info("%s: the canary of release %s is being decided until %s", where, release_id,
+                     _iso(deadline))
+            return STARTED
         raise ConfigError(f"{where}: the canary of release {release_id} is still being decided until "
                           f"{_iso(deadline)} (its deploy step may be watching it); deploy again after that")
     if api is None:

@@ -37,8 +37,9 @@ ROLES = {
 
 #: What the step image must be able to import without torch: the modules behind data_prep,
 #: evaluate (an OnnxModel as served), deploy, monitor_drift and batch_classify (and the batch
-#: RayJob's ``labelmatch classify``), with the third-party packages they load lazily. Checked in
-#: the built image by ``make images-check`` and on the host, with torch blocked, by the tests.
+#: RayJob's ``labelmatch classify``, the serving chart's ``labelmatch settle-canary`` CronJob), with
+#: the third-party packages they load lazily. Checked in the built image by ``make images-check``
+#: and on the host, with torch blocked, by the tests.
 STEP_MODULES = (
     "labelmatch.data.prepare", "labelmatch.evaluation.gate", "labelmatch.evaluation.evaluate",
     "labelmatch.evaluation.report", "labelmatch.runtime.onnx_classifier", "labelmatch.runtime.engines",
@@ -46,9 +47,9 @@ STEP_MODULES = (
     "labelmatch.platform.releases", "labelmatch.platform.kfp", "labelmatch.stages.monitor",
     "labelmatch.monitoring.run", "labelmatch.monitoring.trigger", "labelmatch.feedback.feedback_store",
     "labelmatch.state.serving_state", "labelmatch.stages.batch", "labelmatch.batch.run",
-    "labelmatch.batch.rayjob",
-    "labelmatch.platform.ray_local",
-    "labelmatch.cli", "kfp.dsl.executor_main", "sklearn.metrics", "scipy.stats", "matplotlib.pyplot",
+    "labelmatch.batch.rayjob", "labelmatch.platform.ray_local", "labelmatch.delivery.abandoned",
+    "labelmatch.cli", "labelmatch.cli.cluster", "kfp.dsl.executor_main", "sklearn.metrics", "scipy.stats",
+    "matplotlib.pyplot",
     "onnxruntime", "openvino", "tokenizers", "ray.data", "pyarrow.parquet", "kubernetes.client", "minio",
     "sqlalchemy", "psycopg", "yaml",
 )
