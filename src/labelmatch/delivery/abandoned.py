@@ -16,10 +16,10 @@ Every replica of the service exports the newest event (``labelmatch_canary_decis
 PrometheusRule alerts once a canary outlives its deadline (``LabelmatchCanaryOverdue``). The
 serving chart's CronJob (``labelmatch settle-canary``) rolls it back once its deadline has passed,
 and the next deploy of the service settles it too (:func:`settle_abandoned_canary`): before the
-deadline another canary or shadow is refused (the first step may still be watching), unless it is a retry of the
-same pipeline run (whose earlier attempt died); after it the abandoned canary is rolled back, if
-the InferenceService still carries its release, and a ``rolled_back`` event (``reason:
-abandoned``) takes the ``started`` one's place. A replace deploy is never refused (an operator's
+deadline another canary or shadow is refused (the first step may still be watching), unless it is
+a retry of the same pipeline run (whose earlier attempt died); after it the abandoned canary is
+rolled back, if the InferenceService still carries its release, and a ``rolled_back`` event
+(``reason: abandoned``) takes the ``started`` one's place. A replace deploy is never refused (an operator's
 rollback must not wait); it clears the canary itself and records it as ``superseded``.
 """
 
