@@ -2,8 +2,9 @@
 
 **API server** (as any Kubernetes API server answers): InferenceServices get, create and JSON
 merge patch (``metadata.generation`` bumps on ``spec`` changes only, ``resourceVersion`` on every
-write; 404/409/415 ``Status`` objects); Deployments (``apps/v1``) get; Pods (``v1``) list by label
-selector. Nothing else is served (an unexpected path fails the request).
+write, and a ``resourceVersion`` in a patch is a precondition; 404/409/415 ``Status`` objects);
+Deployments (``apps/v1``) get; Pods (``v1``) list by label selector. Nothing else is served (an
+unexpected path fails the request).
 
 **Controllers**, written from their source, not from labelmatch's code. They advance one step per
 API request (a "tick"), so a test sets how long things take in requests, deterministically:
@@ -759,6 +760,15 @@ class _Handler(BaseHTTPRequestHandler):
                     404, "NotFound", f'inferenceservices.serving.kserve.io "{key[1]}" not found'
                 )
             old = state.objects[key]
+            # A resourceVersion in the patch is a precondition: k8s.io/apiserver
+            # pkg/registry/generic/registry/store.go, Store.Update, compares the patched object's
+            # resourceVersion with the stored one and answers NewConflict(OptimisticLockErrorMsg).
+            wanted = (patch.get("metadata") or {}).get("resourceVersion")
+            if wanted is not None and wanted != old["metadata"]["resourceVersion"]:
+                return self._status(
+                    409, "Conflict", f'Operation cannot be fulfilled on inferenceservices.serving.kserve.io '
+                    f'"{key[1]}": the object has been modified; please apply your changes to the latest '
+                    "version and try again")
             new = json.loads(json.dumps(merge_patch(old, patch)))
             if new["spec"] != old["spec"]:
                 new["metadata"]["generation"] = old["metadata"]["generation"] + 1

@@ -608,6 +608,7 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
     from conftest import run_cli
     from k8s_fake import kubeconfig
 
+    from labelmatch.delivery import kserve as kserve_module
     from labelmatch.delivery.kserve import deploy_canary
 
     class Store:
@@ -652,8 +653,9 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
         assert result.output.strip() == f"{NS}/tax: its canary is still within its deadline"
         assert kube.objects[(NS, "tax")]["spec"]["canary"] and newest_event()["decision"] == "started"
 
-        real_time, overdue = time_module.time, started["deadline"] - started["created_at"]
-        monkeypatch.setattr(time_module, "time", lambda: real_time() + overdue)
+        real_time, overdue, shift = time_module.time, started["deadline"] - started["created_at"], [0.0]
+        monkeypatch.setattr(time_module, "time", lambda: real_time() + shift[0])
+        shift[0] += overdue
         result = run_cli(*command, "--state-url", state_url)
         assert result.exit_code == 0, result.output
         assert result.output.strip() == f"{NS}/tax: the abandoned canary was rolled back"
@@ -665,6 +667,33 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
             "rolled_back", "abandoned", started["release_id"])
         result = run_cli(*command, "--state-url", state_url)
         assert result.output.strip() == f"{NS}/tax: no undecided canary"
+
+        # Another abandoned canary, and a deploy that changes the InferenceService and stores its own
+        # event between the reaper's read and its patch: the patch carries the resourceVersion it
+        # read, the API server answers 409, the reaper reads again, sees another release and
+        # undoes nothing; its decision is not stored over the newer event.
+        with pytest.raises(_Killed):
+            deploy_canary(config, "s3://b/m3", Store(), "s3://b", rules, api=api, state_url=state_url)
+        again = newest_event()
+        shift[0] += overdue
+        real_get = kserve_module.get_isvc
+
+        def another_deploy_after_the_read(*args):
+            read = real_get(*args)
+            if read["metadata"]["annotations"]["labelmatch.io/release-id"] == again["release_id"]:
+                api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tax", {"metadata": {
+                    "annotations": {"labelmatch.io/release-id": "b" * 12}}})
+                serving_state = ServingState(state_url)
+                serving_state.save_delivery_event("tax", "b" * 12, "canary", "started", {"deadline": 0})
+                serving_state.close()
+            return read
+
+        monkeypatch.setattr(kserve_module, "get_isvc", another_deploy_after_the_read)
+        result = run_cli(*command, "--state-url", state_url)
+        assert result.exit_code == 0, result.output
+        assert "superseded" in result.output
+        assert kube.objects[(NS, "tax")]["spec"]["canary"]  # the other deploy's object, not undone
+        assert (newest_event()["release_id"], newest_event()["decision"]) == ("b" * 12, "started")
 
         result = run_cli(*command)
         assert result.exit_code != 0 and "settle-canary needs --state-url" in str(result.exception)

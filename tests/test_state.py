@@ -58,6 +58,23 @@ def test_prediction_records_resolve_until_they_expire(url):
     assert state.purge_expired() == 2
 
 
+def test_a_delivery_decision_is_stored_only_while_the_event_it_answers_is_the_newest(url):
+    """``newest_id``: one statement inserts the decision only if no later event of the service was
+    stored (the canary reaper's answer to a started canary must not hide a newer deploy's)."""
+    state = ServingState(url)
+    first = state.save_delivery_event("tax", "r1", "canary", "started", {"deadline": 1.0})
+    state.save_delivery_event("other", "o1", "canary", "started", {})  # another service's: no matter
+    decided = state.save_delivery_event("tax", "r1", "canary", "rolled_back", {"reason": "abandoned"},
+                                        newest_id=first)
+    assert decided > first
+    newer = ServingState(url).save_delivery_event("tax", "r2", "canary", "started", {"deadline": 2.0})
+    assert state.save_delivery_event("tax", "r1", "canary", "superseded", {}, newest_id=decided) == 0
+    newest_id, newest = state.latest_delivery_event("tax")
+    assert (newest_id, newest["release_id"], newest["decision"]) == (newer, "r2", "started")
+    assert newest["deadline"] == 2.0
+    assert isinstance(newest["created_at"], float)
+
+
 def test_a_database_newer_than_the_code_is_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'state.db'}"
     state = ServingState(url)

@@ -30,7 +30,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from labelmatch.core.errors import ConfigError
+from labelmatch.core.errors import ConfigError, LabelmatchError
 from labelmatch.delivery.rules import CanaryRules
 from labelmatch.platform.kserve import ANNOTATION_PREFIX, DeployConfig
 
@@ -98,7 +98,6 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
     """
     if not state_url:
         return None
-    from labelmatch.delivery.kserve import KServeTraffic, _predictor_status, get_isvc, save_decision
     from labelmatch.state.serving_state import ServingState
 
     state = ServingState(state_url)
@@ -124,28 +123,63 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
         from labelmatch.platform.kserve import kube_custom_objects
 
         api = kube_custom_objects()
-    isvc = get_isvc(api, config) or {}
-    carried = ((isvc.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_PREFIX + "release-id")
     reason = "abandoned" if now >= deadline or retried else "replaced while being decided"
-    if replace or carried != release_id:
-        decision = "superseded"
-        why = "this replace cleared it" if replace else f"the InferenceService now carries release {carried}"
-        log.warning("%s: the undecided canary of release %s is recorded as superseded (%s)", where,
-                    release_id, why)
-    else:
-        decision = "rolled_back"
+    decision = _undo(api, config, event, replace=replace, retried=retried)
+    state = ServingState(state_url)
+    try:  # not over an event another step stored meanwhile (a new canary's "started")
+        stored = state.save_delivery_event(config.service, release_id, "canary", decision,
+                                           {"reason": reason, "deadline": deadline, "results": []},
+                                           newest_id=found[0])
+    finally:
+        state.close()
+    if not stored:
+        log.warning("%s: another step stored a delivery event meanwhile; the %s of release %s is not "
+                    "recorded over it", where, decision, release_id)
+    return decision
+
+
+#: How often a rollback is retried when the InferenceService changes between its read and its patch.
+_ATTEMPTS = 3
+
+
+def _undo(api: Any, config: DeployConfig, event: dict[str, Any], *, replace: bool, retried: bool) -> str:
+    """Roll the undecided canary of ``event`` back if the InferenceService still carries its release.
+
+    The rollback patch carries the ``resourceVersion`` that was read, so a deploy that changed the
+    InferenceService in between (its own canary, a replace) is never undone: the API server answers
+    409 and the object is read again.
+
+    Returns:
+        ``rolled_back``, or ``superseded`` (a replace, or another release carried now).
+    """
+    from labelmatch.delivery.kserve import ChangedMeanwhile, KServeTraffic, _predictor_status, get_isvc
+
+    release_id, where = event.get("release_id", ""), f"InferenceService {config.namespace}/{config.service}"
+    for _ in range(_ATTEMPTS):
+        isvc = get_isvc(api, config) or {}
+        metadata = isvc.get("metadata") or {}
+        carried = (metadata.get("annotations") or {}).get(ANNOTATION_PREFIX + "release-id")
+        if replace or carried != release_id:
+            why = "this replace cleared it" if replace else f"it now carries release {carried}"
+            log.warning("%s: the undecided canary of release %s is recorded as superseded (%s)", where,
+                        release_id, why)
+            return "superseded"
         log.warning("%s: the canary of release %s has no decision and nobody deciding it (%s); "
-                    "rolling it back",
-                    where, release_id, "an earlier attempt of this run" if retried else
-                    f"its deadline {_iso(deadline)} passed")
+                    "rolling it back", where, release_id,
+                    "an earlier attempt of this run" if retried else
+                    f"its deadline {_iso(float(event.get('deadline') or 0.0))} passed")
         mode, canary = event.get("mode", "raw"), event.get("canary", "")
         if mode == "knative" and not canary:  # its revision was named after the event was stored
             canary = _predictor_status(isvc).get("latestCreatedRevision", "")
-        stable, containers = event.get("stable", ""), event.get("stable_containers")
-        KServeTraffic(api, config, mode, stable, canary, containers).rollback()
-    save_decision(state_url, config.service, release_id, "canary", decision,
-                  {"reason": reason, "deadline": deadline, "results": []})
-    return decision
+        traffic = KServeTraffic(api, config, mode, event.get("stable", ""), canary,
+                                event.get("stable_containers"))
+        try:
+            traffic.rollback(resource_version=metadata.get("resourceVersion"))
+            return "rolled_back"
+        except ChangedMeanwhile as exc:
+            log.info("%s; reading it again", exc)
+    raise LabelmatchError(f"{where} changed under each of {_ATTEMPTS} rollbacks of the canary of release "
+                          f"{release_id}; nothing was rolled back")
 
 
 __all__ = ["DEADLINE_SLACK_S", "STARTED", "canary_deadline", "settle_abandoned_canary", "started_event"]

@@ -195,6 +195,11 @@ def _check_failed(isvc: dict[str, Any], what: str) -> None:
                             f"{info.get('message', 'no message')})")
 
 
+class ChangedMeanwhile(LabelmatchError):
+    """A patch sent with ``metadata.resourceVersion`` found the object changed since it was read
+    (the API server's optimistic lock: 409 ``Conflict``)."""
+
+
 class KServeTraffic:
     """The canary's routing on KServe (:class:`~labelmatch.delivery.canary.TrafficControl`).
 
@@ -222,13 +227,24 @@ class KServeTraffic:
         except ApiException as exc:
             raise api_error(f"{self.where}: get", exc) from None
 
-    def _patch(self, patch: dict[str, Any]) -> dict[str, Any]:
+    def _patch(self, patch: dict[str, Any], resource_version: str | None = None) -> dict[str, Any]:
+        """Merge-patch the InferenceService; with ``resource_version``, only if it is still that one.
+
+        Raises:
+            ChangedMeanwhile: ``resource_version`` is no longer the object's.
+            LabelmatchError: Any other refusal.
+        """
         from kubernetes.client.exceptions import ApiException
 
+        if resource_version:  # the API server's precondition: 409 Conflict if it changed since
+            patch = {**patch, "metadata": {**patch.get("metadata", {}), "resourceVersion": resource_version}}
         try:
             return self.api.patch_namespaced_custom_object(GROUP, VERSION, self.config.namespace, PLURAL,
                                                            self.config.service, patch)
         except ApiException as exc:
+            if resource_version and exc.status == 409:
+                raise ChangedMeanwhile(f"{self.where} changed since resourceVersion {resource_version} "
+                                       "was read") from None
             raise api_error(f"{self.where}: patch", exc) from None
 
     def _pods(self, selector: str) -> list[str]:
@@ -333,15 +349,20 @@ class KServeTraffic:
 
         self._wait("promoting the canary", done)
 
-    def rollback(self) -> None:
+    def rollback(self, resource_version: str | None = None) -> None:
         """Give the stable all the traffic back and wait until it has it.
 
         Serverless, in two steps: the last rolled-out revision takes 100 % at once
         (``canaryTrafficPercent: 0``) while Knative makes a revision of the stable's containers;
         once that is ready, ``canaryTrafficPercent`` goes and it takes the traffic, so no trace of
         the canary is left for the next deploy.
+
+        Args:
+            resource_version: Roll back only if the InferenceService is still at this version (a
+                step other than the canary's own, which read it to decide; raises
+                :class:`ChangedMeanwhile` otherwise).
         """
-        self._patch(rollback_patch(self.mode, self.stable_containers))
+        self._patch(rollback_patch(self.mode, self.stable_containers), resource_version)
         if self.mode == "knative":
             stable, canary = self.stable, self.canary
 

@@ -507,16 +507,29 @@ class ServingState:
                           r[5], float(r[6]), r[7], r[8], float(r[9])) for r in rows]
 
     def save_delivery_event(self, service: str, release_id: str, strategy: str, decision: str,
-                            event: dict[str, Any]) -> int:
-        """Store a canary or shadow decision of ``service``; every replica of it exports the newest."""
+                            event: dict[str, Any], newest_id: int | None = None) -> int:
+        """Store a canary or shadow decision of ``service``; every replica of it exports the newest.
+
+        Args:
+            newest_id: Store it only while the event with this id is still the service's newest
+                (one statement: a decision about an event that another step has since followed is
+                not stored over that step's).
+
+        Returns:
+            The new event's id; 0 when ``newest_id`` was not the newest and nothing was stored.
+        """
         from sqlalchemy import text
 
+        values = {"c": time.time(), "s": service, "r": release_id, "st": strategy, "d": decision,
+                  "e": json.dumps(event), "service": service, "after": newest_id or 0}
+        guard = ("" if newest_id is None else  # (its own parameter: PostgreSQL types each use of one)
+                 " WHERE NOT EXISTS (SELECT 1 FROM delivery_events WHERE service = :service AND id > :after)")
         with self._errors("store the delivery decision"), self.engine.begin() as conn:
-            return int(conn.execute(
+            stored = conn.execute(
                 text("INSERT INTO delivery_events (created_at, service, release_id, strategy, decision, "
-                     "event) VALUES (:c, :s, :r, :st, :d, :e) RETURNING id"),
-                {"c": time.time(), "s": service, "r": release_id, "st": strategy, "d": decision,
-                 "e": json.dumps(event)}).scalar_one())
+                     f"event) SELECT :c, :s, :r, :st, :d, :e{guard} RETURNING id"), values)
+            stored = stored.scalar_one_or_none()
+        return int(stored or 0)
 
     def latest_delivery_event(self, service: str, after_id: int = 0) -> tuple[int, dict[str, Any]] | None:
         """``(id, event)`` of the newest decision of ``service`` newer than ``after_id`` (the event
