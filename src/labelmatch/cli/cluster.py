@@ -472,7 +472,7 @@ def settle_canary(
     done = settle_abandoned_canary(None, config, state_url, overdue_only=True)
     what = {None: "no undecided canary", "started": "its canary is still within its deadline",
             "rolled_back": "the abandoned canary was rolled back",
-            "superseded": "the undecided canary was superseded by a later release (recorded)"}[done]
+            "superseded": "the undecided canary was superseded by a later release"}[done]
     typer.echo(f"{namespace}/{service}: {what}")
 
 

@@ -19,8 +19,8 @@ and the next deploy of the service settles it too (:func:`settle_abandoned_canar
 deadline another canary or shadow is refused (the first step may still be watching), unless it is
 a retry of the same pipeline run (whose earlier attempt died); after it the abandoned canary is
 rolled back, if the InferenceService still carries its release, and a ``rolled_back`` event
-(``reason: abandoned``) takes the ``started`` one's place. A replace deploy is never refused (an operator's
-rollback must not wait); it clears the canary itself and records it as ``superseded``.
+(``reason: abandoned``) takes the ``started`` one's place. A replace deploy is never refused (an
+operator's rollback must not wait); it clears the canary itself and records it as ``superseded``.
 """
 
 from __future__ import annotations

@@ -525,10 +525,10 @@ class ServingState:
         guard = ("" if newest_id is None else  # (its own parameter: PostgreSQL types each use of one)
                  " WHERE NOT EXISTS (SELECT 1 FROM delivery_events WHERE service = :service AND id > :after)")
         with self._errors("store the delivery decision"), self.engine.begin() as conn:
-            stored = conn.execute(
+            result = conn.execute(
                 text("INSERT INTO delivery_events (created_at, service, release_id, strategy, decision, "
                      f"event) SELECT :c, :s, :r, :st, :d, :e{guard} RETURNING id"), values)
-            stored = stored.scalar_one_or_none()
+            stored = result.scalar_one_or_none()
         return int(stored or 0)
 
     def latest_delivery_event(self, service: str, after_id: int = 0) -> tuple[int, dict[str, Any]] | None:
