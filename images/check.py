@@ -21,7 +21,9 @@ Checks:
   built by ``kfp.local``'s code, as KFP's launcher would: the training IR's ``data_prep`` writes a
   Dataset, its ``evaluate`` gates the served OnnxModel on that Dataset and writes a Report, and
   the batch IR's ``batch_classify`` classifies documents on a local Ray inside the pod; the host
-  verifies every artifact;
+  verifies every artifact; the serving chart's canary reaper CronJob command (``helm template``)
+  rolls back an abandoned canary through the Kubernetes client in the image (the API server is
+  ``tests/k8s_fake.py``'s KServe double on 127.0.0.1);
 * **train**: a short SFT (``labelmatch train``, CPU torch here) on the sample data writes a Model
   artifact the host verifies;
 * **base**: the CLI starts, as 10001, on a read-only root.
@@ -504,6 +506,88 @@ def check_step(tag: str, model: Path, work: Path, checks: Checks) -> None:
             ok,
             f"{time.perf_counter() - started:.0f} s; {batch.stdout[-1500:]}",
         )
+        try:
+            check_reaper(root, env, work, checks)
+        except Exception as exc:  # report, do not stop the other checks
+            checks.add("step", REAPER_CHECK, False, repr(exc))
+
+
+REAPER_CHECK = ("the serving chart's canary reaper command rolls back an abandoned canary "
+                "(API: the tests' KServe double)")
+
+
+def reaper_container() -> dict[str, Any]:
+    """The serving chart's canary reaper container, as ``helm template`` renders it (defaults)."""
+    import yaml
+
+    helm = subprocess.run(["bash", str(ROOT / "charts" / "get-helm.sh"), str(ROOT / ".tools")], check=True,
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    rendered = run([helm.stdout.strip(), "template", "rel", str(ROOT / "charts" / "labelmatch-serving"),
+                    "--namespace", "ml", "--set", "model.storageUri=s3://labelmatch/models/onnx/0.1.0"],
+                   capture_output=True)
+    [cron] = [doc for doc in yaml.safe_load_all(rendered.stdout) if doc and doc["kind"] == "CronJob"]
+    [container] = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def check_reaper(root: Path, env: dict[str, str], work: Path, checks: Checks) -> None:
+    """The serving chart's CronJob command, in this image, rolls back an abandoned canary.
+
+    The API server is the test double of ``tests/k8s_fake.py`` on 127.0.0.1 (KServe's RawDeployment
+    canary, ported from its source); the serving state a SQLite file. The InferenceService carries
+    a canary whose ``started`` event's deadline has passed, as a deploy step that died leaves it.
+    """
+    sys.path.insert(0, str(ROOT / "tests"))
+    from k8s_fake import kube_fake_server, kubeconfig
+
+    from labelmatch.delivery.kserve import canary_name, raw_canary_patch
+    from labelmatch.platform.kserve import GROUP, PLURAL, DeployConfig, inference_service, kube_custom_objects
+    from labelmatch.platform.kserve import VERSION as API_VERSION
+    from labelmatch.state.serving_state import ServingState
+
+    started = time.perf_counter()
+    container = reaper_container()
+    args = container["args"]
+    service, namespace = args[args.index("--service") + 1], args[args.index("--namespace") + 1]
+    state_dir = writable_dir(work / "reaper-state")
+    state_url = "sqlite:////reaper-state/state.db"
+    host_state = ServingState(f"sqlite:///{state_dir / 'state.db'}")
+    release = "abcdef123456"
+    with kube_fake_server() as (url, kube):
+        api = kube_custom_objects(url)
+        body = inference_service(DeployConfig(service, namespace, image="reg/serve:0.1.0"), "s3://b/m1",
+                                 "d" * 64, {"release-id": "r1"})
+        body["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "RawDeployment"
+        api.create_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, body)
+        for _ in range(40):  # the double's controllers advance on each request
+            api.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service)
+        stable = kube.deployment(namespace, service)["metadata"]["name"]
+        existing = api.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service)
+        annotations = {"release-id": release, "pipeline-version": VERSION, "run-id": ""}
+        patch = raw_canary_patch(existing, "s3://b/m2", "e" * 64, annotations, None, 20, canary_name(release))
+        api.patch_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service, patch)
+        host_state.save_delivery_event(service, release, "canary", "started", {
+            "deadline": time.time() - 60, "mode": "raw", "stable": stable, "canary": canary_name(release),
+            "stable_containers": None, "traffic_percent": 20, "run_id": "", "results": []})
+        for path in state_dir.iterdir():  # the pod's user writes the database
+            path.chmod(0o666)
+        config_dir = work / "reaper-kube"
+        config_dir.mkdir()
+        kubeconfig(config_dir / "config", url, namespace)
+        for path in (config_dir, config_dir / "config"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        pod_env = {**env, "LABELMATCH_STATE_URL": state_url, "KUBECONFIG": "/reaper-kube/config"}
+        binds = {"/reaper-state": (state_dir, True), "/reaper-kube": (config_dir, False)}
+        for mountpoint in binds:
+            (root / mountpoint.lstrip("/")).mkdir(exist_ok=True)
+        reaped = in_pod(root, pod_env, [*container["command"], *args], binds, timeout=300)
+        spec = api.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service)["spec"]
+    _, newest = host_state.latest_delivery_event(service)
+    host_state.close()
+    said = f"{namespace}/{service}: the abandoned canary was rolled back" in reaped.stdout
+    ok = (reaped.returncode == 0 and said and "canary" not in spec
+          and (newest["decision"], newest["reason"]) == ("rolled_back", "abandoned"))
+    checks.add("step", REAPER_CHECK, ok, f"{time.perf_counter() - started:.0f} s; {reaped.stdout[-1500:]}")
 
 
 #: Run in the step image: is torch importable, are CUDA libraries or nvidia-* wheels present?
