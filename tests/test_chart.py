@@ -250,13 +250,18 @@ def test_serving_image_follows_the_one_registry_setting(helm: str, rendered: dic
     def predictor_image(docs: list[dict]) -> str:
         return by_kind(docs, "InferenceService")["spec"]["predictor"]["containers"][0]["image"]
 
-    assert predictor_image(rendered[SERVING / "ci" / "default-values.yaml"]) == image(
-        "serve", registry=DEFAULT_REGISTRY, version=version
-    )
+    def reaper_image(docs: list[dict]) -> str:
+        pod = by_kind(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        return pod["containers"][0]["image"]
+
+    defaults = rendered[SERVING / "ci" / "default-values.yaml"]
+    assert predictor_image(defaults) == image("serve", registry=DEFAULT_REGISTRY, version=version)
+    assert reaper_image(defaults) == image("step", registry=DEFAULT_REGISTRY, version=version)
     mirror = "registry.internal:5000/ml"
     docs = render(helm, SERVING, "--set", f"image.registry={mirror}", "--set",
                   f"model.storageUri={MODEL_URI}")
     assert predictor_image(docs) == image("serve", registry=mirror, version=version)
+    assert reaper_image(docs) == image("step", registry=mirror, version=version)
 
 
 def test_serverless_variant_autoscales_on_concurrency(rendered: dict[Path, list[dict]]) -> None:
