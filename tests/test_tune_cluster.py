@@ -322,7 +322,11 @@ def test_an_exploit_restored_from_s3_a_checkpoint_written_on_another_node(cluste
             assert event["into_node"] == record["node_id"]
             if event["from_node"] != event["into_node"] and donor["node_id"] == event["from_node"]:
                 crossed.append((donor["node_id"], record["node_id"]))
-    assert crossed, "no exploit restored a checkpoint written on another node"
+    exploits = "\n".join(
+        f"{r['trial_id']} iteration {r['iteration']} on {r['node_id'][:8]} from {r['restored_from'] or '-'}: "
+        f"{r['lineage'][-1] if r['lineage'] else '-'}" for r in records if r["lineage"])
+    assert crossed, (f"no exploit restored a checkpoint written on another node; exploits:\n{exploits}\n"
+                     f"every record read:\n{_summary(cluster_run)}")
     assert all(a in cluster_run["workers"] and b in cluster_run["workers"] for a, b in crossed)
 
 
