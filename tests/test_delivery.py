@@ -201,7 +201,7 @@ def test_a_canary_that_cannot_be_scraped_is_rolled_back_at_the_first_look():
 
 
 class _Store:
-    """The little of ArtifactStore a ReleaseLog uses, in memory."""
+    """The little of ArtifactStore a ReleaseLog and a canary deploy use, in memory."""
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
@@ -218,6 +218,10 @@ class _Store:
     def list_keys(self, folder) -> list[str]:
         prefix = str(folder).rstrip("/") + "/"
         return [key.split("/", 3)[3] for key in self.objects if key.startswith(prefix)]
+
+    def verify_remote(self, uri, kind=None) -> str:
+        """Every candidate model's digest (a canary deploy checks it first)."""
+        return "e" * 64
 
 
 def test_release_records_carry_the_decision_and_older_records_still_read():
@@ -454,10 +458,6 @@ def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
     """The candidate's pods crash: the deploy fails, but first gives the stable all the traffic back."""
     from labelmatch.delivery.kserve import deploy_canary
 
-    class Store:
-        def verify_remote(self, uri, kind=None) -> str:
-            return "e" * 64
-
     config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=1.5, poll_s=0.01, crd_path=str(CRD))
     with kube_fake_server(default_mode="Serverless", pod_runner=_StubPod) as (url, state):
         api = kube_custom_objects(url)
@@ -470,7 +470,8 @@ def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
         state_url = f"sqlite:///{tmp_path / 'state.db'}"
         with pytest.raises(LabelmatchError, match=r"revision tax-predictor-00002 failed: .*; the canary was "
                                                   r"rolled back, no release recorded"):
-            deploy_canary(config, "s3://b/m2", Store(), "s3://b", CanaryRules(), api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m2", _Store(), "s3://b", CanaryRules(), api=api,
+                          state_url=state_url)
         serving_state = ServingState(state_url)
         event = serving_state.latest_delivery_event("tax")[1]
         serving_state.close()
@@ -487,6 +488,23 @@ class _Killed(BaseException):
     """The deploy step's process dying (SIGKILL, eviction): no ``except Exception`` of it runs."""
 
 
+_REAL_WAIT = KServeTraffic.wait_canary
+
+
+def _killed_once_rolled_out(self, *args):
+    """``KServeTraffic.wait_canary`` whose step is killed once its canary has rolled out."""
+    _REAL_WAIT(self, *args)
+    raise _Killed
+
+
+def _newest_event(state_url: str, service: str = "tax") -> dict:
+    state = ServingState(state_url)
+    try:
+        return state.latest_delivery_event(service)[1]
+    finally:
+        state.close()
+
+
 def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_is_rolled_back(
         tmp_path, monkeypatch):
     """The step is killed after its canary took 25 %: the serving state still says when it is
@@ -496,25 +514,12 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
     from labelmatch.delivery.abandoned import settle_abandoned_canary
     from labelmatch.delivery.kserve import deploy_canary
 
-    class Store:
-        def verify_remote(self, uri, kind=None) -> str:
-            return "e" * 64
-
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=1.5, poll_s=0.01, crd_path=str(CRD))
     rules = CanaryRules(traffic_percent=25, window_s=60.0)
-    real_wait = KServeTraffic.wait_canary
-
-    def killed_once_rolled_out(self, *args):
-        real_wait(self, *args)
-        raise _Killed
 
     def newest_event() -> dict:
-        state = ServingState(state_url)
-        try:
-            return state.latest_delivery_event("tax")[1]
-        finally:
-            state.close()
+        return _newest_event(state_url)
 
     with kube_fake_server(default_mode="Serverless", pod_runner=_StubPod) as (url, kube):
         api = kube_custom_objects(url)
@@ -529,9 +534,9 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
             return {t["revisionName"]: t["percent"] for t in predictor().get("traffic", [])}
 
         _tick_until(kube, lambda: predictor().get("latestRolledoutRevision") == "tax-predictor-00001")
-        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
         with pytest.raises(_Killed):
-            deploy_canary(config, "s3://b/m2", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m2", _Store(), "s3://b", rules, api=api, state_url=state_url)
         assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
         started = newest_event()
         assert started["decision"] == "started" and started["mode"] == "knative"
@@ -544,10 +549,10 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
         deadline = registry.get_sample_value("labelmatch_canary_deadline_timestamp_seconds")
         assert deadline == started["deadline"]
 
-        monkeypatch.setattr(KServeTraffic, "wait_canary", real_wait)
+        monkeypatch.setattr(KServeTraffic, "wait_canary", _REAL_WAIT)
         with pytest.raises(ConfigError, match=rf"tax: the canary of release {started['release_id']} is still "
                                               r"being decided until 20\d\d-.*Z \(its deploy step may"):
-            deploy_canary(config, "s3://b/m3", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m3", _Store(), "s3://b", rules, api=api, state_url=state_url)
         assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
         assert newest_event()["decision"] == "started"
 
@@ -567,9 +572,9 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
 
         # A retry of the same pipeline run (its earlier attempt died) rolls it back at once; another
         # run waits for the deadline.
-        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
         with pytest.raises(_Killed):
-            deploy_canary(config, "s3://b/m4", Store(), "s3://b", rules, api=api, state_url=state_url,
+            deploy_canary(config, "s3://b/m4", _Store(), "s3://b", rules, api=api, state_url=state_url,
                           run_id="run-4")
         with pytest.raises(ConfigError, match="still being decided"):
             settle_abandoned_canary(api, config, state_url, run_id="run-5")
@@ -578,21 +583,21 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
 
         # An error the step lives through: it rolls its canary back itself and stores the decision.
         def fails_once_rolled_out(self, *args):
-            real_wait(self, *args)
+            _REAL_WAIT(self, *args)
             raise LabelmatchError("the canary pod answers nonsense")
 
         monkeypatch.setattr(KServeTraffic, "wait_canary", fails_once_rolled_out)
         with pytest.raises(LabelmatchError, match="answers nonsense; the canary was rolled back"):
-            deploy_canary(config, "s3://b/m5", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m5", _Store(), "s3://b", rules, api=api, state_url=state_url)
         assert (newest_event()["decision"], newest_event()["reason"]) == (
             "rolled_back", "failed before its decision: the canary pod answers nonsense")
         assert len(shares()) == 1
-        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
 
         # A replace (an operator's rollback among them) is never refused: it clears the canary
         # itself, and the undecided canary is recorded as superseded.
         with pytest.raises(_Killed):
-            deploy_canary(config, "s3://b/m6", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m6", _Store(), "s3://b", rules, api=api, state_url=state_url)
         assert newest_event()["decision"] == "started"
         assert settle_abandoned_canary(api, config, state_url, replace=True) == "superseded"
         assert newest_event()["reason"] == "replaced while being decided"
@@ -611,25 +616,12 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
     from labelmatch.delivery import kserve as kserve_module
     from labelmatch.delivery.kserve import deploy_canary
 
-    class Store:
-        def verify_remote(self, uri, kind=None) -> str:
-            return "e" * 64
-
-    def killed_once_rolled_out(self, *args):
-        real_wait(self, *args)
-        raise _Killed
-
-    def newest_event() -> dict:
-        state = ServingState(state_url)
-        try:
-            return state.latest_delivery_event("tax")[1]
-        finally:
-            state.close()
-
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     config = DeployConfig("tax", NS, image="reg/serve:0.1.0", timeout_s=5, poll_s=0.01, crd_path=str(CRD))
     rules = CanaryRules(traffic_percent=25, window_s=60.0, kserve_version="v0.21.0")
-    real_wait = KServeTraffic.wait_canary
+
+    def newest_event() -> dict:
+        return _newest_event(state_url)
     monkeypatch.delenv("LABELMATCH_STATE_URL", raising=False)
     with kube_fake_server(pod_runner=_StubPod) as (url, kube):
         api = kube_custom_objects(url)
@@ -638,9 +630,9 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
         api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
         _tick_until(kube, lambda: any(c["type"] == "Ready" and c["status"] == "True" for c in
                                       kube.objects[(NS, "tax")].get("status", {}).get("conditions", [])))
-        monkeypatch.setattr(KServeTraffic, "wait_canary", killed_once_rolled_out)
+        monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
         with pytest.raises(_Killed):
-            deploy_canary(config, "s3://b/m2", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m2", _Store(), "s3://b", rules, api=api, state_url=state_url)
         started = newest_event()
         canary = f"tax-{started['canary']}-predictor"
         assert started["mode"] == "raw" and kube.objects[(NS, "tax")]["spec"]["canary"]
@@ -673,7 +665,7 @@ def test_the_scheduled_reaper_rolls_back_an_abandoned_raw_canary_only_past_its_d
         # read, the API server answers 409, the reaper reads again, sees another release and
         # undoes nothing; its decision is not stored over the newer event.
         with pytest.raises(_Killed):
-            deploy_canary(config, "s3://b/m3", Store(), "s3://b", rules, api=api, state_url=state_url)
+            deploy_canary(config, "s3://b/m3", _Store(), "s3://b", rules, api=api, state_url=state_url)
         again = newest_event()
         shift[0] += overdue
         real_get = kserve_module.get_isvc
