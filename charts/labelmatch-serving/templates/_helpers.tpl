@@ -59,13 +59,20 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (printf "%s-s3" (include "labelmatch-serving.fullname" .)) .Values.s3.existingSecret -}}
 {{- end -}}
 
-{{- define "labelmatch-serving.image" -}}
-{{- $repo := printf "%s/%s" .Values.image.registry .Values.image.repository | trimPrefix "/" -}}
-{{- if .Values.image.digest -}}
-{{- printf "%s@%s" $repo .Values.image.digest -}}
+{{/* An image of image.registry: the repository and digest of (dict "root" $ "repository" R
+"digest" D), else the tag of the serving image (image.tag, default the chart appVersion). */}}
+{{- define "labelmatch-serving.imageRef" -}}
+{{- $values := .root.Values -}}
+{{- $repo := printf "%s/%s" $values.image.registry .repository | trimPrefix "/" -}}
+{{- if .digest -}}
+{{- printf "%s@%s" $repo .digest -}}
 {{- else -}}
-{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repo (default .root.Chart.AppVersion $values.image.tag) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "labelmatch-serving.image" -}}
+{{- include "labelmatch-serving.imageRef" (dict "root" . "repository" .Values.image.repository "digest" .Values.image.digest) -}}
 {{- end -}}
 
 {{/* Mount path of the labels/thresholds ConfigMap. */}}
@@ -89,12 +96,8 @@ serving.kserve.io/s3-useanoncredential: {{ .Values.s3.useAnonymousCredential | t
 
 {{/* The step image of the canary reaper: image.registry and the tag of the serving image. */}}
 {{- define "labelmatch-serving.reaperImage" -}}
-{{- $repo := printf "%s/%s" .Values.image.registry .Values.canaryReaper.image.repository | trimPrefix "/" -}}
-{{- if .Values.canaryReaper.image.digest -}}
-{{- printf "%s@%s" $repo .Values.canaryReaper.image.digest -}}
-{{- else -}}
-{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.image.tag) -}}
-{{- end -}}
+{{- $reaper := .Values.canaryReaper.image -}}
+{{- include "labelmatch-serving.imageRef" (dict "root" . "repository" $reaper.repository "digest" $reaper.digest) -}}
 {{- end -}}
 
 {{/* Name of the canary reaper's CronJob, ServiceAccount, Role and RoleBinding. */}}
