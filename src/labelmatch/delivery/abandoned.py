@@ -98,6 +98,7 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
     """
     if not state_url:
         return None
+    from labelmatch.delivery.kserve import save_decision
     from labelmatch.state.serving_state import ServingState
 
     state = ServingState(state_url)
@@ -125,13 +126,9 @@ def settle_abandoned_canary(api: Any, config: DeployConfig, state_url: str | Non
         api = kube_custom_objects()
     reason = "abandoned" if now >= deadline or retried else "replaced while being decided"
     decision = _undo(api, config, event, replace=replace, retried=retried)
-    state = ServingState(state_url)
-    try:  # not over an event another step stored meanwhile (a new canary's "started")
-        stored = state.save_delivery_event(config.service, release_id, "canary", decision,
-                                           {"reason": reason, "deadline": deadline, "results": []},
-                                           newest_id=found[0])
-    finally:
-        state.close()
+    # Not over an event another step stored meanwhile (a new canary's "started").
+    stored = save_decision(state_url, config.service, release_id, "canary", decision,
+                           {"reason": reason, "deadline": deadline, "results": []}, newest_id=found[0])
     if not stored:
         log.warning("%s: another step stored a delivery event meanwhile; the %s of release %s is not "
                     "recorded over it", where, decision, release_id)

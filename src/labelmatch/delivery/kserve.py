@@ -445,16 +445,24 @@ def get_isvc(api: Any, config: DeployConfig) -> dict[str, Any] | None:
 
 
 def save_decision(state_url: str | None, service: str, release_id: str, strategy: str, decision: str,
-                  event: dict[str, Any]) -> None:
-    """Store the decision in the serving state: every replica of ``service`` exports it as a metric."""
+                  event: dict[str, Any], newest_id: int | None = None) -> int:
+    """Store the decision in the serving state: every replica of ``service`` exports it as a metric.
+
+    Args:
+        newest_id: Store it only while the event with this id is still the service's newest
+            (:meth:`~labelmatch.state.serving_state.ServingState.save_delivery_event`).
+
+    Returns:
+        The stored event's id; 0 when nothing was stored (no serving state, or a newer event).
+    """
     if not state_url:
         log.info("no serving state given: the %s decision is in the release record only", strategy)
-        return
+        return 0
     from labelmatch.state.serving_state import ServingState
 
     state = ServingState(state_url)
     try:
-        state.save_delivery_event(service, release_id, strategy, decision, event)
+        return state.save_delivery_event(service, release_id, strategy, decision, event, newest_id=newest_id)
     finally:
         state.close()
 
