@@ -540,6 +540,7 @@ def check_reaper(root: Path, env: dict[str, str], work: Path, checks: Checks) ->
     sys.path.insert(0, str(ROOT / "tests"))
     from k8s_fake import kube_fake_server, kubeconfig
 
+    from labelmatch.delivery.abandoned import STARTED, started_event
     from labelmatch.delivery.kserve import canary_name, raw_canary_patch
     from labelmatch.platform.kserve import GROUP, PLURAL, DeployConfig, inference_service, kube_custom_objects
     from labelmatch.platform.kserve import VERSION as API_VERSION
@@ -553,6 +554,7 @@ def check_reaper(root: Path, env: dict[str, str], work: Path, checks: Checks) ->
     state_url = "sqlite:////reaper-state/state.db"
     host_state = ServingState(f"sqlite:///{state_dir / 'state.db'}")
     release = "abcdef123456"
+    canary = canary_name(release)
     with kube_fake_server() as (url, kube):
         api = kube_custom_objects(url)
         body = inference_service(DeployConfig(service, namespace, image="reg/serve:0.1.0"), "s3://b/m1",
@@ -564,11 +566,11 @@ def check_reaper(root: Path, env: dict[str, str], work: Path, checks: Checks) ->
         stable = kube.deployment(namespace, service)["metadata"]["name"]
         existing = api.get_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service)
         annotations = {"release-id": release, "pipeline-version": VERSION, "run-id": ""}
-        patch = raw_canary_patch(existing, "s3://b/m2", "e" * 64, annotations, None, 20, canary_name(release))
+        patch = raw_canary_patch(existing, "s3://b/m2", "e" * 64, annotations, None, 20, canary)
         api.patch_namespaced_custom_object(GROUP, API_VERSION, namespace, PLURAL, service, patch)
-        host_state.save_delivery_event(service, release, "canary", "started", {
-            "deadline": time.time() - 60, "mode": "raw", "stable": stable, "canary": canary_name(release),
-            "stable_containers": None, "traffic_percent": 20, "run_id": "", "results": []})
+        # As the deploy step stores it before its patch, with a deadline that has passed.
+        host_state.save_delivery_event(service, release, "canary", STARTED,
+                                       started_event(time.time() - 60, "raw", stable, canary, None, 20))
         for path in state_dir.iterdir():  # the pod's user writes the database
             path.chmod(0o666)
         config_dir = work / "reaper-kube"
