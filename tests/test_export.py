@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -242,3 +243,21 @@ def test_export_plans_the_fallback_and_the_server_loads_it(trained_model, tmp_pa
     assert clf.fallback is not None and clf.fallback_margin == plan["margin"]
     with pytest.raises(ConfigError, match="keep_fp32"):
         ExportConfig(fp32_fallback="always", keep_fp32=False)
+
+
+def test_an_export_without_room_on_disk_is_refused_before_it_writes_anything(trained_model, tmp_path,
+                                                                             monkeypatch):
+    from labelmatch.export import onnx as export_module
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "earlier.txt").write_text("the artifact already there")
+    weights = export_module.model_weight_bytes(trained_model)
+    assert weights > 10**7  # the bundled MiniLM's weights, found through the adapter's base model
+    monkeypatch.setattr("labelmatch.core.disk.shutil.disk_usage",
+                        lambda path: SimpleNamespace(total=10**12, used=10**12 - 10**6, free=10**6))
+    with pytest.raises(ArtifactError, match=rf"export of {trained_model} needs about "
+                                            rf"{3 * weights / 1e9:.1f} GB free .* which has 0\.0 GB"):
+        export_onnx(trained_model, out, ExportConfig(agreement_gate=0.0), make_tiny_dataset())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # no staging or scratch directory
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
