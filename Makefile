@@ -53,7 +53,7 @@ recipe-probe: setup
 bench-transfer: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_transfer.py --out bench/results
 
-## bench-peers: labelmatch vs SetFit (same bundled MiniLM, SetFit's defaults, steps capped where they pass 2 h on 2 cores) at 8/16/64 per label and the full split, 3 seeds, with new labels; labelmatch starts from the general adapter trained without the cell's dataset (needs ../shared/data, pip install -e '.[bench]' and `make bench-general-adapter` first, or --base-adapter none; resumes from runs/bench-peers)
+## bench-peers: labelmatch vs SetFit (same bundled MiniLM, SetFit's defaults, steps capped where they pass 2 h on 2 cores) at 8/16/64 per label and the full split, 3 seeds, with new labels; labelmatch starts from the general adapter trained without the cell's dataset (needs ../shared/data, pip install -e '.[bench]' and `make bench-general-adapter` first, or --base-adapter none; resumes: each seed run is recorded under bench/results/peers_runs, tracked; models in runs/bench-peers)
 bench-peers: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_peers.py --out bench/results
 

@@ -34,8 +34,10 @@ For each dataset, training size and seed, one **cell**:
   SetFit cannot: its head has one output per label it was trained on.
 
 Each training runs in a process of its own (wall time and peak RSS its own, ``common.measure``);
-its result is written to ``<work>/cells/<dataset>-<size>-s<seed>-<method>.json`` as it ends and a
-later run skips every cell whose file exists (resume). Predict speed, per dataset, of what each
+its result is written to ``<records>/cells/<dataset>-<size>-s<seed>-<method>.json`` as it ends and
+a later run skips every cell whose file exists (resume). ``--records`` is tracked
+(``bench/results/peers_runs``): a new checkout keeps every seed run so far, and the report is
+combined from all of them; only the models stay under ``--work``. Predict speed, per dataset, of what each
 ships: labelmatch's ONNX export (``export_onnx``, the engine its probe picks) and SetFit's saved
 model, on the same ``--speed-docs`` test documents, each in its own process (labelmatch in torch
 too, for reference); the models of the first size and seed of the run.
@@ -86,8 +88,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--work", type=Path, default=Path("runs/bench-peers"),
-                        help="Cell results (resume: existing ones are skipped) and models.")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-peers"), help="The models.")
+    parser.add_argument("--records", type=Path, default=Path("bench/results/peers_runs"),
+                        help="Each cell's and speed run's result (tracked; resume: recorded ones are "
+                             "skipped).")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--sizes", default=",".join(SIZES), help="Documents per label, or 'full'.")
     parser.add_argument("--seeds", default="0,1,2")
@@ -113,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of every run.")
     parser.add_argument("--note", default="", help="A sentence for the report (what shared the machine).")
     parser.add_argument("--combine-only", action="store_true",
-                        help="Run nothing: combine the cells recorded under --work into the report.")
+                        help="Run nothing: combine the cells recorded under --records into the report.")
     return parser.parse_args(argv)
 
 
@@ -510,7 +514,7 @@ def model_dir(args: argparse.Namespace, name: str, size: str, seed: int, method:
 
 def cell_file(args: argparse.Namespace, name: str, size: str, seed: int, method: str) -> Path:
     """One cell's result file (its presence skips the cell on a later run)."""
-    return args.work / "cells" / f"{name}-{size}-s{seed}-{method}.json"
+    return args.records / "cells" / f"{name}-{size}-s{seed}-{method}.json"
 
 
 def run_cell(args: argparse.Namespace, cell: tuple[str, str, int, str], progress: str) -> None:
@@ -530,7 +534,8 @@ def run_cell(args: argparse.Namespace, cell: tuple[str, str, int, str], progress
         print(f"{progress} {path.stem}: failed ({exc}); no result written", flush=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"dataset": name, "size": size, "seed": seed, "method": method, "settings": settings(args)}
+    record = {"dataset": name, "size": size, "seed": seed, "method": method, "settings": settings(args),
+              "machine": machine()}
     path.write_text(json.dumps({**record, **result}, indent=2) + "\n")
 
 
@@ -548,7 +553,7 @@ def run_speed(args: argparse.Namespace, name: str, methods: list[str]) -> None:
     """Predict docs/s of each method's shipped model of ``name`` (first size and seed), once."""
     size, seed = first_size(args), first_seed(args)
     for method in methods:
-        path = args.work / "speed" / f"{name}-{method}.json"
+        path = args.records / "speed" / f"{name}-{method}.json"
         source = model_dir(args, name, size, seed, method)
         if path.is_file() or not source.is_dir():
             why = "done earlier" if path.is_file() else f"no model at {source}"
@@ -562,7 +567,8 @@ def run_speed(args: argparse.Namespace, name: str, methods: list[str]) -> None:
             print(f"speed {name}/{method}: failed ({exc})", flush=True)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"size": size, "seed": seed, **result}, indent=2) + "\n")
+        record = {"size": size, "seed": seed, "machine": machine(), **result}
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def cells(args: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, int, str]]:
@@ -575,10 +581,10 @@ def cells(args: argparse.Namespace, methods: list[str]) -> list[tuple[str, str, 
 # -------------------------------------------------------------------------------------------- report
 
 
-def load_cells(work: Path) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
+def load_cells(records: Path) -> dict[tuple[str, str], dict[str, list[dict[str, Any]]]]:
     """Every recorded cell result: ``{(dataset, size): {method: [run per seed]}}``."""
     grouped: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    for path in sorted((work / "cells").glob("*.json")):
+    for path in sorted((records / "cells").glob("*.json")):
         run = json.loads(path.read_text())
         grouped.setdefault((run["dataset"], run["size"]), {}).setdefault(run["method"], []).append(run)
     return grouped
@@ -611,11 +617,11 @@ def goal(size: str, by_method: dict[str, list[dict[str, Any]]],
             "seeds": paired, "provisional": len(paired) < FULL_SEEDS}
 
 
-def summarise(work: Path) -> dict[str, dict[str, Any]]:
+def summarise(records: Path) -> dict[str, dict[str, Any]]:
     """Per dataset and size: each method's summary, SetFit's steps, new labels and the goal."""
     order = {s: i for i, s in enumerate(SIZES)}
     out: dict[str, dict[str, Any]] = {}
-    recorded = sorted(load_cells(work).items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
+    recorded = sorted(load_cells(records).items(), key=lambda kv: (kv[0][0], order[kv[0][1]]))
     for (name, size), by_method in recorded:
         first = next(iter(by_method.values()))[0]
         metrics = headline(first.get("single_label", True))
@@ -638,10 +644,10 @@ def summarise(work: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_speed(work: Path) -> dict[str, dict[str, Any]]:
+def load_speed(records: Path) -> dict[str, dict[str, Any]]:
     """Recorded predict speeds: ``{dataset: {method: result}}``."""
     speed: dict[str, dict[str, Any]] = {}
-    for path in sorted((work / "speed").glob("*.json")):
+    for path in sorted((records / "speed").glob("*.json")):
         name, _, method = path.stem.rpartition("-")
         speed.setdefault(name, {})[method] = json.loads(path.read_text())
     return speed
@@ -753,7 +759,7 @@ def markdown(report: dict[str, Any]) -> str:
         "thresholds, SetFit's multi-label threshold); the official test split scored once per seed. "
         "CLINC150 and Bitext: the intent as the single label, accuracy (top-1) and macro-F1; Reuters: "
         "micro- and macro-F1. Mean ± half-range over seeds. "
-        f"CPU: {cpu_text(report['machine'])}, "
+        f"CPU of the runs: {', '.join(f'{cpu}: {n}' for cpu, n in report['cpus'].items())}; "
         f"{s['threads']} thread(s) a run.",
         "",
         f"SetFit: its documented defaults (`TrainingArguments()`, num_iterations "
@@ -843,14 +849,22 @@ def bearing_settings(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def report_of(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    """The combined report of every cell recorded under ``--work`` (``recorded_settings``: each
+    """The combined report of every cell recorded under ``--records`` (``recorded_settings``: each
     distinct set of settings the cells' methods depend on, per method)."""
     recorded = {json.dumps(bearing_settings(json.loads(path.read_text())), sort_keys=True)
-                for path in (args.work / "cells").glob("*.json")}
+                for path in (args.records / "cells").glob("*.json")}
     return {"machine": machine(), "settings": {**settings(args), "speed_docs": args.speed_docs,
                                                "note": args.note},
-            "recorded_settings": [json.loads(s) for s in sorted(recorded)], "cells": summarise(args.work),
-            "speed": load_speed(args.work), "wall_s": round(time.perf_counter() - started, 1)}
+            "recorded_settings": [json.loads(s) for s in sorted(recorded)], "cells": summarise(args.records),
+            "speed": load_speed(args.records), "cpus": run_cpus(args.records),
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def run_cpus(records: Path) -> dict[str, int]:
+    """How many recorded runs (cells and speed runs) each CPU ran; ``not recorded`` for the runs
+    recorded before records named their machine."""
+    texts = [json.loads(path.read_text()).get("machine") for path in sorted(records.glob("*/*.json"))]
+    return dict(Counter(cpu_text(m) if m else "not recorded" for m in texts).most_common())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -858,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     methods = args.methods.split(",")
-    if "setfit" in methods and importlib.util.find_spec("setfit") is None:
+    if "setfit" in methods and not args.combine_only and importlib.util.find_spec("setfit") is None:
         print("bench_peers: setfit is not installed: .venv/bin/pip install -e '.[bench]' "
               "(or --methods labelmatch)", flush=True)
         return 2
