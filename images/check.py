@@ -115,16 +115,37 @@ def build(names: list[str], python_image: str) -> dict[str, dict[str, Any]]:
             + (f" (torch {Path(wheel).name})" if wheel and name == "train" else "")
         )
         out = run([str(ROOT / "images" / "build.sh"), name], env=env, capture_output=True).stdout.split()
-        tag, digest, seconds = out[-3], out[-2], int(out[-1])
-        size = int(
-            run(
-                ["podman", "--storage-driver", "vfs", "image", "inspect", "--format", "{{.Size}}", tag],
-                capture_output=True,
-            ).stdout.strip()
-        )
-        built[name] = {"tag": tag, "digest": digest, "build_seconds": seconds, "size_bytes": size}
-        log(f"{tag}: {size / 2**20:.0f} MiB, {seconds} s, {digest}")
+        tag, seconds = out[-3], int(out[-1])
+        built[name] = {"tag": tag, **stored_image(tag), "build_seconds": seconds}
+        log(f"{tag}: {built[name]['size_bytes'] / 2**20:.0f} MiB, {seconds} s, {built[name]['digest']}")
     return built
+
+
+def stored_image(tag: str) -> dict[str, Any]:
+    """The digest (as images/build.sh prints it) and size of the image ``tag`` in buildah's storage.
+
+    Raises:
+        SystemExit: naming the tag, when storage has no such image.
+    """
+    if not image_exists(tag):
+        raise SystemExit(f"images-check: {tag} is not in buildah's storage; build it (leave out --reuse, "
+                         "or name it in --rebuild)")
+    digest = buildah("inspect", "--type", "image", "--format", "{{.FromImageDigest}}", tag)
+    size = run(["podman", "--storage-driver", "vfs", "image", "inspect", "--format", "{{.Size}}", tag],
+               capture_output=True).stdout.strip()
+    return {"digest": digest, "size_bytes": int(size)}
+
+
+def reused_images(earlier: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+    """The images of an earlier run (its ``images.json`` entries), with the digest and size of what
+    storage holds under each tag now: a tag built again since (by CI, or by hand) is reported as it is,
+    and ``rebuilt_since`` says so; its build time is the earlier run's."""
+    images = {}
+    for name in names:
+        entry = earlier[name]
+        now = stored_image(entry["tag"])
+        images[name] = {**entry, **now, "rebuilt_since": now["digest"] != entry["digest"]}
+    return images
 
 
 def image_env(tag: str) -> dict[str, str]:
@@ -695,8 +716,12 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         *(
             [
-                f"Reused from an earlier build (size and build time are that build's; every check ran "
-                f"again): {', '.join(report['reused'])}.",
+                f"Reused from storage (the build time is the earlier run's; size and digest are read from "
+                f"storage now; every check ran again): {', '.join(report['reused'])}"
+                + (f"; built again since the earlier run: "
+                   f"{', '.join(k for k, v in report['images'].items() if v.get('rebuilt_since'))}"
+                   if any(v.get("rebuilt_since") for v in report["images"].values()) else "")
+                + ".",
                 "",
             ]
             if report.get("reused")
@@ -749,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
         rebuild = [name for name in args.rebuild.split(",") if name]
         python_image = earlier["python_image"]
         built = build(rebuild, python_image) if rebuild else {}
-        images = {k: built[k] if k in built else earlier["images"][k] for k in names}
+        images = {**reused_images(earlier["images"], [k for k in names if k not in built]), **built}
+        images = {k: images[k] for k in names}
         reused = [k for k in names if k not in built]
     else:
         python_image = base_image(args)
