@@ -46,9 +46,11 @@ class DiskSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _usage(self, path) -> int:
+    def _usage(self, path, ignore: frozenset[str] | set[str] = frozenset()) -> int:
         total = 0
         for entry in os.scandir(path):
+            if entry.name in ignore:
+                continue
             try:
                 if entry.is_dir(follow_symlinks=False):
                     self.dirs.add(entry.name)
@@ -61,18 +63,7 @@ class DiskSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            used = 0
-            for entry in os.scandir(self.root):
-                if entry.name not in self.ignore:
-                    try:
-                        if entry.is_dir():
-                            self.dirs.add(entry.name)
-                            used += self._usage(entry.path)
-                        else:
-                            used += entry.stat().st_blocks * 512
-                    except FileNotFoundError:
-                        continue
-            self.peak = max(self.peak, used)
+            self.peak = max(self.peak, self._usage(self.root, self.ignore))
 
     def __enter__(self) -> DiskSampler:
         self._thread.start()
