@@ -302,6 +302,7 @@ def run_labelmatch(name: str, size: str, seed: int, args: argparse.Namespace) ->
     best = max(trainer.history, key=lambda row: row["val_macro_f1"])
     return {**describe(dataset), **metrics, "train_s": round(train_s, 1), "steps": trainer.step,
             "planned_steps": trainer.total_steps, "schedule": schedule_of(config),
+            "start_adapter": start_adapter_digest(config),
             "best_epoch": best["epoch"], "val_macro_f1": best["val_macro_f1"]}
 
 
@@ -310,6 +311,16 @@ def schedule_of(config: Any) -> str:
     ceiling = config.max_lengthened_epochs
     return (f"epochs {config.epochs}, min_steps {config.min_steps}"
             + (f" (at most {ceiling:g} passes)" if ceiling is not None and config.min_steps else ""))
+
+
+def start_adapter_digest(config: Any) -> str | None:
+    """The artifact digest of the adapter a cell started from (``None`` for a fresh one): the
+    held-out adapters live under runs/ and are rebuilt by a new checkout, so each cell says which
+    one it started from."""
+    from labelmatch.core.artifacts import artifact_digest
+
+    start = config.base_adapter
+    return artifact_digest(start) if start and start != "none" and Path(start).is_dir() else None
 
 
 def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -340,6 +351,7 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     untrained = Classifier.zero_shot(seen.labels, max_length=trained.encoder.max_length, base_adapter="none")
     return {"new_labels": held, "metric": metric, "test_docs": len(evalset.texts),
             "train_s": round(train_s, 1), "schedule": schedule_of(config),
+            "start_adapter": start_adapter_digest(config),
             "trained": score(trained, trained.thresholds.default, evalset)[metric],
             "untrained": score(untrained, val_threshold(untrained, seen), evalset)[metric]}
 
