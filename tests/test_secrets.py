@@ -104,7 +104,9 @@ def test_no_secret_in_logs_outputs_artifacts_or_requests(tmp_path, monkeypatch, 
         with pytest.raises(ArtifactError) as failure:
             store.download_artifact(uri, tmp_path / "refused")
         outputs.append(str(failure.value))
-        bad = ArtifactStore(S3Config.from_env({**env, "LABELMATCH_S3_ENDPOINT": "http://127.0.0.1:1"}))
+        # A store nobody answers: one retry (the default eight ride out about 45 s; not under test here)
+        unreachable = {**env, "LABELMATCH_S3_ENDPOINT": "http://127.0.0.1:1", "LABELMATCH_S3_RETRIES": "1"}
+        bad = ArtifactStore(S3Config.from_env(unreachable))
         with pytest.raises(ArtifactError) as failure:
             bad.remote_manifest(uri)
         outputs.append(str(failure.value))
