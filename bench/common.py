@@ -26,7 +26,25 @@ def cpu_text(info: dict[str, Any]) -> str:
     return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores)"
 
 
-def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have this process sent SIGTERM when the process that started it ends, killed or
+    not (``prctl(PR_SET_PDEATHSIG)``): a stopped benchmark leaves no method training on. Elsewhere
+    nothing changes."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the call above
+        os._exit(1)
+
+
+def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict,
+           parent: int) -> None:
+    _die_with_parent(parent)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -36,14 +54,16 @@ def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple
 
 
 def measure(name: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run ``fn(*args, **kwargs)`` in its own process, so its wall time and peak RSS are its own.
+    """Run ``fn(*args, **kwargs)`` in its own process, so its wall time and peak RSS are its own;
+    the process ends when this one does (on Linux, even when this one is killed). Call it from the
+    main thread: Linux signals the child when the thread that started it ends.
 
     Raises:
         RuntimeError: the process exited without a result (an exception in ``fn``, killed for memory).
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs))
+    proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs, os.getpid()))
     proc.start()
     while True:  # a process that dies (killed for memory, an exception) sends nothing: do not wait forever
         try:
