@@ -159,7 +159,6 @@ class TestInOneLocalRay:
         assert sorted(ids) == sorted([f"a-{i}" for i in range(6)] + [f"b-{i}" for i in range(3)]
                                      + [f"c-{i}" for i in range(4)])
 
-
     def test_s3_input_output_and_model(self, onnx_model, ray_root):
         from labelmatch.platform.artifact_store import ArtifactStore
 
