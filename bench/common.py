@@ -26,7 +26,7 @@ def cpu_text(info: dict[str, Any]) -> str:
     return f"{info.get('cpu', '?')} ({info.get('cores', '?')} cores)"
 
 
-def _die_with_parent(parent: int) -> None:
+def _die_with_parent() -> None:
     """On Linux, have this process sent SIGTERM when the process that started it ends, killed or
     not (``prctl(PR_SET_PDEATHSIG)``): a stopped benchmark leaves no method training on. Elsewhere
     nothing changes."""
@@ -38,13 +38,12 @@ def _die_with_parent(parent: int) -> None:
         return
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # it ended before the call above
+    if os.getppid() != mp.parent_process().pid:  # it ended before the call above
         os._exit(1)
 
 
-def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict,
-           parent: int) -> None:
-    _die_with_parent(parent)
+def _child(queue: Any, name: str, fn: Callable[..., dict[str, Any]], args: tuple, kwargs: dict) -> None:
+    _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     result = fn(*args, **kwargs)
@@ -63,7 +62,7 @@ def measure(name: str, fn: Callable[..., dict[str, Any]], *args: Any, **kwargs: 
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs, os.getpid()))
+    proc = ctx.Process(target=_child, args=(queue, name, fn, args, kwargs))
     proc.start()
     while True:  # a process that dies (killed for memory, an exception) sends nothing: do not wait forever
         try:

@@ -80,6 +80,22 @@ def onnx_model(trained_model, tmp_path_factory) -> tuple[Path, dict]:
 
 
 @contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the block and restore them after it (processes started in
+    it, Ray's workers among them, inherit them)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def ray_sandbox(prefix: str) -> Iterator[Path]:
     """A short temp dir under /tmp as HOME and RAY_TMPDIR (restored and removed afterwards).
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
-from conftest import make_tiny_dataset, ray_sandbox
+from conftest import environ, make_tiny_dataset, ray_sandbox
 from model_server import ModelServer
 from s3_server import moto_s3_server, s3_env
 
@@ -65,23 +65,11 @@ def ray_root():
     """One local Ray (127.0.0.1, 3 CPUs: two actors and Ray Data's reads) for a class's in-process
     runs, and an S3 server on 127.0.0.1 that its workers know of: a Ray's workers take the
     environment it was started with. (A run started by the CLI starts its own Ray: tested below.)"""
-    import ray
-
     from labelmatch.platform.ray_local import init_local_ray
 
-    with ray_sandbox("lmb-") as root, moto_s3_server() as endpoint:
-        saved = {key: os.environ.get(key) for key in s3_env(endpoint)}
-        os.environ.update(s3_env(endpoint))
-        try:
-            init_local_ray(num_cpus=3, temp_dir=str(root))
-            yield root
-        finally:
-            ray.shutdown()
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with ray_sandbox("lmb-") as root, moto_s3_server() as endpoint, environ(**s3_env(endpoint)):
+        init_local_ray(num_cpus=3, temp_dir=str(root))
+        yield root  # ray_sandbox shuts Ray down
 
 
 class TestInOneLocalRay:

@@ -4,13 +4,13 @@ from an S3 server, artifacts flowing between stages, the gate working both ways.
 """
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import environ
 from s3_server import moto_s3_server, s3_env
 
 from labelmatch import __version__
@@ -280,21 +280,11 @@ def s3_data(sample_dir: Path):
     """The sample data in an S3 server on 127.0.0.1; the environment points every step at it."""
     from labelmatch.platform.artifact_store import ArtifactStore, S3Config
 
-    with moto_s3_server() as url:
-        env = s3_env(url)
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)  # kfp.local's step subprocesses inherit it
-        store = ArtifactStore(S3Config.from_env(env))
+    with moto_s3_server() as url, environ(**s3_env(url)):  # kfp.local's step subprocesses inherit it
+        store = ArtifactStore(S3Config.from_env(s3_env(url)))
         for name in ("docs.jsonl", "labels.json"):
             store.put_bytes(f"s3://labelmatch/data/tax/{name}", (sample_dir / name).read_bytes())
-        try:
-            yield "s3://labelmatch/data/tax"
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        yield "s3://labelmatch/data/tax"
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
@@ -63,7 +62,7 @@ from typing import Any
 import pytest
 
 ray = pytest.importorskip("ray")
-from conftest import make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
+from conftest import environ, make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
 from s3_server import moto_s3_server, s3_env  # noqa: E402
 
 from labelmatch.core.artifacts import verify_artifact  # noqa: E402
@@ -83,21 +82,6 @@ KILL_DEADLINE_S = 300
 
 
 @contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the block (processes started in it inherit them)."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
 def gpu_shaped_cluster(root: Path) -> Iterator[Any]:
     """A head without CPUs or GPUs and ``WORKERS`` nodes of 1 GPU + 1 CPU, all on 127.0.0.1.
 
@@ -114,15 +98,15 @@ def gpu_shaped_cluster(root: Path) -> Iterator[Any]:
     common = {"node_ip_address": "127.0.0.1", "include_dashboard": False, "object_store_memory": 100 << 20}
     cluster = None
     try:
-        with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+        with environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
             (root / "head").mkdir()
-            with _environ(TMPDIR=str(root / "head")):
+            with environ(TMPDIR=str(root / "head")):
                 cluster = Cluster(initialize_head=True, head_node_args={
                     "num_cpus": 0, "num_gpus": 0, "temp_dir": str(root / "head"), **common})
             for i in range(WORKERS):
                 disk = root / f"w{i}"
                 disk.mkdir()
-                with _environ(TMPDIR=str(disk)):
+                with environ(TMPDIR=str(disk)):
                     cluster.add_node(num_cpus=1, num_gpus=1, resources={f"worker-{i}": 1},
                                      temp_dir=str(disk), **common)
             cluster.wait_for_nodes()
@@ -203,7 +187,7 @@ def cluster_run():
     from labelmatch.platform.artifact_store import ArtifactStore
 
     started = time.monotonic()
-    with moto_s3_server() as url, ray_sandbox("lmclu-") as root, _environ(**s3_env(url)):
+    with moto_s3_server() as url, ray_sandbox("lmclu-") as root, environ(**s3_env(url)):
         ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
         data = root / "data"
         save_dataset(make_tiny_dataset(n_docs=90), data)
@@ -225,7 +209,7 @@ def cluster_run():
             )
             log = root / "driver.log"
             (root / "driver-tmp").mkdir()
-            with log.open("w") as out, _environ(TMPDIR=str(root / "driver-tmp")):
+            with log.open("w") as out, environ(TMPDIR=str(root / "driver-tmp")):
                 driver = subprocess.Popen(
                     [sys.executable, "-m", "labelmatch", "tune", "--data", str(data),
                      "--out", str(root / "killed-model"), "--config", json.dumps(config.to_dict())],

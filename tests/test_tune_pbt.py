@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
-from conftest import make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
+from conftest import environ, make_tiny_dataset, ray_sandbox, tiny_config  # noqa: E402
 from ray import tune  # noqa: E402
 from s3_server import moto_s3_server, s3_env  # noqa: E402
 
@@ -62,22 +62,12 @@ def ray_home():
 
     The directory is short and under /tmp: Ray's Unix sockets live in it (107-byte limit).
     """
-    with moto_s3_server() as url, ray_sandbox("lmpbt-") as root:
-        env = s3_env(url)
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
-            from labelmatch.platform.artifact_store import ArtifactStore
+    with moto_s3_server() as url, ray_sandbox("lmpbt-") as root, environ(**s3_env(url)):
+        from labelmatch.platform.artifact_store import ArtifactStore
 
-            ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
-            init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
-            yield root
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        ArtifactStore.from_env().put_bytes(f"{STORAGE}/.keep", b"")  # the bucket
+        init_local_ray(num_cpus=2, temp_dir=str(root / "ray"))
+        yield root
 
 
 @pytest.fixture(scope="module")
