@@ -57,14 +57,17 @@ bench-transfer: setup
 bench-peers: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_peers.py --out bench/results
 
-## datasets: convert HWU64 and SNIPS (public GitHub, pinned commits; bench/datasets/SOURCES.md) into runs/datasets; set HWU64_REPO / SNIPS_REPO to existing clones to skip cloning
+## datasets: convert HWU64, SNIPS and the news excerpt (public GitHub, pinned commits; bench/datasets/SOURCES.md) into runs/datasets; set HWU64_REPO / SNIPS_REPO / NEWS_REPO to existing clones to skip cloning
 HWU64_REPO ?= runs/sources/NLU-Evaluation-Data
 SNIPS_REPO ?= runs/sources/nlu-benchmark
+NEWS_REPO ?= runs/sources/news-category
 datasets: setup
 	test -d $(HWU64_REPO) || git clone -q https://github.com/xliuhw/NLU-Evaluation-Data $(HWU64_REPO)
 	test -d $(SNIPS_REPO) || git clone -q https://github.com/sonos/nlu-benchmark $(SNIPS_REPO)
+	test -d $(NEWS_REPO) || git clone -q https://github.com/Fred-Stock/Correlated-Topic-Modeling-In-Pytorch $(NEWS_REPO)
 	$(PY) bench/datasets/convert.py hwu64 --repo $(HWU64_REPO) --out runs/datasets
 	$(PY) bench/datasets/convert.py snips --repo $(SNIPS_REPO) --out runs/datasets
+	$(PY) bench/datasets/convert.py news --repo $(NEWS_REPO) --out runs/datasets
 
 ## bench-general-adapter: the general zero-shot adapter, leave one dataset out, vs the base encoder (needs ../shared/data and `make datasets`)
 bench-general-adapter: datasets

@@ -28,7 +28,9 @@ and the model card) — ``make train-general-adapter``.
 
 Datasets: CLINC150, Bitext customer support and CUAD from ``../shared/data``; HWU64 and SNIPS
 converted by ``bench/datasets/convert.py`` into ``--datasets-dir`` (``bench/datasets/SOURCES.md``:
-repositories, commits, licences). BANKING77 is never used, in any form.
+repositories, commits, licences), and the news excerpt (``news``), tried on validation with
+``--train clinc150,bitext,cuad,hwu64,snips,news --held-out reuters --dev-only --tag news`` and not
+in the shipped mixture. BANKING77 is never used, in any form.
 
 Writes ``general_adapter.json``, ``general_adapter.md`` and ``general_adapter.png`` under ``--out``.
 """

@@ -86,6 +86,18 @@ def test_threshold_tuning():
     assert 0.3 < per[0] <= 0.6 and 0.3 < per[1] <= 0.35
 
 
+def test_threshold_tuning_separates_scores_crowded_near_one():
+    # Every label scores above 0.95 (a model on a domain it never saw); the positives sit higher.
+    rng = np.random.default_rng(0)
+    y = np.zeros((60, 3), dtype=int)
+    y[np.arange(60), np.arange(60) % 3] = 1
+    s = np.where(y == 1, rng.uniform(0.992, 0.999, y.shape), rng.uniform(0.96, 0.98, y.shape))
+    t, f1 = tune_global_threshold(y, s)
+    assert f1 == pytest.approx(1.0) and 0.95 < t <= 0.992
+    assert (tune_label_thresholds(y, s, fallback=t, prior_positives=0) > 0.95).all()
+    # Scores that separate below 0.95 keep the same answer as before the tail was added.
+    assert tune_global_threshold(y, s - 0.5)[0] <= 0.95
+
 def test_label_thresholds_shrink_towards_global_by_evidence():
     rng = np.random.default_rng(0)
     y = np.zeros((400, 3), dtype=int)

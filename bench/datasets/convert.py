@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import subprocess
@@ -102,8 +103,54 @@ SNIPS_DESCRIPTIONS: dict[str, str] = {
     "SearchScreeningEvent": "find movie showtimes or a cinema",
 }
 
+#: News Category Dataset (Misra, 2022): HuffPost headlines and short descriptions, one section each.
+#: Sections with fewer than 40 articles in the excerpt (TRAVEL, EDUCATION, LATINO VOICES, WEDDINGS)
+#: are left out.
+NEWS_DESCRIPTIONS: dict[str, str] = {
+    "POLITICS": ("News about politics and government, such as elections, Congress, the White House, parties "
+                 "and political campaigns."),
+    "ENTERTAINMENT": ("News about entertainment and celebrities, such as films, television, music, awards "
+                      "and famous people."),
+    "U.S. NEWS": ("News about events across the United States, such as accidents, disasters, courts, "
+                  "schools and local communities."),
+    "WORLD NEWS": ("News about other countries and international affairs, such as wars, diplomacy, foreign "
+                   "governments and disasters abroad."),
+    "COMEDY": "Comedy and satire: jokes, late-night television hosts and comedians making fun of the news.",
+    "SPORTS": "News about sports, such as games, teams, athletes, leagues and championships.",
+    "CRIME": ("News about crime, such as shootings, murders, arrests, police investigations and criminal "
+              "trials."),
+    "STYLE & BEAUTY": "Stories about fashion, clothes, beauty products, makeup and style.",
+    "MEDIA": ("News about the news media and journalism, such as TV networks, newspapers, reporters and "
+              "press freedom."),
+    "WEIRD NEWS": "Odd and unusual news: strange, bizarre or funny things that happened.",
+    "BLACK VOICES": "News and stories about Black people and communities, racism and Black culture.",
+    "HOME & LIVING": "Stories about home life, such as houses, decorating, cleaning, gardening and pets.",
+    "ENVIRONMENT": ("News about the environment, such as climate change, pollution, wildlife, weather and "
+                    "energy."),
+    "WELLNESS": ("Stories about health and wellbeing, such as fitness, sleep, mental health, diet and "
+                 "disease."),
+    "PARENTING": "Stories about parenting, children, babies, pregnancy and family life.",
+    "FOOD & DRINK": "Stories about food and drink, such as recipes, cooking, restaurants and beverages.",
+    "WOMEN": "News and stories about women, such as women's rights, gender equality and feminism.",
+    "QUEER VOICES": ("News and stories about LGBTQ people, such as gay and transgender rights and queer "
+                     "culture."),
+    "BUSINESS": ("News about business and companies, such as corporations, executives, workers, industries "
+                 "and the economy."),
+    "MONEY": "Stories about personal finance, such as saving, spending, taxes, debt, prices and jobs.",
+    "CULTURE & ARTS": ("News about culture and the arts, such as books, museums, theatre, painting and "
+                       "artists."),
+    "IMPACT": ("Stories about social impact, such as charity, volunteering, poverty, hunger and people "
+               "helping others."),
+    "TECH": ("News about technology, such as tech companies, the internet, social media, gadgets and "
+             "software."),
+    "SCIENCE": "News about science, such as space, physics, biology, research discoveries and scientists.",
+    "RELIGION": ("News about religion, such as churches, faith, religious leaders, the Pope and religious "
+                 "holidays."),
+}
+
 HWU64_DIR = "CrossValidation/autoGeneFromRealAnno/autoGene_2018_03_22-13_01_25_169/CrossValidation/KFold_1"
 SNIPS_DIR = "2017-06-custom-intent-engines"
+NEWS_FILE = "News_Category_Dataset_v3.json"
 
 
 @dataclass(frozen=True)
@@ -160,11 +207,38 @@ def snips_docs(repo: Path, commit: str) -> Iterator[dict]:
                            "split": split}
 
 
+def news_docs(repo: Path, commit: str) -> Iterator[dict]:
+    """News Category Dataset excerpt: one JSON object per line (``headline``, ``short_description``,
+    ``category``, ``link``); the text is the headline and the short description.
+
+    The dataset has no official split: an article is in ``test`` when the SHA-1 of its link is 0
+    modulo 5 (a fifth, the same on every machine). Sections outside ``NEWS_DESCRIPTIONS`` are left out.
+    """
+    for line_no, line in enumerate(git_show(repo, commit, NEWS_FILE).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{NEWS_FILE}:{line_no}: not a JSON object ({exc})") from exc
+        missing = [field for field in ("category", "link") if not isinstance(row.get(field), str)]
+        if missing:
+            raise ValueError(f"{NEWS_FILE}:{line_no}: field '{missing[0]}': missing or not text")
+        label, link = row["category"], row["link"]
+        parts = (row.get("headline") or "", row.get("short_description") or "")
+        text = " ".join(part.strip() for part in parts if part.strip())
+        if label in NEWS_DESCRIPTIONS and text:
+            split = "test" if int(hashlib.sha1(link.encode()).hexdigest(), 16) % 5 == 0 else "train"
+            yield {"id": f"news-{line_no}", "text": text, "labels": [label], "split": split}
+
+
 SOURCES: dict[str, Source] = {
     "hwu64": Source("hwu64", "xliuhw/NLU-Evaluation-Data", "f6071b496b17d71e6eb43f543af0707f4ff30557",
                     "CC BY 4.0", hwu64_docs, HWU64_DESCRIPTIONS),
     "snips": Source("snips", "sonos/nlu-benchmark", "b86ac7f1577868c42158d0dec77db50956046696",
                     "CC0 1.0", snips_docs, SNIPS_DESCRIPTIONS),
+    "news": Source("news", "Fred-Stock/Correlated-Topic-Modeling-In-Pytorch",
+                   "65ae8edd71e5cc0ba2d32f9d02be0520fe90b006", "CC BY 4.0", news_docs, NEWS_DESCRIPTIONS),
 }
 
 
