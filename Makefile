@@ -26,9 +26,10 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m labelmatch.demo --out $(RUNS)/demo
 
-## test: the default test suite (the tests that start Ray clusters of their own in a second pytest process)
+## test: the default test suite on TEST_WORKERS pytest-xdist workers, a file to a worker (0: one process), then the tests that start Ray clusters of their own in a second pytest process
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 -m "not own_process"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 -m "not own_process" -n $(TEST_WORKERS) --dist loadfile
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=5 -m own_process
 
 ## lint: ruff

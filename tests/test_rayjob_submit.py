@@ -1,17 +1,25 @@
-"""``submit_ray_job`` against a real local Ray head and its Jobs API (dashboard on 127.0.0.1)."""
+"""``submit_ray_job`` against a real Ray head and its Jobs API (dashboard on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
+import requests  # noqa: E402
 from conftest import ray_sandbox  # noqa: E402
+from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT  # noqa: E402
 
-from labelmatch.platform.ray_local import init_local_ray  # noqa: E402
 from labelmatch.tuning.rayjob import submit_ray_job  # noqa: E402
 
 
@@ -23,13 +31,51 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def jobs_address():
-    with ray_sandbox("lmjob-") as root:
-        port = _free_port()
+    """A Ray head started as a KubeRay head pod starts it (``ray start --head --block``), on 127.0.0.1.
+
+    Every port a head would take by default is its own here: a second Ray on the machine (another
+    test file on ``make test``'s other worker) keeps the defaults, and Ray 2.60 gives the dashboard
+    agent the fixed HTTP port 52365, through which the Jobs API submits (``ray/dashboard/modules/
+    job/job_head.py``); ``ray.init`` cannot change it, ``ray start`` can.
+    """
+    flags = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--ray-client-server-port")
+    with ray_sandbox("lmjob-") as root, contextlib.ExitStack() as stack:
+        # The default agent port is taken while this head runs (here, or by another Ray already).
+        with contextlib.suppress(OSError):
+            taken = stack.enter_context(socket.socket())
+            taken.bind(("127.0.0.1", DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
+            taken.listen()
+        ports = {flag: _free_port() for flag in flags}
         # Two declared GPUs (none are used: torch runs on CPU): the tune step's RayJob trials ask
         # for one each, as on the cluster's 1-GPU workers.
-        init_local_ray(num_cpus=2, num_gpus=2, dashboard=True, temp_dir=str(root / "ray"),
-                       dashboard_port=port)
-        yield f"http://127.0.0.1:{port}"
+        command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                   "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+                   "--num-cpus=2", "--num-gpus=2", f"--temp-dir={root / 'ray'}",
+                   *(f"{flag}={port}" for flag, port in ports.items())]
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # keep 127.0.0.1 (ray_local.py)
+        with (root / "head.log").open("wb") as log:
+            head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert head.poll() is None, (root / "head.log").read_text()[-3000:]
+                try:
+                    if requests.get(f"{address}/api/version", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "the Ray head's dashboard never answered"
+                time.sleep(0.5)
+            yield address
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)  # the head and every Ray process it started
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
 
 
 def test_a_job_runs_to_success_and_its_logs_stream_back(jobs_address):
