@@ -29,7 +29,7 @@ def _convert_module():
 def _repo_with(tmp_path: Path, name: str, text: str) -> tuple[Path, str]:
     """A git repository holding ``name`` with ``text``; returns ``(repo, commit)``."""
     repo = tmp_path / "src"
-    repo.mkdir()
+    repo.mkdir(parents=True)
     (repo / name).write_text(text)
     git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
@@ -68,4 +68,7 @@ def test_a_bad_news_record_names_its_file_line_and_field(tmp_path):
     repo, commit = _repo_with(tmp_path, convert.NEWS_FILE, "\n".join(rows) + "\n")
     line = r"^News_Category_Dataset_v3\.json:2: field 'category': missing or not text$"
     with pytest.raises(ValueError, match=line):
+        list(convert.news_docs(repo, commit))
+    repo, commit = _repo_with(tmp_path / "list", convert.NEWS_FILE, "[1, 2]\n")
+    with pytest.raises(ValueError, match=r"^News_Category_Dataset_v3\.json:1: not a JSON object \(list\)$"):
         list(convert.news_docs(repo, commit))

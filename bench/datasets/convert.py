@@ -221,6 +221,8 @@ def news_docs(repo: Path, commit: str) -> Iterator[dict]:
             row = json.loads(line)
         except ValueError as exc:
             raise ValueError(f"{NEWS_FILE}:{line_no}: not a JSON object ({exc})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{NEWS_FILE}:{line_no}: not a JSON object ({type(row).__name__})")
         missing = [field for field in ("category", "link") if not isinstance(row.get(field), str)]
         if missing:
             raise ValueError(f"{NEWS_FILE}:{line_no}: field '{missing[0]}': missing or not text")
