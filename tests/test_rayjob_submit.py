@@ -9,24 +9,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
-import requests  # noqa: E402
 from conftest import ray_sandbox  # noqa: E402
+from model_server import free_port, wait_until_ready  # noqa: E402
 from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT  # noqa: E402
 
 from labelmatch.tuning.rayjob import submit_ray_job  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def jobs_address():
             taken = stack.enter_context(socket.socket())
             taken.bind(("127.0.0.1", DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
             taken.listen()
-        ports = {flag: _free_port() for flag in flags}
+        ports = {flag: free_port() for flag in flags}
         # Two declared GPUs (none are used: torch runs on CPU): the tune step's RayJob trials ask
         # for one each, as on the cluster's 1-GPU workers.
         command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
@@ -58,16 +51,7 @@ def jobs_address():
                                     start_new_session=True)
         address = f"http://127.0.0.1:{ports['--dashboard-port']}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert head.poll() is None, (root / "head.log").read_text()[-3000:]
-                try:
-                    if requests.get(f"{address}/api/version", timeout=2).ok:
-                        break
-                except requests.ConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "the Ray head's dashboard never answered"
-                time.sleep(0.5)
+            wait_until_ready(head, f"{address}/api/version", root / "head.log", "the Ray head", timeout_s=120)
             yield address
         finally:
             os.killpg(head.pid, signal.SIGTERM)  # the head and every Ray process it started
