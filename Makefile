@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers datasets bench-general-adapter train-general-adapter bench-schedule-probe
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers datasets bench-general-adapter bench-adapter-scale train-general-adapter bench-schedule-probe
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -73,6 +73,10 @@ datasets: setup
 ## bench-general-adapter: the general zero-shot adapter, leave one dataset out, vs the base encoder (needs ../shared/data and `make datasets`)
 bench-general-adapter: datasets
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_general_adapter.py --out bench/results
+
+## bench-adapter-scale: the share of the general adapter's LoRA delta zero-shot prediction merges (WiSE-FT), chosen on validation rows only (needs bench-general-adapter's held-out adapters)
+bench-adapter-scale: datasets
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_adapter_scale.py --out bench/results
 
 ## train-general-adapter: train the adapter that ships (every mixture dataset) into src/labelmatch/model/general_adapter/, after its leave-one-out table
 train-general-adapter: datasets

@@ -11,10 +11,12 @@ asks whether it classifies **labels it never saw** better than the base encoder:
   every adapter is scored on it as a held-out dataset too.
 * **as shipped**: each model at the threshold it ships with and no labelled document of the
   held-out dataset: the base encoder as ``labelmatch predict --labels`` uses it (``Classifier.zero_shot``:
-  probability 0.5 at cosine 0.3) and the adapter at its global threshold tuned on the mixture's
-  validation documents. Reported: macro-F1 over the held-out labels (thresholded multi-label
-  decisions, as the server makes them), micro-F1 and top-1 accuracy (the best label, for the
-  single-label sets: ranking, whatever the threshold).
+  probability 0.5 at cosine 0.3) and the adapter as zero-shot prediction merges it: ``--zero-shot-scale``
+  of its LoRA delta (WiSE-FT; the share ``bench/bench_adapter_scale.py`` chose on the dev rows), at
+  the global threshold tuned on its mixture's validation documents at that share. Reported:
+  macro-F1 over the held-out labels (thresholded multi-label decisions, as the server makes them),
+  micro-F1 and top-1 accuracy (the best label, for the single-label sets: ranking, whatever the
+  threshold).
 * **calibrated** (``calibrated_*``): both models at thresholds tuned by ``labelmatch calibrate`` on
   ``--dev-per-label`` validation documents per held-out label (drawn from the held-out dataset's
   train split, never its test split): what the adapter did to the ranking, apart from the threshold.
@@ -88,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Also train the shipped adapter on every dataset.")
     parser.add_argument("--export", type=Path, default=ROOT / "src/labelmatch/model/general_adapter")
     parser.add_argument("--tag", default="", help="Name of this recipe in the report.")
+    # Chosen on the dev rows by bench/bench_adapter_scale.py (bench/results/general_adapter_scale.md).
+    parser.add_argument("--zero-shot-scale", type=float, default=0.5,
+                        help="Share of each adapter's LoRA delta merged for zero-shot scoring (1: all).")
     return parser.parse_args(argv)
 
 
@@ -162,18 +167,63 @@ def train_mixture(parts: list[str], args: argparse.Namespace, out: Path) -> dict
     return info
 
 
-def score_held_out(name: str, model: Path | None, args: argparse.Namespace) -> dict[str, Any]:
-    """Scores of the base encoder (``model`` None) or a trained adapter on a held-out dataset, with
-    its ``labels`` and ``docs`` per set counted."""
+def scaled_classifier(model_dir: str | Path, share: float) -> Any:
+    """The Model artifact at ``model_dir`` with ``share`` of its LoRA delta merged in (as
+    zero-shot prediction merges the shipped adapter: ``general_adapter.merge_share``)."""
+    from labelmatch.model.classifier import Classifier
+    from labelmatch.model.general_adapter import merge_share
+    from labelmatch.model.io import load_encoder_model
+
+    clf = Classifier.load(model_dir)
+    peft_model, _, _ = load_encoder_model(model_dir, verify=False, merge=False)
+    clf.encoder.model = merge_share(peft_model, share).eval()
+    return clf
+
+
+def mixture_validation(parts: list[str], args: argparse.Namespace) -> list[EvalSet]:
+    """Each mixture dataset's validation documents, as its adapter's training carved them."""
+    sets = []
+    for name in parts:
+        part = carve(name, args)[0]
+        sets.append(_eval_set(name, part.split("val").documents, part.labels))
+    return sets
+
+
+def mixture_threshold(clf: Any, validation: list[EvalSet]) -> float:
+    """The global threshold tuned on the mixture's validation documents, each scored against its
+    own dataset's labels only (as :class:`~labelmatch.training.mixture.MixtureTrainer` tunes it)."""
+    from labelmatch.evaluation.metrics import tune_global_threshold
+
+    blocks = [(v.targets, clf.scores(v.texts, v.labels, replace=True)[1]) for v in validation]
+    rows, cols = sum(t.shape[0] for t, _ in blocks), sum(t.shape[1] for t, _ in blocks)
+    targets, scores = np.zeros((rows, cols), dtype=np.int64), np.zeros((rows, cols), dtype=np.float32)
+    r = c = 0
+    for t, p in blocks:
+        targets[r:r + t.shape[0], c:c + t.shape[1]], scores[r:r + t.shape[0], c:c + t.shape[1]] = t, p
+        r, c = r + t.shape[0], c + t.shape[1]
+    return tune_global_threshold(targets, scores)[0]
+
+
+def zero_shot_adapter(model_dir: Path, parts: list[str], args: argparse.Namespace) -> tuple[Any, float]:
+    """A mixture's adapter as zero-shot prediction uses it: ``--zero-shot-scale`` of its delta, and
+    the threshold tuned at that share on the mixture's validation documents."""
+    clf = scaled_classifier(model_dir, args.zero_shot_scale)
+    return clf, mixture_threshold(clf, mixture_validation(parts, args))
+
+
+def score_held_out(name: str, model: Path | None, args: argparse.Namespace,
+                   parts: list[str] | None = None) -> dict[str, Any]:
+    """Scores of the base encoder (``model`` None) or a trained adapter (trained on ``parts``) on a
+    held-out dataset, with its ``labels`` and ``docs`` per set counted."""
     from labelmatch.model.classifier import Classifier
 
     part, dev, test = carve(name, args)
     sets = eval_sets(name, dev, test, part.labels, args.dev_only)
     if model is None:
         clf = Classifier.zero_shot(sets[0].labels, max_length=128, base_adapter="none")
+        threshold = clf.thresholds.default
     else:
-        clf = Classifier.load(model)
-    threshold = clf.thresholds.default
+        clf, threshold = zero_shot_adapter(model, parts or [], args)
     return {"threshold": threshold, "labels": len(part.labels), "docs": {s.name: len(s.texts) for s in sets},
             **{s.name: score(clf, threshold, s) for s in sets}}
 
@@ -203,7 +253,7 @@ def held_out_cell(name: str, args: argparse.Namespace) -> dict[str, Any]:
     parts = [p for p in args.train.split(",") if p and p != name]
     out = mixture_dir(args, parts)
     trained = train_mixture(parts, args, out)
-    return {"held_out": name, "train": trained, "adapter": score_held_out(name, out, args)}
+    return {"held_out": name, "train": trained, "adapter": score_held_out(name, out, args, parts)}
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -237,7 +287,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Each row: an adapter trained on the other datasets, scored on this dataset's labels, all new "
         "to it, against the base encoder. *As shipped*: no labelled document of the held-out dataset "
-        "(the base at cosine 0.3, the adapter at its mixture-validation threshold). *Calibrated*: both "
+        f"(the base at cosine 0.3; the adapter as zero-shot prediction merges it, "
+        f"{report.get('zero_shot_scale', 1.0):g} of its LoRA delta, at the threshold tuned at that share on "
+        "its mixture's validation documents). *Calibrated*: both "
         f"at thresholds tuned on {report['dev_per_label']} validation documents per held-out label "
         "(`labelmatch calibrate`). `dev_*` rows score those validation documents (settings were chosen "
         "on them); test rows are the official test splits, scored once.",
@@ -321,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "tag": args.tag, "config": json.loads(args.config), "seed": args.seed,
         "train_per_label": args.train_per_label, "val_per_label": args.val_per_label,
-        "labels_per_step": args.labels_per_step,
+        "labels_per_step": args.labels_per_step, "zero_shot_scale": args.zero_shot_scale,
         "dev_per_label": args.dev_per_label, "dev_only": args.dev_only, "machine": machine(), "cells": cells,
     }
     if args.final:
@@ -330,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         report["final"] = measure("final", train_mixture, parts, args, out)
         from labelmatch.model.general_adapter import export_general_adapter
 
+        _, threshold = zero_shot_adapter(out, parts, args)
+        report["final"]["zero_shot_threshold"] = threshold
         export_general_adapter(out, args.export, sources=ROOT / "bench/datasets/SOURCES.md",
-                               evaluation=summary(cells) if cells else None)
+                               evaluation=summary(cells) if cells else None,
+                               zero_shot_scale=args.zero_shot_scale, threshold=threshold)
         print(f"shipped adapter written to {args.export}", flush=True)
     report["summary"] = summary(cells) if cells else {}
     report["wall_s"] = round(time.perf_counter() - started, 1)

@@ -101,6 +101,41 @@ def test_exported_adapter_serves_zero_shot_like_the_model_it_came_from(trained_m
     assert zero_shot.thresholds.default == info["threshold"]
 
 
+
+def test_zero_shot_merges_the_share_of_the_delta_the_adapter_records(trained_model, tmp_path):
+    """WiSE-FT: ``zero_shot_scale`` s merges base + s * delta, at the threshold tuned for that share;
+    training still starts from the full weights."""
+    full = general_adapter.export_general_adapter(trained_model, tmp_path / "full")
+    half = general_adapter.export_general_adapter(trained_model, tmp_path / "half", zero_shot_scale=0.5,
+                                                  threshold=0.7)
+    info = json.loads((half / general_adapter.INFO).read_text())
+    assert info["zero_shot_scale"] == 0.5 and info["threshold"] == 0.7
+    assert "merges 0.5 of its LoRA delta" in (half / general_adapter.CARD).read_text()
+    labels = {"a": "Value added tax.", "b": "Customs duties."}
+
+    def weights(adapter: str) -> dict[str, torch.Tensor]:
+        clf = Classifier.zero_shot(labels, max_length=32, base_adapter=adapter)
+        return {k: v.detach().clone() for k, v in clf.encoder.model.state_dict().items()}
+
+    base, at_full, at_half = weights("none"), weights(str(full)), weights(str(half))
+    changed = [k for k in base if not torch.equal(base[k], at_full[k])]
+    assert changed  # the adapter moves the LoRA targets' weights
+    for key in changed:
+        assert torch.allclose(at_half[key], (base[key] + at_full[key]) / 2, atol=1e-5)
+    zero_shot = Classifier.zero_shot(labels, max_length=32, base_adapter=str(half))
+    assert zero_shot.thresholds.default == 0.7 and zero_shot.info["base_adapter"]["zero_shot_scale"] == 0.5
+    tiny = make_tiny_dataset()
+    started = _lora_state(SFTTrainer(tiny, tiny_config(base_adapter=str(half))))
+    stored = general_adapter.adapter_state(general_adapter.resolve_base_adapter(str(half), "x"))
+    assert all(torch.equal(started[key], value) for key, value in stored.items())  # full weights, not half
+    with pytest.raises(ConfigError, match="needs the threshold"):
+        general_adapter.export_general_adapter(trained_model, tmp_path / "x", zero_shot_scale=0.5)
+    info["zero_shot_scale"] = 1.5
+    (half / general_adapter.INFO).write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=r"general_adapter\.json: zero_shot_scale 1\.5"):
+        Classifier.zero_shot(labels, base_adapter=str(half))
+
+
 def test_base_adapter_names_resolve_or_fail_clearly(monkeypatch, tmp_path):
     assert general_adapter.resolve_base_adapter("none", "bundled:minilm") is None
     assert general_adapter.resolve_base_adapter("auto", "BAAI/bge-m3") is None
@@ -132,6 +167,9 @@ def test_the_shipped_adapter_is_small_float16_and_the_default():
     zero_shot = Classifier.zero_shot({"a": "x"})
     assert zero_shot.info["base_adapter"]["sha256"] == adapter.digest
     assert zero_shot.thresholds.default == adapter.threshold
+    shipped = json.loads((adapter.path / general_adapter.INFO).read_text())
+    assert 0 < adapter.zero_shot_scale == shipped["zero_shot_scale"] <= 1
+    assert zero_shot.info["base_adapter"]["zero_shot_scale"] == adapter.zero_shot_scale
     card = (adapter.path / general_adapter.CARD).read_text()
     assert "BANKING77 was never used" in card and "licences" in card and "Limitations" in card
 

@@ -89,8 +89,9 @@ class Classifier(LabelMatcher):
         """A classifier for ``labels`` without training on them.
 
         With a base adapter (:mod:`labelmatch.model.general_adapter`; ``auto``: the general
-        adapter that ships, for the bundled encoder) it is merged into the encoder, and its logit
-        scale, bias and threshold are used. Without one (``none``, or another base encoder): the
+        adapter that ships, for the bundled encoder) it is merged into the encoder (the share of
+        its LoRA delta its ``zero_shot_scale`` says), and its logit scale, bias and threshold are
+        used. Without one (``none``, or another base encoder): the
         base encoder as is, ``bias = -scale * boundary``, threshold 0.5; ``boundary`` is the cosine
         at which a label's probability is 0.5.
         """
@@ -106,7 +107,8 @@ class Classifier(LabelMatcher):
         encoder = TextEncoder(model, tokenizer, max_length, pooling)
         info = {"base_model": base_model, "max_length": max_length, "scale": scale, "bias": bias,
                 "pooling": pooling.mode, "normalize": pooling.normalize,
-                "base_adapter": adapter.describe() if adapter else None}
+                "base_adapter": ({**adapter.describe(), "zero_shot_scale": adapter.zero_shot_scale}
+                                 if adapter else None)}
         return cls(encoder, labels, None, scale, bias, Thresholds(threshold), None, info)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

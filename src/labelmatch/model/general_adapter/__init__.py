@@ -6,7 +6,10 @@ licences are in ``MODEL_CARD.md`` beside this file). It is the starting point of
 the base encoder is ``bundled:minilm`` and ``base_adapter`` is ``auto`` (the default):
 
 * zero-shot prediction (``labelmatch predict --labels`` without a model): the adapter merged into
-  the encoder, with the logit scale, bias and decision threshold it was trained with;
+  the encoder, with the logit scale and bias it was trained with; only a share of its LoRA delta
+  (``zero_shot_scale`` in ``general_adapter.json``: WiSE-FT, the weights interpolated between the
+  base encoder's and the adapter's, which loses less on data far from the mixture) and the decision
+  threshold tuned on the mixture's validation documents at that share;
 * training (:class:`~labelmatch.training.sft.SFTTrainer`): the new LoRA adapter starts from the
   general one's weights instead of zero, so the saved model is still one LoRA adapter on the plain
   base encoder and everything downstream (ONNX export, GRPO, serving) reads it unchanged.
@@ -47,8 +50,11 @@ class BaseAdapter:
         name: ``general`` for the bundled adapter, else the path as given.
         scale: Logit scale it was trained with.
         bias: Logit bias it was trained with.
-        threshold: Its global decision threshold (tuned on its validation documents).
+        threshold: Its global decision threshold for zero-shot prediction (tuned on its
+            validation documents at ``zero_shot_scale``).
         digest: sha256 of its weights file (recorded in the models trained from it).
+        zero_shot_scale: Share of its LoRA delta merged for zero-shot prediction (1: all of it);
+            training always starts from the full weights.
     """
 
     path: Path
@@ -57,6 +63,7 @@ class BaseAdapter:
     bias: float
     threshold: float
     digest: str
+    zero_shot_scale: float = 1.0
 
     def describe(self) -> dict[str, Any]:
         """What a model card and ``labelmatch.json`` record about it."""
@@ -81,17 +88,21 @@ def _model_logits(model_dir: Path) -> tuple[dict[str, Any], float, float, float]
 
 
 def _read(path: Path, name: str) -> BaseAdapter:
+    share = 1.0
     if (path / "adapter" / PEFT_CONFIG).is_file():  # a Model artifact
         _, scale, bias, threshold = _model_logits(path)
         path = path / "adapter"
     elif (path / PEFT_CONFIG).is_file():
         info = json.loads((path / INFO).read_text()) if (path / INFO).is_file() else {}
         scale, bias, threshold = info.get("scale", 20.0), info.get("bias", -6.0), info.get("threshold", 0.5)
+        share = info.get("zero_shot_scale", 1.0)
+        if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{path / INFO}: zero_shot_scale {share!r} is not a number from 0 to 1")
     else:
         raise ConfigError(f"base_adapter {name!r}: {path} has no {PEFT_CONFIG} (nor adapter/{PEFT_CONFIG})")
     weights = path / WEIGHTS
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return BaseAdapter(path, name, float(scale), float(bias), float(threshold), digest)
+    return BaseAdapter(path, name, float(scale), float(bias), float(threshold), digest, float(share))
 
 
 def resolve_base_adapter(spec: str | None, base_model: str) -> BaseAdapter | None:
@@ -168,15 +179,30 @@ def start_from(peft_model: Any, adapter: BaseAdapter, required: bool) -> bool:
     return True
 
 
+def merge_share(peft_model: Any, share: float = 1.0) -> Any:
+    """A ``PeftModel``'s base model with ``share`` of its LoRA delta merged in (a plain model again).
+
+    ``share`` 1 is peft's ``merge_and_unload``; below 1 it is WiSE-FT's interpolation between the
+    base weights (0) and the fine-tuned ones (peft's ``rescale_adapter_scale`` during the merge).
+    """
+    from peft.helpers import rescale_adapter_scale
+
+    if share == 1.0:
+        return peft_model.merge_and_unload()
+    with rescale_adapter_scale(peft_model, float(share)):
+        return peft_model.merge_and_unload()
+
+
 def merged_encoder(base: Any, adapter: BaseAdapter) -> Any:
-    """``base`` with the adapter merged in (a plain model again), for zero-shot prediction."""
+    """``base`` with the adapter merged in at its ``zero_shot_scale``, for zero-shot prediction."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
+    return merge_share(PeftModel.from_pretrained(base, str(adapter.path)), adapter.zero_shot_scale)
 
 
 def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str | Path | None = None,
-                           evaluation: dict[str, Any] | None = None) -> Path:
+                           evaluation: dict[str, Any] | None = None, zero_shot_scale: float = 1.0,
+                           threshold: float | None = None) -> Path:
     """Write a trained mixture model's adapter in the shipped layout (float16) with its model card.
 
     Args:
@@ -184,6 +210,9 @@ def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str 
         out: Target directory (this package's directory for the adapter that ships).
         sources: ``SOURCES.md`` of the datasets, appended to the model card.
         evaluation: The leave-one-dataset-out summary, recorded in ``general_adapter.json``.
+        zero_shot_scale: Share of the LoRA delta zero-shot prediction merges (1: all of it).
+        threshold: The zero-shot threshold, tuned on the mixture's validation documents at
+            ``zero_shot_scale`` (``None``: the model's own, right at share 1 only).
 
     Returns:
         ``out``.
@@ -195,12 +224,19 @@ def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str 
     weights = load_file(str(model_dir / "adapter" / WEIGHTS))
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(out / WEIGHTS))
     shutil.copyfile(model_dir / "adapter" / PEFT_CONFIG, out / PEFT_CONFIG)
-    info, scale, bias, threshold = _model_logits(model_dir)
+    if not 0.0 <= zero_shot_scale <= 1.0:
+        raise ConfigError(f"zero_shot_scale {zero_shot_scale} is not from 0 to 1")
+    info, scale, bias, trained_threshold = _model_logits(model_dir)
+    if threshold is None:
+        if zero_shot_scale != 1.0:
+            raise ConfigError("a zero_shot_scale below 1 needs the threshold tuned at that share")
+        threshold = trained_threshold
     record = {
         "base_model": info.get("base_model", BUNDLED_BASE),
         "scale": scale,
         "bias": bias,
         "threshold": threshold,
+        "zero_shot_scale": zero_shot_scale,
         "trained_on": info.get("mixture"),
         "train_config": info.get("config"),
         "leave_one_dataset_out": evaluation,
@@ -218,8 +254,11 @@ def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str 
         "off). **Not for**: other base encoders; any decision without a check on the user's own data.",
         "",
         f"Trained on: {', '.join(record['trained_on'] or [])}. Logit scale {record['scale']:.2f}, bias "
-        f"{record['bias']:.3f}, global threshold {record['threshold']:.2f} (tuned on the mixture's "
-        "validation documents).",
+        f"{record['bias']:.3f}. Zero-shot prediction merges {zero_shot_scale:g} of its LoRA delta "
+        "(WiSE-FT: `zero_shot_scale`; the share chosen on the held-out datasets' validation documents, "
+        "`bench/results/general_adapter_scale.md`) at global threshold "
+        f"{record['threshold']:.2f} (tuned on the mixture's validation documents at that share); "
+        "training on your labels starts from its full weights.",
         "",
         "Quality on labels it never saw: `bench/results/general_adapter.md` (leave one dataset out). "
         "BANKING77 was never used, in any form.",
@@ -233,14 +272,20 @@ def export_general_adapter(model_dir: str | Path, out: str | Path, sources: str 
             card.append(f"| {name} | {delta.get('macro_f1', 0):+.3f} | "
                         f"{delta.get('top1_accuracy', 0):+.3f} | "
                         f"{delta.get('calibrated_macro_f1', 0):+.3f} |")
-        worse = [name for name, delta in evaluation["delta"].items() if delta.get("macro_f1", 0) < 0]
+        def below(metric: str) -> str:
+            return ", ".join(name for name, delta in evaluation["delta"].items() if delta.get(metric, 0) < 0)
+
+        worse, worse_calibrated = below("macro_f1"), below("calibrated_macro_f1")
         card += ["", "## Limitations", "",
                  "Trained on short intent queries and legal clauses only. "
-                 + (f"Worse than the plain encoder on: {', '.join(worse)} (long news articles, topic "
-                    "labels); use `--base-adapter none` there, or check on your own validation data."
-                    if worse else "Check it on your own validation data.")
-                 + " Its threshold was tuned on its training mixture; `labelmatch calibrate` sets "
-                 "thresholds for your labels from a few labelled documents.", ""]
+                 + (f"As shipped, worse than the plain encoder on: {worse}; use `--base-adapter none` "
+                    "there, or check on your own validation data. " if worse else "")
+                 + (f"With thresholds calibrated on a few labelled documents per label, the plain encoder "
+                    f"does better on: {worse_calibrated}; where you calibrate, compare both "
+                    "(`--base-adapter none`) on your validation data. " if worse_calibrated else "")
+                 + "Check it on your own validation data. Its threshold was tuned on its training "
+                 "mixture; `labelmatch calibrate` sets thresholds for your labels from a few labelled "
+                 "documents.", ""]
     if sources is not None and Path(sources).is_file():
         card += ["## Data sources and licences", "", Path(sources).read_text()]
     (out / CARD).write_text("\n".join(card) + "\n")
