@@ -169,15 +169,10 @@ def train_mixture(parts: list[str], args: argparse.Namespace, out: Path) -> dict
 
 def scaled_classifier(model_dir: str | Path, share: float) -> Any:
     """The Model artifact at ``model_dir`` with ``share`` of its LoRA delta merged in (as
-    zero-shot prediction merges the shipped adapter: ``general_adapter.merge_share``)."""
+    zero-shot prediction merges the shipped adapter: ``model.io.merge_share``)."""
     from labelmatch.model.classifier import Classifier
-    from labelmatch.model.general_adapter import merge_share
-    from labelmatch.model.io import load_encoder_model
 
-    clf = Classifier.load(model_dir)
-    peft_model, _, _ = load_encoder_model(model_dir, verify=False, merge=False)
-    clf.encoder.model = merge_share(peft_model, share).eval()
-    return clf
+    return Classifier.load(model_dir, share=share)
 
 
 def mixture_validation(parts: list[str], args: argparse.Namespace) -> list[EvalSet]:

@@ -106,9 +106,13 @@ def ray_sandbox(prefix: str) -> Iterator[Path]:
     in this process, writes ``~/.ray/auth_token`` and caches the token. A later sandbox has another
     HOME, so both are undone on exit; otherwise the next local Ray's GCS server finds no token file
     in the new HOME and aborts (seen as "Timed out waiting for file .../gcs_server_port_...").
+    Ray also caches the mode in this process's RayConfig (``_enable_token_auth`` in
+    ``ray/_private/authentication/authentication_token_setup.py``, 2.60): it is re-read from the
+    restored environment, or a later Jobs API client in this process sends for a token that no
+    HOME holds (``get_auth_headers_if_auth_enabled`` raises AuthenticationError).
     """
     import ray
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader, Config
 
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     saved = {k: os.environ.get(k) for k in ("HOME", "RAY_TMPDIR", "RAY_AUTH_MODE")}
@@ -123,6 +127,7 @@ def ray_sandbox(prefix: str) -> Iterator[Path]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        Config.initialize("")
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -122,6 +122,8 @@ def test_zero_shot_merges_the_share_of_the_delta_the_adapter_records(trained_mod
     assert changed  # the adapter moves the LoRA targets' weights
     for key in changed:
         assert torch.allclose(at_half[key], (base[key] + at_full[key]) / 2, atol=1e-5)
+    loaded_half = Classifier.load(trained_model, share=0.5).encoder.model.state_dict()
+    assert all(torch.allclose(loaded_half[key], at_half[key], atol=1e-5) for key in changed)
     zero_shot = Classifier.zero_shot(labels, max_length=32, base_adapter=str(half))
     assert zero_shot.thresholds.default == 0.7 and zero_shot.info["base_adapter"]["zero_shot_scale"] == 0.5
     tiny = make_tiny_dataset()

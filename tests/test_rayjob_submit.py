@@ -62,6 +62,16 @@ def jobs_address():
                 head.wait()
 
 
+def test_a_local_ray_started_earlier_in_this_process_leaves_no_token_mode_behind(jobs_address):
+    """A ``ray.init`` (here, or in another test file on the same xdist worker) turns token mode on
+    in this process and caches it; once its sandbox is left, the Jobs client must not ask for a
+    token that no HOME holds (CI failed on exactly this when test_batch ran first on the worker)."""
+    with ray_sandbox("lmjob-"):
+        ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")
+    _, status = submit_ray_job(jobs_address, "python -c 'pass'", poll_seconds=0.5)
+    assert status == "SUCCEEDED"
+
+
 def test_a_job_runs_to_success_and_its_logs_stream_back(jobs_address):
     chunks: list[str] = []
     job_id, status = submit_ray_job(jobs_address, "python -c \"print('labelmatch job ran')\"",

@@ -63,10 +63,17 @@ class Classifier(LabelMatcher):
                          chunking or Chunking.for_model("truncate", encoder.max_length))
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> Classifier:
-        """Load a Model artifact, verifying every file's digest first."""
+    def load(cls, path: str | Path, device: str = "cpu", share: float = 1.0) -> Classifier:
+        """Load a Model artifact, verifying every file's digest first.
+
+        Args:
+            path: The Model artifact.
+            device: Where the encoder runs.
+            share: The share of its LoRA delta merged into the encoder (1: all of it; below 1, as
+                zero-shot prediction merges a general adapter: :func:`~labelmatch.model.io.merge_share`).
+        """
         root = Path(path)
-        model, tokenizer, info = load_encoder_model(root)
+        model, tokenizer, info = load_encoder_model(root, share=share)
         labels = json.loads((root / "labels.json").read_text())
         embeddings = np.load(root / "label_embeddings.npy")
         thresholds = Thresholds.from_json(json.loads((root / "thresholds.json").read_text()))

@@ -115,8 +115,22 @@ def read_model_info(model_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"artifact {model_dir}: cannot read {MODEL_INFO}: {exc}") from exc
 
 
+def merge_share(peft_model: Any, share: float = 1.0) -> Any:
+    """A ``PeftModel``'s base model with ``share`` of its LoRA delta merged in (a plain model again).
+
+    ``share`` 1 is peft's ``merge_and_unload``; below 1 it is WiSE-FT's interpolation between the
+    base weights (0) and the fine-tuned ones (peft's ``rescale_adapter_scale`` during the merge).
+    """
+    from peft.helpers import rescale_adapter_scale
+
+    if share == 1.0:
+        return peft_model.merge_and_unload()
+    with rescale_adapter_scale(peft_model, float(share)):
+        return peft_model.merge_and_unload()
+
+
 def load_encoder_model(
-    model_dir: str | Path, verify: bool = True, merge: bool = True
+    model_dir: str | Path, verify: bool = True, merge: bool = True, share: float = 1.0
 ) -> tuple[Any, Any, dict[str, Any]]:
     """Load the encoder of a Model artifact.
 
@@ -125,9 +139,14 @@ def load_encoder_model(
         verify: Check the manifest digests first (refuses a corrupted file by name).
         merge: Merge a LoRA adapter into the base weights (faster inference); with ``False`` the
             ``PeftModel`` is returned with its adapter trainable-ready.
+        share: With ``merge``, the share of the LoRA delta merged in (:func:`merge_share`); below 1
+            the artifact must hold its adapter.
 
     Returns:
         ``(model, tokenizer, info)``.
+
+    Raises:
+        ArtifactError: A share below 1 of an artifact without a LoRA adapter.
     """
     from peft import PeftModel
     from transformers import AutoModel, AutoTokenizer
@@ -139,7 +158,10 @@ def load_encoder_model(
         verify_artifact(root, "Model")
     info = read_model_info(root)
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    if (root / "encoder").is_dir() and (merge or not (root / "adapter").is_dir()):
+    has_adapter = (root / "adapter").is_dir()
+    if merge and share != 1.0 and not has_adapter:
+        raise ArtifactError(f"artifact {root}: no LoRA adapter to merge a share ({share}) of")
+    if (root / "encoder").is_dir() and ((merge and share == 1.0) or not has_adapter):
         return AutoModel.from_pretrained(root / "encoder"), tokenizer, info
     base_path = resolve_base_model(info["base_model"])
     expected = info.get("base_model_digest")
@@ -151,4 +173,4 @@ def load_encoder_model(
         )
     base = AutoModel.from_pretrained(base_path)
     model = PeftModel.from_pretrained(base, root / "adapter", is_trainable=not merge)
-    return (model.merge_and_unload() if merge else model), tokenizer, info
+    return (merge_share(model, share) if merge else model), tokenizer, info

@@ -179,23 +179,11 @@ def start_from(peft_model: Any, adapter: BaseAdapter, required: bool) -> bool:
     return True
 
 
-def merge_share(peft_model: Any, share: float = 1.0) -> Any:
-    """A ``PeftModel``'s base model with ``share`` of its LoRA delta merged in (a plain model again).
-
-    ``share`` 1 is peft's ``merge_and_unload``; below 1 it is WiSE-FT's interpolation between the
-    base weights (0) and the fine-tuned ones (peft's ``rescale_adapter_scale`` during the merge).
-    """
-    from peft.helpers import rescale_adapter_scale
-
-    if share == 1.0:
-        return peft_model.merge_and_unload()
-    with rescale_adapter_scale(peft_model, float(share)):
-        return peft_model.merge_and_unload()
-
-
 def merged_encoder(base: Any, adapter: BaseAdapter) -> Any:
     """``base`` with the adapter merged in at its ``zero_shot_scale``, for zero-shot prediction."""
     from peft import PeftModel
+
+    from labelmatch.model.io import merge_share
 
     return merge_share(PeftModel.from_pretrained(base, str(adapter.path)), adapter.zero_shot_scale)
 
