@@ -45,7 +45,6 @@ from bench_general_adapter import (
     held_out_adapter,
     mixture_threshold,
     mixture_validation,
-    scaled_classifier,
 )
 from bench_transfer import score
 from common import cpu_text, machine
@@ -84,7 +83,7 @@ def sweep_dataset(name: str, scales: list[float], args: argparse.Namespace) -> d
     validation = mixture_validation(json.loads(Path(f"{adapter}.train.json").read_text())["parts"], args)
     for s in scales:
         started = time.perf_counter()
-        clf = scaled_classifier(adapter, s)
+        clf = Classifier.load(adapter, share=s)  # s of its LoRA delta merged, as zero-shot does
         threshold = mixture_threshold(clf, validation)
         result["scales"][str(s)] = {"threshold": threshold, **score(clf, threshold, dev_set)}
         row = result["scales"][str(s)]

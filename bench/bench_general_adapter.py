@@ -167,14 +167,6 @@ def train_mixture(parts: list[str], args: argparse.Namespace, out: Path) -> dict
     return info
 
 
-def scaled_classifier(model_dir: str | Path, share: float) -> Any:
-    """The Model artifact at ``model_dir`` with ``share`` of its LoRA delta merged in (as
-    zero-shot prediction merges the shipped adapter: ``model.io.merge_share``)."""
-    from labelmatch.model.classifier import Classifier
-
-    return Classifier.load(model_dir, share=share)
-
-
 def mixture_validation(parts: list[str], args: argparse.Namespace) -> list[EvalSet]:
     """Each mixture dataset's validation documents, as its adapter's training carved them."""
     sets = []
@@ -202,7 +194,9 @@ def mixture_threshold(clf: Any, validation: list[EvalSet]) -> float:
 def zero_shot_adapter(model_dir: Path, parts: list[str], args: argparse.Namespace) -> tuple[Any, float]:
     """A mixture's adapter as zero-shot prediction uses it: ``--zero-shot-scale`` of its delta, and
     the threshold tuned at that share on the mixture's validation documents."""
-    clf = scaled_classifier(model_dir, args.zero_shot_scale)
+    from labelmatch.model.classifier import Classifier
+
+    clf = Classifier.load(model_dir, share=args.zero_shot_scale)
     return clf, mixture_threshold(clf, mixture_validation(parts, args))
 
 

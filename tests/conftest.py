@@ -108,7 +108,7 @@ def ray_sandbox(prefix: str) -> Iterator[Path]:
     in the new HOME and aborts (seen as "Timed out waiting for file .../gcs_server_port_...").
     Ray also caches the mode in this process's RayConfig (``_enable_token_auth`` in
     ``ray/_private/authentication/authentication_token_setup.py``, 2.60): it is re-read from the
-    restored environment, or a later Jobs API client in this process sends for a token that no
+    restored environment, or a later Jobs API client in this process asks for a token that no
     HOME holds (``get_auth_headers_if_auth_enabled`` raises AuthenticationError).
     """
     import ray
