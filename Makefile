@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
 
-.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers datasets bench-general-adapter bench-adapter-scale train-general-adapter bench-schedule-probe
+.PHONY: setup demo test lint bench recipe-probe bench-suite bench-transfer bench-quality bench-tune bench-grpo bench-feedback-poisoning bench-feedback-poisoning-select bench-serve bench-batch bench-labels bench-label-embedding bench-sft-speed bench-drift bench-production-shape bench-peers bench-new-label-share datasets bench-general-adapter bench-adapter-scale train-general-adapter bench-schedule-probe
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -57,6 +57,10 @@ bench-transfer: setup
 ## bench-peers: labelmatch vs SetFit (same bundled MiniLM, SetFit's defaults, steps capped where they pass 2 h on 2 cores) at 8/16/64 per label and the full split, 3 seeds, with new labels; labelmatch starts from the general adapter trained without the cell's dataset (needs ../shared/data, pip install -e '.[bench]' and `make bench-general-adapter` first, or --base-adapter none; resumes: each seed run is recorded under bench/results/peers_runs, tracked; models in runs/bench-peers)
 bench-peers: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/bench_peers.py --out bench/results
+
+## bench-new-label-share: labels added after training, with the weights interpolated between the start adapter and the trained model (WiSE-FT), on validation only (needs bench-peers' kept new-labels models and the held-out adapters; resumes: records in bench/results/new_label_share_runs)
+bench-new-label-share: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/bench_new_label_share.py --out bench/results
 
 ## datasets: convert HWU64, SNIPS and the news excerpt (public GitHub, pinned commits; bench/datasets/SOURCES.md) into runs/datasets; set HWU64_REPO / SNIPS_REPO / NEWS_REPO to existing clones to skip cloning
 HWU64_REPO ?= runs/sources/NLU-Evaluation-Data

@@ -328,7 +328,8 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
 
     Returns:
         The new labels, the metric on their test documents among all labels (``top1_accuracy`` or
-        ``macro_f1``) of the trained model and of the untrained encoder, and the training time.
+        ``macro_f1``) of the trained model and of the untrained encoder, the training time and the
+        steps run and planned (records before these fields have neither).
     """
     from labelmatch.data.dataset import Document
     from labelmatch.model.classifier import Classifier
@@ -341,7 +342,7 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     out = model_dir(args, name, size, seed, NEW_LABELS)
     started = time.perf_counter()
     config = peers_config(name, args, seed)
-    train_sft(seen, config, out)
+    trainer = train_sft(seen, config, out)
     train_s = time.perf_counter() - started
     test = dataset.split("test").documents
     docs = [Document(d.id, d.text, [x for x in d.labels if x in held]) for d in test]
@@ -350,8 +351,8 @@ def run_new_labels(name: str, size: str, seed: int, args: argparse.Namespace) ->
     trained = Classifier.load(out)
     untrained = Classifier.zero_shot(seen.labels, max_length=trained.encoder.max_length, base_adapter="none")
     return {"new_labels": held, "metric": metric, "test_docs": len(evalset.texts),
-            "train_s": round(train_s, 1), "schedule": schedule_of(config),
-            "start_adapter": start_adapter_digest(config),
+            "train_s": round(train_s, 1), "steps": trainer.step, "planned_steps": trainer.total_steps,
+            "schedule": schedule_of(config), "start_adapter": start_adapter_digest(config),
             "trained": score(trained, trained.thresholds.default, evalset)[metric],
             "untrained": score(untrained, val_threshold(untrained, seen), evalset)[metric]}
 
