@@ -49,6 +49,8 @@ from bench_general_adapter import (
 from bench_transfer import score
 from common import cpu_text, machine
 
+from labelmatch.evaluation.report import pyplot
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -148,10 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Path) -> bool:
     """Macro-F1 and top-1 Δ over the base against s, one line per held-out dataset."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     scales = report["scales"]

@@ -37,6 +37,8 @@ from typing import Any
 
 from common import machine, zero_shot_model
 
+from labelmatch.evaluation.report import pyplot
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ("reuters21578_modapte", "clinc150", "bitext_customer_support", "cuad_clauses")
 SHARD_DOCS = 10_000
@@ -192,10 +194,7 @@ def measure(name: str, argv: list[str]) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any], meta: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = results["runs"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 from common import cpu_text, machine, start_model_server, wait_until_ready
 
+from labelmatch.evaluation.report import pyplot
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bitext_customer_support"
 RATES = (0.0, 0.05, 0.10, 0.20)
 WINDOWS = (100, 250, 500)
@@ -192,10 +194,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for window in WINDOWS:

@@ -51,6 +51,8 @@ from bench_peers import sample_per_label, single_level
 from bench_transfer import EvalSet, _eval_set, score
 from common import cpu_text, machine, measure
 
+from labelmatch.evaluation.report import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"clinc150": "clinc150", "bitext": "bitext_customer_support", "cuad": "cuad_clauses",
           "reuters": "reuters21578_modapte"}
@@ -315,10 +317,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [(c["held_out"], k) for c in report["cells"] for k in c["base"] if isinstance(c["base"][k], dict)
             and not k.startswith("dev_")] or [(c["held_out"], k) for c in report["cells"]

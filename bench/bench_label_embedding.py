@@ -31,6 +31,8 @@ from typing import Any
 
 from common import machine, zero_shot_model
 
+from labelmatch.evaluation.report import pyplot
+
 WORDS = ["tax", "invoice", "refund", "court", "customs", "payroll", "pension", "lease", "audit", "merger",
          "loan", "export", "shipping", "contract", "warranty", "delivery", "account", "password",
          "subscription", "complaint"]
@@ -99,10 +101,7 @@ def big_predict(n: int, work: Path) -> dict[str, Any]:
 
 
 def report(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rates = result["throughput"]["per_second"]
     fig, ax = plt.subplots(figsize=(6, 3.2))

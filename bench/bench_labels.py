@@ -25,6 +25,8 @@ from typing import Any
 from bench_suite import split_dataset
 from common import machine, measure
 
+from labelmatch.evaluation.report import pyplot
+
 SYNTHETIC_WORDS = ["tax", "invoice", "refund", "court", "customs", "payroll", "pension", "lease", "audit",
                    "merger", "loan", "export"]
 
@@ -75,10 +77,7 @@ def f1_cost(name: str, strategy: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def report(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for strategy in ("all", "sampled"):

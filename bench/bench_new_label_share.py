@@ -52,10 +52,13 @@ from bench_peers import (
     model_dir,
     new_labels,
     single_level,
+    top1_metrics,
     without_labels,
 )
 from bench_transfer import _eval_set
 from common import cpu_text, machine, mean_spread
+
+from labelmatch.evaluation.report import pyplot
 
 #: The bench-peers cells whose new-labels models are kept under runs/bench-peers.
 CELLS = "bitext_customer_support:full,reuters21578_modapte:full,reuters21578_modapte:64"
@@ -114,7 +117,7 @@ def ranking(evalset: Any, probs: np.ndarray, columns: list[int], single: bool) -
     targets = evalset.targets
     if single:
         rows = targets[:, columns].any(1)
-        return float((probs[rows].argmax(1) == targets[rows].argmax(1)).mean())
+        return top1_metrics(targets[rows], probs[rows])["accuracy"]
     scored = [c for c in columns if targets[:, c].any()]
     return float(np.mean([average_precision_score(targets[:, c], probs[:, c]) for c in scored]))
 
@@ -214,10 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
 def plot(report: dict[str, Any], path: Path) -> bool:
     """New- and seen-label rankings against ``t``, one panel per cell."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return False
     shares, cells = report["shares"], report["summary"]

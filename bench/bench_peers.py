@@ -65,6 +65,8 @@ from bench_suite import DATA, _metrics, dual_encoder_config
 from bench_transfer import _eval_set, _hierarchy, _leaf_docs, score, val_threshold
 from common import cpu_text, machine, mean_spread, measure
 
+from labelmatch.evaluation.report import pyplot
+
 DATASETS = ("clinc150", "bitext_customer_support", "reuters21578_modapte")
 SIZES = ("8", "16", "64", "full")
 METHODS = ("labelmatch", "setfit")
@@ -809,10 +811,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Both metrics against the training size, per dataset, labelmatch and SetFit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(report["cells"])
     if not names:

@@ -38,6 +38,8 @@ from typing import Any
 import psutil
 from common import machine, start_model_server, wait_until_ready
 
+from labelmatch.evaluation.report import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 WAIVED = "random weights (labelmatch random-encoder): label sets mean nothing"
 
@@ -178,10 +180,7 @@ def serve_stage(onnx_dir: Path, logs: Path, threads: int) -> dict[str, Any]:
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     """``production_shape.{json,md,png}``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     (out / "production_shape.json").write_text(json.dumps(results, indent=2) + "\n")
     stages = results["stages"]

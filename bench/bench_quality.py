@@ -68,6 +68,8 @@ from typing import Any
 
 from common import measure
 
+from labelmatch.evaluation.report import pyplot
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reuters21578_modapte"
 
 
@@ -164,10 +166,7 @@ def run_sft(args, docs: int, epochs: int, refresh: int, keep_as: str | None = No
 
 
 def write_report(results: dict[str, Any], args, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     main = ["dual_encoder_sft", "zero_shot", "tfidf_lr_same_docs", "tfidf_lr_full_train"]
     fig, ax = plt.subplots(figsize=(7, 3.5))

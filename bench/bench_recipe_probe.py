@@ -22,6 +22,8 @@ from typing import Any
 from bench_suite import DATASETS, dual_encoder_config, split_dataset
 from common import machine, measure
 
+from labelmatch.evaluation.report import pyplot
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -91,10 +93,7 @@ def _micro(run: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     name, rows = report["name"], report["datasets"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3), squeeze=False)

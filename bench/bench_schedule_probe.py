@@ -26,6 +26,8 @@ from bench_peers import carve
 from bench_suite import dual_encoder_config
 from common import cpu_text, machine, mean_spread, measure
 
+from labelmatch.evaluation.report import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,10 +102,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for row in report["rows"]:

@@ -61,6 +61,7 @@ from common import (
 )
 
 from labelmatch.data.dataset import Dataset, load_dataset
+from labelmatch.evaluation.report import pyplot
 from labelmatch.export.onnx import ExportConfig, export_onnx
 from labelmatch.runtime.engines import ENGINES as SERVING_ENGINES
 from labelmatch.runtime.engines import served_cost_ms
@@ -250,10 +251,7 @@ def engine_choice(latency: dict[str, Any], parity: dict[str, Any],
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = list(results["latency"])
     names = list(results["latency"][cells[0]])

@@ -27,6 +27,8 @@ from typing import Any
 
 from common import machine
 
+from labelmatch.evaluation.report import pyplot
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW_START, ROW_END = "<!-- sft-speed -->", "<!-- /sft-speed -->"
 
@@ -179,10 +181,7 @@ def run_child(kind: str, args: argparse.Namespace, argv: list[str]) -> dict[str,
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     base, new = report["baseline"], report["new"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))

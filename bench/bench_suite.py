@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from common import cpu_text, machine, mean_spread, measure
 
+from labelmatch.evaluation.report import pyplot
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATASETS = ("reuters21578_modapte", "cuad_clauses", "clinc150", "bitext_customer_support")
 METHODS = ("tfidf_lr", "tfidf_linear_svc", "zero_shot", "dual_encoder")
@@ -241,10 +243,7 @@ def run_dataset(name: str, args: argparse.Namespace, seeds: list[int]) -> dict[s
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     xs = np.arange(len(METHODS))

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 from common import cpu_text, machine, mean_spread
 
+from labelmatch.evaluation.report import pyplot
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SCENARIOS = ("clinc_heldout", "clinc_to_bitext", "bitext_to_clinc_finance")
 METRICS = ("macro_f1", "micro_f1", "top1_accuracy", "calibrated_macro_f1", "calibrated_micro_f1")
@@ -376,10 +378,7 @@ def aggregate(runs: list[dict[str, Any]], eval_names: list[str]) -> dict[str, An
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = [(s, e) for s, entry in report["scenarios"].items() for e in entry["eval_names"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cells)), 4))

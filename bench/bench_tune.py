@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 
 from labelmatch.data.dataset import Dataset, assign_splits, load_dataset
+from labelmatch.evaluation.report import pyplot
 from labelmatch.platform.ray_local import init_local_ray
 from labelmatch.training.config import TrainConfig
 from labelmatch.tuning.history import build_history, plot_history, progress_frame
@@ -167,10 +168,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
