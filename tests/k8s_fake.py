@@ -32,8 +32,12 @@ API request (a "tick"), so a test sets how long things take in requests, determi
     (``reconcilers/knative/ksvc_reconciler.go``, v0.20.0 as v0.15.0): ``canaryTrafficPercent`` %
     to the latest revision and the rest to ``latestRolledoutRevision`` (tag ``prev``) when both
     are set, else 100 % to the latest; Knative's route resolves ``latestRevision`` to the latest
-    *ready* revision and moves once every revision it names is ready; an unrouted revision scales
-    to zero. ``PropagateStatus`` is ported: ``latestCreatedRevision``, ``latestReadyRevision``,
+    *ready* revision and moves once every revision it names is ready; a revision the route no
+    longer names keeps its pod ``scale_to_zero_ticks`` ticks more, then scales to zero (the KPA
+    scales an idle revision to zero only after ``stable-window`` 60 s and
+    ``scale-to-zero-grace-period`` 30 s: knative/serving ``config/core/configmaps/autoscaler.yaml``),
+    so a request the gateway sent by the old route still finds it. ``PropagateStatus`` is
+    ported: ``latestCreatedRevision``, ``latestReadyRevision``,
     ``latestRolledoutRevision`` / ``previousRolledoutRevision`` (from the traffic, as written, with
     its "rolled back over the same revision" case), ``traffic``, ``PredictorReady`` /
     ``PredictorConfigurationReady`` / ``PredictorRouteReady`` from the Knative Service's ``Ready``
@@ -139,6 +143,7 @@ class KubeState:
     controller_lag: int = 1
     pod_start_ticks: int = 2
     progress_deadline_ticks: int = 6
+    scale_to_zero_ticks: int = 20  # how long an unrouted Knative revision keeps its pod
     crash: bool = False  # new pods never become ready (the model server exits)
     pod_runner: Callable[..., Any] | None = None  # (kserve-container, namespace, volumes=pod volumes)
     base_url: str = ""
@@ -467,7 +472,8 @@ class KubeState:
         Service's traffic is ``canaryTrafficPercent`` % to the latest revision and the rest to the
         InferenceService's ``latestRolledoutRevision`` (tag ``prev``) when both are set, else 100 %
         to the latest; Knative's route resolves ``latestRevision`` to the latest *ready* revision.
-        A revision that no route target references scales to zero (its pod stops)."""
+        A revision that no route target references scales to zero (its pod stops) after
+        ``scale_to_zero_ticks`` ticks unrouted."""
         if predictor.lag > 0:
             predictor.lag -= 1
             return
@@ -502,12 +508,16 @@ class KubeState:
             predictor.traffic = resolved  # the route moves once every target it names is ready
         routed = {t["revisionName"] for t in predictor.traffic if t["percent"] > 0}
         for revision in predictor.revisions:
-            keep = revision["name"] in routed or revision is latest
-            if not keep and revision["pod"].handle is not None:
+            if revision["name"] in routed or revision is latest:
+                revision["idle_ticks"] = 0
+                continue
+            revision["idle_ticks"] = revision.get("idle_ticks", 0) + 1
+            if revision["idle_ticks"] > self.scale_to_zero_ticks and revision["pod"].handle is not None:
                 revision["pod"].handle.stop()
                 revision["pod"].handle = None
-        predictor.pods = [r["pod"] for r in predictor.revisions
-                          if r["name"] in routed or (r is latest and not r["pod"].crashed)]
+        predictor.pods = [r["pod"] for r in predictor.revisions  # what runs until it scales to zero
+                          if r["name"] in routed or (r is latest and not r["pod"].crashed)
+                          or (r["pod"].ready and r["idle_ticks"] <= self.scale_to_zero_ticks)]
 
     def _propagate_knative(self, isvc: dict, predictor: Predictor) -> None:
         """``PropagateStatus`` (inference_service_status.go, v0.20.0) from the Knative Service's status."""

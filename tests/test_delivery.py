@@ -454,6 +454,42 @@ class _StubPod:
         self.server.server_close()
 
 
+def test_a_revision_the_route_leaves_serves_until_it_scales_to_zero():
+    """The double's Knative keeps a revision's pod for ``scale_to_zero_ticks`` after the route moves
+    off it (the KPA's stable window and grace period), so a request sent by the old route lands."""
+    import requests
+
+    with kube_fake_server(default_mode="Serverless", pod_runner=_StubPod,
+                          scale_to_zero_ticks=3) as (url, state):
+        api = kube_custom_objects(url)
+        body = _serving("Serverless")
+        body.pop("status")
+        api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
+
+        def traffic() -> dict:
+            status = state.objects[(NS, "tax")].get("status", {})
+            predictor = status.get("components", {}).get("predictor", {})
+            return {t["revisionName"]: t["percent"] for t in predictor.get("traffic", [])}
+
+        _tick_until(state, lambda: traffic() == {"tax-predictor-00001": 100})
+        old = state.revision_url(NS, "tax", "tax-predictor-00001")
+        env = body["spec"]["predictor"]["containers"][0]["env"]
+        patch = {"spec": {"predictor": {"containers": [{**body["spec"]["predictor"]["containers"][0],
+                                                        "env": [*env, {"name": "X", "value": "2"}]}]}}}
+        api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tax", patch)
+        _tick_until(state, lambda: traffic() == {"tax-predictor-00002": 100})
+        for _ in range(3):  # unrouted, still running and listed
+            assert requests.get(f"{old}/v2/models/tax/labels", timeout=10).status_code == 200
+            assert "tax-predictor-00001" in {p["metadata"]["labels"].get("serving.knative.dev/revision")
+                                             for p in state.pods(NS, {})}
+            state.tick()
+        assert state.revision_url(NS, "tax", "tax-predictor-00001") is None  # scaled to zero
+        assert "tax-predictor-00001" not in {p["metadata"]["labels"].get("serving.knative.dev/revision")
+                                             for p in state.pods(NS, {})}
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{old}/v2/models/tax/labels", timeout=10)
+
+
 def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
     """The candidate's pods crash: the deploy fails, but first gives the stable all the traffic back."""
     from labelmatch.delivery.kserve import deploy_canary
