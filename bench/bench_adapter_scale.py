@@ -47,7 +47,7 @@ from bench_general_adapter import (
     mixture_validation,
 )
 from bench_transfer import score
-from common import cpu_text, machine
+from common import cpu_text, machine, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -189,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if chosen_from:
             report["choice"][rule] = choose(cells, chosen_from, scales)
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report["plot"] = plot(report, args.out / "general_adapter_scale.png")
-    (args.out / "general_adapter_scale.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (args.out / "general_adapter_scale.md").write_text(md)
-    print(md)
+    write_outputs(args.out, "general_adapter_scale", report, markdown, plot)
     return 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import cpu_text, machine, start_model_server, wait_until_ready
+from common import cpu_text, machine, start_model_server, wait_until_ready, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -241,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "wall_s": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "drift.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / "drift.png")
-    (args.out / "drift.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, "drift", report, markdown, plot, plot_key=None, indent=2)
     return 0
 
 

@@ -36,7 +36,6 @@ under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -51,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench_grpo import DEFAULT_DATA, cached_sft, category_subset, part_metrics, pick_sft, sft_cache_key
-from common import machine, mean_spread
+from common import machine, mean_spread, write_outputs
 
 from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset
 from labelmatch.evaluation.report import pyplot
@@ -320,11 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                                   *(argv if argv is not None else sys.argv[1:])])
     report["timings"] = {"total_seconds": round(time.perf_counter() - started, 1),
                          "grpo_seconds": [r["seconds"] for r in runs]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report["image"] = plot(report, args.out / f"{args.name}.png")
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, args.name, report, markdown, plot, plot_key="image", indent=2)
     return 0
 
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from bench_peers import sample_per_label, single_level
 from bench_transfer import EvalSet, _eval_set, score
-from common import cpu_text, machine, measure
+from common import cpu_text, machine, measure, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -380,12 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = round(time.perf_counter() - started, 1)
     if cells:
         stem = "general_adapter" if not args.dev_only else f"general_adapter_dev_{args.tag or 'default'}"
-        args.out.mkdir(parents=True, exist_ok=True)
-        report["plot"] = plot(report, args.out / f"{stem}.png")
-        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-        md = markdown(report).replace("general_adapter.png", f"{stem}.png")
-        (args.out / f"{stem}.md").write_text(md)
-        print(md)
+        write_outputs(args.out, stem, report,
+                      lambda report: markdown(report).replace("general_adapter.png", f"{stem}.png"), plot)
     return 0
 
 

@@ -56,7 +56,7 @@ from bench_peers import (
     without_labels,
 )
 from bench_transfer import _eval_set
-from common import cpu_text, machine, mean_spread
+from common import cpu_text, machine, mean_spread, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -265,12 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     report = {"shares": shares, "seeds": seeds, "machine": machine(), "runs": runs,
               "summary": summarise(runs, shares), "wall_s": round(time.perf_counter() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report["plot"] = plot(report, args.out / "new_label_share.png")
-    (args.out / "new_label_share.json").write_text(json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    (args.out / "new_label_share.md").write_text(md)
-    print(md)
+    write_outputs(args.out, "new_label_share", report, markdown, plot)
     return 0
 
 

@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from bench_suite import DATA, _metrics, dual_encoder_config
 from bench_transfer import _eval_set, _hierarchy, _leaf_docs, score, val_threshold
-from common import cpu_text, machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -898,11 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [] if args.combine_only else args.datasets.split(","):
         run_speed(args, name, [m for m in methods if m in METHODS])
     report = report_of(args, started)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "peers.md").write_text(markdown(report))
-    plot(report, args.out / "peers.png")
-    print(markdown(report))
+    write_outputs(args.out, "peers", report, markdown, plot, plot_key=None, indent=2)
     return 0
 
 

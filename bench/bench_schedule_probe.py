@@ -24,7 +24,7 @@ from typing import Any
 from bench_general_adapter import held_out_adapter, short_name
 from bench_peers import carve
 from bench_suite import dual_encoder_config
-from common import cpu_text, machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -154,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                     ("val_macro_f1", "start_val_macro_f1", "steps", "train_s")}})
     report = {"rows": rows, "seeds": seeds, "val_per_label": args.val_per_label, "epochs": args.epochs,
               "machine": machine()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "schedule_probe.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out / "schedule_probe.png")
-    (args.out / "schedule_probe.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, "schedule_probe", report, markdown, plot, plot_key=None)
     return 0
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import cpu_text, machine, mean_spread, measure
+from common import cpu_text, machine, mean_spread, measure, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -356,9 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - started  # this invocation
     report["runs_wall_s"] = sum(r["summary"][m]["wall_s"]["mean"] * len(r["seeds"])  # every recorded run
                                 for r in report["datasets"].values() for m in METHODS)
-    (args.out / "suite.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "suite.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, "suite", report, markdown, indent=2)
     return 0
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import cpu_text, machine, mean_spread
+from common import cpu_text, machine, mean_spread, write_outputs
 
 from labelmatch.evaluation.report import pyplot
 
@@ -530,12 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         }
     report["wall_s"] = time.perf_counter() - started
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"transfer{'_dev' if args.dev_only else ''}{'_' + args.tag if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / f"{stem}.png")
-    (args.out / f"{stem}.md").write_text(markdown(report).replace("transfer.png", f"{stem}.png"))
-    print(markdown(report))
+    write_outputs(args.out, stem, report,
+                  lambda report: markdown(report).replace("transfer.png", f"{stem}.png"), plot,
+                  plot_key=None, indent=2)
     return 0
 
 

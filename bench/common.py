@@ -85,6 +85,35 @@ def mean_spread(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "spread": spread, "values": values}
 
 
+def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str],
+                  plot: Callable[[dict[str, Any], Path], Any] | None = None, plot_key: str | None = "plot",
+                  indent: int = 1) -> str:
+    """Write a benchmark's report: ``<stem>.png``, ``<stem>.json`` and ``<stem>.md`` under ``out``.
+
+    Args:
+        out: The results folder (created if missing).
+        stem: The files' name without suffix.
+        report: The report; gets ``plot_key`` set to what ``plot`` returned (whether it drew).
+        markdown: Renders the report as Markdown.
+        plot: Draws the report to the path it is given (``None``: no plot).
+        plot_key: Where the report records ``plot``'s answer (``None``: nowhere).
+        indent: The JSON's indent.
+
+    Returns:
+        The Markdown, also printed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    if plot is not None:
+        drawn = plot(report, out / f"{stem}.png")
+        if plot_key is not None:
+            report[plot_key] = drawn
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=indent) + "\n")
+    text = markdown(report)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    return text
+
+
 def start_model_server(onnx_dir: Path, threads: int, log: Path, *extra: str) -> tuple[Any, str]:
     """Start ``labelmatch.serving.server`` on 127.0.0.1 (a free port); ``(process, base URL)``."""
     import socket

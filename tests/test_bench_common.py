@@ -36,3 +36,21 @@ def test_a_killed_benchmark_takes_its_measured_process_with_it():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_report_is_written_as_json_markdown_and_plot_and_records_whether_it_drew(tmp_path, capsys,
+                                                                                     monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import write_outputs
+
+    def plot(report: dict, path: Path) -> bool:
+        path.write_bytes(b"png")
+        return True
+
+    report = {"a": 1}
+    text = write_outputs(tmp_path / "out", "r", report, lambda r: f"# a = {r['a']}\n", plot, indent=2)
+    assert text == "# a = 1\n" and (tmp_path / "out" / "r.md").read_text() == text
+    assert (tmp_path / "out" / "r.json").read_text() == '{\n  "a": 1,\n  "plot": true\n}\n'
+    assert (tmp_path / "out" / "r.png").read_bytes() == b"png" and "# a = 1" in capsys.readouterr().out
+    write_outputs(tmp_path / "none", "r", {"a": 2}, lambda r: "", plot, plot_key=None)
+    assert (tmp_path / "none" / "r.json").read_text() == '{\n "a": 2\n}\n'
