@@ -14,13 +14,14 @@ import contextlib
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from model_server import free_port
 
 URL_ENV = "LABELMATCH_TEST_POSTGRES_URL"
 
@@ -42,12 +43,6 @@ def _as_server_user(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(root: str | Path) -> str:
     """initdb + start a server under ``root`` on 127.0.0.1 (a free port); return its base URL.
 
@@ -66,7 +61,7 @@ def start(root: str | Path) -> str:
         root.chmod(0o755)
     subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
                                     "-E", "UTF8", "--no-sync"]), check=True, capture_output=True)
-    (root / "port").write_text(str(_free_port()))
+    (root / "port").write_text(str(free_port()))
     return resume(root)
 
 
