@@ -104,3 +104,42 @@ serving.kserve.io/s3-useanoncredential: {{ .Values.s3.useAnonymousCredential | t
 {{- define "labelmatch-serving.reaperName" -}}
 {{- printf "%s-canary-reaper" (include "labelmatch-serving.fullname" .) -}}
 {{- end -}}
+
+{{/*
+An object's metadata: its name, the release's namespace, the chart's labels with the object's
+component, and the common annotations. Call with (dict "root" $ "name" NAME "component" COMPONENT).
+*/}}
+{{- define "labelmatch-serving.metadata" -}}
+name: {{ .name }}
+namespace: {{ .root.Release.Namespace | quote }}
+labels:
+  {{- include "labelmatch-serving.labels" .root | nindent 2 }}
+  app.kubernetes.io/component: {{ .component }}
+{{- with .root.Values.commonAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+What every pod of the release takes from the values: image pull secrets, the pod security context,
+the node selector and tolerations.
+*/}}
+{{- define "labelmatch-serving.podPlacement" -}}
+{{- with .Values.image.pullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
