@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import write_outputs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -378,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "images": images,
     }
-    (args.out / "grpo.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "grpo.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, "grpo", report, markdown, indent=2)
     return 0
 
 

@@ -21,7 +21,6 @@ Writes ``grpo_forgetting.{json,md,png}`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -35,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench_grpo import cached_sft, category_subset, pick_sft, scored_metrics, sft_cache_key, simulate_feedback
-from common import machine, mean_spread
+from common import machine, mean_spread, write_outputs
 
 from labelmatch.data.dataset import Dataset, Document, assign_splits, load_dataset
 from labelmatch.evaluation.report import pyplot
@@ -332,11 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(), "setup": setup,
               "methods": methods, "table": table, "choice": choice, "goals": goals(table, choice["chosen"]),
               "seed_runs": seed_runs, "seconds": round(time.perf_counter() - started, 1)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    report["image"] = plot(table, methods, args.out / "grpo_forgetting.png")
-    (args.out / "grpo_forgetting.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "grpo_forgetting.md").write_text(markdown(report))
-    print(markdown(report))
+    write_outputs(args.out, "grpo_forgetting", report, markdown,
+                  lambda report, path: plot(table, methods, path), plot_key="image", indent=2)
     return 0
 
 
