@@ -316,6 +316,17 @@ def test_canary_changes_are_valid_against_the_crd_in_each_mode():
 # -- status transitions in the double ------------------------------------------------------------
 
 
+def _predictor(state) -> dict:
+    """``status.components.predictor`` of the double's InferenceService ``tax`` (``{}`` before any)."""
+    status = state.objects[(NS, "tax")].get("status") or {}
+    return (status.get("components") or {}).get("predictor", {})
+
+
+def _shares(state) -> dict[str, int]:
+    """Its traffic split as KServe reports it: revision name -> percent."""
+    return {t["revisionName"]: t["percent"] for t in _predictor(state).get("traffic", [])}
+
+
 def _tick_until(state, check, ticks: int = 30) -> None:
     for _ in range(ticks):
         state.tick()
@@ -335,32 +346,28 @@ def test_serverless_canary_transitions_follow_kserve_and_knative():
         body.pop("status")
         api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
 
-        def component() -> dict:
-            status = state.objects[(NS, "tax")].get("status") or {}
-            return (status.get("components") or {}).get("predictor", {})
-
-        _tick_until(state, lambda: component().get("latestRolledoutRevision") == "tax-predictor-00001")
+        _tick_until(state, lambda: _predictor(state).get("latestRolledoutRevision") == "tax-predictor-00001")
         for number, decide in ((2, "promote"), (3, "rollback")):
             existing = state.objects[(NS, "tax")]
-            stable = component()["latestRolledoutRevision"]
+            stable = _predictor(state)["latestRolledoutRevision"]
             release = {"release-id": f"r{number}"}
             patch = knative_canary_patch(existing, f"s3://b/m{number}", "e" * 64, release, None, 25)
             containers = existing["spec"]["predictor"]["containers"]
             traffic = KServeTraffic(api, config, "knative", stable, "", containers)
             traffic._patch(patch)
-            traffic.wait_canary(f"r{number}", 25, component()["latestCreatedRevision"])
+            traffic.wait_canary(f"r{number}", 25, _predictor(state)["latestCreatedRevision"])
             assert traffic.canary != stable
-            shares = {t["revisionName"]: (t["percent"], t.get("tag")) for t in component()["traffic"]}
+            shares = {t["revisionName"]: (t["percent"], t.get("tag")) for t in _predictor(state)["traffic"]}
             assert shares == {traffic.canary: (25, None), stable: (75, "prev")}
-            assert component()["latestRolledoutRevision"] == stable  # a canary is not rolled out
+            assert _predictor(state)["latestRolledoutRevision"] == stable  # a canary is not rolled out
             getattr(traffic, decide)()
             if decide == "promote":
-                assert component()["latestRolledoutRevision"] == traffic.canary
-                assert component()["previousRolledoutRevision"] == stable
+                assert _predictor(state)["latestRolledoutRevision"] == traffic.canary
+                assert _predictor(state)["previousRolledoutRevision"] == stable
             else:
-                rebuilt = component()["latestRolledoutRevision"]
+                rebuilt = _predictor(state)["latestRolledoutRevision"]
                 assert rebuilt not in (stable, traffic.canary)  # the stable's containers, a new revision
-                assert {t["revisionName"]: t["percent"] for t in component()["traffic"]} == {rebuilt: 100}
+                assert _shares(state) == {rebuilt: 100}
                 final = state.objects[(NS, "tax")]["spec"]["predictor"]
                 assert "canaryTrafficPercent" not in final
                 assert final["containers"] == existing["spec"]["predictor"]["containers"]
@@ -466,18 +473,13 @@ def test_a_revision_the_route_leaves_serves_until_it_scales_to_zero():
         body.pop("status")
         api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
 
-        def traffic() -> dict:
-            status = state.objects[(NS, "tax")].get("status", {})
-            predictor = status.get("components", {}).get("predictor", {})
-            return {t["revisionName"]: t["percent"] for t in predictor.get("traffic", [])}
-
-        _tick_until(state, lambda: traffic() == {"tax-predictor-00001": 100})
+        _tick_until(state, lambda: _shares(state) == {"tax-predictor-00001": 100})
         old = state.revision_url(NS, "tax", "tax-predictor-00001")
         env = body["spec"]["predictor"]["containers"][0]["env"]
         patch = {"spec": {"predictor": {"containers": [{**body["spec"]["predictor"]["containers"][0],
                                                         "env": [*env, {"name": "X", "value": "2"}]}]}}}
         api.patch_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "tax", patch)
-        _tick_until(state, lambda: traffic() == {"tax-predictor-00002": 100})
+        _tick_until(state, lambda: _shares(state) == {"tax-predictor-00002": 100})
         for _ in range(3):  # unrouted, still running and listed
             assert requests.get(f"{old}/v2/models/tax/labels", timeout=10).status_code == 200
             assert "tax-predictor-00001" in {p["metadata"]["labels"].get("serving.knative.dev/revision")
@@ -500,8 +502,7 @@ def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
         body = _serving("Serverless")
         body.pop("status")
         api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
-        _tick_until(state, lambda: bool(state.objects[(NS, "tax")].get("status", {}).get("components", {})
-                                        .get("predictor", {}).get("latestRolledoutRevision")))
+        _tick_until(state, lambda: bool(_predictor(state).get("latestRolledoutRevision")))
         state.crash = True
         state_url = f"sqlite:///{tmp_path / 'state.db'}"
         with pytest.raises(LabelmatchError, match=r"revision tax-predictor-00002 failed: .*; the canary was "
@@ -514,8 +515,7 @@ def test_a_canary_that_never_starts_is_rolled_back_without_a_record(tmp_path):
         # Every revision crashes here, the stable's rebuilt one too, so the rollback did not finish:
         # the canary stays "started" and its deadline applies (the traffic is back all the same).
         assert event["decision"] == "started"
-        predictor = state.objects[(NS, "tax")]["status"]["components"]["predictor"]
-        assert {t["revisionName"]: t["percent"] for t in predictor["traffic"]} == {"tax-predictor-00001": 100}
+        assert _shares(state) == {"tax-predictor-00001": 100}
         assert state.objects[(NS, "tax")]["spec"]["predictor"]["containers"] == body["spec"]["predictor"][
             "containers"]
 
@@ -563,17 +563,11 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
         body.pop("status")
         api.create_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, body)
 
-        def predictor() -> dict:
-            return kube.objects[(NS, "tax")].get("status", {}).get("components", {}).get("predictor", {})
-
-        def shares() -> dict:
-            return {t["revisionName"]: t["percent"] for t in predictor().get("traffic", [])}
-
-        _tick_until(kube, lambda: predictor().get("latestRolledoutRevision") == "tax-predictor-00001")
+        _tick_until(kube, lambda: _predictor(kube).get("latestRolledoutRevision") == "tax-predictor-00001")
         monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
         with pytest.raises(_Killed):
             deploy_canary(config, "s3://b/m2", _Store(), "s3://b", rules, api=api, state_url=state_url)
-        assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
+        assert _shares(kube) == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
         started = newest_event()
         assert started["decision"] == "started" and started["mode"] == "knative"
         # The rollout wait, the longest window (3 x 60 s), a look, the decision's waits, the slack.
@@ -589,12 +583,13 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
         with pytest.raises(ConfigError, match=rf"tax: the canary of release {started['release_id']} is still "
                                               r"being decided until 20\d\d-.*Z \(its deploy step may"):
             deploy_canary(config, "s3://b/m3", _Store(), "s3://b", rules, api=api, state_url=state_url)
-        assert shares() == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
+        assert _shares(kube) == {"tax-predictor-00002": 25, "tax-predictor-00001": 75}
         assert newest_event()["decision"] == "started"
 
         assert settle_abandoned_canary(api, config, state_url, now=started["deadline"] + 1) == "rolled_back"
-        rebuilt = predictor()["latestRolledoutRevision"]
-        assert rebuilt not in ("tax-predictor-00001", "tax-predictor-00002") and shares() == {rebuilt: 100}
+        rebuilt = _predictor(kube)["latestRolledoutRevision"]
+        assert rebuilt not in ("tax-predictor-00001", "tax-predictor-00002")
+        assert _shares(kube) == {rebuilt: 100}
         final = kube.objects[(NS, "tax")]["spec"]["predictor"]
         assert "canaryTrafficPercent" not in final and final["containers"] == body["spec"]["predictor"][
             "containers"]
@@ -615,7 +610,7 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
         with pytest.raises(ConfigError, match="still being decided"):
             settle_abandoned_canary(api, config, state_url, run_id="run-5")
         assert settle_abandoned_canary(api, config, state_url, run_id="run-4") == "rolled_back"
-        assert newest_event()["reason"] == "abandoned" and len(shares()) == 1
+        assert newest_event()["reason"] == "abandoned" and len(_shares(kube)) == 1
 
         # An error the step lives through: it rolls its canary back itself and stores the decision.
         def fails_once_rolled_out(self, *args):
@@ -627,7 +622,7 @@ def test_a_canary_whose_step_died_blocks_other_canaries_until_its_deadline_then_
             deploy_canary(config, "s3://b/m5", _Store(), "s3://b", rules, api=api, state_url=state_url)
         assert (newest_event()["decision"], newest_event()["reason"]) == (
             "rolled_back", "failed before its decision: the canary pod answers nonsense")
-        assert len(shares()) == 1
+        assert len(_shares(kube)) == 1
         monkeypatch.setattr(KServeTraffic, "wait_canary", _killed_once_rolled_out)
 
         # A replace (an operator's rollback among them) is never refused: it clears the canary
