@@ -352,14 +352,22 @@ class KubeState:
         """The URL of a ready pod behind the Service (``None`` when there is none); for Knative, of
         the revision with the largest share of the route (weighted routing is the test's splitter's)."""
         with self.lock:
-            predictor = self.predictors.get((namespace, name))
-            if predictor is not None and predictor.traffic:
-                top = max(predictor.traffic, key=lambda target: target["percent"])["revisionName"]
-                url = self.revision_url(namespace, name, top)
-                if url is not None:
+            targets = self.route(namespace, name)
+            if targets:
+                url = max(targets, key=lambda target: target[1])[0]
+                if url:
                     return url
+            predictor = self.predictors.get((namespace, name))
             ready = [p for p in predictor.pods if p.ready and p.handle is not None] if predictor else []
             return ready[-1].handle.url if ready else None
+
+    def route(self, namespace: str, name: str) -> list[tuple[str, int]]:
+        """The Knative route as a gateway is programmed with it, in one snapshot: each target's
+        ready pod URL (``""`` when it has none) and its percent."""
+        with self.lock:
+            predictor = self.predictors.get((namespace, name))
+            return [(self.revision_url(namespace, name, target["revisionName"]) or "", target["percent"])
+                    for target in (predictor.traffic if predictor else [])]
 
     @staticmethod
     def _set(conditions: dict, kind: str, value: str, reason: str = "", message: str = "") -> None:

@@ -128,14 +128,7 @@ def cluster(onnx_model, tmp_path_factory):
                 if _component(state).get("latestRolledoutRevision"):
                     break
 
-            def weights() -> list[tuple[str, int]]:
-                # One snapshot: the route KServe reports and its revisions' pods, as a gateway is
-                # programmed from one route status (never between a tick's route move and its status).
-                with state.lock:
-                    return [(state.revision_url(NS, SERVICE, t["revisionName"]) or "", t["percent"])
-                            for t in _component(state).get("traffic", [])]
-
-            splitter = Splitter(weights)
+            splitter = Splitter(lambda: state.route(NS, SERVICE))
             with running(splitter) as gateway:
                 users = Users(gateway)
                 users.start()

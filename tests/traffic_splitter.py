@@ -2,9 +2,10 @@
 
 In a cluster, Knative's route (Serverless) or the Gateway API HTTPRoute (RawDeployment) sends each
 request to one backend, weighted by the InferenceService's traffic split. Here the weights come
-from a callback (for the Kubernetes double: ``status.components.predictor.traffic``, read on every
-request, so a promotion or a rollback takes effect as soon as KServe reports it), and the draw is
-seeded, so a run routes the same way given the same weights.
+from a callback (for the Kubernetes double: ``KubeState.route``, the Knative route and its pods in
+one snapshot, read on every request, so a promotion or a rollback takes effect in the tick that
+moves the route, the tick KServe reports it in), and the draw is seeded, so a run routes the same
+way given the same weights.
 """
 
 from __future__ import annotations
