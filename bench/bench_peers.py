@@ -624,12 +624,43 @@ def goal(size: str, by_method: dict[str, list[dict[str, Any]]],
     paired = sorted(set(runs["labelmatch"]) & set(runs["setfit"]))
     if not paired:
         return None
-    margins = {m: float(np.mean([runs["labelmatch"][s][m] - runs["setfit"][s][m] for s in paired]))
-               for m in metrics}
+    per_seed = {m: [float(runs["labelmatch"][s][m] - runs["setfit"][s][m]) for s in paired] for m in metrics}
+    margins = {m: float(np.mean(v)) for m, v in per_seed.items()}
     few = size in FEW
     met = all(v >= 0 for v in margins.values()) if few else all(v > 0 for v in margins.values())
     return {"rule": "at or above SetFit" if few else "above SetFit", "met": met, "margins": margins,
+            "per_seed": per_seed, "test_docs": runs["labelmatch"][paired[0]].get("test_docs"),
             "seeds": paired, "provisional": len(paired) < FULL_SEEDS}
+
+
+def accuracy_noise(accuracy: float, docs: int) -> float:
+    """One binomial standard error of an accuracy measured on ``docs`` test documents: how much the
+    test split alone moves a figure, before any difference between the methods."""
+    return float(np.sqrt(accuracy * (1 - accuracy) / docs))
+
+
+def unmet_lines(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """For each cell whose goal is not met (all its seeds paired), the margin on each paired seed and,
+    for accuracy, that margin in test documents beside the test split's own standard error."""
+    lines = []
+    for name, sizes in cells.items():
+        for size, cell in sizes.items():
+            result = cell["goal"]
+            if result is None or result["met"] or result.get("provisional") or "per_seed" not in result:
+                continue
+            seeds = ", ".join(str(s) for s in result["seeds"])
+            parts = [f"{metric.replace('_', '-')} " + ", ".join(f"{v:+.3f}" for v in values)
+                     for metric, values in result["per_seed"].items()]
+            text = f"Not met, {name} {size}: labelmatch minus SetFit on seeds {seeds}: {'; '.join(parts)}"
+            docs = result.get("test_docs")
+            if "accuracy" in result["per_seed"] and docs:
+                counts = ", ".join(f"{v * docs:+.0f}" for v in result["per_seed"]["accuracy"])
+                noise = accuracy_noise(cell["methods"]["setfit"]["accuracy"]["mean"], docs)
+                text += (f" (accuracy in documents of {docs:,} on the test split: {counts}; one binomial "
+                         f"standard error of either method's accuracy there: {noise:.3f}, "
+                         f"{noise * docs:.1f} documents)")
+            lines.append(text + ".")
+    return lines
 
 
 def summarise(records: Path) -> dict[str, dict[str, Any]]:
@@ -791,6 +822,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [table_row(name, size, cell) for name, sizes in report["cells"].items()
               for size, cell in sizes.items()]
     lines += ["", *goal_summary(report["cells"])]
+    lines += ["", *unmet] if (unmet := unmet_lines(report["cells"])) else []
     lines += ["", *schedule] if (schedule := schedule_lines(report["cells"])) else []
     lines += ["", "New labels: labels held out of training, added afterwards by their descriptions and "
               "scored among all labels on their test documents (top-1 accuracy; Reuters: macro-F1 over "
