@@ -676,6 +676,8 @@ def summarise(records: Path) -> dict[str, dict[str, Any]]:
         methods = {m: summarise_method(runs, keys) for m, runs in by_method.items() if m in METHODS}
         cell: dict[str, Any] = {"metrics": list(metrics), "labels": first.get("labels"), "methods": methods,
                                 "goal": goal(size, by_method, metrics)}
+        cell["cpus"] = {m: sorted({run_cpu(r) for r in runs})
+                        for m, runs in by_method.items() if m in METHODS}
         if "setfit" in by_method:
             cell["setfit_capped"] = any(r["capped"] for r in by_method["setfit"])
         schedules = {r.get("schedule", UNRECORDED_SCHEDULE) for m in ("labelmatch", NEW_LABELS)
@@ -757,13 +759,31 @@ def table_row(name: str, size: str, cell: dict[str, Any]) -> str:
     lm, sf = cell["methods"].get("labelmatch", {}), cell["methods"].get("setfit", {})
     first, second = cell["metrics"]
     docs = (lm or sf).get("train_docs")
-    seconds = f"{fmt(lm.get('train_s'), 0)} / {fmt(sf.get('train_s'), 0)}"
+    seconds = f"{fmt(lm.get('train_s'), 0)} / {fmt(sf.get('train_s'), 0)}{' †' if cpus_differ(cell) else ''}"
     rss = f"{fmt(lm.get('peak_rss_mb'), 0)} / {fmt(sf.get('peak_rss_mb'), 0)}"
     counts = sorted({len(m["seeds"]) for m in (lm, sf) if m}, reverse=True)
     seeds = " / ".join(str(len(m["seeds"])) if m else "0" for m in (lm, sf)) if len(counts) > 1 else counts[0]
     return (f"| {name} | {size} | {docs['mean']:,.0f} | {seeds} | {fmt(lm.get(first))} | "
             f"{fmt(sf.get(first))} | {fmt(lm.get(second))} | {fmt(sf.get(second))} | {seconds} | {rss} | "
             f"{steps_text(cell)} | {new_labels_text(cell)} | N/A | {goal_text(cell['goal'])} |")
+
+
+def cpus_differ(cell: dict[str, Any]) -> bool:
+    """Whether a cell's two methods ran on different CPUs (or one side's CPU is not recorded), so
+    that their training times are not a side-by-side comparison."""
+    cpus = cell.get("cpus", {})
+    return all(m in cpus for m in METHODS) and len({tuple(cpus[m]) for m in METHODS}) > 1
+
+
+def timing_lines(cells: dict[str, dict[str, Any]]) -> list[str]:
+    """A footnote naming the cells whose two training times were measured on different CPUs."""
+    differ = [f"{name} {size} (labelmatch: {'; '.join(c['cpus']['labelmatch'])}; SetFit: "
+              f"{'; '.join(c['cpus']['setfit'])})"
+              for name, sizes in cells.items() for size, c in sizes.items() if cpus_differ(c)]
+    if not differ:
+        return []
+    return ["† The two methods' training times were measured on different CPUs (or one side's CPU was "
+            "not recorded), so their ratio is not a side-by-side figure: " + ", ".join(differ) + "."]
 
 
 def goal_summary(cells: dict[str, dict[str, Any]]) -> list[str]:
@@ -823,6 +843,7 @@ def markdown(report: dict[str, Any]) -> str:
               for size, cell in sizes.items()]
     lines += ["", *goal_summary(report["cells"])]
     lines += ["", *unmet] if (unmet := unmet_lines(report["cells"])) else []
+    lines += ["", *timing] if (timing := timing_lines(report["cells"])) else []
     lines += ["", *schedule] if (schedule := schedule_lines(report["cells"])) else []
     lines += ["", "New labels: labels held out of training, added afterwards by their descriptions and "
               "scored among all labels on their test documents (top-1 accuracy; Reuters: macro-F1 over "
@@ -907,8 +928,13 @@ def report_of(args: argparse.Namespace, started: float) -> dict[str, Any]:
 def run_cpus(records: Path) -> dict[str, int]:
     """How many recorded runs (cells and speed runs) each CPU ran; ``not recorded`` for the runs
     recorded before records named their machine."""
-    texts = [json.loads(path.read_text()).get("machine") for path in sorted(records.glob("*/*.json"))]
-    return dict(Counter(cpu_text(m) if m else "not recorded" for m in texts).most_common())
+    runs = [json.loads(path.read_text()) for path in sorted(records.glob("*/*.json"))]
+    return dict(Counter(run_cpu(run) for run in runs).most_common())
+
+
+def run_cpu(run: dict[str, Any]) -> str:
+    """The CPU a recorded run names, or ``not recorded`` (runs recorded before records named it)."""
+    return cpu_text(run["machine"]) if run.get("machine") else "not recorded"
 
 
 def main(argv: list[str] | None = None) -> int:
