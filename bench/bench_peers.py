@@ -643,23 +643,22 @@ def unmet_lines(cells: dict[str, dict[str, Any]]) -> list[str]:
     """For each cell whose goal is not met (all its seeds paired), the margin on each paired seed and,
     for accuracy, that margin in test documents beside the test split's own standard error."""
     lines = []
-    for name, sizes in cells.items():
-        for size, cell in sizes.items():
-            result = cell["goal"]
-            if result is None or result["met"] or result.get("provisional") or "per_seed" not in result:
-                continue
-            seeds = ", ".join(str(s) for s in result["seeds"])
-            parts = [f"{metric.replace('_', '-')} " + ", ".join(f"{v:+.3f}" for v in values)
-                     for metric, values in result["per_seed"].items()]
-            text = f"Not met, {name} {size}: labelmatch minus SetFit on seeds {seeds}: {'; '.join(parts)}"
-            docs = result.get("test_docs")
-            if "accuracy" in result["per_seed"] and docs:
-                counts = ", ".join(f"{v * docs:+.0f}" for v in result["per_seed"]["accuracy"])
-                noise = accuracy_noise(cell["methods"]["setfit"]["accuracy"]["mean"], docs)
-                text += (f" (accuracy in documents of {docs:,} on the test split: {counts}; one binomial "
-                         f"standard error of either method's accuracy there: {noise:.3f}, "
-                         f"{noise * docs:.1f} documents)")
-            lines.append(text + ".")
+    for label, cell in judged(cells):
+        result = cell["goal"]
+        if result["met"]:
+            continue
+        seeds = ", ".join(str(s) for s in result["seeds"])
+        parts = [f"{metric.replace('_', '-')} " + ", ".join(f"{v:+.3f}" for v in values)
+                 for metric, values in result["per_seed"].items()]
+        text = f"Not met, {label}: labelmatch minus SetFit on seeds {seeds}: {'; '.join(parts)}"
+        docs = result.get("test_docs")
+        if "accuracy" in result["per_seed"] and docs:
+            counts = ", ".join(f"{v * docs:+.0f}" for v in result["per_seed"]["accuracy"])
+            noise = accuracy_noise(cell["methods"]["setfit"]["accuracy"]["mean"], docs)
+            text += (f" (accuracy in documents of {docs:,} on the test split: {counts}; one binomial "
+                     f"standard error of either method's accuracy there: {noise:.3f}, "
+                     f"{noise * docs:.1f} documents)")
+        lines.append(text + ".")
     return lines
 
 
@@ -675,9 +674,9 @@ def summarise(records: Path) -> dict[str, dict[str, Any]]:
                 "s_per_step", "default_hours_estimate")
         methods = {m: summarise_method(runs, keys) for m, runs in by_method.items() if m in METHODS}
         cell: dict[str, Any] = {"metrics": list(metrics), "labels": first.get("labels"), "methods": methods,
-                                "goal": goal(size, by_method, metrics)}
-        cell["cpus"] = {m: sorted({run_cpu(r) for r in runs})
-                        for m, runs in by_method.items() if m in METHODS}
+                                "goal": goal(size, by_method, metrics),
+                                "cpus": {m: sorted({run_cpu(r) for r in runs})
+                                         for m, runs in by_method.items() if m in METHODS}}
         if "setfit" in by_method:
             cell["setfit_capped"] = any(r["capped"] for r in by_method["setfit"])
         schedules = {r.get("schedule", UNRECORDED_SCHEDULE) for m in ("labelmatch", NEW_LABELS)
@@ -771,7 +770,7 @@ def table_row(name: str, size: str, cell: dict[str, Any]) -> str:
 def cpus_differ(cell: dict[str, Any]) -> bool:
     """Whether a cell's two methods ran on different CPUs (or one side's CPU is not recorded), so
     that their training times are not a side-by-side comparison."""
-    cpus = cell.get("cpus", {})
+    cpus = cell["cpus"]
     return all(m in cpus for m in METHODS) and len({tuple(cpus[m]) for m in METHODS}) > 1
 
 
@@ -786,17 +785,22 @@ def timing_lines(cells: dict[str, dict[str, Any]]) -> list[str]:
             "not recorded), so their ratio is not a side-by-side figure: " + ", ".join(differ) + "."]
 
 
+def judged(cells: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """``("<dataset> <size>", cell)`` for each cell with a final verdict (all its seeds paired)."""
+    return [(f"{name} {size}", c) for name, sizes in cells.items() for size, c in sizes.items()
+            if c["goal"] is not None and not c["goal"].get("provisional")]
+
+
 def goal_summary(cells: dict[str, dict[str, Any]]) -> list[str]:
     """One line: in how many cells with both methods labelmatch meets the goal, naming the others."""
-    judged = [(f"{name} {size}", c["goal"]) for name, sizes in cells.items() for size, c in sizes.items()
-              if c["goal"] is not None and not c["goal"].get("provisional")]
+    final = judged(cells)
     early = [f"{name} {size} ({'met' if c['goal']['met'] else 'not met'} so far)"
              for name, sizes in cells.items() for size, c in sizes.items()
              if c["goal"] is not None and c["goal"].get("provisional")]
-    missed = [cell for cell, result in judged if not result["met"]]
+    missed = [label for label, c in final if not c["goal"]["met"]]
     text = (f"Goal (labelmatch at or above SetFit with up to 64 documents per label, above it with the full "
-            f"split, on both metrics, over {FULL_SEEDS} paired seeds): met in {len(judged) - len(missed)} of "
-            f"{len(judged)} cells")
+            f"split, on both metrics, over {FULL_SEEDS} paired seeds): met in {len(final) - len(missed)} of "
+            f"{len(final)} cells")
     text += f"; not met: {', '.join(missed)}" if missed else ""
     return [text + (f"; provisional, fewer seeds paired: {', '.join(early)}." if early else ".")]
 
